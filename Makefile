@@ -1,0 +1,26 @@
+# Two commands for a new user: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed-test
+	$(BIN)/vlpipe demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+test-quick: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf out .cache/demo .pytest_cache

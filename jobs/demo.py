@@ -1,0 +1,33 @@
+"""``vlpipe demo``: sample shards and a tiny trained CLIP, then a real run of the demo config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jobs.demo_assets import build_tiny_clip, write_sample_shards
+from pipelines.config import load_config
+from pipelines.run import run_pipeline
+from pipelines.runs import RunRecord
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(".cache/demo")
+# Enough contrastive steps for the tiny model to tell matched from mismatched pairs.
+DEMO_TRAIN_STEPS = 300
+
+
+def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
+    """Generate the sample shards and the tiny model once; later runs reuse them."""
+    shards = root / "shards"
+    if not (shards / "manifest.json").exists():
+        log.info("writing sample shards to %s", shards)
+        write_sample_shards(shards)
+    log.info("preparing the tiny CLIP model in %s (trained once, then cached)", root / "tiny-clip")
+    build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS)
+
+
+def run_demo(config_path: str) -> RunRecord:
+    """Prepare the assets and run the demo config through the production pipeline."""
+    prepare_demo_assets()
+    return run_pipeline(load_config(config_path))

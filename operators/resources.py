@@ -1,0 +1,24 @@
+"""Declared resources of an operator, overridable from config."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Resources(BaseModel):
+    """What one worker of an operator needs, and how many workers run.
+
+    ``num_gpus=None`` means "one GPU per actor if the cluster has GPUs, else none";
+    ``concurrency=None`` lets the pipeline size the pool from the cluster.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    concurrency: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+    def with_(self, **changes: object) -> "Resources":
+        """A copy with some fields replaced (validated like the original)."""
+        return Resources.model_validate({**self.model_dump(), **changes})

@@ -1,0 +1,99 @@
+"""Column names, statuses, reject reasons and the output Arrow schema.
+
+This is the one module that names columns; operators, pipelines and the README
+table all follow it. Columns starting with ``_`` are internal and never written.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Identity and lineage.
+KEY = "key"
+CAPTION = "caption"
+SOURCE_SHARD = "source_shard"
+
+# Internal, between steps.
+IMAGE = "_image"
+PIXELS = "_pixels"
+
+# Decode.
+STATUS = "status"
+ERROR = "error"
+IMAGE_WIDTH = "image_width"
+IMAGE_HEIGHT = "image_height"
+IMAGE_BYTES = "image_bytes"
+
+# CLIP.
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+CLIP_SCORE = "clip_score"
+
+# Filter.
+KEEP = "keep"
+REJECT_REASON = "reject_reason"
+
+# Run.
+RUN_ID = "run_id"
+RUN_DATE = "run_date"
+
+# Values of STATUS. Every status but OK is also the reject reason for its row.
+OK = "ok"
+MISSING_IMAGE = "missing_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+IMAGE_TOO_LARGE = "image_too_large"
+DECODE_ERROR = "decode_error"
+IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE_ERROR)
+
+# Reject reasons that come from the filter rather than from decoding.
+EMPTY_CAPTION = "empty_caption"
+LOW_CLIP_SCORE = "low_clip_score"
+BELOW_TOP_FRACTION = "below_top_fraction"
+REJECT_REASONS = (*IMAGE_STATUSES[1:], EMPTY_CAPTION, LOW_CLIP_SCORE, BELOW_TOP_FRACTION)
+
+EMBEDDING_TYPE = pa.list_(pa.float32())
+
+_HEAD = [
+    pa.field(KEY, pa.string(), nullable=False),
+    pa.field(CAPTION, pa.string()),
+    pa.field(SOURCE_SHARD, pa.string()),
+]
+_TAIL = [
+    pa.field(STATUS, pa.string(), nullable=False),
+    pa.field(ERROR, pa.string()),
+    pa.field(IMAGE_WIDTH, pa.int32()),
+    pa.field(IMAGE_HEIGHT, pa.int32()),
+    pa.field(IMAGE_EMBEDDING, EMBEDDING_TYPE),
+    pa.field(TEXT_EMBEDDING, EMBEDDING_TYPE),
+    pa.field(CLIP_SCORE, pa.float32()),
+    pa.field(KEEP, pa.bool_(), nullable=False),
+    pa.field(REJECT_REASON, pa.string()),
+    pa.field(RUN_ID, pa.string(), nullable=False),
+    pa.field(RUN_DATE, pa.date32(), nullable=False),
+]
+
+COLUMN_DOCS = {
+    KEY: "Row id from the input (img2dataset `key`), as a string.",
+    CAPTION: "Original caption text from the input (null if missing).",
+    SOURCE_SHARD: "URI of the input shard the row came from.",
+    STATUS: "Image outcome: " + ", ".join(IMAGE_STATUSES) + ".",
+    ERROR: "Why the image failed (null when status is ok).",
+    IMAGE_WIDTH: "Width of the decoded image, upright (after EXIF orientation).",
+    IMAGE_HEIGHT: "Height of the decoded image, upright.",
+    IMAGE_BYTES: "Original encoded image (only with output.include_image_bytes).",
+    IMAGE_EMBEDDING: "L2-normalised image embedding, float32 (null if the image failed).",
+    TEXT_EMBEDDING: "L2-normalised caption embedding, float32 (null if the caption is empty).",
+    CLIP_SCORE: "Cosine similarity of the two embeddings, float32 (null if either is missing).",
+    KEEP: "Whether the row passed every filter.",
+    REJECT_REASON: "First reason the row was rejected: " + ", ".join(REJECT_REASONS) + "; null if kept.",
+    RUN_ID: "Id of the run that wrote the row.",
+    RUN_DATE: "Date of the run (UTC); the table's partition column.",
+}
+
+
+def output_schema(extra_fields: list[pa.Field] = (), *, include_image_bytes: bool = False) -> pa.Schema:
+    """The committed table's schema: fixed columns plus the configured pass-through ones."""
+    fields = [*_HEAD, *extra_fields]
+    if include_image_bytes:
+        fields.append(pa.field(IMAGE_BYTES, pa.binary()))
+    return pa.schema([*fields, *_TAIL])

@@ -1,0 +1,108 @@
+"""Object-store access: URIs to pyarrow filesystems and deltalake options.
+
+Credentials come from config or the standard AWS environment variables. They are
+held as ``SecretStr`` so that reprs, logs and config dumps show ``**********``.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+_REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs")
+
+
+class StorageOptions(BaseModel):
+    """Where and how to reach object storage (S3 or S3-compatible, GCS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+    def resolved(self) -> "StorageOptions":
+        """Fill unset fields from the standard AWS environment variables."""
+        env = os.environ
+
+        def secret(value: SecretStr | None, name: str) -> SecretStr | None:
+            if value is not None:
+                return value
+            return SecretStr(env[name]) if env.get(name) else None
+
+        return StorageOptions(
+            endpoint_url=self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            region=self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            access_key_id=secret(self.access_key_id, "AWS_ACCESS_KEY_ID"),
+            secret_access_key=secret(self.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+            session_token=secret(self.session_token, "AWS_SESSION_TOKEN"),
+        )
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (s3://, gs://)."""
+    return urlparse(uri).scheme in _REMOTE_SCHEMES
+
+
+def local_path(uri: str) -> str:
+    """A plain filesystem path for ``file://`` URIs and plain paths."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return parsed.path
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(f"not a local path: {uri!r}")
+    return os.path.abspath(uri)
+
+
+def filesystem_for(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for ``uri``."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "s3a"):
+        opts = options.resolved()
+        kwargs: dict[str, object] = {}
+        if opts.endpoint_url:
+            endpoint = urlparse(opts.endpoint_url)
+            kwargs["endpoint_override"] = endpoint.netloc or endpoint.path
+            kwargs["scheme"] = endpoint.scheme or "https"
+        if opts.region:
+            kwargs["region"] = opts.region
+        if opts.access_key_id and opts.secret_access_key:
+            kwargs["access_key"] = opts.access_key_id.get_secret_value()
+            kwargs["secret_key"] = opts.secret_access_key.get_secret_value()
+            if opts.session_token:
+                kwargs["session_token"] = opts.session_token.get_secret_value()
+        # Retries absorb the throttling (503 SlowDown) and resets that S3 gives under load.
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+        return pafs.S3FileSystem(**kwargs), parsed.netloc + parsed.path
+    if parsed.scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), parsed.netloc + parsed.path
+    return pafs.LocalFileSystem(), local_path(uri)
+
+
+def delta_storage_options(uri: str, options: StorageOptions) -> dict[str, str]:
+    """Options for ``deltalake`` to reach ``uri`` safely.
+
+    On S3, commits use conditional puts (``If-None-Match``), so two concurrent
+    writers can never both claim the same table version.
+    """
+    if urlparse(uri).scheme not in ("s3", "s3a"):
+        return {}
+    opts = options.resolved()
+    out = {"conditional_put": "etag"}
+    if opts.endpoint_url:
+        out["AWS_ENDPOINT_URL"] = opts.endpoint_url
+        if opts.endpoint_url.startswith("http://"):
+            out["AWS_ALLOW_HTTP"] = "true"
+    if opts.region:
+        out["AWS_REGION"] = opts.region
+    if opts.access_key_id and opts.secret_access_key:
+        out["AWS_ACCESS_KEY_ID"] = opts.access_key_id.get_secret_value()
+        out["AWS_SECRET_ACCESS_KEY"] = opts.secret_access_key.get_secret_value()
+        if opts.session_token:
+            out["AWS_SESSION_TOKEN"] = opts.session_token.get_secret_value()
+    return out

@@ -1,0 +1,152 @@
+"""Write data files from Ray tasks, then commit them to Delta Lake in one transaction.
+
+Data files land under the table directory but are invisible until the commit
+adds them to the log, so a run that dies before committing leaves the table as
+it was (the orphans are removed by ``VACUUM``). Ray's own ``write_delta`` cannot
+replace a single partition atomically, which idempotent re-runs need.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Schema
+from deltalake.transaction import AddAction, create_table_with_add_actions
+
+from operators import schema as col
+from operators.storage import StorageOptions, delta_storage_options, filesystem_for
+
+_STATS_COLUMNS = (col.KEY, col.CLIP_SCORE)
+_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("rows_written", pa.int64()),
+        ("stats", pa.string()),
+        ("outcomes", pa.string()),
+    ]
+)
+
+
+class WriteDataFiles:
+    """Ray task: write one batch as one Parquet data file and return a one-row summary.
+
+    The summary counts every row by outcome (``kept`` or its reject reason), also
+    the rows that ``kept_only`` leaves out of the file.
+    """
+
+    def __init__(
+        self, table_uri: str, storage: StorageOptions, schema: pa.Schema, run_id: str, run_date: dt.date,
+        kept_only: bool,
+    ):
+        self.table_uri = table_uri.rstrip("/")
+        self.storage = storage
+        self.schema = schema
+        self.run_id = run_id
+        self.run_date = run_date
+        self.kept_only = kept_only
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        outcomes = Counter(
+            "kept" if keep else reason
+            for keep, reason in zip(batch.column(col.KEEP).to_pylist(), batch.column(col.REJECT_REASON).to_pylist())
+        )
+        if self.kept_only:
+            batch = batch.filter(pc.field(col.KEEP))
+        n = batch.num_rows
+        batch = batch.append_column(col.RUN_ID, pa.array([self.run_id] * n, pa.string()))
+        batch = batch.append_column(col.RUN_DATE, pa.array([self.run_date] * n, pa.date32()))
+        data = batch.select(self.schema.names).cast(self.schema)
+        path, size = None, 0
+        if n:
+            # Delta keeps partition values in the log, not in the files.
+            data = data.drop_columns([col.RUN_DATE])
+            path = f"{col.RUN_DATE}={self.run_date.isoformat()}/part-{self.run_id}-{uuid.uuid4().hex}.parquet"
+            fs, root = filesystem_for(self.table_uri, self.storage)
+            fs.create_dir(f"{root}/{path.rsplit('/', 1)[0]}", recursive=True)
+            pq.write_table(data, f"{root}/{path}", filesystem=fs, compression="zstd")
+            size = fs.get_file_info(f"{root}/{path}").size
+        summary = {
+            "path": path, "size": size, "rows_written": n,
+            "stats": json.dumps(_file_stats(data)) if n else None,
+            "outcomes": json.dumps(dict(outcomes)),
+        }
+        return pa.Table.from_pylist([summary], schema=_SUMMARY_SCHEMA)
+
+
+@dataclass
+class WriteSummary:
+    """What the write tasks reported, added up."""
+
+    files: list[dict] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)
+
+    def add(self, row: dict) -> None:
+        """Fold in one task's summary row."""
+        self.outcomes.update(json.loads(row["outcomes"]))
+        if row["path"]:
+            self.files.append(row)
+
+    @property
+    def rows_in(self) -> int:
+        return sum(self.outcomes.values())
+
+    @property
+    def rows_written(self) -> int:
+        return sum(f["rows_written"] for f in self.files)
+
+
+def commit_files(
+    table_uri: str, storage: StorageOptions, schema: pa.Schema, summary: WriteSummary, run_date: dt.date,
+    mode: str, metadata: dict[str, str],
+) -> int:
+    """Add the written files to the table in one commit; return the new table version.
+
+    ``overwrite_partition`` replaces the run date's partition (an idempotent re-run);
+    ``append`` adds to it.
+    """
+    options = delta_storage_options(table_uri, storage)
+    now_ms = int(time.time() * 1000)
+    partition = {col.RUN_DATE: run_date.isoformat()}
+    actions = [
+        AddAction(f["path"], f["size"], partition, now_ms, True, f["stats"]) for f in summary.files
+    ]
+    properties = CommitProperties(custom_metadata=metadata)
+    if DeltaTable.is_deltatable(table_uri, storage_options=options):
+        table = DeltaTable(table_uri, storage_options=options)
+        if mode == "overwrite_partition":
+            table.create_write_transaction(
+                actions, mode="overwrite", schema=schema, partition_by=[col.RUN_DATE],
+                partition_filters=[(col.RUN_DATE, "=", run_date.isoformat())], commit_properties=properties,
+            )
+        else:
+            table.create_write_transaction(
+                actions, mode="append", schema=schema, partition_by=[col.RUN_DATE], commit_properties=properties
+            )
+    else:
+        create_table_with_add_actions(
+            table_uri, Schema.from_arrow(schema), actions, mode="append", partition_by=[col.RUN_DATE],
+            storage_options=options, commit_properties=properties,
+        )
+    return DeltaTable(table_uri, storage_options=options).version()
+
+
+def _file_stats(data: pa.Table) -> dict:
+    """Delta file statistics, so engines can skip files on key and score predicates."""
+    stats: dict = {"numRecords": data.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for name in _STATS_COLUMNS:
+        column = data.column(name)
+        stats["nullCount"][name] = column.null_count
+        if column.null_count < len(column):
+            bounds = pc.min_max(column)
+            stats["minValues"][name] = bounds["min"].as_py()
+            stats["maxValues"][name] = bounds["max"].as_py()
+    return stats

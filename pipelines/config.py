@@ -1,0 +1,142 @@
+"""The run configuration: a YAML file validated by typed models.
+
+Unknown or misspelt keys fail at load time with the key's dotted path, before
+any work starts. ``--set a.b=c`` overrides are applied to the YAML before
+validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from operators.clip import ClipConfig
+from operators.decode import DecodeConfig
+from operators.filter import FilterConfig
+from operators.storage import StorageOptions
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message names the offending keys."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputColumns(_Strict):
+    """Input column names; defaults follow img2dataset."""
+
+    key: str = "key"
+    caption: str = "caption"
+    image: str = "jpg"
+
+
+class InputConfig(_Strict):
+    """Where the Parquet shards are: a prefix, a directory or a glob."""
+
+    uri: str
+    columns: InputColumns = InputColumns()
+    extra_columns: tuple[str, ...] = ()
+
+
+class OutputConfig(_Strict):
+    """Where and how the enriched table is committed."""
+
+    uri: str
+    mode: Literal["overwrite_partition", "append"] = "overwrite_partition"
+    kept_only: bool = False
+    include_image_bytes: bool = False
+    rows_per_file: int = Field(50_000, ge=1)
+    runs_uri: str | None = None
+
+    @property
+    def run_records_uri(self) -> str:
+        """The run-record table; hidden inside the output so Delta readers and VACUUM skip it."""
+        return self.runs_uri or self.uri.rstrip("/") + "/_vlpipe_runs"
+
+
+class PipelineConfig(_Strict):
+    """Everything one run needs."""
+
+    input: InputConfig
+    clip: ClipConfig
+    output: OutputConfig
+    storage: StorageOptions = StorageOptions()
+    decode: DecodeConfig = DecodeConfig()
+    filter: FilterConfig = FilterConfig()
+    run_date: dt.date | None = None
+    ray_address: str | None = None
+
+    def hash(self) -> str:
+        """Identifies what the run computes: storage credentials and the date are not part of it."""
+        payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as plain data with secrets masked, safe for logs and run records."""
+        return json.loads(self.model_dump_json())
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Read, override and validate a YAML config."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    """Validate plain data, turning pydantic's errors into one readable message."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value``; the value is parsed as a YAML scalar (numbers, bools, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    dotted, value = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"  - unknown key '{where}'{_suggestion(error['loc'])}"
+    if error["type"] == "missing":
+        return f"  - missing required key '{where}'"
+    # Never echo the rejected value: it might be a credential.
+    return f"  - {where}: {error['msg']}"
+
+
+def _suggestion(loc: tuple) -> str:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

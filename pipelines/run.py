@@ -1,0 +1,109 @@
+"""Execute one run: list shards, build the plan, write, commit, record."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import uuid
+from importlib import metadata
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from operators import schema as col
+from operators.filter import ScoreFilter, top_fraction_threshold
+from pipelines.commit import WriteDataFiles, WriteSummary, commit_files
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.plan import build_scored_dataset, map_batches_args
+from pipelines.runs import RunRecord, append_run_record
+from pipelines.shards import Shard, list_shards
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("vlpipe", "ray", "torch", "transformers", "deltalake", "pyarrow", "pillow")
+
+
+def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRecord:
+    """Run the configured pipeline once and commit its output; returns the run record."""
+    import ray
+
+    started = _now()
+    run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    run_date = config.run_date or started.date()
+    filesystem, shards = list_shards(config.input.uri, config.storage)
+    if not shards:
+        raise ConfigError(f"no Parquet shards found at input.uri {config.input.uri!r}")
+    log.info("run %s: %d shards from %s", run_id, len(shards), config.input.uri)
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    shard_prefix = shards[0].uri.removesuffix(shards[0].path)
+    ds = build_scored_dataset(config, [s.path for s in shards], filesystem, shard_prefix)
+
+    threshold = None
+    if config.filter.keep_top_fraction is not None:
+        # The cut-off depends on every score of the run, so scores are computed once and kept.
+        ds = ds.materialize()
+        scores = [b.column(col.CLIP_SCORE) for b in ds.select_columns([col.CLIP_SCORE]).iter_batches(batch_format="pyarrow")]
+        values = pc.fill_null(pa.chunked_array(scores, pa.float32()), np.nan).to_numpy() if scores else np.array([])
+        threshold = top_fraction_threshold(values, config.filter.keep_top_fraction)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    ds = ds.map_batches(ScoreFilter(config.filter, threshold), **map_batches_args(config.filter.resources, actor=False, cluster_gpus=gpus))
+
+    output = config.output
+    extra = _extra_fields(config, pq.read_schema(shards[0].path, filesystem=filesystem))
+    schema = col.output_schema(extra, include_image_bytes=output.include_image_bytes)
+    writer = WriteDataFiles(output.uri, config.storage, schema, run_id, run_date, output.kept_only)
+    ds = ds.map_batches(writer, batch_size=output.rows_per_file, batch_format="pyarrow", zero_copy_batch=True)
+    summary = WriteSummary()
+    for row in ds.iter_rows():
+        summary.add(row)
+
+    models = {"clip": {"source": config.clip.model.source, "revision": config.clip.model.revision}}
+    versions = _versions()
+    version = commit_files(
+        output.uri, config.storage, schema, summary, run_date, output.mode,
+        metadata={
+            "vlpipe.run_id": run_id, "vlpipe.config_hash": config.hash(),
+            "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
+        },
+    )
+    outcomes = dict(summary.outcomes)
+    record = RunRecord(
+        run_id=run_id, run_date=run_date, status="succeeded", started_at=started, finished_at=_now(),
+        config_hash=config.hash(), config_json=json.dumps(config.public_dump(), sort_keys=True),
+        output_uri=output.uri, table_version=version, input_shards=[_shard_row(s) for s in shards],
+        rows_in=summary.rows_in, rows_kept=outcomes.pop("kept", 0), rejected_by_reason=outcomes,
+        rows_written=summary.rows_written, models=models, versions=versions,
+    )
+    append_run_record(output.run_records_uri, config.storage, record)
+    log.info("run %s committed version %d: %d rows in, %d kept", run_id, version, record.rows_in, record.rows_kept)
+    return record
+
+
+def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema) -> list[pa.Field]:
+    missing = [n for n in config.input.extra_columns if n not in shard_schema.names]
+    if missing:
+        raise ConfigError(f"input.extra_columns not found in the shards: {', '.join(missing)}")
+    return [shard_schema.field(name) for name in config.input.extra_columns]
+
+
+def _shard_row(shard: Shard) -> dict:
+    return {"uri": shard.uri, "size": shard.size, "mtime": shard.mtime}
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,92 @@
+"""ClipScorer on small Arrow tables, without Ray, against plain transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from operators import schema as col
+from operators.clip import ClipConfig, ClipScorer
+from operators.decode import DecodeConfig, DecodeImages
+from operators.models import ModelRef
+from operators.storage import StorageOptions
+from tests.images import encode, noise
+
+CAPTIONS = ["a photo of a red circle", "a blue square on a grey background", "", None, "一只猫坐在垫子上"]
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_clip_dir) -> ClipScorer:
+    return ClipScorer(ClipConfig(model=ModelRef(source=str(tiny_clip_dir))), StorageOptions())
+
+
+def run(scorer: ClipScorer, images, captions, decode_config=DecodeConfig(jpeg_draft=False)) -> pa.Table:
+    table = pa.table({col.KEY: [str(i) for i in range(len(images))], col.CAPTION: pa.array(captions, pa.string()),
+                      col.IMAGE: pa.array(images, pa.binary())})
+    return scorer(DecodeImages(decode_config, scorer.pixels)(table))
+
+
+def reference_scores(model_dir, images, captions) -> np.ndarray:
+    """Plain transformers: the model's own processor and forward, fp32."""
+    from transformers import AutoProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor(images=images, text=captions, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**inputs)
+    img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+    txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+    return (img * txt).sum(-1).numpy()
+
+
+def test_clip_score_matches_plain_transformers(scorer, tiny_clip_dir):
+    images = [noise((64 + 9 * i, 48 + 5 * i), seed=i) for i in range(6)]
+    captions = [f"a photo of a {c} circle" for c in ("red", "green", "blue", "yellow", "purple", "orange")]
+    out = run(scorer, [encode(im, "PNG") for im in images], captions)
+    expected = reference_scores(tiny_clip_dir, images, captions)
+    # Same fp32 weights and identical uint8 pixels; only the folded rescale+normalise
+    # (one multiply-add instead of two steps) reorders float rounding, ~1e-7 per pixel.
+    np.testing.assert_allclose(out.column(col.CLIP_SCORE).to_numpy(), expected, atol=1e-5)
+
+
+def test_fast_path_with_jpeg_draft_stays_close_to_the_reference(scorer, tiny_clip_dir):
+    images = [noise((640, 480), seed=i).resize((80, 60)).resize((640, 480)) for i in range(4)]
+    captions = ["a photo of a red circle"] * 4
+    out = run(scorer, [encode(im, "JPEG", quality=95) for im in images], captions, DecodeConfig(jpeg_draft=True))
+    expected = reference_scores(tiny_clip_dir, images, captions)
+    # Draft mode decodes these at 1/8 scale with the JPEG's own DCT filter, so pixels
+    # differ by a few levels and the score by a little; the worst case seen is asserted.
+    assert np.abs(out.column(col.CLIP_SCORE).to_numpy() - expected).max() < 0.02
+
+
+def test_embeddings_are_normalised_float32_and_missing_inputs_give_nulls(scorer):
+    images = [encode(noise(seed=i)) for i in range(4)] + [b"broken"]
+    out = run(scorer, images, CAPTIONS)
+    image_emb = out.column(col.IMAGE_EMBEDDING)
+    text_emb = out.column(col.TEXT_EMBEDDING)
+    assert image_emb.type == pa.list_(pa.float32()) and text_emb.type == pa.list_(pa.float32())
+    assert image_emb.to_pylist()[4] is None  # the broken image
+    assert [v is None for v in text_emb.to_pylist()] == [False, False, True, True, False]
+    assert [v is None for v in out.column(col.CLIP_SCORE).to_pylist()] == [False, False, True, True, True]
+    for vector in image_emb.to_pylist()[:4] + [text_emb.to_pylist()[i] for i in (0, 1, 4)]:
+        assert len(vector) == scorer.model.config.projection_dim
+        assert abs(np.linalg.norm(vector) - 1.0) < 1e-5
+    assert col.PIXELS in out.column_names and out.column(col.KEY).to_pylist() == ["0", "1", "2", "3", "4"]
+
+
+def test_very_long_captions_are_truncated_not_errors(scorer):
+    long_caption = "a red circle " * 20_000
+    out = run(scorer, [encode(noise())], [long_caption])
+    assert out.column(col.CLIP_SCORE)[0].is_valid
+
+
+def test_geometry_mismatch_between_decode_and_model_is_a_clear_error(scorer):
+    from operators.decode import PixelSpec
+
+    table = pa.table({col.KEY: ["0"], col.CAPTION: ["x"], col.IMAGE: pa.array([encode(noise())], pa.binary())})
+    decoded = DecodeImages(DecodeConfig(), PixelSpec(resize=(16, 16)))(table)
+    with pytest.raises(ValueError, match="same image processor geometry"):
+        scorer(decoded)

@@ -1,0 +1,58 @@
+"""Config loading: typos and bad values fail early, secrets never leak."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import ConfigError, load_config, validate_config
+
+BASE = {"input": {"uri": "/data"}, "clip": {"model": {"source": "/m"}}, "output": {"uri": "/out"}}
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_misspelt_keys_are_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path, "input: {uri: /d, colums: {key: id}}\nclip: {model: {source: /m}}\noutput: {uri: /o}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "unknown key 'input.colums'" in str(err.value)
+    assert "did you mean 'columns'" in str(err.value)
+
+
+def test_bad_values_name_the_field_and_never_echo_it(tmp_path):
+    raw = {**BASE, "filter": {"min_clip_score": 7}, "storage": {"secret_access_key": ["not-a-string-SECRET"]}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    assert "filter.min_clip_score" in str(err.value) and "storage.secret_access_key" in str(err.value)
+    assert "SECRET" not in str(err.value)
+
+
+def test_missing_required_sections_are_named():
+    with pytest.raises(ConfigError, match="missing required key 'output'"):
+        validate_config({k: v for k, v in BASE.items() if k != "output"})
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "input: {uri: /d}\nclip: {model: {source: /m}}\noutput: {uri: /o}\n")
+    config = load_config(path, ["filter.min_clip_score=0.25", "output.kept_only=true", "decode.resources.batch_size=8"])
+    assert config.filter.min_clip_score == 0.25 and config.output.kept_only is True
+    assert config.decode.resources.batch_size == 8
+    with pytest.raises(ConfigError, match="unknown key 'filter.min_score'"):
+        load_config(path, ["filter.min_score=0.2"])
+
+
+def test_credentials_are_masked_and_do_not_change_the_hash():
+    with_secret = validate_config({**BASE, "storage": {"access_key_id": "AKIAPLANTED", "secret_access_key": "s3cr3t-planted"}})
+    plain = validate_config(BASE)
+    dumped = str(with_secret.public_dump()) + repr(with_secret) + str(with_secret)
+    assert "s3cr3t-planted" not in dumped and "AKIAPLANTED" not in dumped
+    assert with_secret.hash() == plain.hash()
+    assert validate_config({**BASE, "filter": {"min_clip_score": 0.3}}).hash() != plain.hash()
+
+
+def test_runs_table_defaults_to_a_hidden_folder_of_the_output():
+    assert validate_config(BASE).output.run_records_uri == "/out/_vlpipe_runs"
