@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from operators.clip import ClipConfig
 from operators.decode import DecodeConfig
 from operators.filter import FilterConfig
-from operators.storage import StorageOptions
+from operators.storage import StorageOptions, is_remote, local_path
 
 
 class ConfigError(ValueError):
@@ -80,9 +80,34 @@ class PipelineConfig(_Strict):
         payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def with_absolute_paths(self) -> "PipelineConfig":
+        """Local paths resolved against the driver's working directory.
+
+        Ray workers run in their own directories (on other nodes, too), so a
+        relative path in the config would silently point somewhere else there.
+        """
+        source = self.clip.model.source
+        if not is_remote(source) and Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser().resolve())
+        return self.model_copy(update={
+            "input": self.input.model_copy(update={"uri": _absolute(self.input.uri)}),
+            "output": self.output.model_copy(update={
+                "uri": _absolute(self.output.uri),
+                "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
+            }),
+            "clip": self.clip.model_copy(update={"model": self.clip.model.model_copy(update={"source": source})}),
+        })
+
     def public_dump(self) -> dict[str, Any]:
         """The config as plain data with secrets masked, safe for logs and run records."""
         return json.loads(self.model_dump_json())
+
+
+def _absolute(uri: str) -> str:
+    if is_remote(uri):
+        return uri
+    path = local_path(uri)
+    return path + "/" if uri.endswith("/") and not path.endswith("/") else path
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:

@@ -31,6 +31,8 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRec
     import ray
 
     started = _now()
+    config_hash = config.hash()  # of the config as written, so it does not depend on the working directory
+    config = config.with_absolute_paths()
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     run_date = config.run_date or started.date()
     filesystem, shards = list_shards(config.input.uri, config.storage)
@@ -67,14 +69,14 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRec
     version = commit_files(
         output.uri, config.storage, schema, summary, run_date, output.mode,
         metadata={
-            "vlpipe.run_id": run_id, "vlpipe.config_hash": config.hash(),
+            "vlpipe.run_id": run_id, "vlpipe.config_hash": config_hash,
             "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
         },
     )
     outcomes = dict(summary.outcomes)
     record = RunRecord(
         run_id=run_id, run_date=run_date, status="succeeded", started_at=started, finished_at=_now(),
-        config_hash=config.hash(), config_json=json.dumps(config.public_dump(), sort_keys=True),
+        config_hash=config_hash, config_json=json.dumps(config.public_dump(), sort_keys=True),
         output_uri=output.uri, table_version=version, input_shards=[_shard_row(s) for s in shards],
         rows_in=summary.rows_in, rows_kept=outcomes.pop("kept", 0), rejected_by_reason=outcomes,
         rows_written=summary.rows_written, models=models, versions=versions,

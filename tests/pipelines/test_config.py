@@ -56,3 +56,23 @@ def test_credentials_are_masked_and_do_not_change_the_hash():
 
 def test_runs_table_defaults_to_a_hidden_folder_of_the_output():
     assert validate_config(BASE).output.run_records_uri == "/out/_vlpipe_runs"
+
+
+def test_relative_paths_are_resolved_on_the_driver_but_do_not_change_the_hash(tmp_path, monkeypatch):
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    raw = {"input": {"uri": "shards/"}, "clip": {"model": {"source": "models/clip"}},
+           "output": {"uri": "out/t"}}
+    config = validate_config(raw)
+    absolute = config.with_absolute_paths()
+    assert absolute.input.uri == f"{tmp_path}/shards/"
+    assert absolute.output.uri == f"{tmp_path}/out/t"
+    assert absolute.clip.model.source == f"{tmp_path}/models/clip"
+    assert absolute.output.run_records_uri == f"{tmp_path}/out/t/_vlpipe_runs"
+
+    remote = validate_config({**raw, "input": {"uri": "s3://b/crawl/"},
+                              "clip": {"model": {"source": "openai/clip-vit-base-patch32"}}})
+    assert remote.with_absolute_paths().input.uri == "s3://b/crawl/"
+    assert remote.with_absolute_paths().clip.model.source == "openai/clip-vit-base-patch32"
+    monkeypatch.chdir("/")
+    assert validate_config(raw).hash() == config.hash()

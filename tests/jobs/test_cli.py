@@ -1,0 +1,60 @@
+"""The ``vlpipe`` command line as a user types it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from jobs.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_misspelt_key_exits_2_naming_it_without_echoing_secrets(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "input: {uri: /data/shards}\n"
+        "clip: {model: {source: /models/clip}}\n"
+        "output: {uri: /out/t}\n"
+        "filter: {min_clip_scor: 0.2}\n"
+        "storage: {secret_access_key: hunter2-planted-secret}\n"
+    )
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "filter.min_clip_scor" in err and "min_clip_score" in err
+    assert "hunter2" not in err
+
+
+def test_bad_override_value_exits_2(tmp_path, capsys):
+    assert main(["run", str(ROOT / "configs/demo.yaml"), "--set", "filter.min_clip_score=7"]) == 2
+    assert "filter.min_clip_score" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
+    tmp_path, monkeypatch, capsys, ray_cluster
+):
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["-q", "demo"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads(Path(".cache/demo/shards/manifest.json").read_text())
+    table = DeltaTable("out/demo/enriched").to_pyarrow_table()
+
+    assert "rows in           120" in out and "out/demo/enriched" in out
+    assert table.num_rows == 120
+    rows = {r["key"]: r for r in table.to_pylist()}
+    for key in manifest["broken_keys"]:
+        assert rows[key]["reject_reason"] in ("decode_error", "missing_image")
+    for key in manifest["empty_caption_keys"]:
+        assert rows[key]["reject_reason"] == "empty_caption"
+    kept = sum(r["keep"] for r in rows.values())
+    assert f"kept         {kept:>8}" in out
+    # The tiny model is trained just enough that the threshold catches most planted mismatches.
+    caught = sum(rows[k]["reject_reason"] == "low_clip_score" for k in manifest["mismatched_keys"])
+    assert caught >= 0.75 * len(manifest["mismatched_keys"])
