@@ -40,6 +40,37 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-date", type=dt.date.fromisoformat, help="partition date (default: today, UTC)")
     run.set_defaults(handler=_run)
 
+    nightly = sub.add_parser("nightly", help="process only new or changed shards into a date's partition")
+    nightly.add_argument("config", help="YAML config file")
+    nightly.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    nightly.add_argument("--date", type=dt.date.fromisoformat, help="partition date (default: today, UTC)")
+    nightly.add_argument("--force", action="store_true", help="recompute the date even if it is up to date")
+    nightly.set_defaults(handler=_nightly)
+
+    submit = sub.add_parser("submit", help="run a config as a Ray job on a cluster and stream its logs")
+    submit.add_argument("config", help="YAML config file, inside the working directory that ships with the job")
+    submit.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--nightly", action="store_true", help="run `vlpipe nightly` instead of `vlpipe run`")
+    submit.add_argument("--date", help="partition date, YYYY-MM-DD")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--force", action="store_true", help="with --nightly: recompute an up-to-date date")
+    submit.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.set_defaults(handler=_submit)
+
+    for name, handler, text in (("status", _job_status, "show a submitted job's status"),
+                                ("stop", _job_stop, "stop a submitted job")):
+        job = sub.add_parser(name, help=text)
+        job.add_argument("job_id")
+        job.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
+        job.set_defaults(handler=handler)
+
+    runs = sub.add_parser("runs", help="print the latest runs recorded for an output table")
+    runs.add_argument("output", help="the output table URI (output.uri of the config)")
+    runs.add_argument("--limit", type=int, default=10)
+    runs.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    runs.set_defaults(handler=_runs)
+
     demo = sub.add_parser("demo", help="generate sample data and tiny models, then run the demo config")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.set_defaults(handler=_demo)
@@ -55,6 +86,49 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     record = run_pipeline(config)
     print(format_summary(record))
+    return 0
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    from pipelines.run import run_nightly
+
+    overrides = list(args.overrides)
+    if args.date:
+        overrides.append(f"run_date={args.date.isoformat()}")
+    plan, record = run_nightly(load_config(args.config, overrides), force=args.force)
+    print(f"nightly {plan.run_date}: {plan.reason}")
+    if record is not None:
+        print(format_summary(record))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from jobs.submit import submit
+
+    if args.force and not args.nightly:
+        raise ConfigError("--force only applies with --nightly")
+    return submit(args.config, address=args.address, nightly=args.nightly, run_date=args.date,
+                  overrides=args.overrides, force=args.force, working_dir=args.working_dir, wait=not args.no_wait)
+
+
+def _job_status(args: argparse.Namespace) -> int:
+    from jobs.submit import status
+
+    return status(args.job_id, args.address)
+
+
+def _job_stop(args: argparse.Namespace) -> int:
+    from jobs.submit import stop
+
+    return stop(args.job_id, args.address)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from operators.storage import StorageOptions
+    from pipelines.runs import format_runs, read_run_records
+
+    uri = args.runs_uri or args.output.rstrip("/") + "/_vlpipe_runs"
+    print(format_runs(read_run_records(uri, StorageOptions()), limit=args.limit))
     return 0
 
 

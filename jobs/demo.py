@@ -1,4 +1,4 @@
-"""``vlpipe demo``: sample shards and a tiny trained CLIP, then a real run of the demo config."""
+"""``vlpipe demo``: sample shards, a tiny trained CLIP and BLIP captioner, then a real run of the demo config."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from jobs.demo_assets import build_tiny_clip, write_sample_shards
+from jobs.tiny_vlm import DEMO_CAPTIONER_TRAIN_STEPS, build_tiny_blip_captioner
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
 from pipelines.runs import RunRecord
@@ -25,6 +26,8 @@ def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
         write_sample_shards(shards)
     log.info("preparing the tiny CLIP model in %s (trained once, then cached)", root / "tiny-clip")
     build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS)
+    log.info("preparing the tiny BLIP captioner in %s (trained once, then cached)", root / "tiny-blip")
+    build_tiny_blip_captioner(root / "tiny-blip", train_steps=DEMO_CAPTIONER_TRAIN_STEPS)
 
 
 def run_demo(config_path: str) -> RunRecord:

@@ -9,9 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators import schema as col
 from operators.decode import PixelSpec
-from operators.models import ModelRef, Precision, pick_device_and_dtype, resolve_model_dir
+from operators.models import (
+    ModelRef,
+    Precision,
+    load_model,
+    load_preprocessor,
+    pick_device_and_dtype,
+    resolve_model_dir,
+)
 from operators.resources import Resources
 from operators.storage import StorageOptions
+from operators.tensors import DevicePixels, pixel_rows
 
 
 class ClipConfig(BaseModel):
@@ -37,29 +45,16 @@ class ClipScorer:
     output_columns = (col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING, col.CLIP_SCORE)
 
     def __init__(self, config: ClipConfig, storage: StorageOptions):
-        import torch
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         ref = config.model
         model_dir = resolve_model_dir(ref, storage)
         self.device, self.dtype = pick_device_and_dtype(config.precision)
-        self.model = AutoModel.from_pretrained(
-            model_dir,
-            dtype=self.dtype,
-            use_safetensors=None if ref.allow_pickle_weights else True,
-            trust_remote_code=ref.trust_remote_code,
-        ).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
-        processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
+        self.model = load_model(AutoModel, ref, model_dir, self.device, self.dtype)
+        self.tokenizer = load_preprocessor(AutoTokenizer, ref, model_dir)
+        processor = load_preprocessor(AutoImageProcessor, ref, model_dir)
         self.pixels = PixelSpec.from_image_processor(processor)
-        height, width = self.pixels.out_size
-        self._row_bytes = height * width * 3
-        shape = (1, 3, 1, 1)
-        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(shape)
-        std = torch.tensor(processor.image_std, dtype=torch.float32).view(shape)
-        # Fold rescale and normalise into one multiply-add on the device: x * scale + shift.
-        self._scale = (processor.rescale_factor / std).to(self.device)
-        self._shift = (-mean / std).to(self.device)
+        self.to_device = DevicePixels(processor, self.device, self.dtype)
         text_config = self.model.config.text_config
         self.max_text_tokens = config.max_text_tokens or text_config.max_position_embeddings
         # SigLIP was trained on fixed-length padded text; CLIP on dynamic padding.
@@ -68,30 +63,43 @@ class ClipScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         pixels = batch.column(col.PIXELS).combine_chunks()
-        if pa.types.is_fixed_size_binary(pixels.type) and pixels.type.byte_width != self._row_bytes:
-            raise ValueError(
-                f"decoded pixels are {pixels.type.byte_width} bytes per image, but the model "
-                f"expects {self.pixels.out_size} RGB ({self._row_bytes} bytes): decode and CLIP "
-                "must use the same image processor geometry"
-            )
+        rows = pixel_rows(pixels, self.pixels.out_size)
         has_image = pc.is_valid(pixels).to_numpy(zero_copy_only=False)
         captions = batch.column(col.CAPTION).to_pylist()
-        has_text = np.array([bool(c and c.strip()) for c in captions], dtype=bool)
+        has_text = _has_text(captions)
+        generated = batch.column(col.CAPTION_GENERATED).to_pylist() if col.CAPTION_GENERATED in batch.column_names else None
+        has_generated = _has_text(generated) if generated is not None else np.zeros(n, bool)
 
-        image_emb = self.embed_images(_pixel_rows(pixels, self._row_bytes, self.pixels.out_size)[has_image])
-        text_emb = self.embed_texts([c for c, ok in zip(captions, has_text) if ok])
+        image_emb = _scatter(self.embed_images(rows[has_image]), has_image)
+        # One text-tower pass for original and generated captions together.
+        texts = [c for c, ok in zip(captions, has_text) if ok]
+        texts += [c for c, ok in zip(generated or [], has_generated) if ok]
+        text_emb = self.embed_texts(texts)
+        original_emb = _scatter(text_emb[: has_text.sum()], has_text)
+        generated_emb = _scatter(text_emb[has_text.sum() :], has_generated)
 
-        scores = np.full(n, np.nan, dtype=np.float32)
-        both = has_image & has_text
-        if both.any():
-            full_img = np.zeros((n, image_emb.shape[1]), np.float32)
-            full_txt = np.zeros((n, text_emb.shape[1]), np.float32)
-            full_img[has_image], full_txt[has_text] = image_emb, text_emb
-            scores[both] = np.einsum("ij,ij->i", full_img[both], full_txt[both])
+        scores, scored = _cosine(image_emb, original_emb, has_image & has_text)
+        out = (
+            batch.append_column(col.IMAGE_EMBEDDING, _list_column(image_emb[has_image], has_image))
+            .append_column(col.TEXT_EMBEDDING, _list_column(original_emb[has_text], has_text))
+            .append_column(col.CLIP_SCORE, pa.array(scores, pa.float32(), mask=~scored))
+        )
+        if generated is None:
+            return out
+        gen_scores, gen_scored = _cosine(image_emb, generated_emb, has_image & has_generated)
+        # The generated caption wins only by scoring strictly higher, or when the original has no score.
+        use_generated = gen_scored & (~scored | (gen_scores > scores))
+        best_scored = scored | gen_scored
+        best = [g if use else c for c, g, use in zip(captions, generated, use_generated)]
+        source = np.where(use_generated, col.SOURCE_GENERATED, col.SOURCE_ORIGINAL)
         return (
-            batch.append_column(col.IMAGE_EMBEDDING, _list_column(image_emb, has_image))
-            .append_column(col.TEXT_EMBEDDING, _list_column(text_emb, has_text))
-            .append_column(col.CLIP_SCORE, pa.array(scores, pa.float32(), mask=~both))
+            out.append_column(col.CLIP_SCORE_GENERATED, pa.array(gen_scores, pa.float32(), mask=~gen_scored))
+            .append_column(col.CAPTION_BEST, pa.array(best, pa.string(), mask=~best_scored))
+            .append_column(col.CAPTION_SOURCE, pa.array(source.tolist(), pa.string(), mask=~best_scored))
+            .append_column(
+                col.CLIP_SCORE_BEST,
+                pa.array(np.where(use_generated, gen_scores, scores), pa.float32(), mask=~best_scored),
+            )
         )
 
     def embed_images(self, rows: np.ndarray) -> np.ndarray:
@@ -101,12 +109,7 @@ class ClipScorer:
         if len(rows) == 0:
             return np.zeros((0, self._embed_dim()), np.float32)
         with torch.inference_mode():
-            tensor = torch.from_numpy(rows)
-            if self.device.type == "cuda":
-                tensor = tensor.pin_memory()
-            tensor = tensor.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            tensor = (tensor * self._scale + self._shift).to(self.dtype)
-            features = _pooled(self.model.get_image_features(pixel_values=tensor))
+            features = _pooled(self.model.get_image_features(pixel_values=self.to_device(rows)))
             return _normalised(features)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -128,6 +131,24 @@ class ClipScorer:
         return int(getattr(self.model.config, "projection_dim", None) or self.model.config.text_config.hidden_size)
 
 
+def _has_text(texts: list[str | None]) -> np.ndarray:
+    return np.array([bool(t and t.strip()) for t in texts], dtype=bool)
+
+
+def _scatter(embeddings: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Embeddings of the valid rows placed into a zero-filled (n, dim) array."""
+    full = np.zeros((len(valid), embeddings.shape[1]), np.float32)
+    full[valid] = embeddings
+    return full
+
+
+def _cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise dot products of unit vectors (NaN where not valid), and the validity."""
+    scores = np.full(len(valid), np.nan, dtype=np.float32)
+    scores[valid] = np.einsum("ij,ij->i", a[valid], b[valid])
+    return scores, valid
+
+
 def _pooled(output):
     """transformers 5 returns a model output whose pooler_output is the projected feature."""
     return output if hasattr(output, "ndim") else output.pooler_output
@@ -138,14 +159,6 @@ def _normalised(features) -> np.ndarray:
 
     # Normalise in fp32 on the device: bf16 norms lose the third decimal of the score.
     return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
-
-
-def _pixel_rows(pixels: pa.FixedSizeBinaryArray, row_bytes: int, size: tuple[int, int]) -> np.ndarray:
-    """Zero-copy (n, H, W, 3) view of a fixed-size binary column."""
-    n = len(pixels)
-    data = pixels.buffers()[1]
-    flat = np.frombuffer(data, dtype=np.uint8, count=n * row_bytes, offset=pixels.offset * row_bytes)
-    return flat.reshape(n, size[0], size[1], 3)
 
 
 def _list_column(embeddings: np.ndarray, valid: np.ndarray) -> pa.Array:

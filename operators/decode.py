@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -120,20 +121,22 @@ class DecodeImages:
     input_columns = (col.IMAGE,)
     output_columns = (col.STATUS, col.ERROR, col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.PIXELS)
 
-    def __init__(self, config: DecodeConfig, pixels: PixelSpec):
+    def __init__(self, config: DecodeConfig, pixels: PixelSpec, *, extra_pixels: Mapping[str, PixelSpec] = {}):
+        """``extra_pixels`` adds pixel columns at other models' geometries (e.g. a captioner's),
+        cut from the same decoded image, so every image is opened once."""
         self.config = config
         self.pixels = pixels
         Image.init()
         self._formats = config.formats
-        height, width = pixels.out_size
-        self._row_bytes = height * width * 3
+        self._targets = {col.PIXELS: pixels, **extra_pixels}
+        self._row_bytes = {name: _row_bytes(spec) for name, spec in self._targets.items()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column(col.IMAGE)
         n = batch.num_rows
         statuses, errors = [col.OK] * n, [None] * n
         widths, heights = [None] * n, [None] * n
-        buffer = bytearray(self._row_bytes * n)
+        buffers = {name: bytearray(size * n) for name, size in self._row_bytes.items()}
         valid = np.zeros(n, dtype=bool)
         for i, data in enumerate(_image_bytes(images)):
             try:
@@ -141,26 +144,26 @@ class DecodeImages:
             except DecodeFailure as failure:
                 statuses[i], errors[i] = failure.status, str(failure)
                 continue
-            buffer[i * self._row_bytes : (i + 1) * self._row_bytes] = pixels
+            for name, size in self._row_bytes.items():
+                buffers[name][i * size : (i + 1) * size] = pixels[name]
             valid[i] = True
-        pixel_array = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(self._row_bytes),
-            n,
-            [pa.py_buffer(np.packbits(valid, bitorder="little")), pa.py_buffer(buffer)],
-        )
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
         out = batch if self.config.keep_image_bytes else batch.drop_columns([col.IMAGE])
         if self.config.keep_image_bytes:
             out = out.set_column(out.schema.get_field_index(col.IMAGE), col.IMAGE_BYTES, _as_binary(images))
-        return (
+        out = (
             out.append_column(col.STATUS, pa.array(statuses, pa.string()))
             .append_column(col.ERROR, pa.array(errors, pa.string()))
             .append_column(col.IMAGE_WIDTH, pa.array(widths, pa.int32()))
             .append_column(col.IMAGE_HEIGHT, pa.array(heights, pa.int32()))
-            .append_column(col.PIXELS, pixel_array)
         )
+        for name, size in self._row_bytes.items():
+            array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [validity, pa.py_buffer(buffers[name])])
+            out = out.append_column(name, array)
+        return out
 
-    def decode_one(self, data: bytes | None) -> tuple[bytes, tuple[int, int]]:
-        """Pixels (H*W*3 bytes) and the upright (width, height) of one encoded image."""
+    def decode_one(self, data: bytes | None) -> tuple[dict[str, bytes], tuple[int, int]]:
+        """Pixels (H*W*3 bytes) per output column and the upright (width, height) of one encoded image."""
         if not data:
             raise DecodeFailure(col.MISSING_IMAGE, "image is null or empty")
         try:
@@ -180,7 +183,7 @@ class DecodeImages:
         except Exception as err:  # Pillow raises many types for corrupt data; each costs one row.
             raise DecodeFailure(col.DECODE_ERROR, f"{type(err).__name__}: {err}") from None
 
-    def _to_pixels(self, image: Image.Image) -> tuple[bytes, tuple[int, int]]:
+    def _to_pixels(self, image: Image.Image) -> tuple[dict[str, bytes], tuple[int, int]]:
         width, height = image.size
         if width * height > self.config.max_pixels:
             raise DecodeFailure(
@@ -188,24 +191,16 @@ class DecodeImages:
             )
         if self.config.jpeg_draft and image.format in ("JPEG", "MPO"):
             # DCT scaling decodes at 1/2, 1/4 or 1/8 size; never below what the resize needs.
-            image.draft("RGB", self._target_size(width, height))
+            needed = [_target_size(spec, width, height) for spec in self._targets.values()]
+            image.draft("RGB", max(needed, key=lambda size: size[0] * size[1]))
         # Orientations 5-8 rotate by 90 degrees, so the upright size swaps.
         upright = (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
         rgb = _to_rgb(ImageOps.exif_transpose(image))
-        out = self._resize_and_crop(rgb)
-        return out.tobytes(), upright
+        pixels = {name: self._resize_and_crop(rgb, spec).tobytes() for name, spec in self._targets.items()}
+        return pixels, upright
 
-    def _target_size(self, width: int, height: int) -> tuple[int, int]:
-        spec = self.pixels
-        if spec.shortest_edge:
-            short = min(width, height)
-            new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * max(width, height) / short)
-            return (new_short, new_long) if width <= height else (new_long, new_short)
-        return spec.resize[1], spec.resize[0]
-
-    def _resize_and_crop(self, image: Image.Image) -> np.ndarray:
-        spec = self.pixels
-        new_w, new_h = self._target_size(*image.size)
+    def _resize_and_crop(self, image: Image.Image, spec: PixelSpec) -> np.ndarray:
+        new_w, new_h = _target_size(spec, *image.size)
         crop_h, crop_w = spec.crop or (new_h, new_w)
         if max(new_w, new_h) > 4 * max(crop_w, crop_h):
             # Extreme aspect ratios would build a huge intermediate; resize only the crop's source box.
@@ -213,6 +208,20 @@ class DecodeImages:
         resized = image.resize((new_w, new_h), resample=spec.resample, reducing_gap=self.config.reducing_gap)
         array = np.asarray(resized, dtype=np.uint8)
         return _center_crop(array, crop_h, crop_w)
+
+
+def _row_bytes(spec: PixelSpec) -> int:
+    height, width = spec.out_size
+    return height * width * 3
+
+
+def _target_size(spec: PixelSpec, width: int, height: int) -> tuple[int, int]:
+    """(width, height) after the resize step, before cropping."""
+    if spec.shortest_edge:
+        short = min(width, height)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * max(width, height) / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    return spec.resize[1], spec.resize[0]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

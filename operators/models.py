@@ -154,3 +154,20 @@ def _node_lock(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_model(model_class, ref: ModelRef, model_dir: Path, device, dtype):
+    """``from_pretrained`` with the trust policy of ``ref`` applied, placed on ``device`` in eval mode."""
+    model = model_class.from_pretrained(
+        model_dir,
+        dtype=dtype,
+        # True refuses pickle checkpoints inside transformers too, not just in check_weights.
+        use_safetensors=None if ref.allow_pickle_weights else True,
+        trust_remote_code=ref.trust_remote_code,
+    )
+    return model.to(device).eval()
+
+
+def load_preprocessor(preprocessor_class, ref: ModelRef, model_dir: Path):
+    """A tokenizer, image processor or processor under the same remote-code policy as the model."""
+    return preprocessor_class.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)

@@ -15,7 +15,9 @@ SOURCE_SHARD = "source_shard"
 
 # Internal, between steps.
 IMAGE = "_image"
-PIXELS = "_pixels"
+PIXELS = "_pixels"  # at the CLIP model's geometry
+CAPTION_PIXELS = "_pixels_caption"  # at the captioner's, when it differs
+ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
 
 # Decode.
 STATUS = "status"
@@ -28,6 +30,20 @@ IMAGE_BYTES = "image_bytes"
 IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
 CLIP_SCORE = "clip_score"
+
+# Captioning and caption selection.
+CAPTION_GENERATED = "caption_generated"
+CLIP_SCORE_GENERATED = "clip_score_generated"
+CAPTION_BEST = "caption_best"
+CAPTION_SOURCE = "caption_source"
+CLIP_SCORE_BEST = "clip_score_best"
+
+# Image-text matching head (BLIP ITM).
+ITM_SCORE = "itm_score"
+
+# Values of CAPTION_SOURCE.
+SOURCE_ORIGINAL = "original"
+SOURCE_GENERATED = "generated"
 
 # Filter.
 KEEP = "keep"
@@ -48,8 +64,9 @@ IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE
 # Reject reasons that come from the filter rather than from decoding.
 EMPTY_CAPTION = "empty_caption"
 LOW_CLIP_SCORE = "low_clip_score"
+LOW_ITM_SCORE = "low_itm_score"
 BELOW_TOP_FRACTION = "below_top_fraction"
-REJECT_REASONS = (*IMAGE_STATUSES[1:], EMPTY_CAPTION, LOW_CLIP_SCORE, BELOW_TOP_FRACTION)
+REJECT_REASONS = (*IMAGE_STATUSES[1:], EMPTY_CAPTION, LOW_CLIP_SCORE, LOW_ITM_SCORE, BELOW_TOP_FRACTION)
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
 
@@ -66,6 +83,13 @@ _TAIL = [
     pa.field(IMAGE_EMBEDDING, EMBEDDING_TYPE),
     pa.field(TEXT_EMBEDDING, EMBEDDING_TYPE),
     pa.field(CLIP_SCORE, pa.float32()),
+    # Present whether or not captioning/ITM run, so turning them on later never changes the table's schema.
+    pa.field(CAPTION_GENERATED, pa.string()),
+    pa.field(CLIP_SCORE_GENERATED, pa.float32()),
+    pa.field(CAPTION_BEST, pa.string()),
+    pa.field(CAPTION_SOURCE, pa.string()),
+    pa.field(CLIP_SCORE_BEST, pa.float32()),
+    pa.field(ITM_SCORE, pa.float32()),
     pa.field(KEEP, pa.bool_(), nullable=False),
     pa.field(REJECT_REASON, pa.string()),
     pa.field(RUN_ID, pa.string(), nullable=False),
@@ -84,6 +108,12 @@ COLUMN_DOCS = {
     IMAGE_EMBEDDING: "L2-normalised image embedding, float32 (null if the image failed).",
     TEXT_EMBEDDING: "L2-normalised caption embedding, float32 (null if the caption is empty).",
     CLIP_SCORE: "Cosine similarity of the two embeddings, float32 (null if either is missing).",
+    CAPTION_GENERATED: "Caption written by the captioning model (null if captioning is off or the image failed).",
+    CLIP_SCORE_GENERATED: "CLIP score of the generated caption against the image.",
+    CAPTION_BEST: "The original or the generated caption, whichever has the higher CLIP score (original on ties).",
+    CAPTION_SOURCE: f"Where caption_best came from: {SOURCE_ORIGINAL} or {SOURCE_GENERATED} (null when neither scored).",
+    CLIP_SCORE_BEST: "CLIP score of caption_best: the larger of clip_score and clip_score_generated.",
+    ITM_SCORE: "Probability of \"match\" from the BLIP image-text matching head (null if ITM is off).",
     KEEP: "Whether the row passed every filter.",
     REJECT_REASON: "First reason the row was rejected: " + ", ".join(REJECT_REASONS) + "; null if kept.",
     RUN_ID: "Id of the run that wrote the row.",

@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Schema
+from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from operators import schema as col
 from operators.storage import StorageOptions, delta_storage_options, filesystem_for
 
-_STATS_COLUMNS = (col.KEY, col.CLIP_SCORE)
+_STATS_COLUMNS = (col.KEY, col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE)
 _SUMMARY_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -64,6 +65,10 @@ class WriteDataFiles:
         n = batch.num_rows
         batch = batch.append_column(col.RUN_ID, pa.array([self.run_id] * n, pa.string()))
         batch = batch.append_column(col.RUN_DATE, pa.array([self.run_date] * n, pa.date32()))
+        # Columns of stages that did not run (captioning, ITM) are written as nulls.
+        for column in self.schema:
+            if column.name not in batch.column_names:
+                batch = batch.append_column(column, pa.nulls(n, column.type))
         data = batch.select(self.schema.names).cast(self.schema)
         path, size = None, 0
         if n:
@@ -104,39 +109,86 @@ class WriteSummary:
         return sum(f["rows_written"] for f in self.files)
 
 
+class ConcurrentRunError(RuntimeError):
+    """Another run changed this run's partition after this run started; nothing was committed."""
+
+
+def table_version(table_uri: str, storage: StorageOptions) -> int | None:
+    """The table's current version, or None before its first commit."""
+    options = delta_storage_options(table_uri, storage)
+    if not DeltaTable.is_deltatable(table_uri, storage_options=options):
+        return None
+    return DeltaTable(table_uri, storage_options=options).version()
+
+
 def commit_files(
     table_uri: str, storage: StorageOptions, schema: pa.Schema, summary: WriteSummary, run_date: dt.date,
-    mode: str, metadata: dict[str, str],
+    mode: str, metadata: dict[str, str], read_version: int | None,
 ) -> int:
     """Add the written files to the table in one commit; return the new table version.
 
     ``overwrite_partition`` replaces the run date's partition (an idempotent re-run);
-    ``append`` adds to it.
+    ``append`` adds to it. ``read_version`` is the table version the run started
+    from: if another run changed this date's partition since, the commit is refused
+    (``ConcurrentRunError``) rather than mixing two runs' rows. Commits to other
+    dates in the meantime are fine; the commit is retried on top of them.
     """
     options = delta_storage_options(table_uri, storage)
     now_ms = int(time.time() * 1000)
     partition = {col.RUN_DATE: run_date.isoformat()}
-    actions = [
-        AddAction(f["path"], f["size"], partition, now_ms, True, f["stats"]) for f in summary.files
-    ]
-    properties = CommitProperties(custom_metadata=metadata)
-    if DeltaTable.is_deltatable(table_uri, storage_options=options):
+    actions = [AddAction(f["path"], f["size"], partition, now_ms, True, f["stats"]) for f in summary.files]
+    # No blind retries inside delta-rs: it would rebase an overwrite onto a concurrent one.
+    properties = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
+    started_with = _partition_files(table_uri, options, run_date, read_version)
+    for _ in range(_COMMIT_ATTEMPTS):
+        if not DeltaTable.is_deltatable(table_uri, storage_options=options):
+            try:
+                create_table_with_add_actions(
+                    table_uri, Schema.from_arrow(schema), actions, mode="append", partition_by=[col.RUN_DATE],
+                    storage_options=options, commit_properties=properties,
+                )
+                return 0
+            except DeltaError:
+                if not DeltaTable.is_deltatable(table_uri, storage_options=options):
+                    raise
+                continue  # another run created the table first: check it like any concurrent commit
         table = DeltaTable(table_uri, storage_options=options)
-        if mode == "overwrite_partition":
-            table.create_write_transaction(
-                actions, mode="overwrite", schema=schema, partition_by=[col.RUN_DATE],
-                partition_filters=[(col.RUN_DATE, "=", run_date.isoformat())], commit_properties=properties,
+        if mode == "overwrite_partition" and _partition_files(table_uri, options, run_date, table.version()) != started_with:
+            raise ConcurrentRunError(
+                f"another run committed run_date={run_date} to {table_uri} while this run was working "
+                f"(table version {read_version} -> {table.version()}); this run's files were not committed"
             )
-        else:
+        try:
             table.create_write_transaction(
-                actions, mode="append", schema=schema, partition_by=[col.RUN_DATE], commit_properties=properties
+                actions, mode="overwrite" if mode == "overwrite_partition" else "append", schema=schema,
+                partition_by=[col.RUN_DATE],
+                partition_filters=[(col.RUN_DATE, "=", run_date.isoformat())] if mode == "overwrite_partition" else None,
+                commit_properties=properties,
             )
-    else:
-        create_table_with_add_actions(
-            table_uri, Schema.from_arrow(schema), actions, mode="append", partition_by=[col.RUN_DATE],
-            storage_options=options, commit_properties=properties,
-        )
-    return DeltaTable(table_uri, storage_options=options).version()
+        except CommitFailedError:
+            continue  # someone committed first; look again at what they changed
+        return _version_of(table_uri, options, metadata["vlpipe.run_id"])
+    raise ConcurrentRunError(f"could not commit to {table_uri}: {_COMMIT_ATTEMPTS} attempts lost to concurrent commits")
+
+
+_COMMIT_ATTEMPTS = 20
+
+
+def _partition_files(table_uri: str, options: dict, run_date: dt.date, version: int | None) -> set[str]:
+    if version is None:
+        return set()
+    table = DeltaTable(table_uri, storage_options=options, version=version)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    values = actions.column(f"partition.{col.RUN_DATE}").cast(pa.string()).to_pylist()
+    return {path for path, value in zip(actions.column("path").to_pylist(), values) if value == run_date.isoformat()}
+
+
+def _version_of(table_uri: str, options: dict, run_id: str) -> int:
+    """The version this run's commit got (others may have committed right after it)."""
+    for entry in DeltaTable(table_uri, storage_options=options).history(50):
+        if entry.get("vlpipe.run_id") == run_id:
+            return int(entry["version"])
+    raise RuntimeError(f"commit of run {run_id} not found in the history of {table_uri}")
 
 
 def _file_stats(data: pa.Table) -> dict:

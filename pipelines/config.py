@@ -11,15 +11,18 @@ import datetime as dt
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from operators.caption import CaptionConfig
 from operators.clip import ClipConfig
 from operators.decode import DecodeConfig
 from operators.filter import FilterConfig
+from operators.itm import ItmConfig
 from operators.storage import StorageOptions, is_remote, local_path
 
 
@@ -69,11 +72,28 @@ class PipelineConfig(_Strict):
     input: InputConfig
     clip: ClipConfig
     output: OutputConfig
+    caption: CaptionConfig | None = None
+    itm: ItmConfig | None = None
     storage: StorageOptions = StorageOptions()
     decode: DecodeConfig = DecodeConfig()
     filter: FilterConfig = FilterConfig()
     run_date: dt.date | None = None
     ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _stages_needed_by_the_filter_are_on(self) -> "PipelineConfig":
+        if self.filter.caption == "best" and self.caption is None:
+            raise ValueError("filter.caption: best needs a caption section (a captioning model)")
+        if self.filter.min_itm_score is not None and self.itm is None:
+            raise ValueError("filter.min_itm_score needs an itm section (an ITM model)")
+        if self.itm is not None and self.itm.text == "caption_best" and self.caption is None:
+            raise ValueError("itm.text: caption_best needs a caption section (a captioning model)")
+        return self
+
+    def models(self) -> dict[str, dict[str, str | None]]:
+        """Each stage's model id and revision, as recorded with every commit."""
+        stages = {"clip": self.clip, "caption": self.caption, "itm": self.itm}
+        return {name: {"source": s.model.source, "revision": s.model.revision} for name, s in stages.items() if s}
 
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
@@ -86,17 +106,20 @@ class PipelineConfig(_Strict):
         Ray workers run in their own directories (on other nodes, too), so a
         relative path in the config would silently point somewhere else there.
         """
-        source = self.clip.model.source
-        if not is_remote(source) and Path(source).expanduser().is_dir():
-            source = str(Path(source).expanduser().resolve())
-        return self.model_copy(update={
+        update = {
             "input": self.input.model_copy(update={"uri": _absolute(self.input.uri)}),
             "output": self.output.model_copy(update={
                 "uri": _absolute(self.output.uri),
                 "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
             }),
-            "clip": self.clip.model_copy(update={"model": self.clip.model.model_copy(update={"source": source})}),
-        })
+        }
+        for name in ("clip", "caption", "itm"):
+            stage = getattr(self, name)
+            source = stage and stage.model.source
+            if source and not is_remote(source) and Path(source).expanduser().is_dir():
+                model = stage.model.model_copy(update={"source": str(Path(source).expanduser().resolve())})
+                update[name] = stage.model_copy(update={"model": model})
+        return self.model_copy(update=update)
 
     def public_dump(self) -> dict[str, Any]:
         """The config as plain data with secrets masked, safe for logs and run records."""
@@ -152,7 +175,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"  - missing required key '{where}'"
     # Never echo the rejected value: it might be a credential.
-    return f"  - {where}: {error['msg']}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"  - {where}: {message}" if where else f"  - {message}"
 
 
 def _suggestion(loc: tuple) -> str:
@@ -160,6 +184,8 @@ def _suggestion(loc: tuple) -> str:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
+        # Optional sections (``X | None``) suggest from X's fields.
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation

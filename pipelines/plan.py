@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import ray.data
@@ -10,12 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators import schema as col
-from operators.clip import ClipConfig, ClipScorer
+from operators.caption import Captioner, caption_geometry
+from operators.clip import ClipScorer
 from operators.decode import DecodeImages, PixelSpec
-from operators.models import resolve_model_dir
+from operators.itm import ItmScorer
+from operators.models import ModelRef, resolve_model_dir
 from operators.resources import Resources
 from operators.storage import StorageOptions
-from pipelines.config import InputConfig, PipelineConfig
+from pipelines.config import ConfigError, InputConfig, PipelineConfig
 
 
 ACTOR_MAX_RESTARTS = 3
@@ -47,13 +51,9 @@ def map_batches_args(resources: Resources, *, actor: bool, cluster_gpus: float) 
     return args
 
 
-def image_geometry(clip: ClipConfig, storage: StorageOptions) -> PixelSpec:
-    """The CLIP model's input geometry, read from its processor config alone (no weights)."""
-    from transformers import AutoImageProcessor
-
-    model_dir = resolve_model_dir(clip.model, storage, config_only=True)
-    processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=clip.model.trust_remote_code)
-    return PixelSpec.from_image_processor(processor)
+def image_geometry(ref: ModelRef, storage: StorageOptions) -> PixelSpec:
+    """A model's fixed input geometry, read from its processor config alone (no weights)."""
+    return PixelSpec.from_image_processor(_image_processor(ref, storage))
 
 
 class PrepareInput:
@@ -81,14 +81,63 @@ class PrepareInput:
         return pa.table(out)
 
 
-class ClipStage:
-    """The CLIP scorer, dropping the pixels afterwards so they never travel further."""
+def _image_processor(ref: ModelRef, storage: StorageOptions):
+    from transformers import AutoImageProcessor
 
-    def __init__(self, config: ClipConfig, storage: StorageOptions):
-        self.scorer = ClipScorer(config, storage)
+    model_dir = resolve_model_dir(ref, storage, config_only=True)
+    return AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
+
+
+class ModelStage:
+    """A model operator run in an actor, dropping the pixel columns no later stage reads."""
+
+    def __init__(self, build: Callable[[], Callable[[pa.Table], pa.Table]], drop: tuple[str, ...]):
+        self.operator = build()
+        self.drop = drop
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.scorer(batch).drop_columns([col.PIXELS])
+        return self.operator(batch).drop_columns(list(self.drop))
+
+
+# Named subclasses only so Ray's progress bars and stats say which model is which.
+class CaptionStage(ModelStage):
+    pass
+
+
+class ClipStage(ModelStage):
+    pass
+
+
+class ItmStage(ModelStage):
+    pass
+
+
+def model_stages(config: PipelineConfig) -> tuple[dict[str, PixelSpec], list[tuple[type[ModelStage], dict, Resources]]]:
+    """The extra pixel columns decode must emit, and the model stages in order.
+
+    Models that share an input geometry share one pixel column, so an image is
+    resized once per distinct geometry; every pixel column is dropped right after
+    its last reader so it never travels further than needed.
+    """
+    storage = config.storage
+    columns = {image_geometry(config.clip.model, storage): col.PIXELS}
+    stages: list[tuple[type[ModelStage], Callable, str, Resources]] = []
+    if config.caption:
+        spec = caption_geometry(_image_processor(config.caption.model, storage), config.caption.image_size)
+        column = columns.setdefault(spec, col.CAPTION_PIXELS)
+        stages.append((CaptionStage, partial(Captioner, config.caption, storage, column), column, config.caption.resources))
+    stages.append((ClipStage, partial(ClipScorer, config.clip, storage), col.PIXELS, config.clip.resources))
+    if config.itm:
+        spec = image_geometry(config.itm.model, storage)
+        column = columns.setdefault(spec, col.ITM_PIXELS)
+        stages.append((ItmStage, partial(ItmScorer, config.itm, storage, column), column, config.itm.resources))
+    last_reader = {column: stage for stage, _, column, _ in stages}
+    plan = []
+    for stage, build, _, resources in stages:
+        drop = tuple(c for c, last in last_reader.items() if last is stage)
+        plan.append((stage, {"build": build, "drop": drop}, resources))
+    extra = {column: spec for spec, column in columns.items() if column != col.PIXELS}
+    return extra, plan
 
 
 def read_columns(config: InputConfig) -> list[str]:
@@ -102,14 +151,31 @@ def build_scored_dataset(config: PipelineConfig, paths: list[str], filesystem, s
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    pixels = image_geometry(config.clip, config.storage)
+    pixels = image_geometry(config.clip.model, config.storage)
+    extra_pixels, stages = model_stages(config)
+    actor_args = [map_batches_args(resources, actor=True, cluster_gpus=gpus) for _, _, resources in stages]
+    check_actors_fit(actor_args, config, float(ray.cluster_resources().get("CPU", 0)))
     ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=read_columns(config.input), include_paths=True)
     cpu_task = map_batches_args(config.decode.resources, actor=False, cluster_gpus=gpus)
     ds = ds.map_batches(PrepareInput(config.input, shard_prefix), **cpu_task)
-    ds = ds.map_batches(DecodeImages(config.decode, pixels), **cpu_task)
-    ds = ds.map_batches(
-        ClipStage,
-        fn_constructor_kwargs={"config": config.clip, "storage": config.storage},
-        **map_batches_args(config.clip.resources, actor=True, cluster_gpus=gpus),
-    )
+    ds = ds.map_batches(DecodeImages(config.decode, pixels, extra_pixels=extra_pixels), **cpu_task)
+    for (stage, kwargs, _), args in zip(stages, actor_args):
+        ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, **args)
     return ds
+
+
+# Writing Parquet is mostly waiting on storage; a full core per writer task would idle.
+WRITER_NUM_CPUS = 0.25
+READ_NUM_CPUS = 1.0
+
+
+def check_actors_fit(actor_args: list[dict[str, Any]], config: PipelineConfig, cluster_cpus: float) -> None:
+    """Refuse a plan whose model actors leave no CPU for the tasks: Ray would wait forever."""
+    held = sum(args["num_cpus"] * args["compute"].min_size for args in actor_args)
+    # Ray Data lists and reads files with whole-CPU tasks, whatever the stages ask for.
+    task = max(READ_NUM_CPUS, config.decode.resources.num_cpus, config.filter.resources.num_cpus, WRITER_NUM_CPUS)
+    if held + task > cluster_cpus:
+        raise ConfigError(
+            f"the model actors hold {held:g} CPUs and reading/decoding needs {task:g} more, but the cluster "
+            f"has {cluster_cpus:g}: lower caption/clip/itm.resources.num_cpus or concurrency (fractions are fine)"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import uuid
 from importlib import metadata
 
@@ -15,10 +16,11 @@ import pyarrow.parquet as pq
 
 from operators import schema as col
 from operators.filter import ScoreFilter, top_fraction_threshold
-from pipelines.commit import WriteDataFiles, WriteSummary, commit_files
+from pipelines.commit import WriteDataFiles, WriteSummary, commit_files, table_version
 from pipelines.config import ConfigError, PipelineConfig
-from pipelines.plan import build_scored_dataset, map_batches_args
-from pipelines.runs import RunRecord, append_run_record
+from pipelines.plan import WRITER_NUM_CPUS, build_scored_dataset, map_batches_args
+from pipelines.nightly import NightlyPlan, plan_nightly
+from pipelines.runs import RunRecord, append_run_record, read_run_records
 from pipelines.shards import Shard, list_shards
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,25 @@ log = logging.getLogger(__name__)
 _VERSIONED = ("vlpipe", "ray", "torch", "transformers", "deltalake", "pyarrow", "pillow")
 
 
-def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRecord:
-    """Run the configured pipeline once and commit its output; returns the run record."""
+def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[NightlyPlan, RunRecord | None]:
+    """Process only new or changed shards into the run date's partition (see ``pipelines.nightly``)."""
+    run_date = config.run_date or _now().date()
+    config = config.model_copy(update={"run_date": run_date})
+    _, shards = list_shards(config.with_absolute_paths().input.uri, config.storage)
+    records = read_run_records(config.with_absolute_paths().output.run_records_uri, config.storage)
+    plan = plan_nightly(shards, records, run_date, config.hash(), force)
+    log.info("nightly %s: %s", run_date, plan.reason)
+    if plan.nothing_to_do:
+        return plan, None
+    return plan, run_pipeline(config, shards=plan.shards)
+
+
+def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: list[Shard] | None = None) -> RunRecord:
+    """Run the configured pipeline once and commit its output; returns the run record.
+
+    ``shards`` restricts the run to these input shards (nightly runs); by default
+    every shard under ``input.uri`` is processed.
+    """
     import ray
 
     started = _now()
@@ -35,13 +54,18 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRec
     config = config.with_absolute_paths()
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     run_date = config.run_date or started.date()
-    filesystem, shards = list_shards(config.input.uri, config.storage)
+    read_version = table_version(config.output.uri, config.storage)
+    filesystem, listed = list_shards(config.input.uri, config.storage)
+    shards = listed if shards is None else shards
     if not shards:
         raise ConfigError(f"no Parquet shards found at input.uri {config.input.uri!r}")
     log.info("run %s: %d shards from %s", run_id, len(shards), config.input.uri)
 
     if not ray.is_initialized():
-        ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        # "local" rather than None: a stale /tmp/ray/ray_current_cluster from an earlier
+        # `ray start` must not make a laptop run attach to a dead cluster.
+        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     shard_prefix = shards[0].uri.removesuffix(shards[0].path)
     ds = build_scored_dataset(config, [s.path for s in shards], filesystem, shard_prefix)
 
@@ -49,7 +73,8 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRec
     if config.filter.keep_top_fraction is not None:
         # The cut-off depends on every score of the run, so scores are computed once and kept.
         ds = ds.materialize()
-        scores = [b.column(col.CLIP_SCORE) for b in ds.select_columns([col.CLIP_SCORE]).iter_batches(batch_format="pyarrow")]
+        column = config.filter.clip_score_column
+        scores = [b.column(column) for b in ds.select_columns([column]).iter_batches(batch_format="pyarrow")]
         values = pc.fill_null(pa.chunked_array(scores, pa.float32()), np.nan).to_numpy() if scores else np.array([])
         threshold = top_fraction_threshold(values, config.filter.keep_top_fraction)
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -59,15 +84,17 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None) -> RunRec
     extra = _extra_fields(config, pq.read_schema(shards[0].path, filesystem=filesystem))
     schema = col.output_schema(extra, include_image_bytes=output.include_image_bytes)
     writer = WriteDataFiles(output.uri, config.storage, schema, run_id, run_date, output.kept_only)
-    ds = ds.map_batches(writer, batch_size=output.rows_per_file, batch_format="pyarrow", zero_copy_batch=True)
+    ds = ds.map_batches(
+        writer, batch_size=output.rows_per_file, batch_format="pyarrow", zero_copy_batch=True, num_cpus=WRITER_NUM_CPUS
+    )
     summary = WriteSummary()
     for row in ds.iter_rows():
         summary.add(row)
 
-    models = {"clip": {"source": config.clip.model.source, "revision": config.clip.model.revision}}
+    models = config.models()
     versions = _versions()
     version = commit_files(
-        output.uri, config.storage, schema, summary, run_date, output.mode,
+        output.uri, config.storage, schema, summary, run_date, output.mode, read_version=read_version,
         metadata={
             "vlpipe.run_id": run_id, "vlpipe.config_hash": config_hash,
             "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),

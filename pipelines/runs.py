@@ -10,6 +10,7 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
 from operators.storage import StorageOptions, delta_storage_options
+from pipelines.read import delta_dataset
 
 RUN_RECORD_SCHEMA = pa.schema(
     [
@@ -95,4 +96,23 @@ def read_run_records(uri: str, storage: StorageOptions) -> pa.Table:
     options = delta_storage_options(uri, storage)
     if not DeltaTable.is_deltatable(uri, storage_options=options):
         return RUN_RECORD_SCHEMA.empty_table()
-    return DeltaTable(uri, storage_options=options).to_pyarrow_table().sort_by("started_at")
+    return delta_dataset(uri, storage).to_table().sort_by("started_at")
+
+
+def format_runs(records: pa.Table, *, limit: int = 10) -> str:
+    """The latest runs as a fixed-width table, newest first."""
+    rows = records.to_pylist()[-limit:][::-1]
+    if not rows:
+        return "no runs recorded yet"
+    header = ("run_id", "date", "status", "shards", "failed", "rows_in", "kept", "rejected", "seconds", "rows/s", "version")
+    lines = [
+        (
+            r["run_id"], str(r["run_date"]), r["status"], str(len(r["input_shards"] or [])),
+            str(len(r["failed_shards"] or [])), str(r["rows_in"]), str(r["rows_kept"]), str(r["rows_rejected"]),
+            f"{r['duration_s']:.1f}", f"{r['rows_per_second']:.1f}" if r["rows_per_second"] else "-",
+            "-" if r["table_version"] is None else str(r["table_version"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *lines])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_assets import build_tiny_clip
+from jobs.demo_assets import build_tiny_clip, write_sample_shards
+from jobs.tiny_vlm import build_tiny_blip_captioner, build_tiny_blip_itm, build_tiny_git, build_tiny_llava
 from tests.s3_server import S3Server, seaweedfs
 
 # Model caches of the tests stay inside the test session, never in ~/.cache.
@@ -21,11 +24,35 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_blip_captioner_dir(tmp_path_factory) -> Path:
+    """A tiny BLIP captioner, briefly trained so captions are words, not noise (~20 s, once per session)."""
+    return build_tiny_blip_captioner(tmp_path_factory.mktemp("models") / "tiny-blip", train_steps=100)
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_itm_dir(tmp_path_factory) -> Path:
+    """A tiny BLIP image-text matching model (random weights)."""
+    return build_tiny_blip_itm(tmp_path_factory.mktemp("models") / "tiny-blip-itm")
+
+
+@pytest.fixture(scope="session")
+def tiny_git_dir(tmp_path_factory) -> Path:
+    return build_tiny_git(tmp_path_factory.mktemp("models") / "tiny-git")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A tiny chat-style VLM (LLaVA) with a chat template."""
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session, with token authentication as Ray 2.60 defaults to."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # address="local": always a fresh Ray of our own, never a cluster another test started with `ray start`.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -36,3 +63,28 @@ def s3(tmp_path_factory) -> S3Server:
     """A real S3 server (SeaweedFS) on loopback, with signed requests."""
     with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def local_shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    paths = write_sample_shards(folder, num_shards=3, rows_per_shard=12, broken_per_shard=2, seed=7)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = {}
+    for path in paths:
+        for row in pq.read_table(path).to_pylist():
+            rows[row["key"]] = row
+    return folder, paths, manifest, rows
+
+
+@pytest.fixture(scope="session")
+def s3_input(s3, local_shards):
+    _, paths, _, _ = local_shards
+    s3.create_bucket("raw")
+    fs = s3.filesystem()
+    for path in paths:
+        with fs.open_output_stream(f"raw/crawl/{path.name}") as out:
+            out.write(path.read_bytes())
+    with fs.open_output_stream("raw/crawl/_SUCCESS") as out:  # writers' markers are not shards
+        out.write(b"")
+    return "s3://raw/crawl/"

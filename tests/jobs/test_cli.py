@@ -51,10 +51,15 @@ def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
     rows = {r["key"]: r for r in table.to_pylist()}
     for key in manifest["broken_keys"]:
         assert rows[key]["reject_reason"] in ("decode_error", "missing_image")
-    for key in manifest["empty_caption_keys"]:
-        assert rows[key]["reject_reason"] == "empty_caption"
     kept = sum(r["keep"] for r in rows.values())
     assert f"kept         {kept:>8}" in out
-    # The tiny model is trained just enough that the threshold catches most planted mismatches.
-    caught = sum(rows[k]["reject_reason"] == "low_clip_score" for k in manifest["mismatched_keys"])
-    assert caught >= 0.75 * len(manifest["mismatched_keys"])
+    # Every planted mismatch is either rejected or rescued by a generated caption that matches better.
+    for key in manifest["mismatched_keys"]:
+        row = rows[key]
+        assert row["reject_reason"] == "low_clip_score" or (
+            row["caption_source"] == "generated" and row["clip_score_generated"] > row["clip_score"]
+        )
+    rescued = sum(rows[k]["caption_source"] == "generated" for k in manifest["mismatched_keys"])
+    assert rescued >= len(manifest["mismatched_keys"]) // 2  # the tiny captioner names most images right
+    for key in manifest["empty_caption_keys"]:
+        assert rows[key]["caption_generated"] and rows[key]["reject_reason"] in (None, "low_clip_score")

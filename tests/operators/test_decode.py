@@ -136,3 +136,17 @@ def test_jpeg_draft_mode_changes_pixels_only_slightly():
 def test_every_common_mode_becomes_rgb(mode):
     out = decode([encode(noise().convert(mode), "TIFF")])
     assert out.column(col.STATUS)[0].as_py() == col.OK
+
+
+def test_each_model_geometry_gets_its_own_pixels_from_one_decode():
+    blip = PixelSpec(resize=(24, 24))
+    images = [encode(noise((120, 80), seed=s), "JPEG", quality=95) for s in range(3)] + [b"broken"]
+    table = pa.table({col.KEY: ["0", "1", "2", "3"], col.IMAGE: pa.array(images, pa.binary())})
+    both = DecodeImages(DecodeConfig(), SPEC, extra_pixels={col.CAPTION_PIXELS: blip})(table)
+    clip_only = decode(images)
+    blip_only = decode(images, spec=blip)
+
+    assert both.column(col.PIXELS).equals(clip_only.column(col.PIXELS))
+    assert both.column(col.CAPTION_PIXELS).equals(blip_only.column(col.PIXELS))
+    assert both.column(col.CAPTION_PIXELS).type.byte_width == 24 * 24 * 3
+    assert both.column(col.CAPTION_PIXELS).null_count == 1

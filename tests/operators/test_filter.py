@@ -49,3 +49,26 @@ def test_thresholds_are_checked_when_the_config_is_built():
         FilterConfig(min_clip_score=3)
     with pytest.raises(ValidationError, match="keep_top_fraction"):
         FilterConfig(keep_top_fraction=0)
+
+
+def test_filtering_on_the_best_caption_uses_its_score_and_text():
+    batch = pa.table({
+        col.STATUS: [col.OK, col.OK, col.OK],
+        col.CAPTION: pa.array(["", "a cat", "a dog"], pa.string()),
+        col.CLIP_SCORE: pa.array([None, 0.1, 0.1], pa.float32()),
+        col.CAPTION_BEST: pa.array(["a red star", "a cat", None], pa.string()),
+        col.CLIP_SCORE_BEST: pa.array([0.4, 0.1, None], pa.float32()),
+    })
+    on_original = ScoreFilter(FilterConfig(min_clip_score=0.3))(batch)
+    assert on_original.column(col.REJECT_REASON).to_pylist() == [col.EMPTY_CAPTION, col.LOW_CLIP_SCORE, col.LOW_CLIP_SCORE]
+    on_best = ScoreFilter(FilterConfig(min_clip_score=0.3, caption="best"))(batch)
+    assert on_best.column(col.REJECT_REASON).to_pylist() == [None, col.LOW_CLIP_SCORE, col.EMPTY_CAPTION]
+
+
+def test_itm_threshold_is_an_addition_to_the_clip_threshold_with_its_own_reason():
+    batch = table([col.OK] * 3, ["a", "b", "c"], [0.1, 0.5, 0.5]).append_column(
+        col.ITM_SCORE, pa.array([0.9, 0.2, None], pa.float32()))
+    out = ScoreFilter(FilterConfig(min_clip_score=0.3, min_itm_score=0.5))(batch)
+    assert out.column(col.REJECT_REASON).to_pylist() == [col.LOW_CLIP_SCORE, col.LOW_ITM_SCORE, col.LOW_ITM_SCORE]
+    itm_only = ScoreFilter(FilterConfig(min_itm_score=0.5))(batch)
+    assert itm_only.column(col.KEEP).to_pylist() == [True, False, False]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.config import ConfigError, load_config, validate_config
@@ -76,3 +78,25 @@ def test_relative_paths_are_resolved_on_the_driver_but_do_not_change_the_hash(tm
     assert remote.with_absolute_paths().clip.model.source == "openai/clip-vit-base-patch32"
     monkeypatch.chdir("/")
     assert validate_config(raw).hash() == config.hash()
+
+
+def test_optional_stage_sections_are_checked_like_the_others():
+    raw = {**BASE, "caption": {"model": {"source": "/m"}, "max_new_token": 20}}
+    with pytest.raises(ConfigError, match="unknown key 'caption.max_new_token' \\(did you mean 'max_new_tokens'"):
+        validate_config(raw)
+
+
+def test_filters_that_need_a_stage_say_which_section_is_missing():
+    with pytest.raises(ConfigError, match="filter.caption: best needs a caption section"):
+        validate_config({**BASE, "filter": {"caption": "best"}})
+    with pytest.raises(ConfigError, match="filter.min_itm_score needs an itm section"):
+        validate_config({**BASE, "filter": {"min_itm_score": 0.5}})
+    config = validate_config({**BASE, "itm": {"model": {"source": "/itm"}}, "filter": {"min_itm_score": 0.5}})
+    assert config.models() == {"clip": {"source": "/m", "revision": None}, "itm": {"source": "/itm", "revision": None}}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_example_configs_are_valid(path):
+    config = load_config(path)
+    assert config.output.uri and config.clip.model.source

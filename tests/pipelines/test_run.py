@@ -6,60 +6,18 @@ import io
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from PIL import Image
 
-from jobs.demo_assets import write_sample_shards
 from operators import schema as col
 from pipelines.config import validate_config
 from pipelines.run import run_pipeline
 from pipelines.runs import read_run_records
 from tests.operators.test_clip import reference_scores
+from tests.pipelines.conftest import s3_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    paths = write_sample_shards(folder, num_shards=3, rows_per_shard=12, broken_per_shard=2, seed=7)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    rows = {}
-    for path in paths:
-        for row in pq.read_table(path).to_pylist():
-            rows[row["key"]] = row
-    return folder, paths, manifest, rows
-
-
-@pytest.fixture(scope="module")
-def s3_input(s3, local_shards):
-    _, paths, _, _ = local_shards
-    s3.create_bucket("raw")
-    fs = s3.filesystem()
-    for path in paths:
-        with fs.open_output_stream(f"raw/crawl/{path.name}") as out:
-            out.write(path.read_bytes())
-    with fs.open_output_stream("raw/crawl/_SUCCESS") as out:  # writers' markers are not shards
-        out.write(b"")
-    return "s3://raw/crawl/"
-
-
-def s3_config(s3, tiny_clip_dir, **sections):
-    raw = {
-        "input": {"uri": "s3://raw/crawl/"},
-        "storage": {"endpoint_url": s3.endpoint_url, "region": s3.region,
-                    "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key},
-        "clip": {"model": {"source": str(tiny_clip_dir)}},
-        "decode": {"jpeg_draft": False},
-        "filter": {"min_clip_score": 0.0},
-        "output": {"uri": "s3://lake/enriched"},
-        "run_date": "2026-11-01",
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return validate_config(raw)
 
 
 def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, s3_input, local_shards, tiny_clip_dir):

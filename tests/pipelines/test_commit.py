@@ -1,0 +1,79 @@
+"""The Delta commit: one commit per run, and concurrent runs never mix their rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from operators import schema as col
+from operators.storage import StorageOptions
+from pipelines.commit import ConcurrentRunError, WriteDataFiles, WriteSummary, commit_files, table_version
+
+SCHEMA = col.output_schema()
+DAY = dt.date(2026, 11, 20)
+
+
+def written(uri: str, run_id: str, keys: list[str], run_date=DAY) -> WriteSummary:
+    """Write one data file the way a run's Ray task does, without Ray."""
+    n = len(keys)
+    batch = pa.table({
+        col.KEY: keys, col.CAPTION: ["c"] * n, col.SOURCE_SHARD: ["s"] * n, col.STATUS: [col.OK] * n,
+        col.KEEP: [True] * n, col.REJECT_REASON: pa.nulls(n, pa.string()),
+    })
+    summary = WriteSummary()
+    for row in WriteDataFiles(uri, StorageOptions(), SCHEMA, run_id, run_date, kept_only=False)(batch).to_pylist():
+        summary.add(row)
+    return summary
+
+
+def commit(uri, run_id, summary, read_version, run_date=DAY) -> int:
+    return commit_files(uri, StorageOptions(), SCHEMA, summary, run_date, "overwrite_partition",
+                        metadata={"vlpipe.run_id": run_id}, read_version=read_version)
+
+
+def keys(uri: str) -> list[str]:
+    return sorted(DeltaTable(uri).to_pyarrow_table().column(col.KEY).to_pylist())
+
+
+def test_columns_of_stages_that_did_not_run_are_written_as_nulls(tmp_path):
+    uri = str(tmp_path / "t")
+    commit(uri, "r1", written(uri, "r1", ["a", "b"]), None)
+    row = DeltaTable(uri).to_pyarrow_table().to_pylist()[0]
+    assert row[col.CAPTION_GENERATED] is None and row[col.ITM_SCORE] is None and row[col.KEY] in ("a", "b")
+
+
+def test_two_runs_of_the_same_date_started_together_commit_once(tmp_path):
+    uri = str(tmp_path / "t")
+    commit(uri, "r0", written(uri, "r0", ["old"]), None)
+    start = table_version(uri, StorageOptions())
+    first, second = written(uri, "r1", ["a", "b"]), written(uri, "r2", ["a", "b"])
+
+    assert commit(uri, "r1", first, start) == start + 1
+    with pytest.raises(ConcurrentRunError, match="another run committed run_date=2026-11-20"):
+        commit(uri, "r2", second, start)
+    assert keys(uri) == ["a", "b"]  # one run's rows, no duplicates
+    assert DeltaTable(uri).version() == start + 1
+
+
+def test_a_concurrent_commit_to_another_date_does_not_block_the_run(tmp_path):
+    uri = str(tmp_path / "t")
+    commit(uri, "r0", written(uri, "r0", ["x"]), None)
+    start = table_version(uri, StorageOptions())
+    other_day = DAY - dt.timedelta(days=1)
+    commit(uri, "r1", written(uri, "r1", ["y"], run_date=other_day), start, run_date=other_day)
+    version = commit(uri, "r2", written(uri, "r2", ["z"]), start)
+    assert version == start + 2 and keys(uri) == ["y", "z"]
+    assert json.loads(json.dumps(DeltaTable(uri).history(1)[0]["vlpipe.run_id"])) == "r2"
+
+
+def test_two_first_runs_creating_the_table_do_not_both_land(tmp_path):
+    uri = str(tmp_path / "t")
+    first, second = written(uri, "r1", ["a"]), written(uri, "r2", ["a"])
+    assert commit(uri, "r1", first, None) == 0
+    with pytest.raises(ConcurrentRunError):
+        commit(uri, "r2", second, None)
+    assert keys(uri) == ["a"]
