@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-quick clean
+.PHONY: demo test test-quick bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(VENV)/.installed-test
 
 test-quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow"
+
+# Throughput against the bare model loop and a naive transformers loop (README "Performance").
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf out .cache/demo .pytest_cache

@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import sys
 
+from pipelines import logs
 from pipelines.config import ConfigError, load_config
 from pipelines.runs import RunRecord
 
@@ -17,10 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlpipe`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose contradict each other")
+    logs.configure(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         return args.handler(args)
     except ConfigError as err:
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpipe", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages from vlpipe's own modules")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a pipeline config once and commit its output")
@@ -71,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
     runs.set_defaults(handler=_runs)
 
+    report = sub.add_parser("report", help="write a run's HTML report (summary, score histograms, sample rows)")
+    report.add_argument("output", help="the output table URI (output.uri of the config)")
+    report.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
+    report.add_argument("--out", help="where to write it, a path or object-store URI (default: vlpipe-report-<run id>.html)")
+    report.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    report.add_argument("--samples", type=int, default=12, help="sample rows shown per side, kept and rejected")
+    report.set_defaults(handler=_report)
+
     demo = sub.add_parser("demo", help="generate sample data and tiny models, then run the demo config")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.set_defaults(handler=_demo)
@@ -84,9 +93,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.run_date:
         overrides.append(f"run_date={args.run_date.isoformat()}")
     config = load_config(args.config, overrides)
+    _ray_output(args.quiet)
     record = run_pipeline(config)
-    print(format_summary(record))
-    return 0
+    print(format_summary(record, _report_of(record, config)))
+    return exit_code(record)
 
 
 def _nightly(args: argparse.Namespace) -> int:
@@ -95,11 +105,13 @@ def _nightly(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.date:
         overrides.append(f"run_date={args.date.isoformat()}")
-    plan, record = run_nightly(load_config(args.config, overrides), force=args.force)
+    config = load_config(args.config, overrides)
+    _ray_output(args.quiet)
+    plan, record = run_nightly(config, force=args.force)
     print(f"nightly {plan.run_date}: {plan.reason}")
     if record is not None:
-        print(format_summary(record))
-    return 0
+        print(format_summary(record, _report_of(record, config)))
+    return 0 if record is None else exit_code(record)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -135,12 +147,63 @@ def _runs(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
+    _ray_output(args.quiet)
     record = run_demo(args.config)
-    print(format_summary(record))
+    print(format_summary(record, _report_of(record, load_config(args.config))))
     return 0
 
 
-def format_summary(record: RunRecord) -> str:
+def _report(args: argparse.Namespace) -> int:
+    from operators.storage import StorageOptions
+    from pipelines.report import collect, write_text
+    from pipelines.report_html import render
+
+    uri = args.runs_uri or args.output.rstrip("/") + "/_vlpipe_runs"
+    try:
+        data = collect(uri, StorageOptions(), args.run_id, samples=args.samples)
+    except LookupError as err:
+        print(f"vlpipe: {err}", file=sys.stderr)
+        return 1
+    page, run_id = render(data), data.run["run_id"]
+    out = args.out or f"vlpipe-report-{run_id}.html"
+    write_text(out, page, StorageOptions())
+    print(f"report of run {run_id}: {out} ({len(page.encode()) / 1024:.0f} KiB)")
+    return 0
+
+
+def _ray_output(quiet: bool) -> None:
+    """--quiet: no Ray Data progress bars (on by default), and Ray's console lines only from warnings up."""
+    if not quiet:
+        return
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data"):  # Ray configures these itself on import; its log files keep everything
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def _report_of(record: RunRecord, config) -> str | None:
+    from pipelines.report import existing_report
+
+    if not config.report.enabled:
+        return None
+    try:
+        return existing_report(record.output_uri, record.run_id, config.storage)
+    except OSError:
+        return None
+
+
+# The good shards were committed, but a scheduler should still see that some were not.
+PARTIAL_EXIT = 3
+
+
+def exit_code(record: RunRecord) -> int:
+    return PARTIAL_EXIT if record.failed_shards else 0
+
+
+def format_summary(record: RunRecord, report: str | None = None) -> str:
     """The end-of-run screen: counts by outcome and how to read the output."""
     lines = [
         "",
@@ -151,8 +214,14 @@ def format_summary(record: RunRecord) -> str:
     ]
     for reason, count in sorted(record.rejected_by_reason.items(), key=lambda kv: -kv[1]):
         lines.append(f"    {reason:<18}{count:>6}")
+    if record.failed_shards:
+        lines.append(f"  failed shards {len(record.failed_shards):>7}  (not committed; the next nightly retries them)")
+        lines += [f"    {shard['uri']}: {shard['error']}" for shard in record.failed_shards[:10]]
+        if len(record.failed_shards) > 10:
+            lines.append(f"    ... and {len(record.failed_shards) - 10} more in `vlpipe runs` / the run record")
     lines += [
         f"  output       {record.output_uri} (Delta version {record.table_version}, partition run_date={record.run_date})",
+        *([f"  report       {report}"] if report else []),
         "",
         "Read it:",
         f'  pandas: import deltalake; df = deltalake.DeltaTable("{record.output_uri}").to_pandas()',

@@ -22,6 +22,8 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers M
 # error can say what the bytes were rather than "not an image".
 _SNIFF = (
     (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript/EPS"),  # Pillow's EPS plugin would hand these to Ghostscript
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
     (b"8BPS", "PSD"),
     (b"SIMPLE  =", "FITS"),
     (b"\x1f\x8b", "gzip"),
@@ -99,6 +101,8 @@ class DecodeConfig(BaseModel):
         unknown = [f for f in upper if f not in Image.OPEN]
         if unknown:
             raise ValueError(f"unknown image formats {unknown}; Pillow knows {sorted(Image.OPEN)}")
+        if "EPS" in upper:
+            raise ValueError("EPS cannot be allowed: Pillow opens it by running Ghostscript on the file")
         return upper
 
 
@@ -228,8 +232,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency composited on white and high-bit-depth data scaled, not clipped."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(image)
-        peak = float(array.max()) if array.size else 0.0
-        scale = 255.0 / 65535.0 if peak > 255 else 1.0
+        if image.mode.startswith("I;16"):
+            scale = 255.0 / 65535.0  # by bit depth: a dark 16-bit image must stay dark
+        else:  # 32-bit modes carry no depth; values above 255 can only be 16-bit data
+            peak = float(array.max()) if array.size else 0.0
+            scale = 255.0 / 65535.0 if peak > 255 else 1.0
         return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -264,6 +271,22 @@ def _sniff(data: bytes) -> str | None:
         if head.startswith(magic):
             return name
     return None
+
+
+def decode_captions(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Captions as valid UTF-8 strings: invalid byte sequences become U+FFFD, never a failed batch.
+
+    Crawlers that keep raw bytes write a binary caption column, and non-Arrow writers
+    can put invalid UTF-8 into a string column; either would make the cast or the
+    first ``to_pylist`` raise and cost the whole batch.
+    """
+    try:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column.validate(full=True)  # Parquet readers do not check UTF-8
+        return column.cast(pa.string())
+    except pa.ArrowInvalid:
+        raw = column.cast(pa.large_binary()).to_pylist()
+        return pa.chunked_array([pa.array([b if b is None else b.decode("utf-8", "replace") for b in raw], pa.string())])
 
 
 def _image_bytes(column: pa.ChunkedArray):

@@ -90,6 +90,9 @@ def pick_device_and_dtype(precision: Precision):
         else:
             dtype = getattr(torch, precision)
         return device, dtype
+    # Ray caps a worker's OpenMP threads at its CPU reservation (1 for num_cpus <= 1); on a
+    # CPU-only node the model is the bottleneck, so it gets every core and decode tasks interleave.
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     # Half precision on CPU is slow and inaccurate; fp32 is the only sane choice there.
     return torch.device("cpu"), torch.float32
 

@@ -25,7 +25,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 from operators import schema as col
 from operators.storage import StorageOptions, delta_storage_options, filesystem_for
 
-_STATS_COLUMNS = (col.KEY, col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE)
+_STATS_PREFIX = 32
 _SUMMARY_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -140,7 +140,15 @@ def commit_files(
     # No blind retries inside delta-rs: it would rebase an overwrite onto a concurrent one.
     properties = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
     started_with = _partition_files(table_uri, options, run_date, read_version)
+    run_id = metadata["vlpipe.run_id"]
+    lost: OSError | None = None
     for _ in range(_COMMIT_ATTEMPTS):
+        if lost is not None:
+            # The commit request or its answer was lost (reset, timeout): delta-rs does not retry a
+            # conditional put, so look whether it landed before trying again.
+            landed = _committed_version(table_uri, options, run_id)
+            if landed is not None:
+                return landed
         if not DeltaTable.is_deltatable(table_uri, storage_options=options):
             try:
                 create_table_with_add_actions(
@@ -148,6 +156,9 @@ def commit_files(
                     storage_options=options, commit_properties=properties,
                 )
                 return 0
+            except OSError as err:
+                lost = err
+                continue
             except DeltaError:
                 if not DeltaTable.is_deltatable(table_uri, storage_options=options):
                     raise
@@ -167,7 +178,12 @@ def commit_files(
             )
         except CommitFailedError:
             continue  # someone committed first; look again at what they changed
-        return _version_of(table_uri, options, metadata["vlpipe.run_id"])
+        except OSError as err:
+            lost = err
+            continue
+        return _version_of(table_uri, options, run_id)
+    if lost is not None:
+        raise lost
     raise ConcurrentRunError(f"could not commit to {table_uri}: {_COMMIT_ATTEMPTS} attempts lost to concurrent commits")
 
 
@@ -185,20 +201,62 @@ def _partition_files(table_uri: str, options: dict, run_date: dt.date, version: 
 
 def _version_of(table_uri: str, options: dict, run_id: str) -> int:
     """The version this run's commit got (others may have committed right after it)."""
+    version = _committed_version(table_uri, options, run_id)
+    if version is None:
+        raise RuntimeError(f"commit of run {run_id} not found in the history of {table_uri}")
+    return version
+
+
+def _committed_version(table_uri: str, options: dict, run_id: str) -> int | None:
+    if not DeltaTable.is_deltatable(table_uri, storage_options=options):
+        return None
     for entry in DeltaTable(table_uri, storage_options=options).history(50):
         if entry.get("vlpipe.run_id") == run_id:
             return int(entry["version"])
-    raise RuntimeError(f"commit of run {run_id} not found in the history of {table_uri}")
+    return None
 
 
 def _file_stats(data: pa.Table) -> dict:
-    """Delta file statistics, so engines can skip files on key and score predicates."""
+    """Delta file statistics for every flat column, so engines can skip files on any predicate.
+
+    Statistics must cover every column: for a column without them, deltalake's pyarrow
+    dataset states ``col >= null`` as the file's guarantee, and a filter on that column
+    then skips every file (``status == 'ok'`` returned 0 rows).
+    """
     stats: dict = {"numRecords": data.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    for name in _STATS_COLUMNS:
-        column = data.column(name)
+    for name, column in zip(data.column_names, data.columns):
+        if not _has_stats(column.type):
+            continue
         stats["nullCount"][name] = column.null_count
         if column.null_count < len(column):
             bounds = pc.min_max(column)
-            stats["minValues"][name] = bounds["min"].as_py()
-            stats["maxValues"][name] = bounds["max"].as_py()
+            low, high = bounds["min"].as_py(), bounds["max"].as_py()
+            if isinstance(low, str):
+                low, high = _string_bounds(low, high)
+            stats["minValues"][name] = _json_value(low)
+            stats["maxValues"][name] = _json_value(high)
     return stats
+
+
+def _has_stats(type_: pa.DataType) -> bool:
+    return (pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_boolean(type_)
+            or pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_date(type_)
+            or pa.types.is_timestamp(type_))
+
+
+def _string_bounds(low: str, high: str) -> tuple[str, str]:
+    """Prefix bounds keep the log small with 100 kB captions and stay true bounds.
+
+    A prefix is <= the string; a prefix followed by U+10FFFF (the largest code point, and the
+    largest UTF-8 byte sequence) is >= every string that starts with that prefix.
+    """
+    low = low[:_STATS_PREFIX]
+    if len(high) > _STATS_PREFIX:
+        high = high[:_STATS_PREFIX] + "\U0010FFFF"
+    return low, high
+
+
+def _json_value(value):
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    return value

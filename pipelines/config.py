@@ -23,6 +23,7 @@ from operators.clip import ClipConfig
 from operators.decode import DecodeConfig
 from operators.filter import FilterConfig
 from operators.itm import ItmConfig
+from operators.models import ModelLoadError, check_weights
 from operators.storage import StorageOptions, is_remote, local_path
 
 
@@ -66,6 +67,13 @@ class OutputConfig(_Strict):
         return self.runs_uri or self.uri.rstrip("/") + "/_vlpipe_runs"
 
 
+class ReportConfig(_Strict):
+    """The HTML run report written beside the run records (``pipelines.report``)."""
+
+    enabled: bool = True
+    samples: int = Field(12, ge=0, le=500)  # gallery rows shown per side (kept, rejected)
+
+
 class PipelineConfig(_Strict):
     """Everything one run needs."""
 
@@ -79,6 +87,7 @@ class PipelineConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     run_date: dt.date | None = None
     ray_address: str | None = None
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _stages_needed_by_the_filter_are_on(self) -> "PipelineConfig":
@@ -97,7 +106,7 @@ class PipelineConfig(_Strict):
 
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
-        payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address"})
+        payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address", "report"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_absolute_paths(self) -> "PipelineConfig":
@@ -124,6 +133,51 @@ class PipelineConfig(_Strict):
     def public_dump(self) -> dict[str, Any]:
         """The config as plain data with secrets masked, safe for logs and run records."""
         return json.loads(self.model_dump_json())
+
+
+def check_models(config: PipelineConfig) -> None:
+    """Refuse, on the driver, local model directories the actors would refuse after Ray started.
+
+    Missing directories, pickle-only weights and model code the config does not
+    trust would otherwise surface only once the input is being read. Hub ids and
+    object-store models are checked where they are fetched. Not part of
+    ``validate_config``: ``vlpipe submit`` validates configs whose paths exist only on the cluster.
+    """
+    for name in ("clip", "caption", "itm"):
+        stage = getattr(config, name)
+        ref = stage.model if stage else None
+        if ref is None or is_remote(ref.source):
+            continue
+        path = Path(ref.source.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            if ref.source.startswith(("/", ".", "~", "file://")):
+                raise ConfigError(f"{name}.model.source: model directory not found: {ref.source}")
+            continue  # a hub id
+        try:
+            check_weights(path, ref)
+        except ModelLoadError as err:
+            raise ConfigError(f"{name}.model: {err}") from None
+        code = _custom_code(path)
+        if code and not ref.trust_remote_code:
+            raise ConfigError(
+                f"{name}.model: {ref.source} can only be loaded by running Python code shipped with it ({code}); "
+                f"vlpipe runs model code only with {name}.model.trust_remote_code: true"
+            )
+
+
+def _custom_code(model_dir: Path) -> str | None:
+    """Where a model directory asks for its own code, unless transformers has the architecture built in."""
+    from transformers import CONFIG_MAPPING
+
+    configs = {}
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
+        try:
+            configs[name] = json.loads((model_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+    if configs.get("config.json", {}).get("model_type") in CONFIG_MAPPING:
+        return None  # transformers then uses its own classes and never imports the shipped code
+    return next((f"auto_map in {name}" for name, data in configs.items() if data.get("auto_map")), None)
 
 
 def _absolute(uri: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -14,15 +15,35 @@ import pyarrow.compute as pc
 from operators import schema as col
 from operators.caption import Captioner, caption_geometry
 from operators.clip import ClipScorer
-from operators.decode import DecodeImages, PixelSpec
+from operators.decode import DecodeImages, PixelSpec, decode_captions
 from operators.itm import ItmScorer
-from operators.models import ModelRef, resolve_model_dir
+from operators.models import ModelLoadError, ModelRef, resolve_model_dir
 from operators.resources import Resources
 from operators.storage import StorageOptions
 from pipelines.config import ConfigError, InputConfig, PipelineConfig
 
 
 ACTOR_MAX_RESTARTS = 3
+# A worker that dies (OOM, preemption, a decoder crash) costs a retry, not the run; a batch that
+# kills every worker it lands on still fails the run after this many tries instead of looping.
+TASK_MAX_RETRIES = 3
+
+
+def fault_point(name: str) -> None:
+    """Test-only fault injection: die here once if a test armed ``$VLPIPE_FAULTS/<name>``.
+
+    Renaming the marker is atomic, so exactly one process fires per arming, and the
+    retried task or restarted actor runs normally.
+    """
+    folder = os.environ.get("VLPIPE_FAULTS")
+    if not folder:
+        return
+    armed = os.path.join(folder, name)
+    try:
+        os.rename(armed, f"{armed}.fired")
+    except OSError:
+        return
+    os._exit(1)
 
 
 def map_batches_args(resources: Resources, *, actor: bool, cluster_gpus: float) -> dict[str, Any]:
@@ -46,8 +67,11 @@ def map_batches_args(resources: Resources, *, actor: bool, cluster_gpus: float) 
         # distinct remote args also keep Ray from fusing CPU decoding into the model actor,
         # so decode tasks and inference overlap on different cores.
         args["max_restarts"] = ACTOR_MAX_RESTARTS
-    elif resources.concurrency:
-        args["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
+        args["max_task_retries"] = TASK_MAX_RETRIES
+    else:
+        args["max_retries"] = TASK_MAX_RETRIES
+        if resources.concurrency:
+            args["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
     return args
 
 
@@ -64,11 +88,10 @@ class PrepareInput:
         self.shard_prefix = shard_prefix
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        fault_point("decode")  # Ray fuses this step and decoding into one CPU task
         columns = self.config.columns
         key = batch.column(columns.key)
-        caption = batch.column(columns.caption)
-        if not pa.types.is_string(caption.type):
-            caption = caption.cast(pa.string())
+        caption = decode_captions(batch.column(columns.caption))
         paths = pc.binary_join_element_wise(self.shard_prefix, batch.column("path"), "")
         out = {
             col.KEY: key if pa.types.is_string(key.type) else key.cast(pa.string()),
@@ -91,11 +114,17 @@ def _image_processor(ref: ModelRef, storage: StorageOptions):
 class ModelStage:
     """A model operator run in an actor, dropping the pixel columns no later stage reads."""
 
-    def __init__(self, build: Callable[[], Callable[[pa.Table], pa.Table]], drop: tuple[str, ...]):
-        self.operator = build()
+    def __init__(self, build: partial, drop: tuple[str, ...]):
+        try:
+            self.operator = build()
+        except Exception as err:
+            # Ray fails the run on the first actor that dies in its constructor (no restart loop);
+            # this puts the model's own error in the last line of the message the user sees.
+            raise ModelLoadError(f"{build.func.__name__} could not load its model: {type(err).__name__}: {err}") from err
         self.drop = drop
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        fault_point(type(self.operator).__name__)
         return self.operator(batch).drop_columns(list(self.drop))
 
 
@@ -155,13 +184,34 @@ def build_scored_dataset(config: PipelineConfig, paths: list[str], filesystem, s
     extra_pixels, stages = model_stages(config)
     actor_args = [map_batches_args(resources, actor=True, cluster_gpus=gpus) for _, _, resources in stages]
     check_actors_fit(actor_args, config, float(ray.cluster_resources().get("CPU", 0)))
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=read_columns(config.input), include_paths=True)
+    _size_footer_reader_pool(len(paths))
+    # Read tasks get the same retry bound: a shard that crashes its reader fails the run, not loops.
+    ds = ray.data.read_parquet(
+        paths, filesystem=filesystem, columns=read_columns(config.input), include_paths=True,
+        ray_remote_args={"max_retries": TASK_MAX_RETRIES},
+    )
     cpu_task = map_batches_args(config.decode.resources, actor=False, cluster_gpus=gpus)
     ds = ds.map_batches(PrepareInput(config.input, shard_prefix), **cpu_task)
     ds = ds.map_batches(DecodeImages(config.decode, pixels, extra_pixels=extra_pixels), **cpu_task)
     for (stage, kwargs, _), args in zip(stages, actor_args):
         ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, **args)
     return ds
+
+
+_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTERS_PER_CALL = 10  # Ray Data's default RAY_DATA_PARQUET_FOOTER_BATCH_SIZE
+_user_footer_actors = os.environ.get(_FOOTER_ACTORS_ENV)
+
+
+def _size_footer_reader_pool(num_files: int) -> None:
+    """No more footer-reading actors than batches of footers to read.
+
+    Ray Data starts 32 actor processes for every Parquet listing and hands each
+    at most one batch of 10 footers: a 3-shard nightly paid ~1-4 s of process
+    start-up on a small node for one batch. An explicit setting is left alone.
+    """
+    if _user_footer_actors is None:
+        os.environ[_FOOTER_ACTORS_ENV] = str(min(32, max(1, -(-num_files // _FOOTERS_PER_CALL))))
 
 
 # Writing Parquet is mostly waiting on storage; a full core per writer task would idle.

@@ -12,16 +12,17 @@ from importlib import metadata
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from operators import schema as col
 from operators.filter import ScoreFilter, top_fraction_threshold
 from pipelines.commit import WriteDataFiles, WriteSummary, commit_files, table_version
-from pipelines.config import ConfigError, PipelineConfig
-from pipelines.plan import WRITER_NUM_CPUS, build_scored_dataset, map_batches_args
+from pipelines.config import ConfigError, PipelineConfig, check_models
+from pipelines.plan import WRITER_NUM_CPUS, build_scored_dataset, fault_point, map_batches_args
+from pipelines import logs
 from pipelines.nightly import NightlyPlan, plan_nightly
+from pipelines.report import write_run_report
 from pipelines.runs import RunRecord, append_run_record, read_run_records
-from pipelines.shards import Shard, list_shards
+from pipelines.shards import Shard, ShardError, check_shards, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,12 @@ _VERSIONED = ("vlpipe", "ray", "torch", "transformers", "deltalake", "pyarrow", 
 
 def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[NightlyPlan, RunRecord | None]:
     """Process only new or changed shards into the run date's partition (see ``pipelines.nightly``)."""
+    check_models(config)
     run_date = config.run_date or _now().date()
     config = config.model_copy(update={"run_date": run_date})
     _, shards = list_shards(config.with_absolute_paths().input.uri, config.storage)
+    if not shards:  # else "nothing new" would hide a mistyped glob night after night
+        raise ShardError(_no_shards_message(config.input.uri))
     records = read_run_records(config.with_absolute_paths().output.run_records_uri, config.storage)
     plan = plan_nightly(shards, records, run_date, config.hash(), force)
     log.info("nightly %s: %s", run_date, plan.reason)
@@ -41,6 +45,7 @@ def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[Nightly
     return plan, run_pipeline(config, shards=plan.shards)
 
 
+@logs.run_scope
 def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: list[Shard] | None = None) -> RunRecord:
     """Run the configured pipeline once and commit its output; returns the run record.
 
@@ -52,14 +57,27 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
     started = _now()
     config_hash = config.hash()  # of the config as written, so it does not depend on the working directory
     config = config.with_absolute_paths()
+    check_models(config)  # before Ray starts or a shard is read
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    logs.bind_run_id(run_id)  # every log line of this run names it, until run_pipeline returns
     run_date = config.run_date or started.date()
     read_version = table_version(config.output.uri, config.storage)
     filesystem, listed = list_shards(config.input.uri, config.storage)
     shards = listed if shards is None else shards
     if not shards:
-        raise ConfigError(f"no Parquet shards found at input.uri {config.input.uri!r}")
-    log.info("run %s: %d shards from %s", run_id, len(shards), config.input.uri)
+        raise ShardError(_no_shards_message(config.input.uri))
+    checked = check_shards(filesystem, shards, config.input)
+    log.info("%d shards from %s (%d unusable)", len(shards), config.input.uri, len(checked.failed))
+    if not checked.good:
+        error = f"none of the {len(shards)} input shard(s) can be read: " + "; ".join(
+            f"{f['uri']}: {f['error']}" for f in checked.failed[:5]) + (" ..." if len(checked.failed) > 5 else "")
+        _append_record(config, RunRecord(
+            run_id=run_id, run_date=run_date, status="failed", started_at=started, finished_at=_now(),
+            config_hash=config_hash, config_json=json.dumps(config.public_dump(), sort_keys=True),
+            output_uri=config.output.uri, input_shards=[_shard_row(s) for s in shards],
+            failed_shards=checked.failed, error=error,
+        ))
+        raise ShardError(error)
 
     if not ray.is_initialized():
         # "local" rather than None: a stale /tmp/ray/ray_current_cluster from an earlier
@@ -67,7 +85,7 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     shard_prefix = shards[0].uri.removesuffix(shards[0].path)
-    ds = build_scored_dataset(config, [s.path for s in shards], filesystem, shard_prefix)
+    ds = build_scored_dataset(config, [s.path for s in checked.good], filesystem, shard_prefix)
 
     threshold = None
     if config.filter.keep_top_fraction is not None:
@@ -81,7 +99,7 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
     ds = ds.map_batches(ScoreFilter(config.filter, threshold), **map_batches_args(config.filter.resources, actor=False, cluster_gpus=gpus))
 
     output = config.output
-    extra = _extra_fields(config, pq.read_schema(shards[0].path, filesystem=filesystem))
+    extra = _extra_fields(config, checked.schema)
     schema = col.output_schema(extra, include_image_bytes=output.include_image_bytes)
     writer = WriteDataFiles(output.uri, config.storage, schema, run_id, run_date, output.kept_only)
     ds = ds.map_batches(
@@ -90,9 +108,12 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
     summary = WriteSummary()
     for row in ds.iter_rows():
         summary.add(row)
+    # Per-stage wall and CPU time of the execution; the benchmark reads it from this log.
+    log.debug("Ray Data stats:\n%s", ds.stats())
 
     models = config.models()
     versions = _versions()
+    fault_point("commit")
     version = commit_files(
         output.uri, config.storage, schema, summary, run_date, output.mode, read_version=read_version,
         metadata={
@@ -105,11 +126,13 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
         run_id=run_id, run_date=run_date, status="succeeded", started_at=started, finished_at=_now(),
         config_hash=config_hash, config_json=json.dumps(config.public_dump(), sort_keys=True),
         output_uri=output.uri, table_version=version, input_shards=[_shard_row(s) for s in shards],
+        failed_shards=checked.failed,
         rows_in=summary.rows_in, rows_kept=outcomes.pop("kept", 0), rejected_by_reason=outcomes,
         rows_written=summary.rows_written, models=models, versions=versions,
     )
-    append_run_record(output.run_records_uri, config.storage, record)
-    log.info("run %s committed version %d: %d rows in, %d kept", run_id, version, record.rows_in, record.rows_kept)
+    _append_record(config, record)
+    write_run_report(config, record)  # logs a warning and carries on if it cannot
+    log.info("committed version %d: %d rows in, %d kept", version, record.rows_in, record.rows_kept)
     return record
 
 
@@ -118,6 +141,26 @@ def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema) -> list[pa.Fi
     if missing:
         raise ConfigError(f"input.extra_columns not found in the shards: {', '.join(missing)}")
     return [shard_schema.field(name) for name in config.input.extra_columns]
+
+
+def _append_record(config: PipelineConfig, record: RunRecord, attempts: int = 3) -> None:
+    """Append the run record, surviving a lost answer: deltalake does not retry a conditional put."""
+    uri = config.output.run_records_uri
+    for attempt in range(attempts):
+        try:
+            append_run_record(uri, config.storage, record)
+            return
+        except OSError:
+            if record.run_id in read_run_records(uri, config.storage).column("run_id").to_pylist():
+                return  # it landed; only the answer was lost
+            if attempt == attempts - 1:
+                raise
+            log.warning("appending the run record failed; trying again")
+
+
+def _no_shards_message(uri: str) -> str:
+    return (f"no Parquet shards found at input.uri {uri!r}: the prefix, directory or glob matches no "
+            "*.parquet file (names starting with '_' or '.' are skipped)")
 
 
 def _shard_row(shard: Shard) -> dict:

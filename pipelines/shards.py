@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from operators.storage import StorageOptions, filesystem_for
+from pipelines.config import ConfigError, InputConfig
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
 
@@ -54,3 +62,97 @@ def _is_data_file(path: str, root: str, pattern: str | None) -> bool:
     if pattern is not None:
         return fnmatch.fnmatchcase(path, pattern)
     return name.endswith(".parquet")
+
+
+class ShardError(ConfigError):
+    """No input shard can be processed: the glob matched nothing, or every shard is unusable."""
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """The shards a run can read, the ones it cannot (``{uri, error}``), and the common schema."""
+
+    good: list[Shard]
+    failed: list[dict]
+    schema: pa.Schema | None
+
+
+# Footer reads are one small ranged GET each, so a wide pool hides object-store latency.
+_FOOTER_THREADS = 32
+
+
+def check_shards(fs: pafs.FileSystem, shards: list[Shard], config: InputConfig) -> ShardCheck:
+    """Read every shard's Parquet footer (in parallel) and set aside the ones a run would choke on.
+
+    A shard fails when its footer cannot be read (corrupt, truncated, unreadable),
+    it has no rows, a configured column is missing or has a type vlpipe cannot
+    read, or a column's type differs from the one most shards have (schema drift:
+    Ray cannot concatenate such blocks, so one drifted shard would fail the run).
+    """
+    names = list(dict.fromkeys([config.columns.key, config.columns.caption, config.columns.image, *config.extra_columns]))
+
+    def types(shard: Shard) -> tuple[str, ...] | str:
+        footer = _read_footer(fs, shard, config)
+        # Only the read columns' types are kept: a million full schemas would not fit the driver.
+        return footer if isinstance(footer, str) else tuple(str(footer.field(n).type) for n in names)
+
+    with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(shards)))) as pool:
+        found = list(pool.map(types, shards))
+    usual = [Counter(t[i] for t in found if isinstance(t, tuple)).most_common(1) for i in range(len(names))]
+    good, failed = [], []
+    for shard, footer in zip(shards, found):
+        if isinstance(footer, str):
+            failed.append({"uri": shard.uri, "error": footer})
+            continue
+        drift = [
+            f"column {name!r} is {type_} here but {usual[i][0][0]} in {usual[i][0][1]} other shard(s)"
+            for i, (name, type_) in enumerate(zip(names, footer)) if type_ != usual[i][0][0]
+        ]
+        if drift:
+            failed.append({"uri": shard.uri, "error": "schema drift: " + "; ".join(drift)})
+        else:
+            good.append(shard)
+    for bad in failed:
+        log.warning("skipping input shard %s: %s", bad["uri"], bad["error"])
+    schema = pq.read_schema(good[0].path, filesystem=fs) if good else None
+    return ShardCheck(good, failed, schema)
+
+
+def _read_footer(fs: pafs.FileSystem, shard: Shard, config: InputConfig) -> pa.Schema | str:
+    """The shard's schema, or why it cannot be processed."""
+    try:
+        with fs.open_input_file(shard.path) as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+    except (OSError, ValueError, pa.ArrowException) as err:  # ArrowInvalid is a ValueError; S3 errors are OSErrors
+        return f"cannot read the Parquet footer: {type(err).__name__}: {err}"
+    if meta.num_rows == 0:
+        return "the shard has no rows (an empty or unfinished write?)"
+    columns = config.columns
+    missing = [n for n in dict.fromkeys([columns.key, columns.caption, columns.image, *config.extra_columns])
+               if n not in schema.names]
+    if missing:
+        return f"missing column(s) {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})"
+    for name, allowed, what in (
+        (columns.key, _is_key, "a string or integer"),
+        (columns.caption, _is_text, "a string or binary"),
+        (columns.image, _is_image, "binary image bytes or an image struct {bytes, path}"),
+    ):
+        if not allowed(schema.field(name).type):
+            return f"column {name!r} is {schema.field(name).type}, expected {what}"
+    return schema
+
+
+def _is_key(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return any(check(t) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                      pa.types.is_large_binary, pa.types.is_null))
+
+
+def _is_image(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        return t.get_field_index("bytes") >= 0 and _is_image(t.field("bytes").type)
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)

@@ -36,6 +36,19 @@ def tiny_blip_itm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> dict[str, Path]:
+    """The demo's trained tiny CLIP and BLIP captioner, trained once per session (~40 s) and shared."""
+    from jobs.demo import DEMO_TRAIN_STEPS
+    from jobs.tiny_vlm import DEMO_CAPTIONER_TRAIN_STEPS
+
+    root = tmp_path_factory.mktemp("demo-models")
+    return {
+        "tiny-clip": build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS),
+        "tiny-blip": build_tiny_blip_captioner(root / "tiny-blip", train_steps=DEMO_CAPTIONER_TRAIN_STEPS),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_git_dir(tmp_path_factory) -> Path:
     return build_tiny_git(tmp_path_factory.mktemp("models") / "tiny-git")
 
@@ -80,11 +93,8 @@ def local_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_input(s3, local_shards):
     _, paths, _, _ = local_shards
-    s3.create_bucket("raw")
+    s3.upload(paths, "raw/crawl")
     fs = s3.filesystem()
-    for path in paths:
-        with fs.open_output_stream(f"raw/crawl/{path.name}") as out:
-            out.write(path.read_bytes())
     with fs.open_output_stream("raw/crawl/_SUCCESS") as out:  # writers' markers are not shards
         out.write(b"")
     return "s3://raw/crawl/"

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -121,6 +121,18 @@ class S3Server:
         if r.status == 409 and b"BucketAlreadyOwnedByYou" in r.body:
             return
         raise RuntimeError(f"CreateBucket {name!r} failed: HTTP {r.status}: {r.body[:500]!r}")
+
+    def upload(self, files: Iterable[Path], prefix: str) -> list[str]:
+        """Copy local ``files`` to ``s3://PREFIX/NAME`` (bucket created); the object keys written."""
+        self.create_bucket(prefix.split("/", 1)[0])
+        fs = self.filesystem()
+        keys = []
+        for path in files:
+            key = f"{prefix.rstrip('/')}/{path.name}"
+            with fs.open_output_stream(key) as out:
+                out.write(path.read_bytes())
+            keys.append(key)
+        return keys
 
     # -------------------------------------------------------------- raw HTTP
     def request(

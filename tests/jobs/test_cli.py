@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from deltalake import DeltaTable
 
 from jobs.cli import main
+from pipelines.read import read_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,15 +36,18 @@ def test_bad_override_value_exits_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
-    tmp_path, monkeypatch, capsys, ray_cluster
+    tmp_path, monkeypatch, capsys, ray_cluster, demo_models
 ):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    # The trained models are shared with the tests of their training; shards and the run are this test's own.
+    for name, model_dir in demo_models.items():
+        shutil.copytree(model_dir, tmp_path / ".cache/demo" / name)
     monkeypatch.chdir(tmp_path)
 
     assert main(["-q", "demo"]) == 0
     out = capsys.readouterr().out
     manifest = json.loads(Path(".cache/demo/shards/manifest.json").read_text())
-    table = DeltaTable("out/demo/enriched").to_pyarrow_table()
+    table = read_output("out/demo/enriched")
 
     assert "rows in           120" in out and "out/demo/enriched" in out
     assert table.num_rows == 120
@@ -63,3 +66,20 @@ def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
     assert rescued >= len(manifest["mismatched_keys"]) // 2  # the tiny captioner names most images right
     for key in manifest["empty_caption_keys"]:
         assert rows[key]["caption_generated"] and rows[key]["reject_reason"] in (None, "low_clip_score")
+
+
+def test_a_partial_run_names_its_failed_shards_and_exits_3():
+    import datetime as dt
+
+    from jobs.cli import exit_code, format_summary
+    from pipelines.runs import RunRecord
+
+    now = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
+    record = RunRecord(run_id="r1", run_date=now.date(), status="succeeded", started_at=now, finished_at=now,
+                       config_hash="h", config_json="{}", output_uri="/out/t", table_version=4, rows_in=10,
+                       rows_kept=10, failed_shards=[{"uri": "s3://in/b.parquet", "error": "the shard has no rows"}])
+    summary = format_summary(record)
+    assert "failed shards       1" in summary and "s3://in/b.parquet: the shard has no rows" in summary
+    assert exit_code(record) == 3
+    record.failed_shards = []
+    assert exit_code(record) == 0 and "failed shards" not in format_summary(record)

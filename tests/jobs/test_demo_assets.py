@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs.demo import DEMO_TRAIN_STEPS
 from jobs.demo_assets import build_tiny_clip, write_sample_shards
 from tests.operators.test_clip import reference_scores
 
@@ -45,9 +46,9 @@ def test_sample_shards_are_reproducible(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_tiny_clip_tells_matched_from_mismatched(tmp_path):
+def test_trained_tiny_clip_tells_matched_from_mismatched(tmp_path, demo_models):
     """The demo's threshold only means something if training separates the planted mismatches."""
-    model_dir = build_tiny_clip(tmp_path / "clip", train_steps=300)
+    model_dir = demo_models["tiny-clip"]
     paths = write_sample_shards(tmp_path / "shards", num_shards=1, rows_per_shard=40, seed=11)
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     skip = set(manifest["broken_keys"]) | set(manifest["empty_caption_keys"])
@@ -59,5 +60,5 @@ def test_trained_tiny_clip_tells_matched_from_mismatched(tmp_path):
     assert np.median(scores[~mismatched]) > np.median(scores[mismatched]) + 0.4
     # A cached build with the same recipe is reused, not retrained.
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
-    assert build_tiny_clip(tmp_path / "clip", train_steps=300) == model_dir
+    assert build_tiny_clip(model_dir, train_steps=DEMO_TRAIN_STEPS) == model_dir
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp

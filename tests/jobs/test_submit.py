@@ -72,11 +72,13 @@ def cluster(s3, tmp_path_factory):
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5  # one grace period for both nodes, not one each
         for node in nodes:
             try:
-                node.wait(timeout=5)
+                node.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
 
 
 def _http_ok(address: str) -> bool:

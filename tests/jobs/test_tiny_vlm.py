@@ -19,7 +19,6 @@ from transformers import (
 
 from jobs.demo_assets import PALETTE, SHAPES, caption_for, make_sample_image
 from jobs.tiny_vlm import (
-    DEMO_CAPTIONER_TRAIN_STEPS,
     DEMO_ITM_TRAIN_STEPS,
     build_tiny_blip_captioner,
     build_tiny_blip_itm,
@@ -152,8 +151,8 @@ def test_builds_are_deterministic_for_a_seed(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_blip_captioner_names_colour_and_shape(tmp_path):
-    model_dir = build_tiny_blip_captioner(tmp_path / "blip", train_steps=DEMO_CAPTIONER_TRAIN_STEPS)
+def test_trained_blip_captioner_names_colour_and_shape(demo_models):
+    model_dir = demo_models["tiny-blip"]
     processor, model = load_generator(model_dir)
     truth, images = sample_images(90, seed=5)
     with torch.inference_mode():

@@ -27,11 +27,7 @@ def test_a_missing_local_model_names_the_path(tmp_path):
 @pytest.mark.slow
 def test_object_store_models_are_fetched_once_per_node(s3, tiny_clip_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VLPIPE_CACHE", str(tmp_path / "cache"))
-    s3.create_bucket("models")
-    fs = s3.filesystem()
-    for path in tiny_clip_dir.iterdir():
-        with fs.open_output_stream(f"models/tiny-clip/{path.name}") as out:
-            out.write(path.read_bytes())
+    s3.upload(tiny_clip_dir.iterdir(), "models/tiny-clip")
     storage = StorageOptions(endpoint_url=s3.endpoint_url, region=s3.region,
                              access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key)
     ref = ModelRef(source="s3://models/tiny-clip")

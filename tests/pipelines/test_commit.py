@@ -6,6 +6,7 @@ import datetime as dt
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
@@ -77,3 +78,34 @@ def test_two_first_runs_creating_the_table_do_not_both_land(tmp_path):
     with pytest.raises(ConcurrentRunError):
         commit(uri, "r2", second, None)
     assert keys(uri) == ["a"]
+
+
+def test_predicates_on_any_column_find_their_rows(tmp_path):
+    """Engines prune files on the commit's statistics: they must be true bounds for every column."""
+    from pipelines.read import delta_dataset
+
+    uri = str(tmp_path / "t")
+    long_caption = "a" * 40 + "zzz" * 30_000  # a 90 kB caption, longer than the stats prefix
+    batch = pa.table({
+        col.KEY: ["a", "b", "c"], col.CAPTION: ["short", long_caption, "a" * 40 + "b"],
+        col.SOURCE_SHARD: ["s"] * 3, col.STATUS: [col.OK, col.OK, col.DECODE_ERROR],
+        col.IMAGE_WIDTH: pa.array([10, 20, None], pa.int32()),
+        col.KEEP: [True, False, False], col.REJECT_REASON: [None, col.LOW_CLIP_SCORE, col.DECODE_ERROR],
+    })
+    summary = WriteSummary()
+    for row in WriteDataFiles(uri, StorageOptions(), SCHEMA, "r1", DAY, kept_only=False)(batch).to_pylist():
+        summary.add(row)
+    commit(uri, "r1", summary, None)
+    data = delta_dataset(uri, StorageOptions())
+
+    def matching(predicate) -> list[str]:
+        return sorted(data.to_table(filter=predicate).column(col.KEY).to_pylist())
+
+    assert matching(pc.field(col.STATUS) == col.OK) == ["a", "b"]
+    assert matching(pc.field(col.KEEP) == True) == ["a"]  # noqa: E712 (an Arrow expression)
+    assert matching(pc.field(col.RUN_ID) == "r1") == ["a", "b", "c"]
+    assert matching(pc.field(col.CAPTION) == long_caption) == ["b"]
+    assert matching(pc.field(col.CAPTION) > "a" * 40 + "zzz") == ["a", "b"]  # "short" sorts after it too
+    assert matching(pc.field(col.IMAGE_WIDTH) >= 20) == ["b"]
+    assert matching(pc.field(col.ITM_SCORE).is_null()) == ["a", "b", "c"]
+    assert matching(pc.field(col.REJECT_REASON) == col.DECODE_ERROR) == ["c"]

@@ -1,0 +1,1 @@
+"""Throughput harness: vlpipe against the bare model loop and a naive transformers loop, in one run."""

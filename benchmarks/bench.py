@@ -1,0 +1,546 @@
+"""Throughput of vlpipe against the bare model loop and a naive transformers loop.
+
+One process, the same images and the same weights for all three, so the ratios
+hold on whatever machine runs it, however busy:
+
+- ``limit``: the model alone, on pre-decoded, pre-resized, pre-normalised tensors (no I/O);
+- ``naive``: read Parquet, PIL-decode, the model's own processor, the model, batch 32;
+- ``vlpipe``: ``run_pipeline`` end to end on local Ray (read, decode, model, filter, commit),
+  actor start-up and model load included.
+
+For CLIP and for captioning, plus a scale check (vlpipe at two sizes: time per
+1k rows and peak memory). Run ``python -m benchmarks.bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import logging
+import os
+import pathlib
+import platform
+import re
+import shutil
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks import models
+from benchmarks.data import write_shards
+from operators import schema as col
+from operators.caption import caption_geometry
+from operators.decode import DecodeConfig, DecodeImages, PixelSpec
+
+log = logging.getLogger(__name__)
+
+NAIVE_BATCH = 32
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--clip-images", type=int, default=512, help="rows for the CLIP comparison (0: skip)")
+    parser.add_argument("--caption-images", type=int, default=32, help="rows for the captioning comparison (0: skip)")
+    parser.add_argument("--scale-images", type=int, nargs="*", default=[512, 2048],
+                        help="row counts for the vlpipe scale check (none: skip)")
+    parser.add_argument("--scale-model", default=None,
+                        help="CLIP directory for the scale check, or 'tiny' so decoding and I/O set the pace "
+                             "(default: the --clip-model)")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
+    parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
+    parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
+    parser.add_argument("--clip-model", default=None, help="CLIP directory (default: random-weight ViT-B/32, built once)")
+    parser.add_argument("--caption-model", default=None, help="captioner directory (default: random-weight BLIP-base)")
+    parser.add_argument("--tiny", action="store_true", help="tiny 2-layer architectures instead of real sizes (smoke test)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the limit and naive loops run; vlpipe actors use a GPU when Ray has one")
+    parser.add_argument("--storage", choices=("local", "seaweedfs"), default="local",
+                        help="shards on local disk or on a SeaweedFS S3 server started for the run")
+    parser.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path(".cache/bench"))
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench/bench.json"))
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- measurement helpers
+
+
+class PeakMemory:
+    """Peak resident memory of this process and every process it started (Ray's included), sampled.
+
+    Read from ``/proc`` (Linux). Pages shared between processes (the object store)
+    count once per process that touches them, so the figure is an upper bound;
+    it is for comparing runs, not for reading alone.
+    """
+
+    def __init__(self, interval: float = 0.1):
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(os.getpid()))
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                # The command name may hold spaces; the parent pid is the second field after it.
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+@contextmanager
+def measured(result: dict, images: int, sync=lambda: None):
+    """Time the block and record images/s and peak memory into ``result``."""
+    gc.collect()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        yield
+        sync()
+        seconds = time.perf_counter() - start
+    result.update(images=images, seconds=round(seconds, 6), images_per_s=float(f"{images / seconds:.4g}"),
+                  peak_rss_mb=memory.peak_mb)
+
+
+class _StatsCapture(logging.Handler):
+    """Keeps the Ray Data stats that ``run_pipeline`` logs at debug level."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Ray Data stats" in message:
+            self.text = message
+
+
+_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.MULTILINE)
+_SECONDS = r"([\d.]+)(us|ms|s)"
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def stage_split(stats: str) -> dict[str, dict[str, float]]:
+    """Total remote wall and CPU seconds per Ray Data operator, from ``Dataset.stats()`` text."""
+    split = {}
+    headers = list(_OPERATOR.finditer(stats))
+    for header, following in zip(headers, [*headers[1:], None]):
+        body = stats[header.end(): following.start() if following else len(stats)]
+        entry = {}
+        for key, label in (("wall_s", "Remote wall time"), ("cpu_s", "Remote cpu time")):
+            found = re.search(label + r":.*?" + _SECONDS + r" total", body)
+            if found:
+                entry[key] = round(float(found.group(1)) * _UNIT[found.group(2)], 3)
+        split[header.group(1)] = entry
+    return split
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_rows(paths: list[pathlib.Path]) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p, columns=["key", "caption", "jpg"]) for p in paths)
+
+
+def decoded_pixels(table: pa.Table, spec: PixelSpec) -> np.ndarray:
+    """The rows as vlpipe's decode step emits them: (n, H, W, 3) uint8 at the model's geometry."""
+    from operators.tensors import pixel_rows
+
+    batch = table.select(["jpg"]).rename_columns([col.IMAGE])
+    out = DecodeImages(DecodeConfig(), spec)(batch)
+    return pixel_rows(out.column(col.PIXELS), spec.out_size).copy()
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _dtype(device):
+    import torch
+
+    # What vlpipe's actors pick: bf16/fp16 on GPU, fp32 on CPU.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _sync(device):
+    import torch
+
+    return (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+def clip_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int) -> dict:
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    from operators.models import ModelRef, load_model
+    from operators.tensors import DevicePixels
+
+    ref = ModelRef(source=str(model_dir))
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(AutoModel, ref, model_dir, device, _dtype(device))
+    rows = decoded_pixels(table, PixelSpec.from_image_processor(processor))
+    to_device = DevicePixels(processor, device, _dtype(device))
+    captions = table.column("caption").to_pylist()
+    batches = []
+    for start in range(0, len(rows), batch):
+        tokens = tokenizer(captions[start:start + batch], padding=True, truncation=True, return_tensors="pt").to(device)
+        batches.append((to_device(rows[start:start + batch]), tokens))
+    result: dict = {}
+    with torch.inference_mode(), measured(result, len(rows), _sync(device)):
+        for pixels, tokens in batches:
+            model(pixel_values=pixels, **tokens)
+    return result
+
+
+def clip_naive(model_dir: pathlib.Path, paths: list[pathlib.Path], device) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(model_dir, dtype=_dtype(device)).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    result: dict = {}
+    n = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    with measured(result, n, _sync(device)):
+        for path in paths:
+            for chunk in pq.ParquetFile(path).iter_batches(batch_size=NAIVE_BATCH, columns=["caption", "jpg"]):
+                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk.column("jpg").to_pylist()]
+                inputs = processor(images=images, text=chunk.column("caption").to_pylist(), padding=True,
+                                   truncation=True, return_tensors="pt").to(device)
+                inputs["pixel_values"] = inputs["pixel_values"].to(_dtype(device))
+                with torch.no_grad():
+                    out = model(**inputs)
+                image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+                text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+                (image * text).sum(-1).cpu().numpy()
+    return result
+
+
+# ---------------------------------------------------------------- captioning
+
+
+def caption_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int, max_new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from operators.models import ModelRef, load_model
+    from operators.tensors import DevicePixels
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = load_model(AutoModelForImageTextToText, ModelRef(source=str(model_dir)), model_dir, device, _dtype(device))
+    rows = decoded_pixels(table, caption_geometry(processor.image_processor, None))
+    to_device = DevicePixels(processor.image_processor, device, _dtype(device))
+    batches = [to_device(rows[s:s + batch]) for s in range(0, len(rows), batch)]
+    result: dict = {}
+    with torch.inference_mode(), measured(result, len(rows), _sync(device)):
+        for pixels in batches:
+            model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+    return result
+
+
+def caption_naive(model_dir: pathlib.Path, paths: list[pathlib.Path], device, max_new_tokens: int) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=_dtype(device)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    result: dict = {}
+    n = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    with measured(result, n, _sync(device)):
+        for path in paths:
+            for chunk in pq.ParquetFile(path).iter_batches(batch_size=NAIVE_BATCH, columns=["jpg"]):
+                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk.column("jpg").to_pylist()]
+                inputs = processor(images=images, return_tensors="pt").to(device)
+                with torch.no_grad():
+                    out = model.generate(pixel_values=inputs["pixel_values"].to(_dtype(device)),
+                                         max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+                processor.batch_decode(out, skip_special_tokens=True)
+    return result
+
+
+# ---------------------------------------------------------------- vlpipe
+
+
+def vlpipe_run(raw_config: dict, images: int) -> dict:
+    """``run_pipeline`` on a fresh output table; wall time, stage split and peak memory."""
+    from pipelines.config import validate_config
+    from pipelines.run import run_pipeline
+
+    shutil.rmtree(raw_config["output"]["uri"], ignore_errors=True)
+    config = validate_config(raw_config, source="benchmark config")
+    capture = _StatsCapture()
+    run_log = logging.getLogger("pipelines.run")
+    level = run_log.level
+    run_log.addHandler(capture)
+    run_log.setLevel(logging.DEBUG)
+    result: dict = {}
+    try:
+        with measured(result, images):
+            record = run_pipeline(config)
+    finally:
+        run_log.removeHandler(capture)
+        run_log.setLevel(level)
+    if record.rows_in != images:
+        raise RuntimeError(f"vlpipe read {record.rows_in} rows, expected {images}")
+    result["seconds_per_1k_rows"] = round(result["seconds"] * 1000 / images, 3)
+    result["stages"] = stage_split(capture.text)
+    result["rows_kept"] = record.rows_kept
+    return result
+
+
+def vlpipe_config(input_uri: str, output_uri: str, clip_dir: pathlib.Path, *, clip_batch: int | None,
+                  caption: dict | None = None, storage: dict | None = None) -> dict:
+    clip: dict = {"model": {"source": str(clip_dir)}}
+    resources: dict = {}
+    if clip_batch:
+        resources["batch_size"] = clip_batch
+    if caption:
+        # Two model actors and decoding share the machine: each actor holds half a CPU slot.
+        resources["num_cpus"] = 0.5
+    if resources:
+        clip["resources"] = resources
+    raw = {
+        "input": {"uri": input_uri},
+        "clip": clip,
+        "filter": {"min_clip_score": 0.0},
+        # Files of a few thousand rows: the writer buffers one file's rows, so memory stays flat with N.
+        "output": {"uri": output_uri, "rows_per_file": 2000},
+    }
+    if caption:
+        raw["caption"] = caption
+    if storage:
+        raw["storage"] = storage
+    return raw
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _shards(args, n: int, s3) -> tuple[list[pathlib.Path], str, dict | None]:
+    """Local shard paths (the loops read these) and the URI vlpipe reads, on local disk or S3."""
+    folder = args.work_dir / "shards" / f"n{n}"
+    paths = write_shards(folder, n)
+    if s3 is None:
+        return paths, str(folder.resolve()) + "/", None
+    bucket = "bench"
+    s3.upload(paths, f"{bucket}/n{n}")
+    storage = {"endpoint_url": s3.endpoint_url, "region": s3.region,
+               "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}
+    return paths, f"s3://{bucket}/n{n}/", storage
+
+
+def _ratio(a: dict, b: dict) -> float:
+    return float(f'{a["images_per_s"] / b["images_per_s"]:.4g}')
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+    import torch
+
+    device = _device(args.device)
+    model_root = args.work_dir / "models"
+    clip_dir = pathlib.Path(args.clip_model) if args.clip_model else models.clip_dir(model_root, tiny=args.tiny)
+    report: dict = {
+        "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": args.device,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
+    }
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    report["machine"]["ray_cpus"] = ray.cluster_resources().get("CPU")
+    report["machine"]["ray_gpus"] = ray.cluster_resources().get("GPU", 0)
+    out_root = args.out.parent.resolve()
+
+    with _object_store(args) as s3:
+        if args.clip_images:
+            report["clip"] = _clip(args, device, s3, clip_dir, out_root)
+        if args.caption_images:
+            report["caption"] = _caption(args, device, s3, clip_dir if args.tiny else None, out_root)
+        report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def _clip(args, device, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> dict:
+    paths, uri, storage = _shards(args, args.clip_images, s3)
+    table = load_rows(paths)
+    from operators.clip import ClipConfig
+
+    clip_batch = args.clip_batch or ClipConfig.model_fields["resources"].default.batch_size
+    clip = {"model": str(clip_dir), "batch_size": clip_batch}
+    clip["limit"] = clip_limit(clip_dir, table, device, clip_batch)
+    log.info("CLIP limit: %s", clip["limit"])
+    clip["naive"] = clip_naive(clip_dir, paths, device)
+    log.info("CLIP naive: %s", clip["naive"])
+    gc.collect()
+    config = vlpipe_config(uri, str(out_root / "clip"), clip_dir, clip_batch=args.clip_batch,
+                           storage=storage)
+    clip["vlpipe"] = vlpipe_run(config, len(table))
+    log.info("CLIP vlpipe: %s", clip["vlpipe"])
+    clip["vlpipe_over_limit"] = _ratio(clip["vlpipe"], clip["limit"])
+    clip["vlpipe_over_naive"] = _ratio(clip["vlpipe"], clip["naive"])
+    return clip
+
+
+def _scale(args, s3, clip_dir: pathlib.Path, clip: dict | None, out_root: pathlib.Path) -> list[dict]:
+    if args.scale_model == "tiny":
+        scale_dir = models.clip_dir(args.work_dir / "models", tiny=True)
+    else:
+        scale_dir = pathlib.Path(args.scale_model) if args.scale_model else clip_dir
+    scale = []
+    for n in args.scale_images:
+        if clip and n == args.clip_images and scale_dir == clip_dir:
+            result = clip["vlpipe"]
+        else:
+            _, uri_n, storage = _shards(args, n, s3)
+            result = vlpipe_run(vlpipe_config(uri_n, str(out_root / f"scale-{n}"), scale_dir,
+                                              clip_batch=args.clip_batch, storage=storage), n)
+        scale.append({"rows": n, "model": str(scale_dir), "seconds_per_1k_rows": result["seconds_per_1k_rows"],
+                      "peak_rss_mb": result["peak_rss_mb"], "images_per_s": result["images_per_s"]})
+    return scale
+
+
+def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib.Path) -> dict:
+    from operators.caption import CaptionConfig
+
+    model_root = args.work_dir / "models"
+    caption_dir = pathlib.Path(args.caption_model) if args.caption_model else models.blip_dir(model_root, tiny=args.tiny)
+    # The run needs a CLIP stage; the tiny one costs next to nothing beside a captioner.
+    scoring_clip = tiny_clip or models.clip_dir(model_root, tiny=True)
+    paths, uri, storage = _shards(args, args.caption_images, s3)
+    table = load_rows(paths)
+    batch = args.caption_batch or CaptionConfig.model_fields["resources"].default.batch_size
+    result = {"model": str(caption_dir), "scoring_clip": str(scoring_clip), "batch_size": batch,
+              "max_new_tokens": args.max_new_tokens}
+    result["limit"] = caption_limit(caption_dir, table, device, batch, args.max_new_tokens)
+    log.info("caption limit: %s", result["limit"])
+    result["naive"] = caption_naive(caption_dir, paths, device, args.max_new_tokens)
+    log.info("caption naive: %s", result["naive"])
+    gc.collect()
+    caption = {"model": {"source": str(caption_dir)}, "max_new_tokens": args.max_new_tokens,
+               "resources": {"num_cpus": 0.5, **({"batch_size": args.caption_batch} if args.caption_batch else {})}}
+    config = vlpipe_config(uri, str(out_root / "caption"), scoring_clip, clip_batch=None, caption=caption,
+                           storage=storage)
+    result["vlpipe"] = vlpipe_run(config, len(table))
+    log.info("caption vlpipe: %s", result["vlpipe"])
+    result["vlpipe_over_limit"] = _ratio(result["vlpipe"], result["limit"])
+    result["vlpipe_over_naive"] = _ratio(result["vlpipe"], result["naive"])
+    return result
+
+
+@contextmanager
+def _object_store(args):
+    if args.storage == "local":
+        yield None
+        return
+    from tests.s3_server import seaweedfs
+
+    with seaweedfs(args.work_dir / "seaweedfs") as server:
+        yield server
+
+
+def format_report(report: dict) -> str:
+    """The table the README quotes."""
+    m = report["machine"]
+    lines = [
+        f"machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        f"load average: start {m['load_average_start']}, end {m.get('load_average_end')}",
+        "",
+        f"{'workload':<10} {'model':<24} {'N':>6} {'limit':>9} {'naive':>9} {'vlpipe':>9} {'v/limit':>8} {'v/naive':>8}",
+    ]
+    for name in ("clip", "caption"):
+        r = report.get(name)
+        if not r:
+            continue
+        lines.append(
+            f"{name:<10} {pathlib.Path(r['model']).name:<24} {r['limit']['images']:>6} "
+            f"{r['limit']['images_per_s']:>9.2f} {r['naive']['images_per_s']:>9.2f} {r['vlpipe']['images_per_s']:>9.2f} "
+            f"{r['vlpipe_over_limit']:>8.2f} {r['vlpipe_over_naive']:>8.2f}"
+        )
+    lines.append("(images/s; vlpipe is end to end: Ray actors start, model load, read, decode, model, filter, commit)")
+    for name in ("clip", "caption"):
+        r = report.get(name)
+        if not r:
+            continue
+        lines += ["", f"{name} vlpipe stages (Ray Data remote time, summed over workers):"]
+        for stage, t in r["vlpipe"]["stages"].items():
+            lines.append(f"  {stage[:70]:<70} wall {t.get('wall_s', 0):>8.1f}s  cpu {t.get('cpu_s', 0):>8.1f}s")
+        lines.append("  peak RSS: " + ", ".join(f"{k} {r[k]['peak_rss_mb']:.0f} MB" for k in ("limit", "naive", "vlpipe")))
+    if report.get("scale"):
+        lines += ["", f"scale (vlpipe CLIP, {pathlib.Path(report['scale'][0]['model']).name}):"]
+        for s in report["scale"]:
+            lines.append(f"  {s['rows']:>6} rows: {s['seconds_per_1k_rows']:>7.2f} s per 1k rows, "
+                         f"peak RSS {s['peak_rss_mb']:.0f} MB (process tree incl. Ray)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"\nwritten {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

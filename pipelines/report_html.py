@@ -1,0 +1,239 @@
+"""The run report's HTML: inline CSS and SVG only, so the file opens anywhere, offline.
+
+Every value that came from data (captions, keys, errors, config) goes through
+``html.escape``; the JSON blocks escape ``<`` so no caption can close its script tag.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from html import escape
+
+from operators import schema as col
+from pipelines.report import Histogram, ReportData
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2430;background:#fafbfc}
+h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #dde2e8;padding-bottom:4px}
+.sub{color:#5b6573}table{border-collapse:collapse}td,th{padding:2px 10px 2px 0;text-align:left;vertical-align:top}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}.reason td:first-child{padding-left:16px}
+.cols{display:flex;flex-wrap:wrap;gap:32px}.bar{display:inline-block;height:10px;background:#4c78a8;vertical-align:middle}
+.bar.rej{background:#e45756}.note{background:#fff6d6;border:1px solid #eedc9a;padding:6px 10px;margin:6px 0}
+.hists{display:flex;flex-wrap:wrap;gap:20px}.hist{background:#fff;border:1px solid #dde2e8;padding:8px}
+.hist h3{font-size:13px;margin:0 0 4px}svg text{font-size:10px;fill:#5b6573}
+rect.cur{fill:#4c78a8}path.prev{fill:none;stroke:#f58518;stroke-width:1.5}line.thr{stroke:#e45756;stroke-dasharray:4 3}
+.legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px;vertical-align:middle}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:10px}
+.card{display:flex;gap:8px;margin:0;background:#fff;border:1px solid #dde2e8;border-left:4px solid #54a24b;padding:6px}
+.card.rejected{border-left-color:#e45756}.card img,.ph{width:96px;height:96px;object-fit:contain;flex:none;background:#eef1f4}
+.ph{display:flex;align-items:center;justify-content:center;text-align:center;font-size:11px;color:#8a3a3a}
+.card figcaption{font-size:12px;min-width:0;overflow-wrap:anywhere}.key{font-family:ui-monospace,monospace;color:#5b6573}
+.why{font-weight:600}.card.rejected .why{color:#b5322f}.card dl{margin:2px 0}.card dt{color:#5b6573;float:left;width:64px}
+.card dd{margin:0 0 2px 64px}.err{color:#8a3a3a}pre{background:#fff;border:1px solid #dde2e8;padding:8px;overflow:auto}
+"""
+
+
+def render(data: ReportData) -> str:
+    """The whole page."""
+    run = data.run
+    title = f"vlpipe run {run['run_id']}"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        (f'<div class="sub">{escape(str(run["status"]))} · run date {escape(str(run["run_date"]))} · '
+         f'output <code>{escape(run["output_uri"])}</code></div>'),
+        *(f'<div class="note">{escape(n)}</div>' for n in data.notes),
+        _summary(data),
+        _distributions(data),
+        _gallery("Kept rows", "kept", data.kept, run["rows_kept"]),
+        _gallery("Rejected rows", "rejected", data.rejected, run["rows_rejected"]),
+        _details(data),
+        _json_block("vlpipe-summary", _summary_json(data)),
+        _json_block("vlpipe-histograms", [vars(h) for h in data.histograms]),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _summary(data: ReportData) -> str:
+    run = data.run
+    reasons = json.loads(run["rejected_by_reason"] or "{}")
+    total = max(run["rows_in"], 1)
+
+    def outcome(name: str, count: int, cls: str, extra: str = "") -> str:
+        width = round(160 * count / total)
+        return (f'<tr class="{cls}" data-outcome="{escape(name)}"><td>{escape(name)}</td><td class="num">{count}</td>'
+                f'<td class="num">{100 * count / total:.1f}%</td><td><span class="bar{extra}" style="width:{width}px"></span></td></tr>')
+
+    rows = [
+        f'<tr data-outcome="rows_in"><td>rows in</td><td class="num">{run["rows_in"]}</td><td></td><td></td></tr>',
+        outcome("kept", run["rows_kept"], "kept"),
+        outcome("rejected", run["rows_rejected"], "rejected", " rej"),
+        *(outcome(r, n, "reason", " rej") for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+    ]
+    models = json.loads(run["models_json"] or "{}")
+    facts = [
+        ("duration", f"{run['duration_s']:.1f} s"),
+        ("throughput", f"{run['rows_per_second']:.1f} rows/s" if run["rows_per_second"] else "-"),
+        ("started", _time(run["started_at"])),
+        ("input shards", f"{len(run['input_shards'] or [])} ({len(run['failed_shards'] or [])} failed)"),
+        ("table version", "-" if run["table_version"] is None else str(run["table_version"])),
+        ("config hash", run["config_hash"]),
+        *((f"{stage} model", _model(m)) for stage, m in models.items()),
+    ]
+    if data.caption_sources:
+        facts.append(("caption_best from", ", ".join(f"{k} {v}" for k, v in sorted(data.caption_sources.items()))))
+    if run.get("error"):
+        facts.append(("error", run["error"]))
+    failed = "".join(f"<li><code>{escape(f['uri'])}</code>: {escape(str(f['error']))}</li>" for f in run["failed_shards"] or [])
+    return (
+        '<h2>Summary</h2><div class="cols">'
+        f'<table id="outcomes"><tr><th>outcome</th><th class="num">rows</th><th class="num">share</th><th></th></tr>{"".join(rows)}</table>'
+        f'<table id="facts">{"".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts)}</table>'
+        "</div>" + (f"<h3>Failed shards</h3><ul>{failed}</ul>" if failed else "")
+    )
+
+
+def _distributions(data: ReportData) -> str:
+    previous = data.previous
+    if previous:
+        compare = (f'Bars: this run; line: previous run <code>{escape(previous["run_id"])}</code> '
+                   f'({escape(str(previous["run_date"]))}), as shares of each run\'s rows.')
+    else:
+        compare = "No earlier run of this output to compare with."
+    legend = ('<div class="legend"><span style="background:#4c78a8"></span>this run'
+              + ('<span style="background:#f58518"></span>previous run' if previous else "")
+              + '<span style="background:#e45756"></span>threshold</div>')
+    charts = "".join(_histogram(h) for h in data.histograms) or "<p>No scores in this run.</p>"
+    return (f'<h2 id="distributions">Distributions</h2><p class="sub" id="comparison">{compare}</p>{legend}'
+            f'<div class="hists">{charts}</div>{_stats_table(data.stats)}')
+
+
+def _histogram(h: Histogram, width: int = 340, height: int = 150) -> str:
+    left, bottom, top = 34, 18, 14
+    plot_w, plot_h = width - left - 6, height - bottom - top
+    lo, hi = h.edges[0], h.edges[-1]
+    span = (hi - lo) or 1.0
+    total, prev_total = max(sum(h.counts), 1), max(sum(h.previous_counts or [0]), 1)
+    shares = [c / total for c in h.counts]
+    prev_shares = [c / prev_total for c in h.previous_counts] if h.previous_counts else []
+    ymax = max([*shares, *prev_shares, 1e-9])
+
+    def x(v: float) -> float:
+        return left + (v - lo) / span * plot_w
+
+    def y(share: float) -> float:
+        return top + plot_h - share / ymax * plot_h
+
+    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(h.label)}">']
+    for a, b, count, share in zip(h.edges, h.edges[1:], h.counts, shares):
+        out.append(f'<rect class="cur" x="{x(a):.1f}" y="{y(share):.1f}" width="{max(x(b) - x(a) - 1, 0.5):.1f}" '
+                   f'height="{top + plot_h - y(share):.1f}"><title>{a:.3g} to {b:.3g}: {count} rows</title></rect>')
+    if prev_shares:
+        path = [f"M{x(lo):.1f},{y(0):.1f}"]
+        for a, b, share in zip(h.edges, h.edges[1:], prev_shares):
+            path.append(f"L{x(a):.1f},{y(share):.1f}L{x(b):.1f},{y(share):.1f}")
+        path.append(f"L{x(hi):.1f},{y(0):.1f}")
+        out.append(f'<path class="prev" d="{"".join(path)}"><title>previous run</title></path>')
+    if h.threshold is not None:
+        out.append(f'<line class="thr" x1="{x(h.threshold):.1f}" x2="{x(h.threshold):.1f}" y1="{top - 4}" y2="{top + plot_h}"/>'
+                   f'<text x="{x(h.threshold) + 3:.1f}" y="{top - 4}">threshold {h.threshold:g}</text>')
+    base = top + plot_h
+    out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{base}" y2="{base}" stroke="#9aa5b1"/>')
+    out.append(f'<text x="{left}" y="{height - 4}">{lo:.3g}</text>'
+               f'<text x="{left + plot_w}" y="{height - 4}" text-anchor="end">{hi:.3g}</text>'
+               f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{ymax:.0%}</text>'
+               f'<text x="{left - 4}" y="{base}" text-anchor="end">0</text>')
+    out.append("</svg>")
+    n = sum(h.counts)
+    return f'<div class="hist" data-name="{escape(h.name)}"><h3>{escape(h.label)} <span class="sub">n={n}</span></h3>{"".join(out)}</div>'
+
+
+def _stats_table(stats: list[dict]) -> str:
+    if not stats:
+        return ""
+
+    def num(v, fmt="{:.3f}"):
+        return "-" if v is None else fmt.format(v)
+
+    column = escape(stats[0]["score_column"])
+    head = (f'<tr><th></th><th class="num">rows in table</th><th class="num">kept</th><th class="num">{column} p10</th>'
+            f'<th class="num">median</th><th class="num">p90</th><th class="num">mean</th></tr>')
+    body = "".join(
+        f'<tr><th>{escape(s["label"])}</th><td class="num">{s["rows"]}</td><td class="num">{num(s["kept_rate"], "{:.1%}")}</td>'
+        f'<td class="num">{num(s["p10"])}</td><td class="num">{num(s["p50"])}</td><td class="num">{num(s["p90"])}</td>'
+        f'<td class="num">{num(s["mean"])}</td></tr>'
+        for s in stats
+    )
+    return f'<table id="stats" style="margin-top:10px">{head}{body}</table>'
+
+
+def _gallery(title: str, kind: str, rows: list[dict], total: int) -> str:
+    cards = "".join(_card(r, kind) for r in rows)
+    shown = f"{len(rows)} of {total}, a fixed sample" + (", spread over reasons" if kind == "rejected" else "")
+    empty = "" if rows else "<p>None.</p>"
+    return f'<h2>{title} <span class="sub">({shown})</span></h2><div class="gallery" id="gallery-{kind}">{cards}</div>{empty}'
+
+
+def _card(row: dict, kind: str) -> str:
+    if row.get("thumbnail"):
+        image = f'<img src="{row["thumbnail"]}" alt="image {escape(row[col.KEY])}">'
+    else:
+        image = f'<div class="ph">{escape(row[col.STATUS] if row[col.STATUS] != col.OK else "image unavailable")}</div>'
+    why = "kept" if row[col.KEEP] else row[col.REJECT_REASON] or "rejected"
+    captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED))]
+    listing = "".join(f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original")
+    scores = [(name, row.get(c)) for name, c in (("clip", col.CLIP_SCORE), ("clip gen", col.CLIP_SCORE_GENERATED),
+                                                  ("clip best", col.CLIP_SCORE_BEST), ("itm", col.ITM_SCORE))]
+    score_text = " · ".join(f"{name} {value:.3f}" for name, value in scores if value is not None)
+    if row.get(col.CAPTION_SOURCE):
+        score_text += f" · best from {row[col.CAPTION_SOURCE]}"
+    error = f'<div class="err">{escape(row[col.ERROR])}</div>' if row.get(col.ERROR) else ""
+    return (f'<figure class="card {kind}" data-key="{escape(row[col.KEY])}">{image}<figcaption>'
+            f'<div class="key">{escape(row[col.KEY])}</div><div class="why">{escape(why)}</div>'
+            f'<dl>{listing}</dl><div class="scores">{escape(score_text)}</div>{error}</figcaption></figure>')
+
+
+def _details(data: ReportData) -> str:
+    run = data.run
+    versions = json.loads(run["versions_json"] or "{}")
+    config = json.dumps(data.config, indent=2, sort_keys=True)
+    return (
+        "<h2>Configuration</h2><details open><summary>config (secrets masked)</summary>"
+        f"<pre>{escape(config)}</pre></details>"
+        f'<p class="sub">versions: {escape(", ".join(f"{k} {v}" for k, v in sorted(versions.items())))} · '
+        f'finished {escape(_time(run["finished_at"]))}</p>'
+    )
+
+
+def _summary_json(data: ReportData) -> dict:
+    run = data.run
+    return {
+        "run_id": run["run_id"], "status": run["status"], "rows_in": run["rows_in"], "rows_kept": run["rows_kept"],
+        "rows_rejected": run["rows_rejected"], "rejected_by_reason": json.loads(run["rejected_by_reason"] or "{}"),
+        "previous_run_id": data.previous["run_id"] if data.previous else None,
+        "kept_shown": [r[col.KEY] for r in data.kept], "rejected_shown": [r[col.KEY] for r in data.rejected],
+    }
+
+
+def _json_block(element_id: str, value) -> str:
+    text = json.dumps(value, sort_keys=True).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f'<script type="application/json" id="{element_id}">{text}</script>'
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return '<span class="sub">(none)</span>'
+    return escape(value) if value.strip() else '<span class="sub">(empty)</span>'
+
+
+def _model(model: dict) -> str:
+    return model["source"] + (f" @ {model['revision']}" if model.get("revision") else "")
+
+
+def _time(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(value, dt.datetime) else str(value)

@@ -1,0 +1,278 @@
+"""The run report: written by every run, checked against the run record and the committed table."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from jobs.cli import main
+from operators import schema as col
+from operators.storage import StorageOptions
+from pipelines import logs
+from pipelines.config import validate_config
+from pipelines.read import read_output
+from pipelines.report import (
+    add_thumbnails,
+    existing_report,
+    histogram_values,
+    sample_rows,
+    thumbnail,
+    write_text,
+)
+from pipelines.run import run_pipeline
+from pipelines.runs import read_run_records
+from tests.images import encode, solid
+
+EVIL_CAPTION = '<script>alert("caption")</script> & <img src="http://evil.example/x.png">'
+EVIL_KEY = 'k"><b>1'
+
+
+class Page(HTMLParser):
+    """The parts of a report a test looks at."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.urls, self.images, self.cards, self.outcomes, self.json, self.scripts = [], [], [], {}, {}, 0
+        self._script_id, self._outcome, self._card, self._cells = None, None, None, []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag == "script":
+            self.scripts += 1
+            self._script_id = a.get("id")
+        elif tag == "img":
+            self.images.append(a["src"])
+        elif tag == "figure":
+            self._card = {"kind": a["class"].split()[1], "key": a["data-key"], "img": None, "text": ""}
+            self.cards.append(self._card)
+        elif tag == "tr" and "data-outcome" in a:
+            self._outcome, self._cells = a["data-outcome"], []
+        if tag == "img" and self._card is not None:
+            self._card["img"] = a["src"]
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._card = None
+        elif tag == "tr" and self._outcome:
+            self.outcomes[self._outcome] = int(self._cells[1])
+            self._outcome = None
+        elif tag == "script":
+            self._script_id = None
+
+    def handle_data(self, data):
+        if self._script_id:
+            self.json[self._script_id] = json.loads(data)
+        if self._card is not None:
+            self._card["text"] += data
+        if self._outcome:
+            self._cells.append(data)
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
+    """Two runs of the same date on one output; the first cannot write its report."""
+    _, paths, manifest, _ = local_shards
+    root = tmp_path_factory.mktemp("report")
+    shards = root / "shards"
+    shards.mkdir()
+    shutil.copy(paths[0], shards / paths[0].name)
+    shard = pq.read_table(paths[0])
+    good = next(r for r in shard.to_pylist() if r["key"] not in manifest["broken_keys"] + manifest["empty_caption_keys"])
+    untrusted = [{**good, "key": EVIL_KEY, "caption": EVIL_CAPTION}, {**good, "key": "k2", "caption": "x" * 200}]
+    pq.write_table(pa.Table.from_pylist(untrusted, schema=shard.schema), shards / "untrusted.parquet")
+
+    out = root / "out"
+    out.mkdir()
+    (out / "_vlpipe_reports").write_text("a file where the reports folder should be")
+    raw = {"input": {"uri": str(shards)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
+           "filter": {"min_clip_score": 0.0}, "output": {"uri": str(out)}, "report": {"samples": 50},
+           "run_date": "2026-11-01"}
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.addFilter(logs.RunIdFilter())
+    handler.emit = lambda record: lines.append((record.name, record.run_id, record.getMessage()))
+    logging.getLogger().addHandler(handler)
+    old_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.INFO)
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    printed = io.StringIO()
+    try:
+        first = run_pipeline(validate_config(raw))
+        (out / "_vlpipe_reports").unlink()
+        with contextlib.redirect_stdout(printed):  # the second run as a user starts it
+            assert main(["run", str(config), "--set", "filter.min_clip_score=0.05"]) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(old_level)
+    row = read_run_records(str(out / "_vlpipe_runs"), StorageOptions()).to_pylist()[-1]
+    second = SimpleNamespace(**{**row, "rejected_by_reason": json.loads(row["rejected_by_reason"])})
+    return {"out": out, "first": first, "second": second, "lines": lines, "manifest": manifest,
+            "printed": printed.getvalue()}
+
+
+@pytest.mark.slow
+def test_a_report_that_cannot_be_written_leaves_the_run_succeeded_with_a_warning(two_runs):
+    first = two_runs["first"]
+    assert first.status == "succeeded" and first.table_version == 0
+    warnings = [m for name, _, m in two_runs["lines"] if name == "pipelines.report" and "could not write" in m]
+    assert len(warnings) == 1 and str(two_runs["out"] / "_vlpipe_reports" / first.run_id) in warnings[0]
+    assert existing_report(str(two_runs["out"]), first.run_id, StorageOptions()) is None  # so the CLI prints no path
+
+
+@pytest.mark.slow
+def test_every_vlpipe_log_line_of_a_run_names_the_run(two_runs):
+    first, second = two_runs["first"].run_id, two_runs["second"].run_id
+    ours = [(run_id, m) for name, run_id, m in two_runs["lines"] if name.startswith(("pipelines", "operators"))]
+    assert {run_id for run_id, _ in ours} == {first, second}
+    assert any(run_id == second and "report written" in m for run_id, m in ours)
+    assert logs.current_run_id() is None  # unbound once run_pipeline returned
+
+
+@pytest.mark.slow
+def test_each_run_writes_a_report_whose_counts_are_the_run_record(two_runs):
+    second = two_runs["second"]
+    assert f"  report       {two_runs['out']}/_vlpipe_reports/{second.run_id}.html" in two_runs["printed"]
+    page = Page((two_runs["out"] / "_vlpipe_reports" / f"{second.run_id}.html").read_text())
+
+    expected = {"rows_in": second.rows_in, "kept": second.rows_kept, "rejected": second.rows_rejected,
+                **second.rejected_by_reason}
+    assert page.outcomes == expected and len(second.rejected_by_reason) >= 2
+    summary = page.json["vlpipe-summary"]
+    assert summary["run_id"] == second.run_id and summary["rejected_by_reason"] == second.rejected_by_reason
+    # samples: 50 covers every row, so the gallery shows each kept and rejected row once.
+    assert sorted(c["kind"] for c in page.cards) == ["kept"] * second.rows_kept + ["rejected"] * second.rows_rejected
+    assert summary["previous_run_id"] == two_runs["first"].run_id
+
+
+@pytest.mark.slow
+def test_histograms_are_the_committed_rows_and_the_previous_run_is_overlaid(two_runs):
+    out, first, second = two_runs["out"], two_runs["first"], two_runs["second"]
+    page = Page((out / "_vlpipe_reports" / f"{second.run_id}.html").read_text())
+    hists = {h["name"]: h for h in page.json["vlpipe-histograms"]}
+    assert {"clip_score", "caption_length"} <= set(hists)
+
+    now = read_output(str(out))  # the date's partition now holds the second run's rows
+    before = read_output(str(out), version=first.table_version)  # the first run's, by time travel
+    assert set(now.column(col.RUN_ID).to_pylist()) == {second.run_id}
+    for name, h in hists.items():
+        edges = np.array(h["edges"])
+        assert h["counts"] == np.histogram(histogram_values(now, name), bins=edges)[0].tolist()
+        assert h["previous_counts"] == np.histogram(histogram_values(before, name), bins=edges)[0].tolist()
+    clip = hists["clip_score"]
+    assert clip["threshold"] == 0.05 and sum(clip["counts"]) == pa.compute.count(now.column(col.CLIP_SCORE)).as_py()
+    assert max(len(c or "") for c in now.column(col.CAPTION).to_pylist()) <= hists["caption_length"]["edges"][-1]
+
+
+@pytest.mark.slow
+def test_vlpipe_report_embeds_every_image_and_escapes_captions(two_runs, tmp_path, capsys):
+    out, first = two_runs["out"], two_runs["first"]
+    target = tmp_path / "first.html"
+    assert main(["-q", "report", str(out), "--run", first.run_id, "--out", str(target), "--samples", "50"]) == 0
+    assert str(target) in capsys.readouterr().out
+    text = target.read_text()
+    page = Page(text)
+
+    assert page.json["vlpipe-summary"]["previous_run_id"] is None and "No earlier run" in text
+    assert page.outcomes["rows_in"] == first.rows_in and page.outcomes["kept"] == first.rows_kept
+    assert page.images and all(src.startswith("data:image/jpeg;base64,") for src in page.images)
+    assert not [u for u in page.urls if not u.startswith("data:")] and "url(" not in text
+    for src in page.images:
+        assert max(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size) <= 96
+
+    assert EVIL_CAPTION not in text and "<b>1" not in text
+    assert page.scripts == 2  # the two JSON blocks; the caption's <script> is text
+    evil = next(c for c in page.cards if c["key"] == EVIL_KEY)
+    assert EVIL_CAPTION in evil["text"] and evil["img"]
+    broken = set(two_runs["manifest"]["broken_keys"])
+    for card in page.cards:
+        if card["key"] in broken:  # no image: a placeholder naming the status
+            assert card["img"] is None and ("decode_error" in card["text"] or "missing_image" in card["text"])
+    assert any(c["key"] in broken for c in page.cards)
+
+
+@pytest.mark.slow
+def test_quiet_and_verbose_set_what_the_cli_logs(two_runs, tmp_path, capsys):
+    out = str(two_runs["out"])
+    assert main(["-v", "report", out, "--out", str(tmp_path / "v.html")]) == 0
+    assert f"DEBUG   pipelines.report: report of run {two_runs['second'].run_id}" in capsys.readouterr().err
+    assert main(["-q", "report", out, "--out", str(tmp_path / "q.html")]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        main(["-q", "-v", "report", out])
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_headless_chromium_without_console_errors(two_runs, tmp_path):
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("chromium-headless-shell")
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+    report = two_runs["out"] / "_vlpipe_reports" / f"{two_runs['second'].run_id}.html"
+    done = subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CONSOLE" not in done.stderr, done.stderr  # console messages (JS errors included) are logged so
+    page = Page(done.stdout)  # the DOM as the browser built it
+    assert page.scripts == 2 and len([c for c in page.cards if c["kind"] == "kept"]) == two_runs["second"].rows_kept
+    assert 'id="gallery-rejected"' in done.stdout and all(src.startswith("data:") for src in page.images)
+
+
+@pytest.mark.slow
+def test_reports_and_thumbnails_go_through_object_storage(s3, s3_input, local_shards):
+    _, paths, manifest, _ = local_shards
+    storage = StorageOptions(endpoint_url=s3.endpoint_url, region=s3.region,
+                             access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key)
+    s3.create_bucket("reports")
+    write_text("s3://reports/t/_vlpipe_reports/r1.html", "<p>report</p>", storage)
+    assert existing_report("s3://reports/t", "r1", storage) == "s3://reports/t/_vlpipe_reports/r1.html"
+    assert existing_report("s3://reports/t", "r2", storage) is None
+
+    shard = f"{s3_input}{paths[1].name}"
+    keys = [r["key"] for r in pq.read_table(paths[1], columns=["key"]).to_pylist()]
+    good = next(k for k in keys if k not in manifest["broken_keys"])
+    samples = [{col.KEY: good, col.STATUS: col.OK, col.SOURCE_SHARD: shard},
+               {col.KEY: "not-in-the-shard", col.STATUS: col.OK, col.SOURCE_SHARD: shard}]
+    add_thumbnails(samples, {"input": {"columns": {"key": "key", "image": "jpg"}}}, storage)
+    assert samples[0]["thumbnail"].startswith("data:image/jpeg;base64,") and samples[1]["thumbnail"] is None
+
+
+def test_rejected_sample_is_stable_and_spread_over_reasons():
+    reasons = [None] * 6 + [col.LOW_CLIP_SCORE] * 30 + [col.DECODE_ERROR] * 2 + [col.EMPTY_CAPTION]
+    rows = pa.table({col.KEY: [f"k{i}" for i in range(len(reasons))], col.KEEP: [r is None for r in reasons],
+                     col.REJECT_REASON: reasons})
+    kept, rejected = sample_rows(rows, 4)
+    assert len(kept) == 4 and all(r[col.KEEP] for r in kept)
+    assert len(rejected) == 4 and {r[col.REJECT_REASON] for r in rejected} == {
+        col.LOW_CLIP_SCORE, col.DECODE_ERROR, col.EMPTY_CAPTION}
+    again = sample_rows(rows.take(np.arange(rows.num_rows)[::-1]), 4)  # input order does not matter
+    assert [r[col.KEY] for r in again[0] + again[1]] == [r[col.KEY] for r in kept + rejected]
+
+
+def test_thumbnails_are_small_jpegs_and_bad_bytes_get_none():
+    wide = encode(solid((0, 0, 255, 0), size=(400, 100), mode="RGBA"))
+    uri = thumbnail(wide, formats=["PNG"], max_pixels=10**6)
+    image = Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/jpeg;base64,"))))
+    assert image.format == "JPEG" and image.size == (96, 24)
+    assert image.getpixel((48, 12))[2] > 200 and image.getpixel((48, 12))[0] > 200  # transparent → white, not black
+    assert thumbnail(b"\x89PNG\r\n\x1a\n truncated", formats=["PNG"], max_pixels=10**6) is None
+    assert thumbnail(wide, formats=["JPEG"], max_pixels=10**6) is None  # outside the run's format allowlist
+    assert thumbnail(wide, formats=["PNG"], max_pixels=1000) is None  # larger than decode.max_pixels
