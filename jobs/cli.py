@@ -8,7 +8,7 @@ import logging
 import sys
 
 from pipelines import logs
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, default_run_records_uri, load_config
 from pipelines.runs import RunRecord
 
 log = logging.getLogger("vlpipe")
@@ -139,7 +139,7 @@ def _runs(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
     from pipelines.runs import format_runs, read_run_records
 
-    uri = args.runs_uri or args.output.rstrip("/") + "/_vlpipe_runs"
+    uri = args.runs_uri or default_run_records_uri(args.output)
     print(format_runs(read_run_records(uri, StorageOptions()), limit=args.limit))
     return 0
 
@@ -158,7 +158,7 @@ def _report(args: argparse.Namespace) -> int:
     from pipelines.report import collect, write_text
     from pipelines.report_html import render
 
-    uri = args.runs_uri or args.output.rstrip("/") + "/_vlpipe_runs"
+    uri = args.runs_uri or default_run_records_uri(args.output)
     try:
         data = collect(uri, StorageOptions(), args.run_id, samples=args.samples)
     except LookupError as err:

@@ -49,6 +49,9 @@ SOURCE_GENERATED = "generated"
 KEEP = "keep"
 REJECT_REASON = "reject_reason"
 
+# The outcome a run counts a row under: KEPT, or the row's reject reason.
+KEPT = "kept"
+
 # Run.
 RUN_ID = "run_id"
 RUN_DATE = "run_date"

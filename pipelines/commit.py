@@ -57,7 +57,7 @@ class WriteDataFiles:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         outcomes = Counter(
-            "kept" if keep else reason
+            col.KEPT if keep else reason
             for keep, reason in zip(batch.column(col.KEEP).to_pylist(), batch.column(col.REJECT_REASON).to_pylist())
         )
         if self.kept_only:

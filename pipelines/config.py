@@ -51,6 +51,14 @@ class InputConfig(_Strict):
     extra_columns: tuple[str, ...] = ()
 
 
+RUN_RECORDS_DIR = "_vlpipe_runs"
+
+
+def default_run_records_uri(output_uri: str) -> str:
+    """The run-record table; hidden inside the output so Delta readers and VACUUM skip it."""
+    return output_uri.rstrip("/") + "/" + RUN_RECORDS_DIR
+
+
 class OutputConfig(_Strict):
     """Where and how the enriched table is committed."""
 
@@ -63,8 +71,7 @@ class OutputConfig(_Strict):
 
     @property
     def run_records_uri(self) -> str:
-        """The run-record table; hidden inside the output so Delta readers and VACUUM skip it."""
-        return self.runs_uri or self.uri.rstrip("/") + "/_vlpipe_runs"
+        return self.runs_uri or default_run_records_uri(self.uri)
 
 
 class ReportConfig(_Strict):

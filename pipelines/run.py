@@ -127,7 +127,7 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
         config_hash=config_hash, config_json=json.dumps(config.public_dump(), sort_keys=True),
         output_uri=output.uri, table_version=version, input_shards=[_shard_row(s) for s in shards],
         failed_shards=checked.failed,
-        rows_in=summary.rows_in, rows_kept=outcomes.pop("kept", 0), rejected_by_reason=outcomes,
+        rows_in=summary.rows_in, rows_kept=outcomes.pop(col.KEPT, 0), rejected_by_reason=outcomes,
         rows_written=summary.rows_written, models=models, versions=versions,
     )
     _append_record(config, record)
