@@ -155,7 +155,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
-    from pipelines.report import collect, write_text
+    from pipelines.report import write_text
+    from pipelines.report_data import collect
     from pipelines.report_html import render
 
     uri = args.runs_uri or default_run_records_uri(args.output)

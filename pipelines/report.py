@@ -1,33 +1,20 @@
 """The run report: one self-contained HTML page per run, for looking rather than querying.
 
-Reads the run record, the run's rows (at the table version the run committed, so a
-later re-run of the date does not change an old report) and the previous run's rows
-for comparison; thumbnails come from the input shards. Rendering is in
-``pipelines.report_html``.
+Writing and finding reports is here; the modules import one way:
+``report`` (writing) -> ``report_html`` (rendering) -> ``report_data`` (what the page
+shows, read from the run records and the output table) -> ``report_thumbnails``.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
-import json
 import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-from PIL import Image, ImageOps
 
-from operators import schema as col
 from operators.storage import StorageOptions, filesystem_for
-from pipelines.read import delta_dataset
-from pipelines.runs import read_run_records
+from pipelines.report_data import collect
+from pipelines.report_html import render
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -36,41 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORTS_DIR = "_vlpipe_reports"
-THUMBNAIL_PX = 96
-HISTOGRAM_BINS = 24
-_ROW_COLUMNS = (
-    col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
-    col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
-    col.KEEP, col.REJECT_REASON,
-)
-_HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, "caption_length", "caption_generated_length")
-
-
-@dataclass
-class Histogram:
-    """Counts of one value per bin, for this run and the previous one, over the same edges."""
-
-    name: str
-    label: str
-    edges: list[float]
-    counts: list[int]
-    previous_counts: list[int] | None = None
-    threshold: float | None = None
-
-
-@dataclass
-class ReportData:
-    """Everything the page shows."""
-
-    run: dict
-    previous: dict | None
-    config: dict
-    histograms: list[Histogram]
-    kept: list[dict]
-    rejected: list[dict]
-    stats: list[dict] = field(default_factory=list)
-    caption_sources: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 def report_uri(output_uri: str, run_id: str) -> str:
@@ -102,139 +54,7 @@ def existing_report(output_uri: str, run_id: str, storage: StorageOptions) -> st
 
 def build_report(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *, samples: int = 12) -> str:
     """The HTML report of ``run_id`` (default: the latest run) from the run-record table at ``runs_uri``."""
-    from pipelines.report_html import render
-
     return render(collect(runs_uri, storage, run_id, samples=samples))
-
-
-def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *, samples: int = 12) -> ReportData:
-    """Read what the report shows: the run record, the run's rows, the previous run's rows, thumbnails."""
-    records = read_run_records(runs_uri, storage).to_pylist()
-    if not records:
-        raise LookupError(f"no runs recorded at {runs_uri}")
-    index = len(records) - 1 if run_id is None else next((i for i, r in enumerate(records) if r["run_id"] == run_id), None)
-    if index is None:
-        raise LookupError(f"run {run_id} is not in the run records at {runs_uri}")
-    run = records[index]
-    log.debug("report of run %s: %d run records, table version %s", run["run_id"], len(records), run["table_version"])
-    config = json.loads(run["config_json"] or "{}")
-    filter_config = config.get("filter", {})
-    notes: list[str] = []
-    this = _scan_run(run, storage, notes, samples)
-    previous = next(
-        (r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None),
-        None,
-    )
-    before = _scan_run(previous, storage, notes, 0) if previous else None
-    if config.get("output", {}).get("kept_only"):
-        notes.append("output.kept_only is set: rejected rows are counted but not in the table, so none are shown")
-    kept, rejected = this.sample.result()
-    add_thumbnails([*kept, *rejected], config, storage)
-    return ReportData(
-        run=run, previous=previous, config=config, histograms=histograms(this, before, filter_config),
-        kept=kept, rejected=rejected, stats=[_stats(label, scan, filter_config) for label, scan in
-                                             (("this run", this), ("previous run", before)) if scan is not None],
-        caption_sources=dict(this.caption_sources), notes=notes,
-    )
-
-
-
-class Sampler:
-    """Up to ``n`` kept and ``n`` rejected rows, the same ones whatever the row order; rejected ones spread over reasons.
-
-    Rows are ranked by a hash of their key, and only the ``n`` best-ranked per reason are kept
-    while the rows stream past, so the run's size does not matter.
-    """
-
-    def __init__(self, n: int):
-        self.n = n
-        self.best: dict[str | None, list[tuple[bytes, dict]]] = defaultdict(list)
-        self.counts: dict[str | None, int] = defaultdict(int)
-
-    def add(self, rows: pa.Table) -> None:
-        keys, keep, reasons = (rows.column(c).to_pylist() for c in (col.KEY, col.KEEP, col.REJECT_REASON))
-        for i, (key, kept, reason) in enumerate(zip(keys, keep, reasons)):
-            group = None if kept else reason or "unknown"
-            self.counts[group] += 1
-            rank = hashlib.sha256(key.encode()).digest()
-            best = self.best[group]
-            if len(best) < self.n or rank < best[-1][0]:
-                best.append((rank, rows.slice(i, 1).to_pylist()[0]))
-                best.sort(key=lambda pair: pair[0])
-                del best[self.n:]
-
-    def result(self) -> tuple[list[dict], list[dict]]:
-        kept = [row for _, row in self.best.get(None, [])]
-        queues = [[row for _, row in best] for reason, best in sorted(
-            ((r, b) for r, b in self.best.items() if r is not None), key=lambda rb: (-self.counts[rb[0]], rb[0]))]
-        rejected: list[dict] = []
-        while len(rejected) < self.n and any(queues):
-            for queue in queues:
-                if queue and len(rejected) < self.n:
-                    rejected.append(queue.pop(0))
-        return kept, rejected
-
-
-@dataclass
-class RunScan:
-    """What the report needs from one run's rows, gathered batch by batch."""
-
-    sample: Sampler
-    values: dict[str, np.ndarray] = field(default_factory=dict)
-    rows: int = 0
-    kept: int = 0
-    caption_sources: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-
-def sample_rows(rows: pa.Table, n: int) -> tuple[list[dict], list[dict]]:
-    """The gallery's kept and rejected rows of ``rows`` (see ``Sampler``)."""
-    sampler = Sampler(n)
-    sampler.add(rows)
-    return sampler.result()
-
-
-def histograms(rows: RunScan, previous: RunScan | None, filter_config: dict) -> list[Histogram]:
-    """Score and caption-length histograms, with the configured thresholds and the previous run on the same bins."""
-    best = filter_config.get("caption") == "best"
-    specs = [
-        (col.CLIP_SCORE, "clip_score (original caption)", None if best else filter_config.get("min_clip_score")),
-        (col.CLIP_SCORE_BEST, "clip_score_best (better caption)", filter_config.get("min_clip_score") if best else None),
-        (col.ITM_SCORE, "itm_score", filter_config.get("min_itm_score")),
-        ("caption_length", "caption length (characters)", None),
-        ("caption_generated_length", "generated caption length (characters)", None),
-    ]
-    out = []
-    for name, label, threshold in specs:
-        values = rows.values[name]
-        before = previous.values[name] if previous is not None else None
-        if values.size == 0:
-            continue
-        combined = np.concatenate([values, before if before is not None else [], [] if threshold is None else [threshold]])
-        lo, hi = combined.min(), combined.max()
-        if name.endswith("_length"):  # whole characters per bin, so no bin is empty by construction
-            step = max(1, int(np.ceil((hi - lo + 1) / HISTOGRAM_BINS)))
-            edges = np.arange(lo, hi + step + 1, step, dtype=np.float64)
-        else:
-            edges = np.histogram_bin_edges(combined, bins=HISTOGRAM_BINS, range=(lo, hi))
-        out.append(Histogram(
-            name=name, label=label, edges=edges.tolist(), counts=np.histogram(values, bins=edges)[0].tolist(),
-            previous_counts=None if before is None else np.histogram(before, bins=edges)[0].tolist(),
-            threshold=threshold,
-        ))
-    return out
-
-
-def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
-    """The non-null values one histogram counts, as float64."""
-    if name.endswith("_length"):
-        column = col.CAPTION if name == "caption_length" else col.CAPTION_GENERATED
-        if column not in rows.column_names:
-            return np.zeros(0)
-        lengths = pc.utf8_length(rows.column(column))
-        return pc.drop_null(lengths).to_numpy().astype(np.float64)
-    if name not in rows.column_names:
-        return np.zeros(0)
-    return pc.drop_null(rows.column(name)).to_numpy().astype(np.float64)
 
 
 def write_text(uri: str, text: str, storage: StorageOptions) -> None:
@@ -244,102 +64,3 @@ def write_text(uri: str, text: str, storage: StorageOptions) -> None:
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(path) as out:
         out.write(text.encode())
-
-
-def thumbnail(data: bytes | None, *, formats: list[str] | None, max_pixels: int, size: int = THUMBNAIL_PX) -> str | None:
-    """A small JPEG data URI of an encoded image, or None when it cannot be decoded."""
-    if not data:
-        return None
-    try:
-        with Image.open(io.BytesIO(data), formats=formats) as image:
-            if image.width * image.height > max_pixels:
-                return None
-            image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a fraction of the size
-            upright = ImageOps.exif_transpose(image)
-            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
-                rgba = upright.convert("RGBA")
-                rgb = Image.new("RGB", rgba.size, "white")
-                rgb.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                rgb = upright.convert("RGB")
-            rgb.thumbnail((size, size))
-            buffer = io.BytesIO()
-            rgb.save(buffer, "JPEG", quality=80)
-    except Exception:  # untrusted bytes: anything Pillow refuses gets the placeholder
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int) -> RunScan:
-    """Stream the run's rows (no embeddings) at the table version it committed."""
-    scan = RunScan(Sampler(samples))
-    values: dict[str, list[np.ndarray]] = {name: [] for name in _HISTOGRAMS}
-    if run["table_version"] is None:
-        notes.append(f"run {run['run_id']} committed no rows")
-    else:
-        try:
-            dataset = delta_dataset(run["output_uri"], storage, version=run["table_version"])
-            # Only the partition is pushed down: deltalake gives columns without file statistics a
-            # `col >= null` guarantee, so a pushed-down run_id predicate would skip every file.
-            partition = pc.field(col.RUN_DATE) == pa.scalar(run["run_date"], pa.date32())
-            columns = [c for c in (*_ROW_COLUMNS, col.RUN_ID) if c in dataset.schema.names]
-            for batch in dataset.to_batches(columns=columns, filter=partition):
-                rows = pa.Table.from_batches([batch])
-                rows = rows.filter(pc.equal(rows.column(col.RUN_ID), run["run_id"])).drop_columns([col.RUN_ID])
-                _add_rows(scan, values, rows)
-        except Exception as err:  # e.g. that version was vacuumed away
-            notes.append(f"rows of run {run['run_id']} (table version {run['table_version']}) are not readable: {err}")
-    scan.values = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in values.items()}
-    return scan
-
-
-def _add_rows(scan: RunScan, values: dict[str, list[np.ndarray]], rows: pa.Table) -> None:
-    scan.rows += rows.num_rows
-    scan.kept += pc.sum(rows.column(col.KEEP)).as_py() or 0
-    for name in _HISTOGRAMS:
-        values[name].append(histogram_values(rows, name))
-    if col.CAPTION_SOURCE in rows.column_names:
-        for entry in pc.value_counts(pc.drop_null(rows.column(col.CAPTION_SOURCE))).to_pylist():
-            scan.caption_sources[entry["values"]] += entry["counts"]
-    if scan.sample.n:
-        scan.sample.add(rows)
-
-
-def add_thumbnails(samples: list[dict], config: dict, storage: StorageOptions) -> None:
-    """Set ``thumbnail`` on each sample, reading only the sampled rows' key and image columns."""
-    columns = config.get("input", {}).get("columns", {})
-    key_column, image_column = columns.get("key", "key"), columns.get("image", "jpg")
-    decode = config.get("decode", {})
-    wanted: dict[str, dict[str, dict]] = defaultdict(dict)
-    for sample in samples:
-        sample["thumbnail"] = None
-        if sample[col.STATUS] == col.OK and sample[col.SOURCE_SHARD]:
-            wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]] = sample
-    for shard, by_key in wanted.items():
-        try:
-            filesystem, path = filesystem_for(shard, storage)
-            dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-            key = pc.field(key_column)
-            if not pa.types.is_string(dataset.schema.field(key_column).type):
-                key = key.cast(pa.string())
-            table = dataset.to_table(columns={"k": key, "image": pc.field(image_column)}, filter=key.isin(list(by_key)))
-        except Exception as err:
-            log.warning("report: cannot read thumbnails from %s: %s", shard, err)
-            continue
-        images = table.column("image")
-        if pa.types.is_struct(images.type):  # Hugging Face image struct {bytes, path}
-            images = pc.struct_field(images, "bytes")
-        for k, data in zip(table.column("k").to_pylist(), images.to_pylist()):
-            by_key[k]["thumbnail"] = thumbnail(
-                data, formats=decode.get("formats"), max_pixels=decode.get("max_pixels", 64_000_000)
-            )
-
-
-def _stats(label: str, scan: RunScan, filter_config: dict) -> dict:
-    """Kept rate and score percentiles of one run."""
-    column = col.CLIP_SCORE_BEST if filter_config.get("caption") == "best" else col.CLIP_SCORE
-    values = scan.values[column]
-    entry = {"label": label, "rows": scan.rows, "kept_rate": scan.kept / scan.rows if scan.rows else None,
-             "score_column": column, "mean": float(values.mean()) if values.size else None}
-    entry.update({f"p{q}": (float(np.percentile(values, q)) if values.size else None) for q in (10, 50, 90)})
-    return entry

@@ -11,7 +11,7 @@ import json
 from html import escape
 
 from operators import schema as col
-from pipelines.report import Histogram, ReportData
+from pipelines.report_data import Histogram, ReportData
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2430;background:#fafbfc}
@@ -49,7 +49,7 @@ def render(data: ReportData) -> str:
         *(f'<div class="note">{escape(n)}</div>' for n in data.notes),
         _summary(data),
         _distributions(data),
-        _gallery("Kept rows", "kept", data.kept, run["rows_kept"]),
+        _gallery("Kept rows", col.KEPT, data.kept, run["rows_kept"]),
         _gallery("Rejected rows", "rejected", data.rejected, run["rows_rejected"]),
         _details(data),
         _json_block("vlpipe-summary", _summary_json(data)),
@@ -71,7 +71,7 @@ def _summary(data: ReportData) -> str:
 
     rows = [
         f'<tr data-outcome="rows_in"><td>rows in</td><td class="num">{run["rows_in"]}</td><td></td><td></td></tr>',
-        outcome("kept", run["rows_kept"], "kept"),
+        outcome(col.KEPT, run["rows_kept"], col.KEPT),
         outcome("rejected", run["rows_rejected"], "rejected", " rej"),
         *(outcome(r, n, "reason", " rej") for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
     ]
@@ -184,7 +184,7 @@ def _card(row: dict, kind: str) -> str:
         image = f'<img src="{row["thumbnail"]}" alt="image {escape(row[col.KEY])}">'
     else:
         image = f'<div class="ph">{escape(row[col.STATUS] if row[col.STATUS] != col.OK else "image unavailable")}</div>'
-    why = "kept" if row[col.KEEP] else row[col.REJECT_REASON] or "rejected"
+    why = col.KEPT if row[col.KEEP] else row[col.REJECT_REASON] or "rejected"
     captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED))]
     listing = "".join(f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original")
     scores = [(name, row.get(c)) for name, c in (("clip", col.CLIP_SCORE), ("clip gen", col.CLIP_SCORE_GENERATED),
@@ -201,7 +201,7 @@ def _card(row: dict, kind: str) -> str:
 def _details(data: ReportData) -> str:
     run = data.run
     versions = json.loads(run["versions_json"] or "{}")
-    config = json.dumps(data.config, indent=2, sort_keys=True)
+    config = json.dumps(json.loads(run["config_json"] or "{}"), indent=2, sort_keys=True)  # as recorded
     return (
         "<h2>Configuration</h2><details open><summary>config (secrets masked)</summary>"
         f"<pre>{escape(config)}</pre></details>"

@@ -21,24 +21,22 @@ from PIL import Image
 
 from jobs.cli import main
 from operators import schema as col
+from operators.decode import DecodeConfig
 from operators.storage import StorageOptions
 from pipelines import logs
-from pipelines.config import validate_config
+from pipelines.config import ConfigError, InputColumns, default_run_records_uri, validate_config
 from pipelines.read import read_output
-from pipelines.report import (
-    add_thumbnails,
-    existing_report,
-    histogram_values,
-    sample_rows,
-    thumbnail,
-    write_text,
-)
+from pipelines.report import existing_report, write_text
+from pipelines.report_data import histogram_values, sample_rows, stored_config
+from pipelines.report_thumbnails import add_thumbnails, thumbnail
 from pipelines.run import run_pipeline
 from pipelines.runs import read_run_records
 from tests.images import encode, solid
 
 EVIL_CAPTION = '<script>alert("caption")</script> & <img src="http://evil.example/x.png">'
 EVIL_KEY = 'k"><b>1'
+# The shards of the two runs do not use img2dataset's column names, so only the run's config says where the images are.
+COLUMNS = {"key": "id", "caption": "text", "image": "image"}
 
 
 class Page(HTMLParser):
@@ -91,16 +89,17 @@ def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     shards = root / "shards"
     shards.mkdir()
-    shutil.copy(paths[0], shards / paths[0].name)
     shard = pq.read_table(paths[0])
     good = next(r for r in shard.to_pylist() if r["key"] not in manifest["broken_keys"] + manifest["empty_caption_keys"])
     untrusted = [{**good, "key": EVIL_KEY, "caption": EVIL_CAPTION}, {**good, "key": "k2", "caption": "x" * 200}]
-    pq.write_table(pa.Table.from_pylist(untrusted, schema=shard.schema), shards / "untrusted.parquet")
+    renamed = {"key": COLUMNS["key"], "caption": COLUMNS["caption"], "jpg": COLUMNS["image"]}
+    for name, table in ((paths[0].name, shard), ("untrusted.parquet", pa.Table.from_pylist(untrusted, schema=shard.schema))):
+        pq.write_table(table.rename_columns([renamed.get(c, c) for c in table.column_names]), shards / name)
 
     out = root / "out"
     out.mkdir()
     (out / "_vlpipe_reports").write_text("a file where the reports folder should be")
-    raw = {"input": {"uri": str(shards)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
+    raw = {"input": {"uri": str(shards), "columns": COLUMNS}, "clip": {"model": {"source": str(tiny_clip_dir)}},
            "filter": {"min_clip_score": 0.0}, "output": {"uri": str(out)}, "report": {"samples": 50},
            "run_date": "2026-11-01"}
     lines = []
@@ -121,7 +120,7 @@ def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
     finally:
         logging.getLogger().removeHandler(handler)
         logging.getLogger().setLevel(old_level)
-    row = read_run_records(str(out / "_vlpipe_runs"), StorageOptions()).to_pylist()[-1]
+    row = read_run_records(default_run_records_uri(str(out)), StorageOptions()).to_pylist()[-1]
     second = SimpleNamespace(**{**row, "rejected_by_reason": json.loads(row["rejected_by_reason"])})
     return {"out": out, "first": first, "second": second, "lines": lines, "manifest": manifest,
             "printed": printed.getvalue()}
@@ -208,10 +207,25 @@ def test_vlpipe_report_embeds_every_image_and_escapes_captions(two_runs, tmp_pat
 
 
 @pytest.mark.slow
+def test_vlpipe_report_reads_the_images_from_the_input_columns_the_run_was_configured_with(two_runs, tmp_path):
+    """`vlpipe report` gets only the output: the column names (id, text, image) come from the recorded config."""
+    out, second = two_runs["out"], two_runs["second"]
+    assert json.loads(second.config_json)["input"]["columns"] == COLUMNS
+    target = tmp_path / "custom-columns.html"
+    assert main(["-q", "report", str(out), "--out", str(target), "--samples", "50"]) == 0
+    page = Page(target.read_text())
+
+    broken = set(two_runs["manifest"]["broken_keys"])
+    decoded = [c for c in page.cards if c["key"] not in broken]
+    assert len(page.cards) == second.rows_in and decoded
+    assert all(c["img"] and c["img"].startswith("data:image/jpeg;base64,") for c in decoded)
+
+
+@pytest.mark.slow
 def test_quiet_and_verbose_set_what_the_cli_logs(two_runs, tmp_path, capsys):
     out = str(two_runs["out"])
     assert main(["-v", "report", out, "--out", str(tmp_path / "v.html")]) == 0
-    assert f"DEBUG   pipelines.report: report of run {two_runs['second'].run_id}" in capsys.readouterr().err
+    assert f"DEBUG   pipelines.report_data: report of run {two_runs['second'].run_id}" in capsys.readouterr().err
     assert main(["-q", "report", out, "--out", str(tmp_path / "q.html")]) == 0
     assert capsys.readouterr().err == ""
     with pytest.raises(SystemExit):
@@ -251,7 +265,7 @@ def test_reports_and_thumbnails_go_through_object_storage(s3, s3_input, local_sh
     good = next(k for k in keys if k not in manifest["broken_keys"])
     samples = [{col.KEY: good, col.STATUS: col.OK, col.SOURCE_SHARD: shard},
                {col.KEY: "not-in-the-shard", col.STATUS: col.OK, col.SOURCE_SHARD: shard}]
-    add_thumbnails(samples, {"input": {"columns": {"key": "key", "image": "jpg"}}}, storage)
+    add_thumbnails(samples, InputColumns(), DecodeConfig(), storage)  # img2dataset's names, as these shards use
     assert samples[0]["thumbnail"].startswith("data:image/jpeg;base64,") and samples[1]["thumbnail"] is None
 
 
@@ -276,3 +290,21 @@ def test_thumbnails_are_small_jpegs_and_bad_bytes_get_none():
     assert thumbnail(b"\x89PNG\r\n\x1a\n truncated", formats=["PNG"], max_pixels=10**6) is None
     assert thumbnail(wide, formats=["JPEG"], max_pixels=10**6) is None  # outside the run's format allowlist
     assert thumbnail(wide, formats=["PNG"], max_pixels=1000) is None  # larger than decode.max_pixels
+
+
+def test_the_recorded_config_validates_again_without_its_masked_storage():
+    config = validate_config({
+        "input": {"uri": "s3://raw/crawl/", "columns": {"key": "id", "image": "png"}},
+        "clip": {"model": {"source": "openai/clip-vit-base-patch32"}}, "output": {"uri": "s3://lake/enriched"},
+        "storage": {"endpoint_url": "http://s3:8333", "access_key_id": "AKIA1", "secret_access_key": "s3cr3t"},
+        "decode": {"max_pixels": 1000}, "filter": {"min_clip_score": 0.2}, "run_date": "2026-11-01",
+    })
+    recorded = json.dumps(config.public_dump(), sort_keys=True)  # as run records store it
+    assert "s3cr3t" not in recorded and "**********" in recorded
+
+    again = stored_config({"run_id": "r1", "config_json": recorded})
+    assert again == config.model_copy(update={"storage": StorageOptions()})  # the caller's storage is used instead
+    assert again.input.columns.key == "id" and again.decode.max_pixels == 1000
+    with pytest.raises(ConfigError, match="config recorded with run r1"):
+        stored_config({"run_id": "r1", "config_json": json.dumps({**config.public_dump(), "surprise": 1})})
+

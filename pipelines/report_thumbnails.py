@@ -1,0 +1,81 @@
+"""The report's thumbnails: small JPEG data URIs of sampled rows, read back from the input shards.
+
+Only the sampled rows' key and image columns are read, under the column names and
+the decode limits of the run's own (stored) config.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from PIL import Image, ImageOps
+
+from operators import schema as col
+from operators.decode import DecodeConfig
+from operators.storage import StorageOptions, filesystem_for
+from pipelines.config import InputColumns
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_PX = 96
+
+
+def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeConfig, storage: StorageOptions) -> None:
+    """Set ``thumbnail`` on each sample: None where the row had no decodable image or it cannot be read."""
+    wanted: dict[str, dict[str, dict]] = defaultdict(dict)
+    for sample in samples:
+        sample["thumbnail"] = None
+        if sample[col.STATUS] == col.OK and sample[col.SOURCE_SHARD]:
+            wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]] = sample
+    for shard, by_key in wanted.items():
+        try:
+            images = _read_images(shard, list(by_key), columns, storage)
+        except Exception as err:
+            log.warning("report: cannot read thumbnails from %s: %s", shard, err)
+            continue
+        for key, data in images:
+            by_key[key]["thumbnail"] = thumbnail(data, formats=list(decode.formats), max_pixels=decode.max_pixels)
+
+
+def _read_images(shard: str, keys: list[str], columns: InputColumns, storage: StorageOptions) -> list[tuple]:
+    """(key, encoded image) of the rows of ``shard`` whose key is in ``keys``."""
+    filesystem, path = filesystem_for(shard, storage)
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    key = pc.field(columns.key)
+    if not pa.types.is_string(dataset.schema.field(columns.key).type):
+        key = key.cast(pa.string())
+    table = dataset.to_table(columns={"k": key, "image": pc.field(columns.image)}, filter=key.isin(keys))
+    images = table.column("image")
+    if pa.types.is_struct(images.type):  # Hugging Face image struct {bytes, path}
+        images = pc.struct_field(images, "bytes")
+    return list(zip(table.column("k").to_pylist(), images.to_pylist()))
+
+
+def thumbnail(data: bytes | None, *, formats: list[str] | None, max_pixels: int, size: int = THUMBNAIL_PX) -> str | None:
+    """A small JPEG data URI of an encoded image, or None when it cannot be decoded."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            if image.width * image.height > max_pixels:
+                return None
+            image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a fraction of the size
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                rgba = upright.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, "white")
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = upright.convert("RGB")
+            rgb.thumbnail((size, size))
+            buffer = io.BytesIO()
+            rgb.save(buffer, "JPEG", quality=80)
+    except Exception:  # untrusted bytes: anything Pillow refuses gets the placeholder
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
