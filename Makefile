@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-quick bench clean
+.PHONY: demo test test-quick browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,15 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
 demo: $(VENV)/.installed-test
 	$(BIN)/vlpipe demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest
 
 test-quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow"
+
+# Debian's chromium for the headless-browser report test; a no-op where it exists, never fails the build.
+browser:
+	@sh tests/install_browser.sh
 
 # Throughput against the bare model loop and a naive transformers loop (README "Performance").
 bench: $(VENV)/.installed-test
