@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.demo_assets import PALETTE, SHAPES, caption_for, make_sample_image
+from demo import PALETTE, SHAPES, caption_for, make_sample_image
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),

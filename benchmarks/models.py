@@ -25,8 +25,7 @@ from transformers import (
     CLIPProcessor,
 )
 
-from jobs.demo_assets import _train_tokenizer, build_tiny_clip
-from jobs.tiny_vlm import BERT_SPECIALS, _vocab, build_tiny_blip_captioner
+from demo import BERT_SPECIALS, build_tiny_blip_captioner, build_tiny_clip, train_tokenizer, wordpiece_vocab
 
 MARKER = "vlpipe_bench.json"
 RECIPE_VERSION = 1
@@ -61,7 +60,7 @@ def _cached(out_dir: pathlib.Path, name: str, build) -> pathlib.Path:
 
 def _build_clip(out_dir: pathlib.Path) -> None:
     # The demo's word-level BPE: real captions become a realistic handful of tokens.
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer()
     tokenizer.model_max_length = 77
     config = CLIPConfig(
         text_config={
@@ -78,7 +77,7 @@ def _build_clip(out_dir: pathlib.Path) -> None:
 
 def _build_blip(out_dir: pathlib.Path) -> None:
     config = BlipConfig()
-    vocab = _vocab(BERT_SPECIALS)
+    vocab = wordpiece_vocab(BERT_SPECIALS)
     # Padded to BLIP's vocabulary so the language-model head costs what the real one does.
     vocab.update({f"[unused{i}]": i for i in range(len(vocab), config.text_config.vocab_size)})
     tokenizer = BertTokenizerFast(vocab=vocab, bos_token="[DEC]", model_max_length=512)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from jobs.demo_assets import build_tiny_clip, write_sample_shards
-from jobs.tiny_vlm import DEMO_CAPTIONER_TRAIN_STEPS, build_tiny_blip_captioner
+from demo import DEMO_CAPTIONER_TRAIN_STEPS, build_tiny_blip_captioner, build_tiny_clip, write_sample_shards
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
 from pipelines.runs import RunRecord

@@ -9,8 +9,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_assets import build_tiny_clip, write_sample_shards
-from jobs.tiny_vlm import build_tiny_blip_captioner, build_tiny_blip_itm, build_tiny_git, build_tiny_llava
+from demo import (
+    build_tiny_blip_captioner,
+    build_tiny_blip_itm,
+    build_tiny_clip,
+    build_tiny_git,
+    build_tiny_llava,
+    write_sample_shards,
+)
 from tests.s3_server import S3Server, seaweedfs
 
 # Model caches of the tests stay inside the test session, never in ~/.cache.
@@ -39,7 +45,7 @@ def tiny_blip_itm_dir(tmp_path_factory) -> Path:
 def demo_models(tmp_path_factory) -> dict[str, Path]:
     """The demo's trained tiny CLIP and BLIP captioner, trained once per session (~40 s) and shared."""
     from jobs.demo import DEMO_TRAIN_STEPS
-    from jobs.tiny_vlm import DEMO_CAPTIONER_TRAIN_STEPS
+    from demo import DEMO_CAPTIONER_TRAIN_STEPS
 
     root = tmp_path_factory.mktemp("demo-models")
     return {

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from jobs.demo_assets import write_sample_shards
+from demo import write_sample_shards
 from operators import schema as col
 from pipelines.commit import ConcurrentRunError
 from pipelines.config import validate_config

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_assets import write_sample_shards
+from demo import write_sample_shards
 from operators import schema as col
 from pipelines.config import validate_config
 from pipelines.nightly import plan_nightly

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from jobs.demo_assets import write_sample_shards
+from demo import write_sample_shards
 from operators import schema as col
 from pipelines.config import validate_config
 from pipelines.run import run_pipeline

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import string
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -29,10 +27,11 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 
-from jobs.demo_assets import GENERIC_TEXT, IMAGE_SIZE, MARKER, PALETTE, SHAPES, TEMPLATES, caption_for, make_sample_image
+from demo.shards import PALETTE, SHAPES, TEMPLATES, caption_for, make_sample_image
+from demo.tiny_clip import IMAGE_SIZE, MARKER
+from demo.tokenizers import BERT_MAX_TEXT_LEN, bert_tokenizer, chat_tokenizer
 
 # Greedy captions then name colour and shape for ~70% of held-out images (colour alone ~99%); ~28 s on 2 cores.
 DEMO_CAPTIONER_TRAIN_STEPS = 400
@@ -49,14 +48,8 @@ CAPTIONER_LR = 2e-3
 ITM_LR = 1e-3
 ITC_TEMPERATURE = 0.07
 PATCH_SIZE = 8
-# Room for a prompt plus a 30-token caption in the BLIP and GIT text models.
-MAX_TEXT_LEN = 64
 # One template only: greedy decoding then has a single path to learn, so the captioner converges fast.
 CAPTION_TEMPLATE = TEMPLATES[0]
-# BERT layout as in Salesforce BLIP: [PAD] is 0, [DEC] starts captions and [SEP] ends them.
-BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
-# Llama-style specials for the chat VLM; <image> is expanded by the processor into one token per patch.
-CHAT_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ message['role'].upper() + ': ' }}"
@@ -70,7 +63,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-CHAT_TEXT = "user assistant system describe this image in one sentence what is shown here caption"
 # Each tower: 2 layers of width 64, as small as the tiny CLIP.
 TOWER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -102,51 +94,6 @@ def _photo_caption(shape: str, color: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", CAPTION_TEMPLATE.format(color=color, shape=shape))
 
 
-def _vocab(specials: tuple[str, ...]) -> dict[str, int]:
-    """A WordPiece vocabulary: `specials`, every printable character (bare and ``##``), then every corpus word.
-
-    The words come from a `tokenizers` WordLevel trainer, which orders them deterministically (count, then
-    text); the BPE-based WordPiece trainer breaks ties in hash order, so its vocabulary changes between runs.
-    Printable characters keep prompts with unseen words, punctuation or digits off [UNK].
-    """
-    counter = Tokenizer(models.WordLevel(unk_token=specials[1]))
-    counter.normalizer = normalizers.BertNormalizer(lowercase=True)
-    counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [t.format(color=c, shape=s) for t in TEMPLATES for s in SHAPES for c in PALETTE]
-    counter.train_from_iterator([*corpus, *GENERIC_TEXT.split("\n"), CHAT_TEXT], trainers.WordLevelTrainer(show_progress=False))
-    words = sorted(counter.get_vocab(), key=counter.get_vocab().get)
-    chars = list(string.printable.strip())
-    tokens = [*specials, *chars, *("##" + c for c in chars), *words]
-    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-
-
-def _bert_tokenizer() -> BertTokenizerFast:
-    """A BERT tokenizer laid out like BLIP's: [PAD] is 0, [CLS] text [SEP], and [DEC] as the decoder's bos token."""
-    return BertTokenizerFast(vocab=_vocab(BERT_SPECIALS), bos_token="[DEC]", model_max_length=MAX_TEXT_LEN)
-
-
-def _chat_tokenizer() -> PreTrainedTokenizerFast:
-    """A Llama-style tokenizer: <s> text, left padding for batched generation, and an <image> token."""
-    pad, unk, bos, eos, image = CHAT_SPECIALS
-    backend = Tokenizer(models.WordPiece(_vocab(CHAT_SPECIALS), unk_token=unk))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        extra_special_tokens={"image_token": image},
-        padding_side="left",
-        model_max_length=256,
-    )
-
-
 def _blip_config(tokenizer: BertTokenizerFast) -> BlipConfig:
     """A tiny BlipConfig whose special token ids match `tokenizer`."""
     return BlipConfig(
@@ -156,7 +103,7 @@ def _blip_config(tokenizer: BertTokenizerFast) -> BlipConfig:
         text_config={
             **TOWER,
             "vocab_size": len(tokenizer),
-            "max_position_embeddings": MAX_TEXT_LEN,
+            "max_position_embeddings": BERT_MAX_TEXT_LEN,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.sep_token_id,
             "sep_token_id": tokenizer.sep_token_id,
@@ -170,7 +117,7 @@ def _blip_config(tokenizer: BertTokenizerFast) -> BlipConfig:
 def _blip_processor() -> BlipProcessor:
     """BlipProcessor with a 32 px BlipImageProcessor and the trained BERT tokenizer."""
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return BlipProcessor(image_processor=image_processor, tokenizer=_bert_tokenizer())
+    return BlipProcessor(image_processor=image_processor, tokenizer=bert_tokenizer())
 
 
 class _ImagePool:
@@ -344,13 +291,13 @@ def build_tiny_git(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     """Build (or reuse a cached) tiny GitForCausalLM with random weights and save it to `out_dir`."""
 
     def build(path: pathlib.Path) -> None:
-        tokenizer = _bert_tokenizer()
+        tokenizer = bert_tokenizer()
         processor = GitProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer)
         config = GitConfig(
             vision_config={**TOWER, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE},
             **TOWER,
             vocab_size=len(tokenizer),
-            max_position_embeddings=MAX_TEXT_LEN,
+            max_position_embeddings=BERT_MAX_TEXT_LEN,
             # GIT decodes from [CLS] and stops at [SEP], as microsoft/git-base does.
             bos_token_id=tokenizer.cls_token_id,
             eos_token_id=tokenizer.sep_token_id,
@@ -366,7 +313,7 @@ def build_tiny_llava(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     """Build (or reuse a cached) tiny chat-style LlavaForConditionalGeneration and save it to `out_dir`."""
 
     def build(path: pathlib.Path) -> None:
-        tokenizer = _chat_tokenizer()
+        tokenizer = chat_tokenizer()
         image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
         processor = LlavaProcessor(
             image_processor=_clip_image_processor(),

@@ -17,13 +17,16 @@ from transformers import (
     LlavaProcessor,
 )
 
-from jobs.demo_assets import PALETTE, SHAPES, caption_for, make_sample_image
-from jobs.tiny_vlm import (
+from demo import (
     DEMO_ITM_TRAIN_STEPS,
+    PALETTE,
+    SHAPES,
     build_tiny_blip_captioner,
     build_tiny_blip_itm,
     build_tiny_git,
     build_tiny_llava,
+    caption_for,
+    make_sample_image,
 )
 
 

@@ -1,4 +1,4 @@
-"""Synthetic demo assets: a tiny real-architecture CLIP checkpoint and img2dataset-style Parquet shards."""
+"""Sample data: photo-like images of coloured shapes, their captions, and img2dataset-style Parquet shards."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image, ImageDraw, ImageFilter
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 PALETTE = {
@@ -37,22 +34,6 @@ TEMPLATES = (
     "there is a {color} {shape} in this photo",
     "a simple {color} {shape} drawn on a textured wall",
 )
-GENERIC_TEXT = """
-the quick brown fox jumps over the lazy dog while a man walks with his cat and a woman reads a book
-people sitting at a table in a restaurant eating food and drinking coffee near the window
-a car parked on the street next to a tree in the city at night with lights and buildings
-children playing with a ball in the park during a sunny day under the blue sky
-an old house by the river with mountains in the background and snow on the ground
-this is one of the best pictures i have ever taken of my family at the beach last summer
-white black brown pink gray grey gold silver dark light bright colorful shiny round flat
-"""
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# Same normalisation and split as openai/clip (and transformers' CLIPTokenizer), so training matches inference.
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-MAX_TEXT_LEN = 32
-IMAGE_SIZE = 32
-RECIPE_VERSION = 1
-MARKER = "vlpipe_tiny.json"
 
 
 def caption_for(shape: str, color: str, rng: np.random.Generator) -> str:
@@ -104,96 +85,6 @@ def make_sample_image(shape: str, color: str, *, size: int, rng: np.random.Gener
     shading = (1.1 - 0.25 * ramp)[..., None]
     pixels = background * (1 - alpha) + paint * shading * alpha + rng.normal(0, 6, size=(h, w, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-
-
-def _train_tokenizer() -> CLIPTokenizer:
-    """Train a CLIP-style byte-level BPE on shape captions plus generic English and wrap it as a CLIPTokenizer."""
-    bpe = Tokenizer(models.BPE(unk_token=EOS, continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    corpus = [t.format(color=c, shape=s) for t in TEMPLATES for s in SHAPES for c in PALETTE]
-    corpus += GENERIC_TEXT.split("\n")
-    trainer = trainers.BpeTrainer(vocab_size=1024, end_of_word_suffix="</w>", show_progress=False)
-    bpe.train_from_iterator(corpus, trainer)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-
-    # CLIP vocab layout: every byte symbol, bare and word-final, so no input ever maps to unk; then merges; then specials.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TEXT_LEN)
-
-
-def _contrastive_train(model: CLIPModel, processor: CLIPProcessor, steps: int, seed: int) -> None:
-    """Fit `model` with the CLIP loss on batches holding one synthetic image of every shape/colour pair."""
-    rng = np.random.default_rng([seed, 1])
-    pairs = [(s, c) for s in SHAPES for c in PALETTE]
-    per_pair = 12
-    images = [make_sample_image(s, c, size=int(rng.integers(40, 128)), rng=rng) for s, c in pairs for _ in range(per_pair)]
-    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    pixels = pixels.view(len(pairs), per_pair, 3, IMAGE_SIZE, IMAGE_SIZE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    model.train()
-    for _ in range(steps):
-        order = rng.permutation(len(pairs))
-        variant = torch.from_numpy(rng.integers(per_pair, size=len(pairs)))
-        text = processor.tokenizer(
-            [caption_for(*pairs[i], rng) for i in order], padding=True, truncation=True, return_tensors="pt"
-        )
-        loss = model(**text, pixel_values=pixels[torch.from_numpy(order), variant], return_loss=True).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def build_tiny_clip(out_dir: pathlib.Path, *, train_steps: int = 0, seed: int = 0) -> pathlib.Path:
-    """Build (or reuse a cached) tiny CLIPModel with a trained BPE tokenizer and save it to `out_dir`."""
-    out_dir = pathlib.Path(out_dir)
-    recipe = {"recipe_version": RECIPE_VERSION, "seed": seed, "train_steps": train_steps}
-    marker = out_dir / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == recipe and (out_dir / "model.safetensors").is_file():
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-
-    tokenizer = _train_tokenizer()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config={
-            **tower,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": MAX_TEXT_LEN,
-            "projection_dim": 32,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={**tower, "image_size": IMAGE_SIZE, "patch_size": 8, "projection_dim": 32},
-        projection_dim=32,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    if train_steps > 0:
-        _contrastive_train(model, processor, train_steps, seed)
-
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)
-    # Written last so an interrupted build is never mistaken for a finished one.
-    marker.write_text(json.dumps(recipe, indent=2) + "\n")
-    return out_dir
 
 
 def _broken_bytes(kind: int, jpeg: bytes, rng: np.random.Generator) -> bytes:
