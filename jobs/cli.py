@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import signal
 import sys
+import traceback
 
 from pipelines import logs
 from pipelines.config import ConfigError, default_run_records_uri, load_config
+from pipelines.errors import PARTIAL_EXIT, Interrupted, VlpipeError, exit_code_for
 from pipelines.runs import RunRecord
 
 log = logging.getLogger("vlpipe")
@@ -21,11 +24,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose contradict each other")
     logs.configure(-1 if args.quiet else 1 if args.verbose else 0)
+    previous = _stop_on_sigterm()
     try:
         return args.handler(args)
-    except ConfigError as err:
-        print(f"vlpipe: {err}", file=sys.stderr)
-        return 2
+    except (VlpipeError, KeyboardInterrupt) as err:
+        # Expected endings: one line, the documented exit code; -v adds where it came from.
+        if args.verbose:
+            traceback.print_exc()
+        print(f"vlpipe: {err or 'interrupted'}", file=sys.stderr)
+        return exit_code_for(err)
+    finally:
+        _restore(previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler stopping the job) ends a run like Ctrl-C: recorded as interrupted."""
+    def stop(signum, frame):
+        raise Interrupted(f"interrupted ({signal.Signals(signum).name})")
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (embedded use): leave signals to the host
+        return None
+
+
+def _restore(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages from vlpipe's own modules")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="print the plan of a config without running it (stages, resources, columns, schema)")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.set_defaults(handler=_plan)
 
     run = sub.add_parser("run", help="run a pipeline config once and commit its output")
     run.add_argument("config", help="YAML config file")
@@ -84,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipelines.run import explain
+
+    print(explain(load_config(args.config, args.overrides)))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -196,12 +233,9 @@ def _report_of(record: RunRecord, config) -> str | None:
         return None
 
 
-# The good shards were committed, but a scheduler should still see that some were not.
-PARTIAL_EXIT = 3
-
-
 def exit_code(record: RunRecord) -> int:
-    return PARTIAL_EXIT if record.failed_shards else 0
+    """The good shards were committed, but a scheduler should still see that some were not."""
+    return PARTIAL_EXIT if record.status == "partial" else 0
 
 
 def format_summary(record: RunRecord, report: str | None = None) -> str:

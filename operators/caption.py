@@ -7,6 +7,8 @@ which expands the image into the tokens the language model expects.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,17 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators import schema as col
 from operators.decode import PixelSpec
-from operators.models import (
-    ModelRef,
-    Precision,
-    load_model,
-    load_preprocessor,
-    pick_device_and_dtype,
-    resolve_model_dir,
-)
+from operators.models import ModelOperator, ModelRef, Precision
 from operators.resources import Resources
+from operators.stage import Stage
 from operators.storage import StorageOptions
-from operators.tensors import DevicePixels, pixel_rows
+from operators.tensors import pixel_rows
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
 
@@ -69,34 +65,43 @@ def caption_geometry(image_processor, image_size: int | None) -> PixelSpec:
         raise ValueError(f"{err}: set caption.image_size for this model") from None
 
 
-class Captioner:
-    """Append ``caption_generated``: one batched ``generate`` per batch, null for failed images."""
+def caption_stage(config: CaptionConfig, storage: StorageOptions, *, pixels_column: str, geometry: str) -> Stage:
+    """The captioning stage's contract."""
+    decoding = f"beams {config.num_beams}" + (f", sampling (seed {config.seed})" if config.do_sample else ", greedy")
+    return Stage(
+        name="caption", kind="actor", config_key="caption", resources=config.resources, model=config.model,
+        reads=(pixels_column,), adds=(col.CAPTION_GENERATED,),
+        build=partial(Captioner, config, storage, pixels_column),
+        details=(f"input {geometry}", f"max_new_tokens {config.max_new_tokens}, {decoding}",
+                 f"precision {config.precision}"),
+    )
 
-    output_columns = (col.CAPTION_GENERATED,)
+
+class Captioner(ModelOperator):
+    """Append ``caption_generated``: one batched ``generate`` per batch, null for failed images."""
 
     def __init__(self, config: CaptionConfig, storage: StorageOptions, pixels_column: str = col.CAPTION_PIXELS):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        ref = config.model
-        model_dir = resolve_model_dir(ref, storage)
+        super().__init__(config.model, config.precision, storage, AutoModelForImageTextToText)
         self.config = config
         self.pixels_column = pixels_column
-        self.input_columns = (pixels_column,)
-        self.device, self.dtype = pick_device_and_dtype(config.precision)
-        self.processor = load_preprocessor(AutoProcessor, ref, model_dir)
-        self.model = load_model(AutoModelForImageTextToText, ref, model_dir, self.device, self.dtype)
+        self.processor = self.preprocessor(AutoProcessor)
         image_processor = self.processor.image_processor
-        self.geometry = caption_geometry(image_processor, config.image_size)
         self.tokenizer = self.processor.tokenizer
         has_template = bool(getattr(self.processor, "chat_template", None))
         self.chat = has_template if config.chat is None else config.chat
         if self.chat and not has_template:
-            raise ValueError(f"caption.chat is on but {ref.source} has no chat template")
+            raise ValueError(f"caption.chat is on but {config.model.source} has no chat template")
         if self.chat or not self.model.config.is_encoder_decoder:
             # Decoder-only models continue the last token of each row: pad on the left.
             self.tokenizer.padding_side = "left"
-        self.to_device = None if self.chat else DevicePixels(image_processor, self.device, self.dtype)
+        geometry = caption_geometry(image_processor, config.image_size)
+        if self.chat:
+            self.geometry = geometry  # the processor normalises chat inputs itself
+        else:
+            self.pixel_input(image_processor, geometry)
         self._torch = torch
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators import schema as col
-from operators.decode import PixelSpec
-from operators.models import (
-    ModelRef,
-    Precision,
-    load_model,
-    load_preprocessor,
-    pick_device_and_dtype,
-    resolve_model_dir,
-)
+from operators.models import ModelOperator, ModelRef, Precision
 from operators.resources import Resources
+from operators.stage import Stage
 from operators.storage import StorageOptions
-from operators.tensors import DevicePixels, pixel_rows
+from operators.tensors import pixel_rows
 
 
 class ClipConfig(BaseModel):
@@ -33,42 +28,46 @@ class ClipConfig(BaseModel):
     resources: Resources = Resources(num_cpus=1, num_gpus=None, batch_size=128)
 
 
-class ClipScorer:
+def clip_stage(config: ClipConfig, storage: StorageOptions, *, captions_generated: bool, geometry: str) -> Stage:
+    """The CLIP stage's contract; ``captions_generated`` when a captioner runs before it."""
+    return Stage(
+        name="clip", kind="actor", config_key="clip", resources=config.resources, model=config.model,
+        reads=(col.PIXELS, col.CAPTION, *((col.CAPTION_GENERATED,) if captions_generated else ())),
+        adds=(col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING, col.CLIP_SCORE,
+              *((col.CLIP_SCORE_GENERATED,) if captions_generated else ())),
+        build=partial(ClipScorer, config, storage), details=(f"input {geometry}", f"precision {config.precision}"),
+    )
+
+
+class ClipScorer(ModelOperator):
     """Embed images and captions with one pass of each tower; score their cosine similarity.
 
     Appends ``image_embedding`` and ``text_embedding`` (L2-normalised float32 lists)
     and ``clip_score`` (float32). Rows without pixels get a null image embedding,
     rows with an empty caption a null text embedding, and either gets a null score.
+    With a ``caption_generated`` column (captioning on), the generated caption goes
+    through the same text-tower pass and ``clip_score_generated`` is appended too.
     """
-
-    input_columns = (col.PIXELS, col.CAPTION)
-    output_columns = (col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING, col.CLIP_SCORE)
 
     def __init__(self, config: ClipConfig, storage: StorageOptions):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        ref = config.model
-        model_dir = resolve_model_dir(ref, storage)
-        self.device, self.dtype = pick_device_and_dtype(config.precision)
-        self.model = load_model(AutoModel, ref, model_dir, self.device, self.dtype)
-        self.tokenizer = load_preprocessor(AutoTokenizer, ref, model_dir)
-        processor = load_preprocessor(AutoImageProcessor, ref, model_dir)
-        self.pixels = PixelSpec.from_image_processor(processor)
-        self.to_device = DevicePixels(processor, self.device, self.dtype)
+        super().__init__(config.model, config.precision, storage, AutoModel)
+        self.tokenizer = self.preprocessor(AutoTokenizer)
+        self.pixel_input(self.preprocessor(AutoImageProcessor))
         text_config = self.model.config.text_config
         self.max_text_tokens = config.max_text_tokens or text_config.max_position_embeddings
         # SigLIP was trained on fixed-length padded text; CLIP on dynamic padding.
         self._padding = "max_length" if "siglip" in self.model.config.model_type else True
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
         pixels = batch.column(col.PIXELS).combine_chunks()
-        rows = pixel_rows(pixels, self.pixels.out_size)
+        rows = pixel_rows(pixels, self.geometry.out_size)
         has_image = pc.is_valid(pixels).to_numpy(zero_copy_only=False)
         captions = batch.column(col.CAPTION).to_pylist()
         has_text = _has_text(captions)
         generated = batch.column(col.CAPTION_GENERATED).to_pylist() if col.CAPTION_GENERATED in batch.column_names else None
-        has_generated = _has_text(generated) if generated is not None else np.zeros(n, bool)
+        has_generated = _has_text(generated) if generated is not None else np.zeros(batch.num_rows, bool)
 
         image_emb = _scatter(self.embed_images(rows[has_image]), has_image)
         # One text-tower pass for original and generated captions together.
@@ -76,31 +75,17 @@ class ClipScorer:
         texts += [c for c, ok in zip(generated or [], has_generated) if ok]
         text_emb = self.embed_texts(texts)
         original_emb = _scatter(text_emb[: has_text.sum()], has_text)
-        generated_emb = _scatter(text_emb[has_text.sum() :], has_generated)
-
-        scores, scored = _cosine(image_emb, original_emb, has_image & has_text)
+        scores = _cosine(image_emb, original_emb, has_image & has_text)
         out = (
             batch.append_column(col.IMAGE_EMBEDDING, _list_column(image_emb[has_image], has_image))
             .append_column(col.TEXT_EMBEDDING, _list_column(original_emb[has_text], has_text))
-            .append_column(col.CLIP_SCORE, pa.array(scores, pa.float32(), mask=~scored))
+            .append_column(col.CLIP_SCORE, _score_column(scores, has_image & has_text))
         )
         if generated is None:
             return out
-        gen_scores, gen_scored = _cosine(image_emb, generated_emb, has_image & has_generated)
-        # The generated caption wins only by scoring strictly higher, or when the original has no score.
-        use_generated = gen_scored & (~scored | (gen_scores > scores))
-        best_scored = scored | gen_scored
-        best = [g if use else c for c, g, use in zip(captions, generated, use_generated)]
-        source = np.where(use_generated, col.SOURCE_GENERATED, col.SOURCE_ORIGINAL)
-        return (
-            out.append_column(col.CLIP_SCORE_GENERATED, pa.array(gen_scores, pa.float32(), mask=~gen_scored))
-            .append_column(col.CAPTION_BEST, pa.array(best, pa.string(), mask=~best_scored))
-            .append_column(col.CAPTION_SOURCE, pa.array(source.tolist(), pa.string(), mask=~best_scored))
-            .append_column(
-                col.CLIP_SCORE_BEST,
-                pa.array(np.where(use_generated, gen_scores, scores), pa.float32(), mask=~best_scored),
-            )
-        )
+        generated_emb = _scatter(text_emb[has_text.sum() :], has_generated)
+        gen_scores = _cosine(image_emb, generated_emb, has_image & has_generated)
+        return out.append_column(col.CLIP_SCORE_GENERATED, _score_column(gen_scores, has_image & has_generated))
 
     def embed_images(self, rows: np.ndarray) -> np.ndarray:
         """L2-normalised embeddings for an (n, H, W, 3) uint8 array."""
@@ -142,11 +127,15 @@ def _scatter(embeddings: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return full
 
 
-def _cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise dot products of unit vectors (NaN where not valid), and the validity."""
+def _cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Row-wise dot products of unit vectors (NaN where not valid)."""
     scores = np.full(len(valid), np.nan, dtype=np.float32)
     scores[valid] = np.einsum("ij,ij->i", a[valid], b[valid])
-    return scores, valid
+    return scores
+
+
+def _score_column(scores: np.ndarray, valid: np.ndarray) -> pa.Array:
+    return pa.array(scores, pa.float32(), mask=~valid)
 
 
 def _pooled(output):

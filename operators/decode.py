@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Mapping
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators import schema as col
 from operators.resources import Resources
+from operators.stage import Stage
 
 _EXIF_ORIENTATION = 0x0112
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
@@ -114,6 +116,19 @@ class DecodeFailure(Exception):
         self.status = status
 
 
+def decode_stage(config: DecodeConfig, pixels: PixelSpec, extra_pixels: Mapping[str, PixelSpec],
+                 geometries: Mapping[str, str]) -> Stage:
+    """The decode stage's contract: one pixel column per distinct model geometry."""
+    adds = (col.STATUS, col.ERROR, col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.PIXELS, *extra_pixels)
+    return Stage(
+        name="decode", kind="task", config_key="decode", resources=config.resources,
+        reads=(col.IMAGE,), adds=adds + ((col.IMAGE_BYTES,) if config.keep_image_bytes else ()),
+        build=partial(DecodeImages, config, pixels, extra_pixels=dict(extra_pixels)),
+        details=tuple(f"{name} {text}" for name, text in geometries.items())
+        + (f"formats {', '.join(config.formats)}", f"max_pixels {config.max_pixels:,}"),
+    )
+
+
 class DecodeImages:
     """Decode the image column into fixed-size uint8 RGB pixels (CPU, one task per batch).
 
@@ -121,9 +136,6 @@ class DecodeImages:
     ``_pixels`` column (fixed-size binary, H*W*3 bytes, null on failure). Drops the
     encoded image unless ``keep_image_bytes``. A bad image never raises.
     """
-
-    input_columns = (col.IMAGE,)
-    output_columns = (col.STATUS, col.ERROR, col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.PIXELS)
 
     def __init__(self, config: DecodeConfig, pixels: PixelSpec, *, extra_pixels: Mapping[str, PixelSpec] = {}):
         """``extra_pixels`` adds pixel columns at other models' geometries (e.g. a captioner's),

@@ -6,6 +6,7 @@ text, so it catches mismatches in details (colours, counts) that CLIP misses.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -14,18 +15,11 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators import schema as col
-from operators.decode import PixelSpec
-from operators.models import (
-    ModelRef,
-    Precision,
-    load_model,
-    load_preprocessor,
-    pick_device_and_dtype,
-    resolve_model_dir,
-)
+from operators.models import ModelOperator, ModelRef, Precision
 from operators.resources import Resources
+from operators.stage import Stage
 from operators.storage import StorageOptions
-from operators.tensors import DevicePixels, pixel_rows
+from operators.tensors import pixel_rows
 
 
 class ItmConfig(BaseModel):
@@ -40,26 +34,28 @@ class ItmConfig(BaseModel):
     resources: Resources = Resources(num_cpus=1, num_gpus=None, batch_size=64)
 
 
-class ItmScorer:
-    """Append ``itm_score``: P(match) from the ITM head, null without an image or a caption."""
+def itm_stage(config: ItmConfig, storage: StorageOptions, *, pixels_column: str, geometry: str) -> Stage:
+    """The ITM stage's contract."""
+    return Stage(
+        name="itm", kind="actor", config_key="itm", resources=config.resources, model=config.model,
+        reads=(pixels_column, config.text), adds=(col.ITM_SCORE,),
+        build=partial(ItmScorer, config, storage, pixels_column),
+        details=(f"input {geometry}", f"judges {config.text}", f"precision {config.precision}"),
+    )
 
-    output_columns = (col.ITM_SCORE,)
+
+class ItmScorer(ModelOperator):
+    """Append ``itm_score``: P(match) from the ITM head, null without an image or a caption."""
 
     def __init__(self, config: ItmConfig, storage: StorageOptions, pixels_column: str = col.ITM_PIXELS):
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
-        ref = config.model
-        model_dir = resolve_model_dir(ref, storage)
+        super().__init__(config.model, config.precision, storage, BlipForImageTextRetrieval)
         self.pixels_column = pixels_column
         self.text_column = config.text
-        self.input_columns = (pixels_column, config.text)
-        self.device, self.dtype = pick_device_and_dtype(config.precision)
-        self.model = load_model(BlipForImageTextRetrieval, ref, model_dir, self.device, self.dtype)
-        self.tokenizer = load_preprocessor(AutoTokenizer, ref, model_dir)
-        image_processor = load_preprocessor(AutoImageProcessor, ref, model_dir)
-        self.geometry = PixelSpec.from_image_processor(image_processor)
-        self.to_device = DevicePixels(image_processor, self.device, self.dtype)
+        self.tokenizer = self.preprocessor(AutoTokenizer)
+        self.pixel_input(self.preprocessor(AutoImageProcessor))
         self.max_text_tokens = config.max_text_tokens or self.model.config.text_config.max_position_embeddings
         self._torch = torch
 

@@ -159,6 +159,32 @@ def _node_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class ModelOperator:
+    """What every model stage sets up once per actor, shared by all of them.
+
+    Finds the model (hub, directory or object store), picks device and dtype where
+    the actor runs, and loads weights and preprocessors under the config's trust policy.
+    """
+
+    def __init__(self, ref: ModelRef, precision: Precision, storage: StorageOptions, model_class):
+        self.ref = ref
+        self.model_dir = resolve_model_dir(ref, storage)
+        self.device, self.dtype = pick_device_and_dtype(precision)
+        self.model = load_model(model_class, ref, self.model_dir, self.device, self.dtype)
+
+    def preprocessor(self, preprocessor_class):
+        """A tokenizer, image processor or processor from the model's directory."""
+        return load_preprocessor(preprocessor_class, self.ref, self.model_dir)
+
+    def pixel_input(self, image_processor, geometry=None) -> None:
+        """Set the decode geometry (the processor's own unless given) and the device transfer."""
+        from operators.decode import PixelSpec
+        from operators.tensors import DevicePixels
+
+        self.geometry = geometry or PixelSpec.from_image_processor(image_processor)
+        self.to_device = DevicePixels(image_processor, self.device, self.dtype)
+
+
 def load_model(model_class, ref: ModelRef, model_dir: Path, device, dtype):
     """``from_pretrained`` with the trust policy of ``ref`` applied, placed on ``device`` in eval mode."""
     model = model_class.from_pretrained(

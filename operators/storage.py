@@ -7,6 +7,7 @@ held as ``SecretStr`` so that reprs, logs and config dumps show ``**********``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -106,3 +107,35 @@ def delta_storage_options(uri: str, options: StorageOptions) -> dict[str, str]:
         if opts.session_token:
             out["AWS_SESSION_TOKEN"] = opts.session_token.get_secret_value()
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class Location:
+    """A URI resolved once: its filesystem, the path inside it and deltalake's options.
+
+    A run resolves each of its places (input, output table, run records) once and
+    passes this around, instead of re-reading the environment at every use.
+    """
+
+    uri: str
+    filesystem: pafs.FileSystem
+    path: str
+    delta_options: dict[str, str]
+
+    @classmethod
+    def resolve(cls, uri: str, storage: StorageOptions) -> "Location":
+        resolved = storage.resolved()
+        filesystem, path = filesystem_for(uri, resolved)
+        return cls(uri, filesystem, path, delta_storage_options(uri, resolved))
+
+    def child(self, name: str) -> "Location":
+        """The location ``name`` below this one, on the same filesystem."""
+        return Location(f"{self.uri.rstrip('/')}/{name}", self.filesystem, f"{self.path.rstrip('/')}/{name}",
+                        self.delta_options)
+
+    def contains(self, other: "Location") -> bool:
+        """Whether ``other`` is this location or lies below it."""
+        if type(self.filesystem) is not type(other.filesystem):
+            return False
+        mine, theirs = self.path.rstrip("/") + "/", other.path.rstrip("/") + "/"
+        return theirs.startswith(mine)

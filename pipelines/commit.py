@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from functools import partial
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,7 +24,10 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from operators import schema as col
-from operators.storage import StorageOptions, delta_storage_options, filesystem_for
+from operators.resources import Resources
+from operators.stage import Stage
+from operators.storage import Location
+from pipelines.errors import ConcurrentRunError
 
 _STATS_PREFIX = 32
 _SUMMARY_SCHEMA = pa.schema(
@@ -37,6 +41,28 @@ _SUMMARY_SCHEMA = pa.schema(
 )
 
 
+# Writing Parquet is mostly waiting on storage; a full core per writer task would idle.
+WRITER_NUM_CPUS = 0.25
+
+
+def write_stage(table: Location, schema: pa.Schema, run_id: str, run_date: dt.date, *, kept_only: bool,
+                rows_per_file: int) -> Stage:
+    """The writer's contract: it reads every output column that no stage may leave out."""
+    optional = tuple(n for n in schema.names if n not in _REQUIRED and n not in (col.RUN_ID, col.RUN_DATE))
+    return Stage(
+        name="write", kind="task", reads=tuple(n for n in schema.names if n in _REQUIRED), optional=optional,
+        adds=("path", "size", "rows_written", "stats", "outcomes"),
+        resources=Resources(num_cpus=WRITER_NUM_CPUS, num_gpus=0, batch_size=rows_per_file),
+        build=partial(WriteDataFiles, table, schema, run_id, run_date, kept_only),
+        details=(f"to {table.uri} (partition {col.RUN_DATE}={run_date})",
+                 "kept rows only" if kept_only else "every row, with keep and reject_reason",
+                 f"up to {rows_per_file:,} rows per file"),
+    )
+
+
+_REQUIRED = (col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.KEEP, col.REJECT_REASON, col.IMAGE_BYTES)
+
+
 class WriteDataFiles:
     """Ray task: write one batch as one Parquet data file and return a one-row summary.
 
@@ -44,12 +70,8 @@ class WriteDataFiles:
     the rows that ``kept_only`` leaves out of the file.
     """
 
-    def __init__(
-        self, table_uri: str, storage: StorageOptions, schema: pa.Schema, run_id: str, run_date: dt.date,
-        kept_only: bool,
-    ):
-        self.table_uri = table_uri.rstrip("/")
-        self.storage = storage
+    def __init__(self, table: Location, schema: pa.Schema, run_id: str, run_date: dt.date, kept_only: bool):
+        self.table = table
         self.schema = schema
         self.run_id = run_id
         self.run_date = run_date
@@ -75,7 +97,7 @@ class WriteDataFiles:
             # Delta keeps partition values in the log, not in the files.
             data = data.drop_columns([col.RUN_DATE])
             path = f"{col.RUN_DATE}={self.run_date.isoformat()}/part-{self.run_id}-{uuid.uuid4().hex}.parquet"
-            fs, root = filesystem_for(self.table_uri, self.storage)
+            fs, root = self.table.filesystem, self.table.path.rstrip("/")
             fs.create_dir(f"{root}/{path.rsplit('/', 1)[0]}", recursive=True)
             pq.write_table(data, f"{root}/{path}", filesystem=fs, compression="zstd")
             size = fs.get_file_info(f"{root}/{path}").size
@@ -109,20 +131,15 @@ class WriteSummary:
         return sum(f["rows_written"] for f in self.files)
 
 
-class ConcurrentRunError(RuntimeError):
-    """Another run changed this run's partition after this run started; nothing was committed."""
-
-
-def table_version(table_uri: str, storage: StorageOptions) -> int | None:
+def table_version(table: Location) -> int | None:
     """The table's current version, or None before its first commit."""
-    options = delta_storage_options(table_uri, storage)
-    if not DeltaTable.is_deltatable(table_uri, storage_options=options):
+    if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
         return None
-    return DeltaTable(table_uri, storage_options=options).version()
+    return DeltaTable(table.uri, storage_options=table.delta_options).version()
 
 
 def commit_files(
-    table_uri: str, storage: StorageOptions, schema: pa.Schema, summary: WriteSummary, run_date: dt.date,
+    table: Location, schema: pa.Schema, summary: WriteSummary, run_date: dt.date,
     mode: str, metadata: dict[str, str], read_version: int | None,
 ) -> int:
     """Add the written files to the table in one commit; return the new table version.
@@ -133,7 +150,7 @@ def commit_files(
     (``ConcurrentRunError``) rather than mixing two runs' rows. Commits to other
     dates in the meantime are fine; the commit is retried on top of them.
     """
-    options = delta_storage_options(table_uri, storage)
+    table_uri, options = table.uri, table.delta_options
     now_ms = int(time.time() * 1000)
     partition = {col.RUN_DATE: run_date.isoformat()}
     actions = [AddAction(f["path"], f["size"], partition, now_ms, True, f["stats"]) for f in summary.files]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from operators.caption import CaptionConfig
 from operators.clip import ClipConfig
@@ -24,11 +24,9 @@ from operators.decode import DecodeConfig
 from operators.filter import FilterConfig
 from operators.itm import ItmConfig
 from operators.models import ModelLoadError, check_weights
+from operators.prepare import ColumnMapping
 from operators.storage import StorageOptions, is_remote, local_path
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message names the offending keys."""
+from pipelines.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -49,6 +47,10 @@ class InputConfig(_Strict):
     uri: str
     columns: InputColumns = InputColumns()
     extra_columns: tuple[str, ...] = ()
+
+    @property
+    def mapping(self) -> ColumnMapping:
+        return ColumnMapping(self.columns.key, self.columns.caption, self.columns.image, self.extra_columns)
 
 
 RUN_RECORDS_DIR = "_vlpipe_runs"
@@ -94,17 +96,10 @@ class PipelineConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     run_date: dt.date | None = None
     ray_address: str | None = None
+    # 0: a plan that needs more than the cluster has fails at once. On an autoscaling cluster,
+    # the seconds to wait for the nodes that would provide it.
+    ray_resource_timeout_s: float = Field(0.0, ge=0.0)
     report: ReportConfig = ReportConfig()
-
-    @model_validator(mode="after")
-    def _stages_needed_by_the_filter_are_on(self) -> "PipelineConfig":
-        if self.filter.caption == "best" and self.caption is None:
-            raise ValueError("filter.caption: best needs a caption section (a captioning model)")
-        if self.filter.min_itm_score is not None and self.itm is None:
-            raise ValueError("filter.min_itm_score needs an itm section (an ITM model)")
-        if self.itm is not None and self.itm.text == "caption_best" and self.caption is None:
-            raise ValueError("itm.text: caption_best needs a caption section (a captioning model)")
-        return self
 
     def models(self) -> dict[str, dict[str, str | None]]:
         """Each stage's model id and revision, as recorded with every commit."""
@@ -113,7 +108,8 @@ class PipelineConfig(_Strict):
 
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
-        payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address", "report"})
+        payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address", "ray_resource_timeout_s",
+                                                        "report"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_absolute_paths(self) -> "PipelineConfig":

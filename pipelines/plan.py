@@ -1,107 +1,52 @@
-"""Config to Ray Data plan: read -> prepare -> decode -> CLIP -> filter."""
+"""Config to plan: the whole chain of stages, checked before Ray starts or a shard is read.
+
+``build_plan`` is the one place that turns a config into stages; conditionals on
+the config live here and nowhere else. ``pipelines.execute`` decides how the
+stages map onto Ray, ``pipelines.run`` runs them.
+"""
 
 from __future__ import annotations
 
-import os
+import datetime as dt
 from collections.abc import Callable
-from functools import partial
-from typing import Any
-
-import ray.data
+from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from operators import schema as col
-from operators.caption import Captioner, caption_geometry
-from operators.clip import ClipScorer
-from operators.decode import DecodeImages, PixelSpec, decode_captions
-from operators.itm import ItmScorer
-from operators.models import ModelLoadError, ModelRef, resolve_model_dir
-from operators.resources import Resources
-from operators.storage import StorageOptions
-from pipelines.config import ConfigError, InputConfig, PipelineConfig
+from operators.caption import caption_geometry, caption_stage
+from operators.clip import clip_stage
+from operators.decode import PixelSpec, decode_stage
+from operators.filter import filter_stage, top_fraction_stage
+from operators.itm import itm_stage
+from operators.models import ModelRef, resolve_model_dir
+from operators.prepare import SHARD_PATH, prepare_stage
+from operators.select import select_caption_stage
+from operators.stage import Stage
+from operators.storage import Location, StorageOptions
+from pipelines.commit import write_stage
+from pipelines.config import PipelineConfig
+from pipelines.errors import PlanError
+from pipelines.execute import Pass, passes
+
+Geometry = Callable[[ModelRef, StorageOptions], PixelSpec | None]
 
 
-ACTOR_MAX_RESTARTS = 3
-# A worker that dies (OOM, preemption, a decoder crash) costs a retry, not the run; a batch that
-# kills every worker it lands on still fails the run after this many tries instead of looping.
-TASK_MAX_RETRIES = 3
+@dataclass(frozen=True)
+class Plan:
+    """The stages of one run in order, and the table they write."""
 
+    stages: tuple[Stage, ...]
+    output_schema: pa.Schema
 
-def fault_point(name: str) -> None:
-    """Test-only fault injection: die here once if a test armed ``$VLPIPE_FAULTS/<name>``.
-
-    Renaming the marker is atomic, so exactly one process fires per arming, and the
-    retried task or restarted actor runs normally.
-    """
-    folder = os.environ.get("VLPIPE_FAULTS")
-    if not folder:
-        return
-    armed = os.path.join(folder, name)
-    try:
-        os.rename(armed, f"{armed}.fired")
-    except OSError:
-        return
-    os._exit(1)
-
-
-def map_batches_args(resources: Resources, *, actor: bool, cluster_gpus: float) -> dict[str, Any]:
-    """Turn an operator's declared resources into ``map_batches`` arguments."""
-    num_gpus = resources.num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if actor and cluster_gpus >= 1 else 0.0
-    args: dict[str, Any] = {
-        "batch_size": resources.batch_size,
-        "batch_format": "pyarrow",
-        "zero_copy_batch": True,
-        "num_cpus": resources.num_cpus,
-    }
-    if num_gpus:
-        args["num_gpus"] = num_gpus
-    if actor:
-        # One actor per GPU by default; on CPU one actor, leaving cores for decoding.
-        size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
-        args["compute"] = ray.data.ActorPoolStrategy(size=size)
-        # Bounded restarts: a model that cannot load fails the run instead of looping. The
-        # distinct remote args also keep Ray from fusing CPU decoding into the model actor,
-        # so decode tasks and inference overlap on different cores.
-        args["max_restarts"] = ACTOR_MAX_RESTARTS
-        args["max_task_retries"] = TASK_MAX_RETRIES
-    else:
-        args["max_retries"] = TASK_MAX_RETRIES
-        if resources.concurrency:
-            args["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
-    return args
+    @property
+    def passes(self) -> list[Pass]:
+        return passes(list(self.stages))
 
 
 def image_geometry(ref: ModelRef, storage: StorageOptions) -> PixelSpec:
     """A model's fixed input geometry, read from its processor config alone (no weights)."""
     return PixelSpec.from_image_processor(_image_processor(ref, storage))
-
-
-class PrepareInput:
-    """Rename the configured input columns to vlpipe's names and normalise their types."""
-
-    def __init__(self, config: InputConfig, shard_prefix: str):
-        self.config = config
-        self.shard_prefix = shard_prefix
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        fault_point("decode")  # Ray fuses this step and decoding into one CPU task
-        columns = self.config.columns
-        key = batch.column(columns.key)
-        caption = decode_captions(batch.column(columns.caption))
-        paths = pc.binary_join_element_wise(self.shard_prefix, batch.column("path"), "")
-        out = {
-            col.KEY: key if pa.types.is_string(key.type) else key.cast(pa.string()),
-            col.CAPTION: caption,
-            col.SOURCE_SHARD: paths,
-        }
-        for name in self.config.extra_columns:
-            out[name] = batch.column(name)
-        out[col.IMAGE] = batch.column(columns.image)
-        return pa.table(out)
 
 
 def _image_processor(ref: ModelRef, storage: StorageOptions):
@@ -111,121 +56,168 @@ def _image_processor(ref: ModelRef, storage: StorageOptions):
     return AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
 
 
-class ModelStage:
-    """A model operator run in an actor, dropping the pixel columns no later stage reads."""
-
-    def __init__(self, build: partial, drop: tuple[str, ...]):
-        try:
-            self.operator = build()
-        except Exception as err:
-            # Ray fails the run on the first actor that dies in its constructor (no restart loop);
-            # this puts the model's own error in the last line of the message the user sees.
-            raise ModelLoadError(f"{build.func.__name__} could not load its model: {type(err).__name__}: {err}") from err
-        self.drop = drop
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        fault_point(type(self.operator).__name__)
-        return self.operator(batch).drop_columns(list(self.drop))
+def _caption_geometry(config: PipelineConfig, geometry: Geometry) -> PixelSpec | None:
+    if geometry is not image_geometry:
+        return geometry(config.caption.model, config.storage)
+    return caption_geometry(_image_processor(config.caption.model, config.storage), config.caption.image_size)
 
 
-# Named subclasses only so Ray's progress bars and stats say which model is which.
-class CaptionStage(ModelStage):
-    pass
+def build_plan(
+    config: PipelineConfig, output: Location, *, run_id: str, run_date: dt.date, shard_schema: pa.Schema | None,
+    shard_prefix: str = "", shard_count: int | None = None, geometry: Geometry = image_geometry,
+) -> Plan:
+    """Every stage of the configured run, read to write, with its columns checked.
+
+    ``geometry`` reads a model's input size; ``lambda ref, storage: None`` checks
+    a plan whose models exist only on the cluster (each gets its own pixel column).
+    """
+    schema = col.output_schema(_extra_fields(config, shard_schema), include_image_bytes=config.output.include_image_bytes)
+    model_stages, pixels = _model_stages(config, geometry)
+    stages = [_read_stage(config, shard_count), prepare_stage(config.input.mapping, shard_prefix),
+              _decode_stage(config, pixels), *model_stages, filter_stage(config.filter)]
+    if config.filter.keep_top_fraction is not None:
+        stages.append(top_fraction_stage(config.filter))
+    stages.append(write_stage(output, schema, run_id, run_date, kept_only=config.output.kept_only,
+                              rows_per_file=config.output.rows_per_file))
+    check_columns(stages)
+    return Plan(tuple(stages), schema)
 
 
-class ClipStage(ModelStage):
-    pass
+def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stage], dict[str, PixelSpec | None]]:
+    """The model stages in order, and the pixel column each distinct input geometry gets.
 
-
-class ItmStage(ModelStage):
-    pass
-
-
-def model_stages(config: PipelineConfig) -> tuple[dict[str, PixelSpec], list[tuple[type[ModelStage], dict, Resources]]]:
-    """The extra pixel columns decode must emit, and the model stages in order.
-
-    Models that share an input geometry share one pixel column, so an image is
-    resized once per distinct geometry; every pixel column is dropped right after
-    its last reader so it never travels further than needed.
+    Models that share a geometry share one pixel column, so an image is resized
+    once per distinct geometry.
     """
     storage = config.storage
-    columns = {image_geometry(config.clip.model, storage): col.PIXELS}
-    stages: list[tuple[type[ModelStage], Callable, str, Resources]] = []
+    clip_geometry = geometry(config.clip.model, storage)
+    pixels: dict[str, PixelSpec | None] = {col.PIXELS: clip_geometry}
+    stages = []
+
+    def column_for(spec: PixelSpec | None, own: str) -> str:
+        shared = next((name for name, s in pixels.items() if spec is not None and s == spec), None)
+        pixels.setdefault(own, spec) if shared is None else None
+        return shared or own
+
     if config.caption:
-        spec = caption_geometry(_image_processor(config.caption.model, storage), config.caption.image_size)
-        column = columns.setdefault(spec, col.CAPTION_PIXELS)
-        stages.append((CaptionStage, partial(Captioner, config.caption, storage, column), column, config.caption.resources))
-    stages.append((ClipStage, partial(ClipScorer, config.clip, storage), col.PIXELS, config.clip.resources))
+        spec = _caption_geometry(config, geometry)
+        column = column_for(spec, col.CAPTION_PIXELS)
+        stages.append(caption_stage(config.caption, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    stages.append(clip_stage(config.clip, storage, captions_generated=config.caption is not None,
+                             geometry=_describe_geometry(clip_geometry)))
+    if config.caption:
+        stages.append(select_caption_stage())
     if config.itm:
-        spec = image_geometry(config.itm.model, storage)
-        column = columns.setdefault(spec, col.ITM_PIXELS)
-        stages.append((ItmStage, partial(ItmScorer, config.itm, storage, column), column, config.itm.resources))
-    last_reader = {column: stage for stage, _, column, _ in stages}
-    plan = []
-    for stage, build, _, resources in stages:
-        drop = tuple(c for c, last in last_reader.items() if last is stage)
-        plan.append((stage, {"build": build, "drop": drop}, resources))
-    extra = {column: spec for spec, column in columns.items() if column != col.PIXELS}
-    return extra, plan
+        spec = geometry(config.itm.model, storage)
+        column = column_for(spec, col.ITM_PIXELS)
+        stages.append(itm_stage(config.itm, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    return stages, pixels
 
 
-def read_columns(config: InputConfig) -> list[str]:
-    """The only columns read from the shards (projection pushdown)."""
-    c = config.columns
-    return list(dict.fromkeys([c.key, c.caption, c.image, *config.extra_columns]))
-
-
-def build_scored_dataset(config: PipelineConfig, paths: list[str], filesystem, shard_prefix: str):
-    """The lazy dataset up to and including CLIP scores."""
-    import ray
-
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    pixels = image_geometry(config.clip.model, config.storage)
-    extra_pixels, stages = model_stages(config)
-    actor_args = [map_batches_args(resources, actor=True, cluster_gpus=gpus) for _, _, resources in stages]
-    check_actors_fit(actor_args, config, float(ray.cluster_resources().get("CPU", 0)))
-    _size_footer_reader_pool(len(paths))
-    # Read tasks get the same retry bound: a shard that crashes its reader fails the run, not loops.
-    ds = ray.data.read_parquet(
-        paths, filesystem=filesystem, columns=read_columns(config.input), include_paths=True,
-        ray_remote_args={"max_retries": TASK_MAX_RETRIES},
+def _read_stage(config: PipelineConfig, shard_count: int | None) -> Stage:
+    shards = "the" if shard_count is None else f"{shard_count}"
+    return Stage(
+        name="read", kind="source", reads=(), adds=(*config.input.mapping.read, SHARD_PATH),
+        details=(f"{shards} Parquet shard(s) from {config.input.uri}",
+                 f"columns {', '.join(config.input.mapping.read)} (projection pushdown)"),
     )
-    cpu_task = map_batches_args(config.decode.resources, actor=False, cluster_gpus=gpus)
-    ds = ds.map_batches(PrepareInput(config.input, shard_prefix), **cpu_task)
-    ds = ds.map_batches(DecodeImages(config.decode, pixels, extra_pixels=extra_pixels), **cpu_task)
-    for (stage, kwargs, _), args in zip(stages, actor_args):
-        ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, **args)
-    return ds
 
 
-_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-_FOOTERS_PER_CALL = 10  # Ray Data's default RAY_DATA_PARQUET_FOOTER_BATCH_SIZE
-_user_footer_actors = os.environ.get(_FOOTER_ACTORS_ENV)
+def _decode_stage(config: PipelineConfig, pixels: dict[str, PixelSpec | None]) -> Stage:
+    keep_bytes = config.decode.keep_image_bytes or config.output.include_image_bytes
+    decode = config.decode.model_copy(update={"keep_image_bytes": keep_bytes})
+    extra = {name: spec for name, spec in pixels.items() if name != col.PIXELS}
+    described = {name: _describe_geometry(spec) for name, spec in pixels.items()}
+    return decode_stage(decode, pixels[col.PIXELS], extra, described)
 
 
-def _size_footer_reader_pool(num_files: int) -> None:
-    """No more footer-reading actors than batches of footers to read.
-
-    Ray Data starts 32 actor processes for every Parquet listing and hands each
-    at most one batch of 10 footers: a 3-shard nightly paid ~1-4 s of process
-    start-up on a small node for one batch. An explicit setting is left alone.
-    """
-    if _user_footer_actors is None:
-        os.environ[_FOOTER_ACTORS_ENV] = str(min(32, max(1, -(-num_files // _FOOTERS_PER_CALL))))
+def _describe_geometry(spec: PixelSpec | None) -> str:
+    if spec is None:
+        return "(read from the model where it runs)"
+    height, width = spec.out_size
+    how = f"shortest edge {spec.shortest_edge}" if spec.shortest_edge else f"resize {spec.resize[0]}x{spec.resize[1]}"
+    return f"{height}x{width} uint8 ({how}{', centre crop' if spec.crop else ''})"
 
 
-# Writing Parquet is mostly waiting on storage; a full core per writer task would idle.
-WRITER_NUM_CPUS = 0.25
-READ_NUM_CPUS = 1.0
+def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema | None) -> list[pa.Field]:
+    names = config.input.extra_columns
+    if shard_schema is None:
+        return [pa.field(name, pa.null()) for name in names]
+    missing = [n for n in names if n not in shard_schema.names]
+    if missing:
+        raise PlanError(f"input.extra_columns not found in the shards: {', '.join(missing)}")
+    return [shard_schema.field(name) for name in names]
 
 
-def check_actors_fit(actor_args: list[dict[str, Any]], config: PipelineConfig, cluster_cpus: float) -> None:
-    """Refuse a plan whose model actors leave no CPU for the tasks: Ray would wait forever."""
-    held = sum(args["num_cpus"] * args["compute"].min_size for args in actor_args)
-    # Ray Data lists and reads files with whole-CPU tasks, whatever the stages ask for.
-    task = max(READ_NUM_CPUS, config.decode.resources.num_cpus, config.filter.resources.num_cpus, WRITER_NUM_CPUS)
-    if held + task > cluster_cpus:
-        raise ConfigError(
-            f"the model actors hold {held:g} CPUs and reading/decoding needs {task:g} more, but the cluster "
-            f"has {cluster_cpus:g}: lower caption/clip/itm.resources.num_cpus or concurrency (fractions are fine)"
-        )
+# What to turn on when a stage reads a column that nothing before it adds.
+_PRODUCED_BY = {
+    col.ITM_SCORE: "an itm: section (an ITM model)",
+    col.CAPTION_BEST: "a caption: section (a captioning model)",
+    col.CLIP_SCORE_BEST: "a caption: section (a captioning model)",
+    col.CAPTION_GENERATED: "a caption: section (a captioning model)",
+}
+
+
+def check_columns(stages: list[Stage]) -> None:
+    """Each stage's inputs must come from the stages before it; the error names both."""
+    available: set[str] = set()
+    for index, stage in enumerate(stages):
+        missing = [c for c in stage.reads if c not in available]
+        if missing:
+            before = ", ".join(s.name for s in stages[:index]) or "none"
+            hint = "; ".join(f"{c} needs {_PRODUCED_BY[c]}" for c in missing if c in _PRODUCED_BY)
+            raise PlanError(
+                f"stage {stage.name!r} reads column(s) {', '.join(missing)}, which no earlier stage adds "
+                f"(stages before it: {before})" + (f": {hint}" if hint else "")
+            )
+        available.update(stage.adds)
+
+
+def check_locations(input_: Location, output: Location, runs: Location) -> None:
+    """Refuse an output inside the input: the next run would list the table's own files as shards."""
+    for name, where in (("output.uri", output), ("output.runs_uri", runs)):
+        if input_.contains(where):
+            raise PlanError(
+                f"{name} {where.uri} is inside input.uri {input_.uri}: every later run would read the table's "
+                "data files as input shards (and fail them); put the output outside the input"
+            )
+
+
+def describe(plan: Plan, cluster_gpus: float = 0.0) -> str:
+    """The plan as ``vlpipe plan`` prints it: stages, how they run on Ray, columns, schema."""
+    from pipelines.execute import map_batches_args
+
+    lines = []
+    for number, run_pass in enumerate(plan.passes, 1):
+        if len(plan.passes) > 1:
+            lines.append(f"pass {number}" + (f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
+                                             if run_pass.aggregate else " (reads pass 1's staged rows back)"))
+        for step in run_pass.steps:
+            lines.append(f"  ray step {step.name}: {_how(step, map_batches_args(step, cluster_gpus))}")
+    lines.append("")
+    for stage in plan.stages:
+        lines += _describe_stage(stage)
+    lines += ["", "output schema:"] + [f"  {f.name:<22} {f.type}" for f in plan.output_schema]
+    return "\n".join(lines)
+
+
+def _how(step, args: dict) -> str:
+    stages = " + ".join(s.name for s in step.stages)
+    gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
+    if "compute" in args:
+        workers = f"{args['compute'].min_size} actor(s)"
+    else:
+        workers = "tasks" + (f" (at most {args['concurrency']})" if args.get("concurrency") else "")
+    return f"{stages} -- {workers} x {args['num_cpus']:g} CPU{gpus}, batch {args['batch_size']}"
+
+
+def _describe_stage(stage: Stage) -> list[str]:
+    lines = [f"{stage.name} [{stage.kind}]" + (f"  model {stage.model.source}"
+                                               + (f"@{stage.model.revision}" if stage.model.revision else "")
+                                               if stage.model else "")]
+    if stage.reads:
+        lines.append(f"    reads  {', '.join(stage.reads)}")
+    if stage.adds:
+        lines.append(f"    adds   {', '.join(stage.adds)}")
+    lines += [f"    {detail}" for detail in stage.details]
+    return lines

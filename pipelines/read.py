@@ -15,18 +15,24 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from operators import schema as col
-from operators.storage import StorageOptions, delta_storage_options, filesystem_for
+from operators.storage import Location, StorageOptions
 
 
-def delta_dataset(uri: str, storage: StorageOptions, *, version: int | None = None) -> pads.Dataset:
+def located(where: Location | str, storage: StorageOptions) -> Location:
+    """``where`` resolved, unless it already is."""
+    return where if isinstance(where, Location) else Location.resolve(where, storage)
+
+
+def delta_dataset(where: Location | str, storage: StorageOptions = StorageOptions(), *,
+                  version: int | None = None) -> pads.Dataset:
     """A Delta table (at ``version``) as a pyarrow dataset over a native pyarrow filesystem.
 
     deltalake's default Python filesystem handler can make the interpreter abort at exit
     ("terminate called without an active exception", delta-rs #2184); pyarrow's own does not.
     """
-    table = DeltaTable(uri, version=version, storage_options=delta_storage_options(uri, storage))
-    filesystem, root = filesystem_for(uri, storage)
-    return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, filesystem))
+    location = located(where, storage)
+    table = DeltaTable(location.uri, version=version, storage_options=location.delta_options)
+    return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(location.path, location.filesystem))
 
 
 def read_output(
@@ -56,4 +62,4 @@ def read_output_dataset(uri: str, *, version: int | None = None, storage: Storag
     """The table as a lazy Ray Dataset, for training or further Ray Data jobs."""
     import ray.data
 
-    return ray.data.read_delta(uri, version=version, storage_options=delta_storage_options(uri, storage) or None)
+    return ray.data.read_delta(uri, version=version, storage_options=located(uri, storage).delta_options or None)

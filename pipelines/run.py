@@ -1,4 +1,11 @@
-"""Execute one run: list shards, build the plan, write, commit, record."""
+"""One run, start to end: whatever ends it, exactly one run record says how.
+
+``run_pipeline`` lists and checks the shards, builds and checks the plan, runs it
+on Ray, commits the written files in one Delta transaction and appends the run
+record. A failure anywhere (no usable shard, a model that cannot load, a
+concurrent commit, a Ray error, SIGINT/SIGTERM) still appends a record, with the
+status and the error, before the error goes on to the caller.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +13,53 @@ import datetime as dt
 import json
 import logging
 import os
+import time
 import uuid
+from dataclasses import dataclass, field
 from importlib import metadata
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from operators import schema as col
-from operators.filter import ScoreFilter, top_fraction_threshold
-from pipelines.commit import WriteDataFiles, WriteSummary, commit_files, table_version
-from pipelines.config import ConfigError, PipelineConfig, check_models
-from pipelines.plan import WRITER_NUM_CPUS, build_scored_dataset, fault_point, map_batches_args
-from pipelines import logs
+from operators.storage import Location
+from pipelines import hooks, logs
+from pipelines.commit import WriteSummary, commit_files, table_version
+from pipelines.config import PipelineConfig, check_models
+from pipelines.errors import Interrupted, NoInputError, PlanError
+from pipelines.execute import READ_NUM_CPUS, execute, resource_shortfall
 from pipelines.nightly import NightlyPlan, plan_nightly
+from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
 from pipelines.runs import RunRecord, append_run_record, read_run_records
-from pipelines.shards import Shard, ShardError, check_shards, list_shards
+from pipelines.shards import Shard, check_shards, list_shards
 
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("vlpipe", "ray", "torch", "transformers", "deltalake", "pyarrow", "pillow")
+# Record statuses; `vlpipe runs` shows them, the CLI's exit code agrees with them.
+SUCCEEDED, PARTIAL, FAILED, INTERRUPTED = "succeeded", "partial", "failed", "interrupted"
+
+
+@dataclass
+class Run:
+    """What a run knows so far: enough for its record, however it ends."""
+
+    config: PipelineConfig
+    config_hash: str
+    run_id: str
+    run_date: dt.date
+    started: dt.datetime
+    input: Location
+    output: Location
+    runs: Location
+    shards: list[Shard] = field(default_factory=list)
+    failed_shards: list[dict] = field(default_factory=list)
+
+    def record(self, status: str, **fields) -> RunRecord:
+        return RunRecord(
+            run_id=self.run_id, run_date=self.run_date, status=status, started_at=self.started, finished_at=_now(),
+            config_hash=self.config_hash, config_json=json.dumps(self.config.public_dump(), sort_keys=True),
+            output_uri=self.output.uri, input_shards=[_shard_row(s) for s in self.shards],
+            failed_shards=self.failed_shards, **fields,
+        )
 
 
 def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[NightlyPlan, RunRecord | None]:
@@ -34,15 +67,33 @@ def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[Nightly
     check_models(config)
     run_date = config.run_date or _now().date()
     config = config.model_copy(update={"run_date": run_date})
-    _, shards = list_shards(config.with_absolute_paths().input.uri, config.storage)
+    absolute = config.with_absolute_paths()
+    shards = list_shards(Location.resolve(absolute.input.uri, config.storage))
     if not shards:  # else "nothing new" would hide a mistyped glob night after night
-        raise ShardError(_no_shards_message(config.input.uri))
-    records = read_run_records(config.with_absolute_paths().output.run_records_uri, config.storage)
+        raise NoInputError(_no_shards_message(config.input.uri))
+    records = read_run_records(Location.resolve(absolute.output.run_records_uri, config.storage))
     plan = plan_nightly(shards, records, run_date, config.hash(), force)
     log.info("nightly %s: %s", run_date, plan.reason)
     if plan.nothing_to_do:
         return plan, None
     return plan, run_pipeline(config, shards=plan.shards)
+
+
+def start_run(config: PipelineConfig, run_id: str | None = None) -> Run:
+    """Resolve the run's places once and refuse what would fail later (before Ray or any shard)."""
+    started = _now()
+    config_hash = config.hash()  # of the config as written, so it does not depend on the working directory
+    config = config.with_absolute_paths()
+    check_models(config)
+    storage = config.storage
+    run = Run(
+        config=config, config_hash=config_hash, run_id=run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+        run_date=config.run_date or started.date(), started=started,
+        input=Location.resolve(config.input.uri, storage), output=Location.resolve(config.output.uri, storage),
+        runs=Location.resolve(config.output.run_records_uri, storage),
+    )
+    check_locations(run.input, run.output, run.runs)
+    return run
 
 
 @logs.run_scope
@@ -52,115 +103,139 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
     ``shards`` restricts the run to these input shards (nightly runs); by default
     every shard under ``input.uri`` is processed.
     """
-    import ray
+    run = start_run(config, run_id)
+    logs.bind_run_id(run.run_id)  # every log line of this run names it, until run_pipeline returns
+    try:
+        record = _run(run, shards)
+    except BaseException as err:
+        interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
+        _append_record(run, run.record(INTERRUPTED if interrupted else FAILED, error=_error_text(err)))
+        raise
+    _append_record(run, record)
+    write_run_report(run.config, record)  # logs a warning and carries on if it cannot
+    log.info("committed version %d: %d rows in, %d kept", record.table_version, record.rows_in, record.rows_kept)
+    return record
 
-    started = _now()
-    config_hash = config.hash()  # of the config as written, so it does not depend on the working directory
-    config = config.with_absolute_paths()
-    check_models(config)  # before Ray starts or a shard is read
-    run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    logs.bind_run_id(run_id)  # every log line of this run names it, until run_pipeline returns
-    run_date = config.run_date or started.date()
-    read_version = table_version(config.output.uri, config.storage)
-    filesystem, listed = list_shards(config.input.uri, config.storage)
-    shards = listed if shards is None else shards
-    if not shards:
-        raise ShardError(_no_shards_message(config.input.uri))
-    checked = check_shards(filesystem, shards, config.input)
-    log.info("%d shards from %s (%d unusable)", len(shards), config.input.uri, len(checked.failed))
+
+def explain(config: PipelineConfig) -> str:
+    """What ``vlpipe run`` would do, without running it: reads the listing and footers, nothing else."""
+    run = start_run(config, run_id="<run id>")
+    shards = list_shards(run.input)
+    checked = check_shards(run.input.filesystem, shards, run.config.input.mapping) if shards else None
+    prefix = shards[0].uri.removesuffix(shards[0].path) if shards else ""
+    plan = build_plan(run.config, run.output, run_id=run.run_id, run_date=run.run_date,
+                      shard_schema=checked.schema if checked else None, shard_prefix=prefix,
+                      shard_count=len(checked.good) if checked else 0)
+    unusable = f", {len(checked.failed)} unusable" if checked and checked.failed else ""
+    return f"plan of a run into {run.output.uri} (run_date={run.run_date}; {len(shards)} shard(s){unusable})\n\n" + describe(plan)
+
+
+def _run(run: Run, only: list[Shard] | None) -> RunRecord:
+    config = run.config
+    read_version = table_version(run.output)
+    listed = list_shards(run.input)
+    run.shards = listed if only is None else only
+    if not run.shards:
+        raise NoInputError(_no_shards_message(config.input.uri))
+    checked = check_shards(run.input.filesystem, run.shards, config.input.mapping)
+    run.failed_shards = checked.failed
+    log.info("%d shards from %s (%d unusable)", len(run.shards), config.input.uri, len(checked.failed))
     if not checked.good:
-        error = f"none of the {len(shards)} input shard(s) can be read: " + "; ".join(
-            f"{f['uri']}: {f['error']}" for f in checked.failed[:5]) + (" ..." if len(checked.failed) > 5 else "")
-        _append_record(config, RunRecord(
-            run_id=run_id, run_date=run_date, status="failed", started_at=started, finished_at=_now(),
-            config_hash=config_hash, config_json=json.dumps(config.public_dump(), sort_keys=True),
-            output_uri=config.output.uri, input_shards=[_shard_row(s) for s in shards],
-            failed_shards=checked.failed, error=error,
-        ))
-        raise ShardError(error)
+        raise NoInputError(_unreadable_message(run.shards, checked.failed))
+    prefix = run.shards[0].uri.removesuffix(run.shards[0].path)
+    plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
+                      shard_prefix=prefix, shard_count=len(checked.good))
+    gpus = _start_ray(config, plan)
+    log.info("plan:\n%s", describe(plan, gpus))
+    summary = WriteSummary()
+    for row in execute(plan.passes, _source(config, plan, run, checked.good), run.output, run.run_id, gpus):
+        summary.add(row)
+    return _commit(run, plan, summary, read_version)
+
+
+def _source(config: PipelineConfig, plan: Plan, run: Run, shards: list[Shard]):
+    import ray.data
+
+    # Read tasks ask for what decode tasks ask for, so Ray fuses the two into one task, whose
+    # bounded retries then cover reading too: a shard that crashes its reader fails the run, not loops.
+    return ray.data.read_parquet(
+        [s.path for s in shards], filesystem=run.input.filesystem, columns=list(config.input.mapping.read),
+        include_paths=True, num_cpus=config.decode.resources.num_cpus or READ_NUM_CPUS,
+    )
+
+
+def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None) -> RunRecord:
+    config, models, versions = run.config, run.config.models(), _versions()
+    hooks.reach("commit")
+    version = commit_files(
+        run.output, plan.output_schema, summary, run.run_date, config.output.mode, read_version=read_version,
+        metadata={
+            "vlpipe.run_id": run.run_id, "vlpipe.config_hash": run.config_hash,
+            "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
+        },
+    )
+    outcomes = dict(summary.outcomes)
+    return run.record(
+        PARTIAL if run.failed_shards else SUCCEEDED, table_version=version, rows_in=summary.rows_in,
+        rows_kept=outcomes.pop(col.KEPT, 0), rejected_by_reason=outcomes, rows_written=summary.rows_written,
+        models=models, versions=versions,
+    )
+
+
+def _start_ray(config: PipelineConfig, plan: Plan) -> float:
+    """Connect to (or start) Ray and wait, as configured, until it can run the plan; returns its GPUs."""
+    import ray
 
     if not ray.is_initialized():
         # "local" rather than None: a stale /tmp/ray/ray_current_cluster from an earlier
         # `ray start` must not make a laptop run attach to a dead cluster.
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    shard_prefix = shards[0].uri.removesuffix(shards[0].path)
-    ds = build_scored_dataset(config, [s.path for s in checked.good], filesystem, shard_prefix)
-
-    threshold = None
-    if config.filter.keep_top_fraction is not None:
-        # The cut-off depends on every score of the run, so scores are computed once and kept.
-        ds = ds.materialize()
-        column = config.filter.clip_score_column
-        scores = [b.column(column) for b in ds.select_columns([column]).iter_batches(batch_format="pyarrow")]
-        values = pc.fill_null(pa.chunked_array(scores, pa.float32()), np.nan).to_numpy() if scores else np.array([])
-        threshold = top_fraction_threshold(values, config.filter.keep_top_fraction)
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    ds = ds.map_batches(ScoreFilter(config.filter, threshold), **map_batches_args(config.filter.resources, actor=False, cluster_gpus=gpus))
-
-    output = config.output
-    extra = _extra_fields(config, checked.schema)
-    schema = col.output_schema(extra, include_image_bytes=output.include_image_bytes)
-    writer = WriteDataFiles(output.uri, config.storage, schema, run_id, run_date, output.kept_only)
-    ds = ds.map_batches(
-        writer, batch_size=output.rows_per_file, batch_format="pyarrow", zero_copy_batch=True, num_cpus=WRITER_NUM_CPUS
-    )
-    summary = WriteSummary()
-    for row in ds.iter_rows():
-        summary.add(row)
-    # Per-stage wall and CPU time of the execution; the benchmark reads it from this log.
-    log.debug("Ray Data stats:\n%s", ds.stats())
-
-    models = config.models()
-    versions = _versions()
-    fault_point("commit")
-    version = commit_files(
-        output.uri, config.storage, schema, summary, run_date, output.mode, read_version=read_version,
-        metadata={
-            "vlpipe.run_id": run_id, "vlpipe.config_hash": config_hash,
-            "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
-        },
-    )
-    outcomes = dict(summary.outcomes)
-    record = RunRecord(
-        run_id=run_id, run_date=run_date, status="succeeded", started_at=started, finished_at=_now(),
-        config_hash=config_hash, config_json=json.dumps(config.public_dump(), sort_keys=True),
-        output_uri=output.uri, table_version=version, input_shards=[_shard_row(s) for s in shards],
-        failed_shards=checked.failed,
-        rows_in=summary.rows_in, rows_kept=outcomes.pop(col.KEPT, 0), rejected_by_reason=outcomes,
-        rows_written=summary.rows_written, models=models, versions=versions,
-    )
-    _append_record(config, record)
-    write_run_report(config, record)  # logs a warning and carries on if it cannot
-    log.info("committed version %d: %d rows in, %d kept", version, record.rows_in, record.rows_kept)
-    return record
+    deadline = time.monotonic() + config.ray_resource_timeout_s
+    while (short := resource_shortfall(plan.passes, ray.cluster_resources())) is not None:
+        if time.monotonic() >= deadline:
+            waited = f" (waited {config.ray_resource_timeout_s:g} s for the cluster to grow)" if config.ray_resource_timeout_s else ""
+            raise PlanError(short + waited)
+        log.info("waiting for the cluster: %s", short)
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema) -> list[pa.Field]:
-    missing = [n for n in config.input.extra_columns if n not in shard_schema.names]
-    if missing:
-        raise ConfigError(f"input.extra_columns not found in the shards: {', '.join(missing)}")
-    return [shard_schema.field(name) for name in config.input.extra_columns]
-
-
-def _append_record(config: PipelineConfig, record: RunRecord, attempts: int = 3) -> None:
+def _append_record(run: Run, record: RunRecord, attempts: int = 3) -> None:
     """Append the run record, surviving a lost answer: deltalake does not retry a conditional put."""
-    uri = config.output.run_records_uri
     for attempt in range(attempts):
         try:
-            append_run_record(uri, config.storage, record)
+            append_run_record(run.runs, run.config.storage, record)
             return
-        except OSError:
-            if record.run_id in read_run_records(uri, config.storage).column("run_id").to_pylist():
-                return  # it landed; only the answer was lost
+        except OSError as err:
+            try:
+                if record.run_id in read_run_records(run.runs).column("run_id").to_pylist():
+                    return  # it landed; only the answer was lost
+            except OSError:
+                pass
             if attempt == attempts - 1:
-                raise
+                if record.status in (SUCCEEDED, PARTIAL):
+                    raise
+                log.error("could not append the %s run record to %s: %s", record.status, run.runs.uri, err)
+                return
             log.warning("appending the run record failed; trying again")
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    text = str(err).strip() or type(err).__name__
+    return text if len(text) < 4000 else text[:2000] + " ... " + text[-1500:]
 
 
 def _no_shards_message(uri: str) -> str:
     return (f"no Parquet shards found at input.uri {uri!r}: the prefix, directory or glob matches no "
             "*.parquet file (names starting with '_' or '.' are skipped)")
+
+
+def _unreadable_message(shards: list[Shard], failed: list[dict]) -> str:
+    listed = "; ".join(f"{f['uri']}: {f['error']}" for f in failed[:5])
+    return f"none of the {len(shards)} input shard(s) can be read: {listed}" + (" ..." if len(failed) > 5 else "")
 
 
 def _shard_row(shard: Shard) -> dict:

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
-from operators.storage import StorageOptions, delta_storage_options
-from pipelines.read import delta_dataset
+from operators.storage import Location, StorageOptions
+from pipelines.read import delta_dataset, located
 
 RUN_RECORD_SCHEMA = pa.schema(
     [
@@ -85,18 +85,19 @@ class RunRecord:
         return row
 
 
-def append_run_record(uri: str, storage: StorageOptions, record: RunRecord) -> None:
+def append_run_record(where: Location | str, storage: StorageOptions, record: RunRecord) -> None:
     """Append one run to the run-record table (created on first use)."""
+    location = located(where, storage)
     table = pa.Table.from_pylist([record.to_row()], schema=RUN_RECORD_SCHEMA)
-    write_deltalake(uri, table, mode="append", storage_options=delta_storage_options(uri, storage))
+    write_deltalake(location.uri, table, mode="append", storage_options=location.delta_options)
 
 
-def read_run_records(uri: str, storage: StorageOptions) -> pa.Table:
+def read_run_records(where: Location | str, storage: StorageOptions = StorageOptions()) -> pa.Table:
     """All run records, oldest first; empty if no run has been recorded yet."""
-    options = delta_storage_options(uri, storage)
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    location = located(where, storage)
+    if not DeltaTable.is_deltatable(location.uri, storage_options=location.delta_options):
         return RUN_RECORD_SCHEMA.empty_table()
-    return delta_dataset(uri, storage).to_table().sort_by("started_at")
+    return delta_dataset(location).to_table().sort_by("started_at")
 
 
 def format_runs(records: pa.Table, *, limit: int = 10) -> str:

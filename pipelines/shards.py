@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.storage import StorageOptions, filesystem_for
-from pipelines.config import ConfigError, InputConfig
+from operators.prepare import ColumnMapping
+from operators.storage import Location
+from pipelines.errors import NoInputError, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,21 @@ class Shard:
     mtime: dt.datetime | None
 
 
-def list_shards(uri: str, storage: StorageOptions) -> tuple[pafs.FileSystem, list[Shard]]:
-    """The Parquet shards ``uri`` names, sorted by path."""
-    fs, path = filesystem_for(uri, storage)
+def list_shards(location: Location) -> list[Shard]:
+    """The Parquet shards ``location`` names, sorted by path."""
+    try:
+        return _list(location)
+    except OSError as err:  # S3 and local errors alike: unreachable, no credentials, access denied
+        raise UnreachableError(f"cannot list input {location.uri}: {_cause(err)}") from err
+
+
+def _cause(err: OSError) -> str:
+    """The useful part of a storage error: pyarrow prefixes its own context."""
+    return " ".join(str(err).split())
+
+
+def _list(location: Location) -> list[Shard]:
+    fs, path, uri = location.filesystem, location.path, location.uri
     scheme = urlparse(uri).scheme
     prefix = f"{scheme}://" if scheme in ("s3", "s3a", "gs", "gcs") else ""
     pattern = None
@@ -50,7 +63,7 @@ def list_shards(uri: str, storage: StorageOptions) -> tuple[pafs.FileSystem, lis
         infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.is_file]
         infos = [i for i in infos if _is_data_file(i.path, path, pattern)]
     shards = [Shard(prefix + i.path, i.path, i.size, i.mtime) for i in infos]
-    return fs, sorted(shards, key=lambda s: s.path)
+    return sorted(shards, key=lambda s: s.path)
 
 
 def _is_data_file(path: str, root: str, pattern: str | None) -> bool:
@@ -64,8 +77,7 @@ def _is_data_file(path: str, root: str, pattern: str | None) -> bool:
     return name.endswith(".parquet")
 
 
-class ShardError(ConfigError):
-    """No input shard can be processed: the glob matched nothing, or every shard is unusable."""
+ShardError = NoInputError  # the name earlier versions raised
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,7 @@ class ShardCheck:
 _FOOTER_THREADS = 32
 
 
-def check_shards(fs: pafs.FileSystem, shards: list[Shard], config: InputConfig) -> ShardCheck:
+def check_shards(fs: pafs.FileSystem, shards: list[Shard], columns: ColumnMapping) -> ShardCheck:
     """Read every shard's Parquet footer (in parallel) and set aside the ones a run would choke on.
 
     A shard fails when its footer cannot be read (corrupt, truncated, unreadable),
@@ -89,10 +101,10 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], config: InputConfig) 
     read, or a column's type differs from the one most shards have (schema drift:
     Ray cannot concatenate such blocks, so one drifted shard would fail the run).
     """
-    names = list(dict.fromkeys([config.columns.key, config.columns.caption, config.columns.image, *config.extra_columns]))
+    names = list(columns.read)
 
     def types(shard: Shard) -> tuple[str, ...] | str:
-        footer = _read_footer(fs, shard, config)
+        footer = _read_footer(fs, shard, columns)
         # Only the read columns' types are kept: a million full schemas would not fit the driver.
         return footer if isinstance(footer, str) else tuple(str(footer.field(n).type) for n in names)
 
@@ -118,7 +130,7 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], config: InputConfig) 
     return ShardCheck(good, failed, schema)
 
 
-def _read_footer(fs: pafs.FileSystem, shard: Shard, config: InputConfig) -> pa.Schema | str:
+def _read_footer(fs: pafs.FileSystem, shard: Shard, columns: ColumnMapping) -> pa.Schema | str:
     """The shard's schema, or why it cannot be processed."""
     try:
         with fs.open_input_file(shard.path) as f:
@@ -128,9 +140,7 @@ def _read_footer(fs: pafs.FileSystem, shard: Shard, config: InputConfig) -> pa.S
         return f"cannot read the Parquet footer: {type(err).__name__}: {err}"
     if meta.num_rows == 0:
         return "the shard has no rows (an empty or unfinished write?)"
-    columns = config.columns
-    missing = [n for n in dict.fromkeys([columns.key, columns.caption, columns.image, *config.extra_columns])
-               if n not in schema.names]
+    missing = [n for n in columns.read if n not in schema.names]
     if missing:
         return f"missing column(s) {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})"
     for name, allowed, what in (

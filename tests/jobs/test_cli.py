@@ -75,11 +75,11 @@ def test_a_partial_run_names_its_failed_shards_and_exits_3():
     from pipelines.runs import RunRecord
 
     now = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
-    record = RunRecord(run_id="r1", run_date=now.date(), status="succeeded", started_at=now, finished_at=now,
+    record = RunRecord(run_id="r1", run_date=now.date(), status="partial", started_at=now, finished_at=now,
                        config_hash="h", config_json="{}", output_uri="/out/t", table_version=4, rows_in=10,
                        rows_kept=10, failed_shards=[{"uri": "s3://in/b.parquet", "error": "the shard has no rows"}])
     summary = format_summary(record)
     assert "failed shards       1" in summary and "s3://in/b.parquet: the shard has no rows" in summary
-    assert exit_code(record) == 3
-    record.failed_shards = []
+    assert exit_code(record) == 3 and "(partial)" in summary
+    record.failed_shards, record.status = [], "succeeded"
     assert exit_code(record) == 0 and "failed shards" not in format_summary(record)

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from operators import schema as col
-from operators.filter import FilterConfig, ScoreFilter, top_fraction_threshold
+from operators.filter import FilterConfig, ScoreFilter, TopFraction, top_fraction_threshold
 
 
 def table(status, captions, scores) -> pa.Table:
@@ -38,10 +38,22 @@ def test_top_fraction_cut_off_keeps_ties_and_has_its_own_reason():
     scores = np.array([0.1, 0.5, 0.5, 0.3, np.nan], dtype=np.float32)
     threshold = top_fraction_threshold(scores, 0.5)
     assert threshold == pytest.approx(0.5)
-    out = ScoreFilter(FilterConfig(keep_top_fraction=0.5), threshold)(
-        table([col.OK] * 4, ["a"] * 4, scores[:4].tolist()))
+    cut = TopFraction(0.5, col.CLIP_SCORE)
+    batch = ScoreFilter(FilterConfig())(table([col.OK] * 4, ["a"] * 4, scores[:4].tolist()))
+    out = cut.apply(batch, threshold)
     assert out.column(col.KEEP).to_pylist() == [False, True, True, False]
     assert out.column(col.REJECT_REASON).to_pylist()[0] == col.BELOW_TOP_FRACTION
+
+
+def test_top_fraction_cut_off_is_combined_from_every_batch_and_keeps_earlier_reasons():
+    cut = TopFraction(0.25, col.CLIP_SCORE)
+    batches = [ScoreFilter(FilterConfig(min_clip_score=0.0))(table([col.OK] * 4, ["a"] * 4, scores))
+               for scores in ([0.9, 0.1, -0.5, None], [0.8, 0.7, 0.2, 0.3])]
+    threshold = cut.combine([cut.partial(b) for b in batches])
+    assert threshold == pytest.approx(0.8)  # the top quarter of the 7 scored rows: ceil(1.75) = 2 rows
+    decided = [cut.apply(b, threshold).column(col.REJECT_REASON).to_pylist() for b in batches]
+    assert decided[0] == [None, col.BELOW_TOP_FRACTION, col.LOW_CLIP_SCORE, col.LOW_CLIP_SCORE]
+    assert decided[1] == [None, col.BELOW_TOP_FRACTION, col.BELOW_TOP_FRACTION, col.BELOW_TOP_FRACTION]
 
 
 def test_thresholds_are_checked_when_the_config_is_built():

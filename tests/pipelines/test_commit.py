@@ -12,6 +12,7 @@ from deltalake import DeltaTable
 
 from operators import schema as col
 from operators.storage import StorageOptions
+from operators.storage import Location
 from pipelines.commit import ConcurrentRunError, WriteDataFiles, WriteSummary, commit_files, table_version
 
 SCHEMA = col.output_schema()
@@ -26,13 +27,13 @@ def written(uri: str, run_id: str, keys: list[str], run_date=DAY) -> WriteSummar
         col.KEEP: [True] * n, col.REJECT_REASON: pa.nulls(n, pa.string()),
     })
     summary = WriteSummary()
-    for row in WriteDataFiles(uri, StorageOptions(), SCHEMA, run_id, run_date, kept_only=False)(batch).to_pylist():
+    for row in WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, run_id, run_date, kept_only=False)(batch).to_pylist():
         summary.add(row)
     return summary
 
 
 def commit(uri, run_id, summary, read_version, run_date=DAY) -> int:
-    return commit_files(uri, StorageOptions(), SCHEMA, summary, run_date, "overwrite_partition",
+    return commit_files(Location.resolve(uri, StorageOptions()), SCHEMA, summary, run_date, "overwrite_partition",
                         metadata={"vlpipe.run_id": run_id}, read_version=read_version)
 
 
@@ -50,7 +51,7 @@ def test_columns_of_stages_that_did_not_run_are_written_as_nulls(tmp_path):
 def test_two_runs_of_the_same_date_started_together_commit_once(tmp_path):
     uri = str(tmp_path / "t")
     commit(uri, "r0", written(uri, "r0", ["old"]), None)
-    start = table_version(uri, StorageOptions())
+    start = table_version(Location.resolve(uri, StorageOptions()))
     first, second = written(uri, "r1", ["a", "b"]), written(uri, "r2", ["a", "b"])
 
     assert commit(uri, "r1", first, start) == start + 1
@@ -63,7 +64,7 @@ def test_two_runs_of_the_same_date_started_together_commit_once(tmp_path):
 def test_a_concurrent_commit_to_another_date_does_not_block_the_run(tmp_path):
     uri = str(tmp_path / "t")
     commit(uri, "r0", written(uri, "r0", ["x"]), None)
-    start = table_version(uri, StorageOptions())
+    start = table_version(Location.resolve(uri, StorageOptions()))
     other_day = DAY - dt.timedelta(days=1)
     commit(uri, "r1", written(uri, "r1", ["y"], run_date=other_day), start, run_date=other_day)
     version = commit(uri, "r2", written(uri, "r2", ["z"]), start)
@@ -93,7 +94,7 @@ def test_predicates_on_any_column_find_their_rows(tmp_path):
         col.KEEP: [True, False, False], col.REJECT_REASON: [None, col.LOW_CLIP_SCORE, col.DECODE_ERROR],
     })
     summary = WriteSummary()
-    for row in WriteDataFiles(uri, StorageOptions(), SCHEMA, "r1", DAY, kept_only=False)(batch).to_pylist():
+    for row in WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, "r1", DAY, kept_only=False)(batch).to_pylist():
         summary.add(row)
     commit(uri, "r1", summary, None)
     data = delta_dataset(uri, StorageOptions())

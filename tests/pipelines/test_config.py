@@ -86,15 +86,6 @@ def test_optional_stage_sections_are_checked_like_the_others():
         validate_config(raw)
 
 
-def test_filters_that_need_a_stage_say_which_section_is_missing():
-    with pytest.raises(ConfigError, match="filter.caption: best needs a caption section"):
-        validate_config({**BASE, "filter": {"caption": "best"}})
-    with pytest.raises(ConfigError, match="filter.min_itm_score needs an itm section"):
-        validate_config({**BASE, "filter": {"min_itm_score": 0.5}})
-    config = validate_config({**BASE, "itm": {"model": {"source": "/itm"}}, "filter": {"min_itm_score": 0.5}})
-    assert config.models() == {"clip": {"source": "/m", "revision": None}, "itm": {"source": "/itm", "revision": None}}
-
-
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_example_configs_are_valid(path):

@@ -1,8 +1,8 @@
 """Fault injection for the reliability tests.
 
-``VLPIPE_FAULTS`` must be in the environment before the session's Ray starts, so
-that Ray's workers inherit it; a test then arms a fault point by creating a file
-named after it there (see ``pipelines.plan.fault_point``).
+``VLPIPE_FAULTS`` and the hook (``VLPIPE_HOOK``) must be in the environment before
+the session's Ray starts, so that Ray's workers inherit them; a test then arms a
+point by creating a file named after it there (see ``tests.reliability.faults``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.hooks import ENV as HOOK_ENV
+from tests.reliability.faults import HOOK
+
 os.environ.setdefault("VLPIPE_FAULTS", tempfile.mkdtemp(prefix="vlpipe-faults-"))
+os.environ.setdefault(HOOK_ENV, HOOK)
 
 
 @pytest.fixture

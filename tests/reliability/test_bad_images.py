@@ -121,7 +121,7 @@ def test_captions_through_clip_are_truncated_or_skipped_never_an_error(tiny_clip
 
     scorer = ClipScorer(ClipConfig(model=ModelRef(source=str(tiny_clip_dir))), StorageOptions())
     cases = [c for c in CASES if c.name.startswith("caption_")]
-    decoded = DecodeImages(DecodeConfig(), scorer.pixels)(table_of(cases))
+    decoded = DecodeImages(DecodeConfig(), scorer.geometry)(table_of(cases))
     out = ScoreFilter(FilterConfig(min_clip_score=-1.0))(scorer(decoded))
     rows = {r[col.KEY]: r for r in out.to_pylist()}
     for case in cases:

@@ -17,6 +17,7 @@ from pipelines.nightly import plan_nightly
 from pipelines.read import read_output
 from pipelines.run import run_nightly, run_pipeline
 from pipelines.runs import read_run_records
+from operators.storage import Location
 from pipelines.shards import ShardError, check_shards, list_shards
 from tests.reliability.s3_proxy import Fault, FaultProxy
 
@@ -81,10 +82,11 @@ def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(ray_cl
     shutil.copy(spare[2], paths[2])
     shutil.copy(spare[4], paths[4])
     storage = validate_config(raw).storage
-    filesystem, listed = list_shards(str(crawl / "0000*.parquet"), storage)
+    location = Location.resolve(str(crawl / "0000*.parquet"), storage)
+    filesystem, listed = location.filesystem, list_shards(location)
     retry = plan_nightly(listed, read_run_records(runs_uri, storage), D2, "h", force=False)
     assert sorted(s.uri.rsplit("/", 1)[1] for s in retry.shards) == sorted(p.name for p in paths[2:])
-    checked = check_shards(filesystem, retry.shards, validate_config(raw).input)
+    checked = check_shards(filesystem, retry.shards, validate_config(raw).input.mapping)
     assert [s.uri.rsplit("/", 1)[1] for s in checked.good] == [paths[2].name, paths[4].name]
     assert sorted(f["uri"].rsplit("/", 1)[1] for f in checked.failed) == [p.name for p in (paths[3], paths[5], paths[6])]
 
@@ -123,8 +125,8 @@ def test_an_object_the_credentials_cannot_read_is_a_failed_shard(s3, local_shard
                         "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key},
             "output": {"uri": "s3://locked/out"},
         })
-        filesystem, shards = list_shards(config.input.uri, config.storage)
-        checked = check_shards(filesystem, shards, config.input)
+        location = Location.resolve(config.input.uri, config.storage)
+        checked = check_shards(location.filesystem, list_shards(location), config.input.mapping)
     assert [s.uri for s in checked.good] == [f"s3://locked/crawl/{p.name}" for p in (paths[0], paths[2])]
     assert [f["uri"] for f in checked.failed] == [f"s3://locked/crawl/{paths[1].name}"]
     assert "ACCESS_DENIED" in checked.failed[0]["error"] or "Access Denied" in checked.failed[0]["error"]
@@ -139,7 +141,7 @@ def test_a_local_file_without_read_permission_is_a_failed_shard(local_shards, tm
     os.chmod(tmp_path / paths[0].name, 0)
     config = validate_config({"input": {"uri": str(tmp_path)}, "clip": {"model": {"source": "x/y"}},
                               "output": {"uri": str(tmp_path / "out")}})
-    filesystem, shards = list_shards(config.input.uri, config.storage)
-    checked = check_shards(filesystem, shards, config.input)
+    location = Location.resolve(config.input.uri, config.storage)
+    checked = check_shards(location.filesystem, list_shards(location), config.input.mapping)
     assert [f["uri"] for f in checked.failed] == [str(tmp_path / paths[0].name)]
     assert "ermission denied" in checked.failed[0]["error"] and len(checked.good) == 2

@@ -20,6 +20,7 @@ from demo import write_sample_shards
 from operators import schema as col
 from pipelines.config import validate_config
 from pipelines.run import run_pipeline
+from tests.reliability.faults import HOOK
 from tests.reliability.s3_proxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -75,8 +76,8 @@ def test_a_model_that_cannot_load_fails_the_run_with_its_error(ray_cluster, shar
 
 def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, shards, s3, tiny_clip_dir, faults):
     # One run takes every fault (runs are the expensive part of this suite): killed workers ...
-    (faults / "ClipScorer").touch()  # the CLIP actor dies in the middle of a batch
-    (faults / "decode").touch()  # and so does one read/decode task
+    (faults / "batch-clip").touch()  # the CLIP actor dies in the middle of a batch
+    (faults / "batch-decode").touch()  # and so does one read/decode task
     s3.upload(shards[1], "flaky/crawl")
     storage_faults = [
         Fault("GET", "reset", count=3, start=2, every=5), Fault("GET", "slowdown", count=3, start=4, every=5),
@@ -92,7 +93,7 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
         record = run_pipeline(config_for("s3://flaky/crawl/", "s3://flaky/enriched", tiny_clip_dir, storage=storage))
     # ... and flaky object storage, on reads and on writes: every fault was injected.
     assert dict(proxy.fired) == {f.name: f.count for f in storage_faults}
-    assert (faults / "ClipScorer.fired").exists() and (faults / "decode.fired").exists()
+    assert (faults / "batch-clip.fired").exists() and (faults / "batch-decode.fired").exists()
     assert record.table_version == 0 and not record.failed_shards
     assert outcomes("s3://flaky/enriched", s3.delta_storage_options()) == clean[1]
 
@@ -112,7 +113,7 @@ def test_driver_killed_before_commit_leaves_the_table_as_it_was(clean, shards, t
             "output": {{"uri": {str(out)!r}}}, "run_date": "2026-11-01",
             "ray_address": {ray_cluster.get_runtime_context().gcs_address!r}}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "VLPIPE_FAULTS": str(armed)},
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "VLPIPE_FAULTS": str(armed), "VLPIPE_HOOK": HOOK},
                           capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 1 and (armed / "commit.fired").exists(), done.stderr[-3000:]
     written = {p for p in out.rglob("*.parquet") if "_vlpipe_runs" not in str(p)}

@@ -1,0 +1,313 @@
+"""How a plan's stages map onto Ray Data: decided here, in one place.
+
+- Consecutive stages become one Ray step: each ``task`` or ``actor`` stage
+  anchors a step, and ``fused`` stages run inside the step before them (or the
+  one after, when nothing is before). A cheap per-row step as tasks of its own
+  needs a CPU per task and starves behind read, decode and the models.
+- An ``aggregate`` stage splits the run in two passes: the first writes its rows
+  to staging files (never held in memory) and returns each batch's partial; the
+  driver combines them; the second reads the staged files back and decides.
+- Internal columns (``_...``) are dropped right after their last reader.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from operators.models import ModelLoadError
+from operators.resources import Resources
+from operators.stage import Stage
+from pipelines import hooks
+from pipelines.errors import PlanError
+from operators.storage import Location
+
+log = logging.getLogger(__name__)
+
+ACTOR_MAX_RESTARTS = 3
+# A worker that dies (OOM, preemption, a decoder crash) costs a retry, not the run; a batch that
+# kills every worker it lands on still fails the run after this many tries instead of looping.
+TASK_MAX_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Step:
+    """Stages that run together in one Ray ``map_batches``: one anchor plus the fused ones."""
+
+    stages: tuple[Stage, ...]
+    drop: tuple[str, ...] = ()
+
+    @property
+    def anchor(self) -> Stage:
+        return next((s for s in self.stages if s.kind in ("task", "actor")), self.stages[-1])
+
+    @property
+    def name(self) -> str:
+        """CamelCase of the anchor's name: what Ray's progress bars and stats show."""
+        return "".join(part.capitalize() for part in re.split(r"[_\W]+", self.anchor.name))
+
+    @property
+    def resources(self) -> Resources:
+        return self.anchor.resources or Resources(num_cpus=0.25, num_gpus=0)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Steps run on one stream of rows, ending in an aggregate (or, for the last pass, not)."""
+
+    steps: tuple[Step, ...]
+    aggregate: Stage | None = None
+
+
+def passes(stages: list[Stage]) -> list[Pass]:
+    """Group the stages after the source into Ray steps, and the steps into passes."""
+    drops = _drops(stages)
+    result: list[Pass] = []
+    members: list[list[tuple[int, Stage]]] = []  # one list per step
+    pending: list[tuple[int, Stage]] = []  # fused stages waiting for a step to join
+
+    def close(aggregate: Stage | None) -> None:
+        if pending:
+            raise PlanError(f"stage {pending[0][1].name!r} is fused but has no step to run in")
+        result.append(Pass(tuple(_step(m, drops) for m in members), aggregate))
+
+    for index, stage in enumerate(stages):
+        if stage.kind == "source":
+            continue
+        if stage.kind == "aggregate":
+            close(stage)
+            members = []
+        elif stage.kind == "fused" and members:
+            members[-1].append((index, stage))
+        elif stage.kind == "fused":
+            pending.append((index, stage))
+        else:
+            members.append([*pending, (index, stage)])
+            pending = []
+    close(None)
+    return result
+
+
+def _step(members: list[tuple[int, Stage]], drops: dict[int, tuple[str, ...]]) -> Step:
+    return Step(tuple(s for _, s in members), tuple(c for i, _ in members for c in drops.get(i, ())))
+
+
+def _drops(stages: list[Stage]) -> dict[int, tuple[str, ...]]:
+    """Stage index -> the internal columns to drop after it: their last reader (or their producer)."""
+    last: dict[str, int] = {}
+    for index, stage in enumerate(stages):
+        for name in stage.adds:
+            if name.startswith("_"):
+                last.setdefault(name, index)
+        for name in stage.reads:
+            if name in last:
+                last[name] = index
+    out: dict[int, list[str]] = {}
+    for name, index in last.items():
+        out.setdefault(index, []).append(name)
+    return {i: tuple(names) for i, names in out.items()}
+
+
+def map_batches_args(step: Step, cluster_gpus: float) -> dict[str, Any]:
+    """A step's declared resources as ``map_batches`` arguments."""
+    resources, actor = step.resources, step.anchor.kind == "actor"
+    num_gpus = resources.num_gpus
+    if num_gpus is None:
+        num_gpus = 1.0 if actor and cluster_gpus >= 1 else 0.0
+    args: dict[str, Any] = {"batch_size": resources.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True,
+                            "num_cpus": resources.num_cpus}
+    if num_gpus:
+        args["num_gpus"] = num_gpus
+    if actor:
+        import ray.data
+
+        # One actor per GPU by default; on CPU one actor, leaving cores for decoding.
+        size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
+        args["compute"] = ray.data.ActorPoolStrategy(size=size)
+        # Bounded restarts: a model that cannot load fails the run instead of looping.
+        args["max_restarts"] = ACTOR_MAX_RESTARTS
+        args["max_task_retries"] = TASK_MAX_RETRIES
+    else:
+        args["max_retries"] = TASK_MAX_RETRIES
+        if resources.concurrency:
+            args["concurrency"] = resources.concurrency
+    return args
+
+
+def apply_step(ds, step: Step, cluster_gpus: float, head: tuple[Callable, ...] = ()):
+    """``ds`` with one step applied; ``head`` are operators run first (an aggregate's decision)."""
+    args = map_batches_args(step, cluster_gpus)
+    if step.anchor.kind == "actor":
+        actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
+        return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
+    return ds.map_batches(_task_function(step, head), **args)
+
+
+class StepActor:
+    """A model step's actor: builds its operators once, then runs every batch through them."""
+
+    def __init__(self, step: Step, head: tuple[Callable, ...] = ()):
+        self.run = StepRun(step, head, _build_all(step))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.run(batch)
+
+
+def _task_function(step: Step, head: tuple[Callable, ...]) -> Callable[[pa.Table], pa.Table]:
+    def run(batch: pa.Table) -> pa.Table:
+        return StepRun(step, head, _build_all(step))(batch)
+
+    run.__name__ = run.__qualname__ = step.name
+    return run
+
+
+@dataclass
+class StepRun:
+    """One step over one batch, checking each stage's declared columns as it goes."""
+
+    step: Step
+    head: tuple[Callable, ...]
+    operators: list
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for operator in self.head:
+            batch = operator(batch)
+        for stage, operator in zip(self.step.stages, self.operators):
+            hooks.reach(f"batch:{stage.name}")
+            batch = operator(batch)
+            missing = [c for c in stage.adds if c not in batch.column_names]
+            if missing:
+                raise PlanError(f"stage {stage.name!r} declares column(s) {', '.join(missing)} but did not add them")
+        return batch.drop_columns([c for c in self.step.drop if c in batch.column_names])
+
+
+def _build_all(step: Step) -> list:
+    return [_build(stage) for stage in step.stages]
+
+
+def _build(stage: Stage):
+    try:
+        return stage.build()
+    except Exception as err:
+        if stage.kind != "actor":
+            raise
+        # Ray fails the run on the first actor that dies in its constructor (no restart loop);
+        # this puts the model's own error in the last line of the message the user sees.
+        name = getattr(stage.build, "func", stage.build).__name__
+        raise ModelLoadError(f"{name} could not load its model: {type(err).__name__}: {err}") from err
+
+
+class SpillForAggregate:
+    """First-pass sink of an aggregate: write the batch to a staging file, return its partial."""
+
+    def __init__(self, aggregate: Stage, staging: Location):
+        self.aggregate = aggregate.build()
+        self.staging = staging
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        path = None
+        if batch.num_rows:
+            path = f"{self.staging.path}/{uuid.uuid4().hex}.parquet"
+            pq.write_table(batch, path, filesystem=self.staging.filesystem)
+        sink = io.BytesIO()
+        partial = self.aggregate.partial(batch)
+        with pa.ipc.new_stream(sink, partial.schema) as writer:
+            writer.write_table(partial)
+        return pa.table({"path": pa.array([path], pa.string()), "partial": pa.array([sink.getvalue()], pa.binary())})
+
+
+def read_partial(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+@dataclass(frozen=True)
+class ApplyAggregate:
+    """Second-pass head: the aggregate's decision with the run's combined state."""
+
+    aggregate: Stage
+    state: object
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.aggregate.build().apply(batch, self.state)
+
+
+# Ray Data lists and reads files with whole-CPU tasks, whatever the stages ask for.
+READ_NUM_CPUS = 1.0
+
+
+def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str | None:
+    """Why the cluster cannot run these steps, naming the config key; None when it can."""
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    steps = [step for run_pass in run_passes for step in run_pass.steps]
+    actors = [(step, map_batches_args(step, gpus)) for step in steps if step.anchor.kind == "actor"]
+    for step, args in actors:
+        need = args.get("num_gpus", 0) * args["compute"].min_size
+        if need > gpus:
+            key = step.anchor.config_key or step.anchor.name
+            return (f"{key}.resources asks for {need:g} GPU(s) ({args['compute'].min_size} actor(s) x "
+                    f"{args['num_gpus']:g}), but the Ray cluster has {gpus:g}")
+    held = sum(args["num_cpus"] * args["compute"].min_size for _, args in actors)
+    tasks = max([READ_NUM_CPUS] + [step.resources.num_cpus for step in steps if step.anchor.kind != "actor"])
+    if held + tasks > cpus:
+        keys = "/".join(dict.fromkeys(step.anchor.config_key or step.anchor.name for step, _ in actors)) or "model"
+        return (f"the model actors hold {held:g} CPUs and reading/decoding needs {tasks:g} more, but the Ray "
+                f"cluster has {cpus:g}: lower {keys}.resources.num_cpus or concurrency (fractions are fine)")
+    return None
+
+
+STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers like every "_" folder
+SPILL_ROWS = 8192
+
+
+def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster_gpus: float):
+    """Run every pass; yields the last step's rows (the writer's summaries)."""
+    staging = table.child(f"{STAGING_DIR}/{run_id}")
+    ds, head = source, ()
+    try:
+        for run_pass in run_passes:
+            for index, step in enumerate(run_pass.steps):
+                ds = apply_step(ds, step, cluster_gpus, head if index == 0 else ())
+            if run_pass.aggregate is not None:
+                ds, head = _through_aggregate(ds, run_pass.aggregate, staging)
+        yield from ds.iter_rows()
+        # Per-stage wall and CPU time of the execution; the benchmark reads it from this log.
+        log.debug("Ray Data stats:\n%s", ds.stats())
+    finally:
+        _remove(staging)
+
+
+def _through_aggregate(ds, aggregate: Stage, staging: Location):
+    """Spill the rows to staging files while collecting partials; the second pass's source and head."""
+    import ray.data
+
+    staging.filesystem.create_dir(staging.path, recursive=True)
+    spill = SpillForAggregate(aggregate, staging)
+
+    def spill_batch(batch: pa.Table) -> pa.Table:
+        return spill(batch)
+
+    spill_batch.__name__ = spill_batch.__qualname__ = "Spill"
+    spilled = ds.map_batches(spill_batch, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
+                             num_cpus=0.25, max_retries=TASK_MAX_RETRIES)
+    rows = list(spilled.iter_rows())
+    state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows])
+    log.info("%s over the whole run: %s", aggregate.name, state)
+    paths = [r["path"] for r in rows if r["path"]]
+    return ray.data.read_parquet(paths, filesystem=staging.filesystem), (ApplyAggregate(aggregate, state),)
+
+
+def _remove(staging: Location) -> None:
+    try:
+        if staging.filesystem.get_file_info(staging.path).type != pafs.FileType.NotFound:
+            staging.filesystem.delete_dir(staging.path)
+    except OSError as err:
+        log.warning("could not remove the staging files %s: %s", staging.uri, err)
