@@ -11,7 +11,7 @@ import traceback
 
 from pipelines import logs
 from pipelines.config import ConfigError, default_run_records_uri, load_config
-from pipelines.errors import PARTIAL_EXIT, Interrupted, VlpipeError, exit_code_for
+from pipelines.errors import PARTIAL_EXIT, Interrupted, UnreachableError, VlpipeError, exit_code_for
 from pipelines.runs import RunRecord
 
 log = logging.getLogger("vlpipe")
@@ -28,13 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (VlpipeError, KeyboardInterrupt) as err:
-        # Expected endings: one line, the documented exit code; -v adds where it came from.
-        if args.verbose:
-            traceback.print_exc()
-        print(f"vlpipe: {err or 'interrupted'}", file=sys.stderr)
-        return exit_code_for(err)
+        return _fail(args, str(err) or "interrupted", exit_code_for(err))
+    except OSError as err:  # storage that a step reached without naming it (deltalake, pyarrow)
+        return _fail(args, f"storage: {' '.join(str(err).split())}", UnreachableError.exit_code)
+    except Exception as err:  # a Ray failure or a bug: its last line is the cause (Ray's hold a traceback)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        return _fail(args, lines[-1] + ("" if args.verbose else " (-v shows the traceback)"), 1)
     finally:
         _restore(previous)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Expected endings: one line and the documented exit code; -v adds where it came from."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"vlpipe: {message}", file=sys.stderr)
+    return code
 
 
 def _stop_on_sigterm():

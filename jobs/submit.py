@@ -12,6 +12,7 @@ environment (Kubernetes secrets, instance roles).
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipelines.config import ConfigError, load_config
+from pipelines.errors import UnreachableError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Never uploaded: environments, caches and outputs of local runs.
@@ -30,7 +32,12 @@ def job_client(address: str | None):
     """A Job Submission client; ``None`` uses ``RAY_ADDRESS`` like the ``ray job`` CLI."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, OSError, RuntimeError, ValueError) as err:  # Ray wraps refusals in ConnectionError
+        where = address or os.environ.get("RAY_ADDRESS") or "(no address: set --address or RAY_ADDRESS)"
+        cause = " ".join(str(err).split())
+        raise UnreachableError(f"cannot reach the Ray cluster {where}: {cause[:300]}") from err
 
 
 def entrypoint(config_path: str, *, nightly: bool, run_date: str | None, overrides: list[str], force: bool) -> str:

@@ -33,10 +33,10 @@ from operators.storage import Location
 
 log = logging.getLogger(__name__)
 
-ACTOR_MAX_RESTARTS = 3
-# A worker that dies (OOM, preemption, a decoder crash) costs a retry, not the run; a batch that
-# kills every worker it lands on still fails the run after this many tries instead of looping.
-TASK_MAX_RETRIES = 3
+# Retries are Ray Data's own: a worker that dies (OOM, preemption, a decoder crash) costs a
+# retry, not the run; an exception raised by a stage fails the run at once. The per-operator
+# remote arguments that bounded them (max_retries, max_restarts) are deprecated in Ray 2.60 and
+# gone in 2.64, so none are passed.
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _drops(stages: list[Stage]) -> dict[int, tuple[str, ...]]:
     return {i: tuple(names) for i, names in out.items()}
 
 
-def map_batches_args(step: Step, cluster_gpus: float) -> dict[str, Any]:
+def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0) -> dict[str, Any]:
     """A step's declared resources as ``map_batches`` arguments."""
     resources, actor = step.resources, step.anchor.kind == "actor"
     num_gpus = resources.num_gpus
@@ -133,19 +133,24 @@ def map_batches_args(step: Step, cluster_gpus: float) -> dict[str, Any]:
         # One actor per GPU by default; on CPU one actor, leaving cores for decoding.
         size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
         args["compute"] = ray.data.ActorPoolStrategy(size=size)
-        # Bounded restarts: a model that cannot load fails the run instead of looping.
-        args["max_restarts"] = ACTOR_MAX_RESTARTS
-        args["max_task_retries"] = TASK_MAX_RETRIES
     else:
-        args["max_retries"] = TASK_MAX_RETRIES
-        if resources.concurrency:
-            args["concurrency"] = resources.concurrency
+        args["concurrency"] = task_concurrency(resources, cluster_cpus)
     return args
 
 
-def apply_step(ds, step: Step, cluster_gpus: float, head: tuple[Callable, ...] = ()):
+def task_concurrency(resources: Resources, cluster_cpus: float) -> int:
+    """How many tasks of a step run at once: as configured, else as many as the cluster's CPUs hold.
+
+    A task pool of a set size never fuses into the model actors after it (Ray fuses tasks into
+    actors only when the task pool has no size, or the actor pool's): decoding then runs on its
+    own cores, overlapping inference, instead of in series inside each model actor.
+    """
+    return resources.concurrency or max(1, int(cluster_cpus // resources.num_cpus))
+
+
+def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, ...] = ()):
     """``ds`` with one step applied; ``head`` are operators run first (an aggregate's decision)."""
-    args = map_batches_args(step, cluster_gpus)
+    args = map_batches_args(step, cluster.get("GPU", 0.0), cluster.get("CPU", 1.0))
     if step.anchor.kind == "actor":
         actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
         return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
@@ -248,7 +253,7 @@ def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str
     """Why the cluster cannot run these steps, naming the config key; None when it can."""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     steps = [step for run_pass in run_passes for step in run_pass.steps]
-    actors = [(step, map_batches_args(step, gpus)) for step in steps if step.anchor.kind == "actor"]
+    actors = [(step, map_batches_args(step, gpus, cpus)) for step in steps if step.anchor.kind == "actor"]
     for step, args in actors:
         need = args.get("num_gpus", 0) * args["compute"].min_size
         if need > gpus:
@@ -268,14 +273,14 @@ STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers li
 SPILL_ROWS = 8192
 
 
-def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster_gpus: float):
+def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster: dict[str, float]):
     """Run every pass; yields the last step's rows (the writer's summaries)."""
     staging = table.child(f"{STAGING_DIR}/{run_id}")
     ds, head = source, ()
     try:
         for run_pass in run_passes:
             for index, step in enumerate(run_pass.steps):
-                ds = apply_step(ds, step, cluster_gpus, head if index == 0 else ())
+                ds = apply_step(ds, step, cluster, head if index == 0 else ())
             if run_pass.aggregate is not None:
                 ds, head = _through_aggregate(ds, run_pass.aggregate, staging)
         yield from ds.iter_rows()
@@ -297,7 +302,7 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location):
 
     spill_batch.__name__ = spill_batch.__qualname__ = "Spill"
     spilled = ds.map_batches(spill_batch, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
-                             num_cpus=0.25, max_retries=TASK_MAX_RETRIES)
+                             num_cpus=0.25)
     rows = list(spilled.iter_rows())
     state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows])
     log.info("%s over the whole run: %s", aggregate.name, state)

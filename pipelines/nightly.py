@@ -45,7 +45,7 @@ def plan_nightly(shards: list[Shard], records: pa.Table, run_date: dt.date, conf
     done_elsewhere: set[Fingerprint] = set()
     latest_for_date = None
     for run in records.to_pylist():  # oldest first
-        if run["status"] != "succeeded":
+        if run["status"] not in ("succeeded", "partial"):  # a partial run did its good shards
             continue
         failed = {s["uri"] for s in run["failed_shards"] or []}
         done = {fingerprint(s["uri"], s["size"], s["mtime"]) for s in run["input_shards"] or [] if s["uri"] not in failed}

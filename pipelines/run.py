@@ -13,6 +13,8 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from pipelines import hooks, logs
 from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import READ_NUM_CPUS, execute, resource_shortfall
+from pipelines.execute import READ_NUM_CPUS, execute, resource_shortfall, task_concurrency
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
@@ -145,23 +147,24 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     prefix = run.shards[0].uri.removesuffix(run.shards[0].path)
     plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
                       shard_prefix=prefix, shard_count=len(checked.good))
-    gpus = _start_ray(config, plan)
-    log.info("plan:\n%s", describe(plan, gpus))
+    cluster = _start_ray(config, plan)
+    log.info("plan:\n%s", describe(plan, cluster))
     summary = WriteSummary()
-    for row in execute(plan.passes, _source(config, plan, run, checked.good), run.output, run.run_id, gpus):
+    for row in execute(plan.passes, _source(config, run, checked.good, cluster), run.output, run.run_id, cluster):
         summary.add(row)
     return _commit(run, plan, summary, read_version)
 
 
-def _source(config: PipelineConfig, plan: Plan, run: Run, shards: list[Shard]):
+def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
     import ray.data
 
-    # Read tasks ask for what decode tasks ask for, so Ray fuses the two into one task, whose
-    # bounded retries then cover reading too: a shard that crashes its reader fails the run, not loops.
+    # Read tasks ask for what decode tasks ask for, so Ray fuses the two into one task. Ray pushes
+    # the column selection down into the Parquet reads.
+    decode = config.decode.resources
     return ray.data.read_parquet(
-        [s.path for s in shards], filesystem=run.input.filesystem, columns=list(config.input.mapping.read),
-        include_paths=True, num_cpus=config.decode.resources.num_cpus or READ_NUM_CPUS,
-    )
+        [s.path for s in shards], filesystem=run.input.filesystem, include_paths=True,
+        num_cpus=decode.num_cpus or READ_NUM_CPUS, concurrency=task_concurrency(decode, cluster.get("CPU", 1.0)),
+    ).select_columns([*config.input.mapping.read, "path"])
 
 
 def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None) -> RunRecord:
@@ -182,15 +185,20 @@ def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | Non
     )
 
 
-def _start_ray(config: PipelineConfig, plan: Plan) -> float:
-    """Connect to (or start) Ray and wait, as configured, until it can run the plan; returns its GPUs."""
+def _start_ray(config: PipelineConfig, plan: Plan) -> dict[str, float]:
+    """Connect to (or start) Ray and wait, as configured, until it can run the plan; returns its resources."""
     import ray
 
     if not ray.is_initialized():
         # "local" rather than None: a stale /tmp/ray/ray_current_cluster from an earlier
         # `ray start` must not make a laptop run attach to a dead cluster.
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            # Ray's core worker takes SIGTERM over (and aborts): keep the caller's handler, which
+            # ends the run like Ctrl-C, so the run is recorded as interrupted.
+            signal.signal(signal.SIGTERM, on_sigterm)
     deadline = time.monotonic() + config.ray_resource_timeout_s
     while (short := resource_shortfall(plan.passes, ray.cluster_resources())) is not None:
         if time.monotonic() >= deadline:
@@ -198,7 +206,7 @@ def _start_ray(config: PipelineConfig, plan: Plan) -> float:
             raise PlanError(short + waited)
         log.info("waiting for the cluster: %s", short)
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-    return float(ray.cluster_resources().get("GPU", 0))
+    return {name: float(value) for name, value in ray.cluster_resources().items()}
 
 
 def _append_record(run: Run, record: RunRecord, attempts: int = 3) -> None:

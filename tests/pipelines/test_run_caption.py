@@ -11,6 +11,7 @@ from PIL import Image
 
 from operators import schema as col
 from pipelines.run import run_pipeline
+from pipelines.runs import read_run_records
 from tests.operators.test_caption import reference as reference_captions
 from tests.operators.test_itm import reference as reference_itm
 from tests.pipelines.conftest import s3_config
@@ -88,4 +89,6 @@ def test_model_actors_that_leave_no_cpu_for_decoding_fail_before_any_work(
     })
     with pytest.raises(ConfigError, match="the model actors hold 2 CPUs and reading/decoding needs 1 more"):
         run_pipeline(config)
-    assert not (tmp_path / "t").exists()
+    assert not (tmp_path / "t" / "_delta_log").exists()  # nothing committed, nothing read
+    record = read_run_records(str(tmp_path / "t" / "_vlpipe_runs")).to_pylist()[-1]
+    assert record["status"] == "failed" and "caption/clip.resources.num_cpus" in record["error"]

@@ -2,12 +2,14 @@
 
 A test arms ``batch:clip`` by creating ``$VLPIPE_FAULTS/batch-clip``. Renaming the
 marker is atomic, so exactly one process dies per arming, and the retried task
-or restarted actor then runs normally.
+or restarted actor then runs normally. ``raise-<point>`` raises at every visit
+(a bug in a stage); ``stall-<point>`` hangs there (a stuck model).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 HOOK = "tests.reliability.faults:die_once_if_armed"
 
@@ -21,6 +23,10 @@ def die_once_if_armed(point: str) -> None:
     if not folder:
         return
     armed = os.path.join(folder, marker(point))
+    if os.path.exists(os.path.join(folder, f"raise-{marker(point)}")):
+        raise RuntimeError(f"planted failure at {point}")
+    if os.path.exists(os.path.join(folder, f"stall-{marker(point)}")):
+        time.sleep(300)
     try:
         os.rename(armed, f"{armed}.fired")
     except OSError:

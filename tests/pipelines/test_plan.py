@@ -1,0 +1,97 @@
+"""The plan: built from the config, checked before Ray starts, printed by `vlpipe plan`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from operators import schema as col
+from operators.storage import Location, StorageOptions
+from pipelines.config import validate_config
+from pipelines.errors import PlanError
+from pipelines.execute import resource_shortfall
+from pipelines.plan import build_plan
+
+DAY = dt.date(2026, 11, 1)
+
+
+def plan_of(tmp_path: Path, clip_dir: Path, **sections):
+    raw = {"input": {"uri": str(tmp_path / "in")}, "clip": {"model": {"source": str(clip_dir)}},
+           "output": {"uri": str(tmp_path / "out")}, **sections}
+    config = validate_config(raw)
+    return build_plan(config, Location.resolve(config.output.uri, StorageOptions()), run_id="r", run_date=DAY,
+                      shard_schema=None)
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"filter": {"min_itm_score": 0.5}},
+     "stage 'filter' reads column\\(s\\) itm_score, which no earlier stage adds .*: itm_score needs an itm: section"),
+    ({"filter": {"caption": "best"}},
+     "stage 'filter' reads column\\(s\\) caption_best, clip_score_best, which no earlier stage adds "
+     r"\(stages before it: read, prepare, decode, clip\): caption_best needs a caption: section"),
+    ({"itm": {"model": {"source": "x"}, "text": "caption_best"}},
+     "stage 'itm' reads column\\(s\\) caption_best, which no earlier stage adds"),
+])
+def test_a_stage_that_reads_a_column_nothing_produces_fails_when_the_plan_is_built(tmp_path, tiny_clip_dir, sections,
+                                                                                   message):
+    if "itm" in sections:  # any model with an image processor will do: the plan reads only its geometry
+        sections = {"itm": {**sections["itm"], "model": {"source": str(tiny_clip_dir)}}}
+    with pytest.raises(PlanError, match=message):
+        plan_of(tmp_path, tiny_clip_dir, **sections)
+
+
+def test_internal_columns_are_dropped_after_their_last_reader_and_cheap_steps_are_fused(
+    tmp_path, tiny_clip_dir, tiny_blip_captioner_dir
+):
+    plan = plan_of(tmp_path, tiny_clip_dir, caption={"model": {"source": str(tiny_blip_captioner_dir)}},
+                   filter={"caption": "best", "keep_top_fraction": 0.5})
+    first, second = plan.passes
+    steps = {step.name: step for step in first.steps}
+    assert [s.name for s in steps["Decode"].stages] == ["prepare", "decode"]
+    assert [s.name for s in steps["Clip"].stages] == ["clip", "select_caption", "filter"]
+    assert set(steps["Caption"].drop) == {col.CAPTION_PIXELS} and col.PIXELS in steps["Clip"].drop
+    assert col.IMAGE in steps["Decode"].drop
+    assert first.aggregate.name == "top_fraction" and [s.name for s in second.steps] == ["Write"]
+
+
+def test_output_schema_is_the_same_whatever_stages_run(tmp_path, tiny_clip_dir, tiny_blip_captioner_dir):
+    bare = plan_of(tmp_path, tiny_clip_dir)
+    captioned = plan_of(tmp_path, tiny_clip_dir, caption={"model": {"source": str(tiny_blip_captioner_dir)}})
+    assert bare.output_schema == captioned.output_schema == col.output_schema()
+
+
+def test_resources_the_cluster_cannot_give_are_named_by_their_config_key(tmp_path, tiny_clip_dir):
+    plan = plan_of(tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_gpus": 1}})
+    assert resource_shortfall(plan.passes, {"CPU": 2.0}) == (
+        "clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0")
+    assert resource_shortfall(plan.passes, {"CPU": 2.0, "GPU": 1.0}) is None
+
+
+@pytest.mark.parametrize("output", ["in/enriched", "in"])
+def test_an_output_inside_the_input_is_refused_before_any_work(tmp_path, tiny_clip_dir, capsys, output):
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {{uri: {tmp_path / 'in'}/}}\nclip: {{model: {{source: {tiny_clip_dir}}}}}\n"
+                      f"output: {{uri: {tmp_path / output}}}\n")
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"output.uri {tmp_path / output} is inside input.uri" in err and "Traceback" not in err
+    assert not (tmp_path / output / "_vlpipe_runs").exists()
+
+
+def test_vlpipe_plan_prints_stages_resources_columns_and_schema(local_shards, tiny_clip_dir, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {{uri: {local_shards[0]}, extra_columns: [url]}}\n"
+                      f"clip: {{model: {{source: {tiny_clip_dir}}}, resources: {{batch_size: 16}}}}\n"
+                      f"filter: {{min_clip_score: 0.2}}\noutput: {{uri: {tmp_path / 'out'}}}\n")
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "(run_date=" in out and "3 shard(s)" in out
+    assert "ray step Clip: clip + filter -- 1 actor(s) x 1 CPU, batch 16" in out
+    assert f"clip [actor]  model {tiny_clip_dir}" in out and "clip_score >= 0.2" in out
+    assert "    reads  _pixels, caption\n" in out and "input 32x32 uint8" in out
+    assert "  url                    string" in out  # the pass-through column's type, read from the footers
+    assert not (tmp_path / "out").exists()  # nothing ran

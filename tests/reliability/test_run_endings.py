@@ -1,0 +1,132 @@
+"""Every way a run ends leaves exactly one run record, and the exit code agrees with it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from deltalake import write_deltalake
+
+from jobs.cli import main
+from operators import schema as col
+from pipelines import hooks
+from pipelines.runs import read_run_records
+from tests.reliability.faults import HOOK
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, shards: Path, clip: Path, **sections) -> str:
+    raw = {"input": {"uri": str(shards)}, "clip": {"model": {"source": str(clip)}},
+           "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-01", "report": {"enabled": False}}
+    raw.update(sections)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def records(tmp_path: Path) -> list[dict]:
+    return read_run_records(str(tmp_path / "out" / "_vlpipe_runs")).to_pylist()
+
+
+def test_a_run_with_a_bad_shard_is_partial_in_its_record_and_exits_3(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(local_shards[0], shards)
+    (shards / "99999.parquet").write_bytes(b"truncated upload")
+    assert main(["-q", "run", write_config(tmp_path, shards, tiny_clip_dir)]) == 3
+    (record,) = records(tmp_path)
+    assert record["status"] == "partial" and record["failed_shards"][0]["uri"].endswith("99999.parquet")
+    assert record["rows_in"] == 36 and record["table_version"] == 0
+
+
+def test_no_usable_input_is_a_failed_record_and_exits_4(tiny_clip_dir, tmp_path, capsys):
+    (tmp_path / "crawl").mkdir()
+    (tmp_path / "crawl" / "a.parquet").write_bytes(b"<html>503</html>")
+    assert main(["run", write_config(tmp_path, tmp_path / "crawl", tiny_clip_dir)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vlpipe: none of the 1 input shard(s) can be read") and "Traceback" not in "\n".join(err)
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed" and "cannot read the Parquet footer" in record["error"]
+
+
+def test_a_model_that_cannot_load_is_a_failed_record_and_exits_1(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+    broken = tmp_path / "broken-clip"
+    shutil.copytree(tiny_clip_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert main(["-q", "run", write_config(tmp_path, local_shards[0], broken)]) == 1
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed" and "ClipScorer could not load its model: SafetensorError" in record["error"]
+    assert not (tmp_path / "out" / "_delta_log").exists()
+
+
+def test_another_run_committing_first_is_a_failed_record_and_exits_5(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+    out = tmp_path / "out"
+
+    def other_run_commits(point: str) -> None:
+        if point == "commit":  # between this run's start and its commit, another run takes the date
+            other = pa.table({col.KEY: ["x"], col.RUN_DATE: pa.array([dt.date(2026, 11, 1)], pa.date32())})
+            write_deltalake(str(out), other, mode="append", partition_by=[col.RUN_DATE])
+
+    hooks.install(other_run_commits)
+    try:
+        assert main(["-q", "run", write_config(tmp_path, local_shards[0], tiny_clip_dir)]) == 5
+    finally:
+        hooks.install(None)
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed" and "another run committed run_date=2026-11-01" in record["error"]
+
+
+def test_an_error_inside_a_stage_is_a_failed_record_with_the_error_and_exits_1(
+    ray_cluster, local_shards, tiny_clip_dir, tmp_path, faults
+):
+    (faults / "raise-batch-filter").touch()  # every batch of the filter stage raises
+    assert main(["-q", "run", write_config(tmp_path, local_shards[0], tiny_clip_dir)]) == 1
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed" and "planted failure at batch:filter" in record["error"]
+
+
+def test_sigterm_stops_the_run_and_records_it_interrupted(local_shards, tiny_clip_dir, tmp_path):
+    config = write_config(tmp_path, local_shards[0], tiny_clip_dir)
+    armed = tmp_path / "faults"
+    armed.mkdir()
+    (armed / "stall-batch-clip").touch()  # the CLIP stage hangs, as a stuck model would
+    env = {**os.environ, "VLPIPE_FAULTS": str(armed), hooks.ENV: HOOK, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", config], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    seen = []
+    deadline = time.monotonic() + 120
+    for line in process.stderr:  # the plan is logged once Ray runs: stop it mid-run
+        seen.append(line)
+        if "plan:" in line or time.monotonic() > deadline:
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
+    assert rest.strip().splitlines()[-1] == "vlpipe: interrupted (SIGTERM)"
+    (record,) = records(tmp_path)
+    assert record["status"] == "interrupted" and record["error"] == "interrupted (SIGTERM)"
+
+
+def test_a_gpu_the_local_cluster_lacks_fails_at_once_naming_the_key(ray_cluster, local_shards, tiny_clip_dir, tmp_path,
+                                                                      capsys):
+    config = write_config(tmp_path, local_shards[0], tiny_clip_dir, ray_resource_timeout_s=1)
+    started = time.monotonic()
+    assert main(["run", config, "--set", "clip.resources.num_gpus=1"]) == 2  # it used to wait for ever
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert ("clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0 "
+            "(waited 1 s for the cluster to grow)") in err
+    assert "waiting for the cluster: clip.resources asks for 1 GPU(s)" in err  # it said what it waited for
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed" and "clip.resources asks for 1 GPU" in record["error"]
