@@ -183,7 +183,7 @@ def check_locations(input_: Location, output: Location, runs: Location) -> None:
             )
 
 
-def describe(plan: Plan, cluster_gpus: float = 0.0) -> str:
+def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
     """The plan as ``vlpipe plan`` prints it: stages, how they run on Ray, columns, schema."""
     from pipelines.execute import map_batches_args
 
@@ -193,7 +193,8 @@ def describe(plan: Plan, cluster_gpus: float = 0.0) -> str:
             lines.append(f"pass {number}" + (f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
                                              if run_pass.aggregate else " (reads pass 1's staged rows back)"))
         for step in run_pass.steps:
-            lines.append(f"  ray step {step.name}: {_how(step, map_batches_args(step, cluster_gpus))}")
+            args = map_batches_args(step, (cluster or {}).get("GPU", 0.0), (cluster or {}).get("CPU", 2.0))
+            lines.append(f"  ray step {step.name}: {_how(step, args)}")
     lines.append("")
     for stage in plan.stages:
         lines += _describe_stage(stage)
