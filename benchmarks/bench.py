@@ -320,7 +320,7 @@ def vlpipe_run(raw_config: dict, images: int) -> dict:
     shutil.rmtree(raw_config["output"]["uri"], ignore_errors=True)
     config = validate_config(raw_config, source="benchmark config")
     capture = _StatsCapture()
-    run_log = logging.getLogger("pipelines.run")
+    run_log = logging.getLogger("pipelines.execute")  # where the run logs Ray Data stats
     level = run_log.level
     run_log.addHandler(capture)
     run_log.setLevel(logging.DEBUG)
