@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import re
 import signal
 import sys
 import traceback
@@ -31,11 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(err) or "interrupted", exit_code_for(err))
     except OSError as err:  # storage that a step reached without naming it (deltalake, pyarrow)
         return _fail(args, f"storage: {' '.join(str(err).split())}", UnreachableError.exit_code)
-    except Exception as err:  # a Ray failure or a bug: its last line is the cause (Ray's hold a traceback)
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        return _fail(args, lines[-1] + ("" if args.verbose else " (-v shows the traceback)"), 1)
+    except Exception as err:  # a Ray failure or a bug
+        return _fail(args, _cause(err) + ("" if args.verbose else " (-v shows the traceback)"), 1)
     finally:
         _restore(previous)
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)?(Error|Exception|Interrupt)\b.*?: ")
+
+
+def _cause(err: Exception) -> str:
+    """The line that names what went wrong: Ray's errors hold the worker's traceback and end with hints."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (named or lines or [type(err).__name__])[-1]
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -134,7 +134,9 @@ def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0)
         size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
         args["compute"] = ray.data.ActorPoolStrategy(size=size)
     else:
-        args["concurrency"] = task_concurrency(resources, cluster_cpus)
+        import ray.data
+
+        args["compute"] = ray.data.TaskPoolStrategy(size=task_concurrency(resources, cluster_cpus))
     return args
 
 

@@ -36,5 +36,8 @@ def _from_env(named: str) -> Callable[[str], None]:
     global _loaded
     if _loaded is None or _loaded[0] != named:
         module, _, name = named.partition(":")
-        _loaded = (named, getattr(importlib.import_module(module), name))
+        try:
+            _loaded = (named, getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as err:
+            raise RuntimeError(f"${ENV} names {named!r}, which cannot be loaded in this process: {err}") from err
     return _loaded[1]

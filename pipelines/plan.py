@@ -205,10 +205,10 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
 def _how(step, args: dict) -> str:
     stages = " + ".join(s.name for s in step.stages)
     gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
-    if "compute" in args:
+    if step.anchor.kind == "actor":
         workers = f"{args['compute'].min_size} actor(s)"
     else:
-        workers = "tasks" + (f" (at most {args['concurrency']})" if args.get("concurrency") else "")
+        workers = f"tasks (at most {args['compute'].size})"
     return f"{stages} -- {workers} x {args['num_cpus']:g} CPU{gpus}, batch {args['batch_size']}"
 
 

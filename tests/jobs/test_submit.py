@@ -44,7 +44,8 @@ def node_ports() -> list[str]:
 def cluster(s3, tmp_path_factory):
     """A head (ray start --head, token auth, loopback) and one joined worker node, 1 CPU each."""
     token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    # Not the test session's own settings either (its fault-injection hook lives in tests/, which a job lacks).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "VLPIPE_"))}
     env.update(PATH=f"{VENV_BIN}:{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                # The nodes' own environment carries the storage credentials, as a Kubernetes secret would.
                AWS_ACCESS_KEY_ID=s3.access_key_id, AWS_SECRET_ACCESS_KEY=s3.secret_access_key)

@@ -75,8 +75,8 @@ def test_pickle_only_weights_exit_2_before_any_work_unless_allowed(tmp_path, tin
     assert "clip.model: model" in err and "only pickle weights (pytorch_model.bin)" in err
     assert "allow_pickle_weights: true" in err
     # Opting in passes the check: the run goes on to its first real step.
-    with pytest.raises(WorkStarted):
-        main(["run", write_config(tmp_path, model, clip={"model": {"source": str(model), "allow_pickle_weights": True}})])
+    assert main(["run", write_config(tmp_path, model, clip={"model": {"source": str(model), "allow_pickle_weights": True}})]) == 1
+    assert "vlpipe: WorkStarted" in capsys.readouterr().err
 
 
 def test_a_model_directory_without_weights_exits_2(tmp_path, tiny_clip_dir, no_work, capsys):

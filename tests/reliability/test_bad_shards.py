@@ -68,7 +68,7 @@ def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(ray_cl
         return sorted(keys)
 
     plan, first = nightly(D1)
-    assert len(plan.shards) == 7 and first.status == "succeeded"
+    assert len(plan.shards) == 7 and first.status == "partial"
     failed = {f["uri"].rsplit("/", 1)[1]: f["error"] for f in first.failed_shards}
     assert sorted(failed) == sorted(expected_errors)
     for name, error in expected_errors.items():
