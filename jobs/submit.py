@@ -22,6 +22,7 @@ from typing import TextIO
 
 from pipelines.config import ConfigError, load_config
 from pipelines.errors import UnreachableError
+from pipelines.plan import check_stages
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Never uploaded: environments, caches and outputs of local runs.
@@ -59,6 +60,7 @@ def submit(
 ) -> int:
     """Validate locally, submit, stream the logs and return the exit code of the job's outcome."""
     config = load_config(config_path, list(overrides))  # fail here, not after the cluster has started work
+    check_stages(config)
     if any(getattr(config.storage, name) for name in ("access_key_id", "secret_access_key", "session_token")):
         raise ConfigError(
             "storage credentials are set in the config; a submitted job would carry them in plain text. "

@@ -62,7 +62,7 @@ def caption_geometry(image_processor, image_size: int | None) -> PixelSpec:
     try:
         return PixelSpec.from_image_processor(image_processor)
     except ValueError as err:
-        raise ValueError(f"{err}: set caption.image_size for this model") from None
+        raise ValueError(f"{err}: for a captioner whose processor picks a size per image, set caption.image_size") from None
 
 
 def caption_stage(config: CaptionConfig, storage: StorageOptions, *, pixels_column: str, geometry: str) -> Stage:

@@ -180,14 +180,14 @@ def commit_files(
                 if not DeltaTable.is_deltatable(table_uri, storage_options=options):
                     raise
                 continue  # another run created the table first: check it like any concurrent commit
-        table = DeltaTable(table_uri, storage_options=options)
-        if mode == "overwrite_partition" and _partition_files(table_uri, options, run_date, table.version()) != started_with:
+        delta = DeltaTable(table_uri, storage_options=options)
+        if mode == "overwrite_partition" and _partition_files(table_uri, options, run_date, delta.version()) != started_with:
             raise ConcurrentRunError(
                 f"another run committed run_date={run_date} to {table_uri} while this run was working "
-                f"(table version {read_version} -> {table.version()}); this run's files were not committed"
+                f"(table version {read_version} -> {delta.version()}); this run's files were not committed"
             )
         try:
-            table.create_write_transaction(
+            delta.create_write_transaction(
                 actions, mode="overwrite" if mode == "overwrite_partition" else "append", schema=schema,
                 partition_by=[col.RUN_DATE],
                 partition_filters=[(col.RUN_DATE, "=", run_date.isoformat())] if mode == "overwrite_partition" else None,

@@ -48,7 +48,8 @@ class Step:
 
     @property
     def anchor(self) -> Stage:
-        return next((s for s in self.stages if s.kind in ("task", "actor")), self.stages[-1])
+        """The one stage that says how the step runs (``passes`` never makes a step without one)."""
+        return next(s for s in self.stages if s.kind in ("task", "actor"))
 
     @property
     def name(self) -> str:
@@ -57,7 +58,7 @@ class Step:
 
     @property
     def resources(self) -> Resources:
-        return self.anchor.resources or Resources(num_cpus=0.25, num_gpus=0)
+        return self.anchor.resources
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import pyarrow as pa
 
@@ -29,7 +30,8 @@ from pipelines.config import PipelineConfig
 from pipelines.errors import PlanError
 from pipelines.execute import Pass, passes
 
-Geometry = Callable[[ModelRef, StorageOptions], PixelSpec | None]
+Geometry = Callable[[ModelRef, StorageOptions, int | None], PixelSpec | None]
+"""A model's input geometry (its processor's, or a square ``image_size``); None where it cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,20 @@ class Plan:
     stages: tuple[Stage, ...]
     output_schema: pa.Schema
 
-    @property
+    @cached_property
     def passes(self) -> list[Pass]:
+        """The stages grouped into Ray steps and passes (``pipelines.execute``), worked out once."""
         return passes(list(self.stages))
 
 
-def image_geometry(ref: ModelRef, storage: StorageOptions) -> PixelSpec:
-    """A model's fixed input geometry, read from its processor config alone (no weights)."""
-    return PixelSpec.from_image_processor(_image_processor(ref, storage))
+def image_geometry(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> PixelSpec:
+    """A model's input geometry, read from its processor config alone (no weights)."""
+    return caption_geometry(_image_processor(ref, storage), image_size)
+
+
+def geometry_unknown(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> None:
+    """For checking a plan whose models exist only where it runs (``vlpipe submit``)."""
+    return None
 
 
 def _image_processor(ref: ModelRef, storage: StorageOptions):
@@ -56,20 +64,14 @@ def _image_processor(ref: ModelRef, storage: StorageOptions):
     return AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
 
 
-def _caption_geometry(config: PipelineConfig, geometry: Geometry) -> PixelSpec | None:
-    if geometry is not image_geometry:
-        return geometry(config.caption.model, config.storage)
-    return caption_geometry(_image_processor(config.caption.model, config.storage), config.caption.image_size)
-
-
 def build_plan(
     config: PipelineConfig, output: Location, *, run_id: str, run_date: dt.date, shard_schema: pa.Schema | None,
     shard_prefix: str = "", shard_count: int | None = None, geometry: Geometry = image_geometry,
 ) -> Plan:
     """Every stage of the configured run, read to write, with its columns checked.
 
-    ``geometry`` reads a model's input size; ``lambda ref, storage: None`` checks
-    a plan whose models exist only on the cluster (each gets its own pixel column).
+    ``geometry`` reads a model's input size; ``geometry_unknown`` checks a plan
+    whose models exist only on the cluster (each model gets its own pixel column).
     """
     schema = col.output_schema(_extra_fields(config, shard_schema), include_image_bytes=config.output.include_image_bytes)
     model_stages, pixels = _model_stages(config, geometry)
@@ -90,17 +92,20 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
     once per distinct geometry.
     """
     storage = config.storage
-    clip_geometry = geometry(config.clip.model, storage)
+    clip_geometry = geometry(config.clip.model, storage, None)
     pixels: dict[str, PixelSpec | None] = {col.PIXELS: clip_geometry}
     stages = []
 
     def column_for(spec: PixelSpec | None, own: str) -> str:
-        shared = next((name for name, s in pixels.items() if spec is not None and s == spec), None)
-        pixels.setdefault(own, spec) if shared is None else None
-        return shared or own
+        """The column of an earlier model with the same geometry, else ``own`` (now decoded too)."""
+        for name, other in pixels.items():
+            if spec is not None and other == spec:
+                return name
+        pixels[own] = spec
+        return own
 
     if config.caption:
-        spec = _caption_geometry(config, geometry)
+        spec = geometry(config.caption.model, storage, config.caption.image_size)
         column = column_for(spec, col.CAPTION_PIXELS)
         stages.append(caption_stage(config.caption, storage, pixels_column=column, geometry=_describe_geometry(spec)))
     stages.append(clip_stage(config.clip, storage, captions_generated=config.caption is not None,
@@ -108,7 +113,7 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
     if config.caption:
         stages.append(select_caption_stage())
     if config.itm:
-        spec = geometry(config.itm.model, storage)
+        spec = geometry(config.itm.model, storage, None)
         column = column_for(spec, col.ITM_PIXELS)
         stages.append(itm_stage(config.itm, storage, pixels_column=column, geometry=_describe_geometry(spec)))
     return stages, pixels
@@ -222,3 +227,10 @@ def _describe_stage(stage: Stage) -> list[str]:
         lines.append(f"    adds   {', '.join(stage.adds)}")
     lines += [f"    {detail}" for detail in stage.details]
     return lines
+
+
+def check_stages(config: PipelineConfig) -> None:
+    """The plan's column checks alone, reading no model and no shard: for configs that run elsewhere."""
+    output = Location.resolve(config.output.uri, config.storage)
+    build_plan(config, output, run_id="<check>", run_date=config.run_date or dt.date.today(), shard_schema=None,
+               geometry=geometry_unknown)

@@ -26,7 +26,7 @@ from pipelines import hooks, logs
 from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import READ_NUM_CPUS, execute, resource_shortfall, task_concurrency
+from pipelines.execute import execute, resource_shortfall, task_concurrency
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
@@ -163,7 +163,7 @@ def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict
     decode = config.decode.resources
     return ray.data.read_parquet(
         [s.path for s in shards], filesystem=run.input.filesystem, include_paths=True,
-        num_cpus=decode.num_cpus or READ_NUM_CPUS, concurrency=task_concurrency(decode, cluster.get("CPU", 1.0)),
+        num_cpus=decode.num_cpus, concurrency=task_concurrency(decode, cluster.get("CPU", 1.0)),
     ).select_columns([*config.input.mapping.read, "path"])
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from operators.prepare import ColumnMapping
 from operators.storage import Location
-from pipelines.errors import NoInputError, UnreachableError
+from pipelines.errors import UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ def _is_data_file(path: str, root: str, pattern: str | None) -> bool:
     return name.endswith(".parquet")
 
 
-ShardError = NoInputError  # the name earlier versions raised
 
 
 @dataclass(frozen=True)

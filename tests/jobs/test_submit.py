@@ -186,6 +186,16 @@ def test_credentials_in_the_config_are_refused_before_submitting(tmp_path):
     assert "planted-secret" not in str(err.value)
 
 
+def test_a_plan_whose_columns_do_not_fit_is_refused_before_submitting(tmp_path):
+    from jobs.submit import submit
+
+    (tmp_path / "c.yaml").write_text(  # the models live on the cluster: only the columns are checked here
+        "input: {uri: s3://b/x}\nclip: {model: {source: org/clip}}\noutput: {uri: s3://b/o}\n"
+        "filter: {min_itm_score: 0.5}\n")
+    with pytest.raises(ConfigError, match="stage 'filter' reads column.* itm_score.*needs an itm: section"):
+        submit(str(tmp_path / "c.yaml"), address="http://127.0.0.1:1", working_dir=str(tmp_path))
+
+
 def test_the_job_entrypoint_reruns_the_same_command_on_the_cluster():
     assert entrypoint("configs/x.yaml", nightly=True, run_date="2026-11-01", overrides=["filter.min_clip_score=0.2"],
                       force=False) == ("python -m jobs.cli nightly configs/x.yaml --set filter.min_clip_score=0.2 "

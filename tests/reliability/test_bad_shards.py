@@ -18,7 +18,8 @@ from pipelines.read import read_output
 from pipelines.run import run_nightly, run_pipeline
 from pipelines.runs import read_run_records
 from operators.storage import Location
-from pipelines.shards import ShardError, check_shards, list_shards
+from pipelines.errors import NoInputError
+from pipelines.shards import check_shards, list_shards
 from tests.reliability.s3_proxy import Fault, FaultProxy
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
@@ -96,7 +97,7 @@ def test_a_glob_that_matches_nothing_fails_with_a_clear_message(tiny_clip_dir, t
     raw = {"input": {"uri": str(tmp_path / "crawl" / "*.parquet")}, "clip": {"model": {"source": str(tiny_clip_dir)}},
            "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-01"}
     for run in (run_pipeline, run_nightly):
-        with pytest.raises(ShardError, match=r"no Parquet shards found at input.uri '.*crawl/\*\.parquet'"):
+        with pytest.raises(NoInputError, match=r"no Parquet shards found at input.uri '.*crawl/\*\.parquet'"):
             run(validate_config(raw))
 
 
@@ -106,7 +107,7 @@ def test_when_every_shard_is_bad_the_run_fails_and_records_why(ray_cluster, tiny
     (tmp_path / "crawl" / "a.parquet").write_bytes(b"<html>503 Service Unavailable</html>")
     raw = {"input": {"uri": str(tmp_path / "crawl")}, "clip": {"model": {"source": str(tiny_clip_dir)}},
            "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-01"}
-    with pytest.raises(ShardError, match="none of the 1 input shard.* can be read: .*a.parquet: cannot read the Parquet footer"):
+    with pytest.raises(NoInputError, match="none of the 1 input shard.* can be read: .*a.parquet: cannot read the Parquet footer"):
         run_pipeline(validate_config(raw))
     runs = read_run_records(str(tmp_path / "out" / "_vlpipe_runs"), validate_config(raw).storage).to_pylist()
     assert runs[-1]["status"] == "failed" and runs[-1]["failed_shards"][0]["uri"].endswith("a.parquet")
