@@ -129,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--samples", type=int, default=12, help="sample rows shown per side, kept and rejected")
     report.set_defaults(handler=_report)
 
+    compact = sub.add_parser("compact", help="rewrite a partition's small data files into large ones, in one commit")
+    compact.add_argument("output", help="the output table URI (output.uri of the config)")
+    compact.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],
+                         help="partition to compact (repeatable; default: every partition)")
+    compact.add_argument("--target-size-mb", type=int, default=256, help="size of the rewritten files")
+    compact.set_defaults(handler=_compact)
+
     demo = sub.add_parser("demo", help="generate sample data and tiny models, then run the demo config")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.set_defaults(handler=_demo)
@@ -197,6 +204,15 @@ def _runs(args: argparse.Namespace) -> int:
 
     uri = args.runs_uri or default_run_records_uri(args.output)
     print(format_runs(read_run_records(uri, StorageOptions()), limit=args.limit))
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from operators.storage import Location, StorageOptions
+    from pipelines.compact import compact
+
+    for result in compact(Location.resolve(args.output, StorageOptions()), args.run_dates, args.target_size_mb << 20):
+        print(result)
     return 0
 
 

@@ -11,8 +11,7 @@ import pytest
 from deltalake import DeltaTable
 
 from operators import schema as col
-from operators.storage import StorageOptions
-from operators.storage import Location
+from operators.storage import Location, StorageOptions
 from pipelines.commit import ConcurrentRunError, WriteDataFiles, WriteSummary, commit_files, table_version
 
 SCHEMA = col.output_schema()
