@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -280,6 +281,9 @@ def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluste
     """Run every pass; yields the last step's rows (the writer's summaries)."""
     staging = table.child(f"{STAGING_DIR}/{run_id}")
     ds, head = source, ()
+    # Task pools are sized as a ceiling (see task_concurrency); a small run has fewer blocks than
+    # that, which Ray reports as a warning on every run although nothing is wrong.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     try:
         for run_pass in run_passes:
             for index, step in enumerate(run_pass.steps):
