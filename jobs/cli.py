@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (VlpipeError, KeyboardInterrupt) as err:
-        return _fail(args, str(err) or "interrupted", exit_code_for(err))
+        return _fail(args, str(err) or "interrupted (SIGINT)", exit_code_for(err))
     except OSError as err:  # storage that a step reached without naming it (deltalake, pyarrow)
         return _fail(args, f"storage: {' '.join(str(err).split())}", UnreachableError.exit_code)
     except Exception as err:  # a Ray failure or a bug

@@ -123,12 +123,12 @@ def explain(config: PipelineConfig) -> str:
     """What ``vlpipe run`` would do, without running it: reads the listing and footers, nothing else."""
     run = start_run(config, run_id="<run id>")
     shards = list_shards(run.input)
-    checked = check_shards(run.input.filesystem, shards, run.config.input.mapping) if shards else None
-    prefix = shards[0].uri.removesuffix(shards[0].path) if shards else ""
-    plan = build_plan(run.config, run.output, run_id=run.run_id, run_date=run.run_date,
-                      shard_schema=checked.schema if checked else None, shard_prefix=prefix,
-                      shard_count=len(checked.good) if checked else 0)
-    unusable = f", {len(checked.failed)} unusable" if checked and checked.failed else ""
+    if not shards:
+        raise NoInputError(_no_shards_message(config.input.uri))
+    checked = check_shards(run.input.filesystem, shards, run.config.input.mapping)
+    plan = build_plan(run.config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
+                      shard_prefix=shards[0].uri.removesuffix(shards[0].path), shard_count=len(checked.good))
+    unusable = f", {len(checked.failed)} unusable" if checked.failed else ""
     return f"plan of a run into {run.output.uri} (run_date={run.run_date}; {len(shards)} shard(s){unusable})\n\n" + describe(plan)
 
 

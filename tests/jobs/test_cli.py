@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs.cli import main
 from pipelines.read import read_output
@@ -83,3 +85,44 @@ def test_a_partial_run_names_its_failed_shards_and_exits_3():
     assert exit_code(record) == 3 and "(partial)" in summary
     record.failed_shards, record.status = [], "succeeded"
     assert exit_code(record) == 0 and "failed shards" not in format_summary(record)
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("secret", "uri", "code", "message"), [
+    ("wrong-secret", "s3://raw/crawl/", 6, "cannot list input s3://raw/crawl/: .*ACCESS_DENIED"),  # refused credentials
+    (None, "s3://no-such-bucket/crawl/", 4, "no Parquet shards found at input.uri 's3://no-such-bucket/crawl/'"),
+])
+def test_storage_that_refuses_or_lacks_the_input_is_one_line(s3, s3_input, tmp_path, capsys, secret, uri, code,
+                                                               message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"uri": uri}, "clip": {"model": {"source": "org/clip"}},  # a hub id: never loaded by `plan`
+        "output": {"uri": str(tmp_path / "out")},
+        "storage": {"endpoint_url": s3.endpoint_url, "region": s3.region, "access_key_id": s3.access_key_id,
+                    "secret_access_key": secret or s3.secret_access_key},
+    }))
+    assert main(["plan", str(config)]) == code
+    err = capsys.readouterr().err.strip()
+    assert re.match(f"vlpipe: {message}", err) and "\n" not in err, err
+    assert s3.secret_access_key not in err
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_6(capsys):
+    address = f"http://127.0.0.1:{closed_port()}"
+    assert main(["status", "some-job", "--address", address]) == 6
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vlpipe: cannot reach the Ray cluster {address}: ") and "\n" not in err
+
+
+def test_verbose_adds_the_traceback(capsys):
+    assert main(["-v", "status", "some-job", "--address", f"http://127.0.0.1:{closed_port()}"]) == 6
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("vlpipe: cannot reach")

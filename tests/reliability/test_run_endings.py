@@ -95,7 +95,8 @@ def test_an_error_inside_a_stage_is_a_failed_record_with_the_error_and_exits_1(
     assert record["status"] == "failed" and "planted failure at batch:filter" in record["error"]
 
 
-def test_sigterm_stops_the_run_and_records_it_interrupted(local_shards, tiny_clip_dir, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_and_records_it_interrupted(local_shards, tiny_clip_dir, tmp_path, stop):
     config = write_config(tmp_path, local_shards[0], tiny_clip_dir)
     armed = tmp_path / "faults"
     armed.mkdir()
@@ -110,12 +111,12 @@ def test_sigterm_stops_the_run_and_records_it_interrupted(local_shards, tiny_cli
         if "plan:" in line or time.monotonic() > deadline:
             break
     time.sleep(3)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     _, rest = process.communicate(timeout=120)
     assert process.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
-    assert rest.strip().splitlines()[-1] == "vlpipe: interrupted (SIGTERM)"
+    assert rest.strip().splitlines()[-1] == f"vlpipe: interrupted ({stop.name})"
     (record,) = records(tmp_path)
-    assert record["status"] == "interrupted" and record["error"] == "interrupted (SIGTERM)"
+    assert record["status"] == "interrupted" and record["error"] == f"interrupted ({stop.name})"
 
 
 def test_a_gpu_the_local_cluster_lacks_fails_at_once_naming_the_key(ray_cluster, local_shards, tiny_clip_dir, tmp_path,
