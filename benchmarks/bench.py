@@ -25,23 +25,27 @@ import platform
 import re
 import shutil
 import sys
-import threading
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from benchmarks import models
+from benchmarks import models, naive_clip, whole
 from benchmarks.data import write_shards
+from benchmarks.decode_limit import decode_limit
+from benchmarks.measure import measured, spilled_mib
 from operators import schema as col
 from operators.caption import caption_geometry
 from operators.decode import DecodeConfig, DecodeImages, PixelSpec
 
 log = logging.getLogger(__name__)
 
-NAIVE_BATCH = 32
+NAIVE_BATCH = naive_clip.NAIVE_BATCH
+SCALE_FIGURES = ("seconds_per_1k_rows", "images_per_s", "peak_pss_mb", "peak_rss_mb", "peak_ray_workers",
+                 "cores_busy", "spilled_mb")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="shards on local disk or on a SeaweedFS S3 server started for the run")
     parser.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path(".cache/bench"))
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    parser.add_argument("--whole-repeats", type=int, default=3,
+                        help="time `vlpipe run` and the naive script as whole processes this many times each, "
+                             "and the demo-sized run's fixed cost (0: skip)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench/bench.json"))
     return parser.parse_args(argv)
 
@@ -72,87 +79,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- measurement helpers
 
 
-class PeakMemory:
-    """Peak resident memory of this process and every process it started (Ray's included), sampled.
-
-    Read from ``/proc`` (Linux). Pages shared between processes (the object store)
-    count once per process that touches them, so the figure is an upper bound;
-    it is for comparing runs, not for reading alone.
-    """
-
-    def __init__(self, interval: float = 0.1):
-        self._interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(os.getpid()))
-            self._stop.wait(self._interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak / 2**20, 1)
-
-
-def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                # The command name may hold spaces; the parent pid is the second field after it.
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-@contextmanager
-def measured(result: dict, images: int, sync=lambda: None):
-    """Time the block and record images/s and peak memory into ``result``."""
-    gc.collect()
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        yield
-        sync()
-        seconds = time.perf_counter() - start
-    result.update(images=images, seconds=round(seconds, 6), images_per_s=float(f"{images / seconds:.4g}"),
-                  peak_rss_mb=memory.peak_mb)
-
-
-class _StatsCapture(logging.Handler):
-    """Keeps the Ray Data stats that ``run_pipeline`` logs at debug level."""
+class _RunLogCapture(logging.Handler):
+    """Keeps what ``run_pipeline`` logs for the benchmark: Ray Data stats and the phase timings."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
-        self.text = ""
+        self.stats = ""
+        self.timings: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "Ray Data stats" in message:
-            self.text = message
+        if getattr(record, "timings", None):
+            self.timings = dict(record.timings)
+        elif "Ray Data stats" in record.getMessage():
+            self.stats = record.getMessage()
 
 
 _OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.MULTILINE)
@@ -243,26 +182,10 @@ def clip_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int) -> 
 
 
 def clip_naive(model_dir: pathlib.Path, paths: list[pathlib.Path], device) -> dict:
-    import torch
-    from PIL import Image
-    from transformers import CLIPModel, CLIPProcessor
-
-    model = CLIPModel.from_pretrained(model_dir, dtype=_dtype(device)).to(device).eval()
-    processor = CLIPProcessor.from_pretrained(model_dir)
     result: dict = {}
     n = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     with measured(result, n, _sync(device)):
-        for path in paths:
-            for chunk in pq.ParquetFile(path).iter_batches(batch_size=NAIVE_BATCH, columns=["caption", "jpg"]):
-                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk.column("jpg").to_pylist()]
-                inputs = processor(images=images, text=chunk.column("caption").to_pylist(), padding=True,
-                                   truncation=True, return_tensors="pt").to(device)
-                inputs["pixel_values"] = inputs["pixel_values"].to(_dtype(device))
-                with torch.no_grad():
-                    out = model(**inputs)
-                image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-                text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-                (image * text).sum(-1).cpu().numpy()
+        naive_clip.score_shards(model_dir, paths, device, _dtype(device))
     return result
 
 
@@ -319,22 +242,27 @@ def vlpipe_run(raw_config: dict, images: int) -> dict:
 
     shutil.rmtree(raw_config["output"]["uri"], ignore_errors=True)
     config = validate_config(raw_config, source="benchmark config")
-    capture = _StatsCapture()
-    run_log = logging.getLogger("pipelines.execute")  # where the run logs Ray Data stats
-    level = run_log.level
-    run_log.addHandler(capture)
-    run_log.setLevel(logging.DEBUG)
+    capture = _RunLogCapture()
+    loggers = [logging.getLogger("pipelines.execute"), logging.getLogger("pipelines.run")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(capture)
+        logger.setLevel(logging.DEBUG)
     result: dict = {}
+    spilled_before = spilled_mib()
     try:
         with measured(result, images):
             record = run_pipeline(config)
     finally:
-        run_log.removeHandler(capture)
-        run_log.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(capture)
+            logger.setLevel(level)
     if record.rows_in != images:
         raise RuntimeError(f"vlpipe read {record.rows_in} rows, expected {images}")
     result["seconds_per_1k_rows"] = round(result["seconds"] * 1000 / images, 3)
-    result["stages"] = stage_split(capture.text)
+    result["spilled_mb"] = spilled_mib() - spilled_before
+    result["stages"] = stage_split(capture.stats)
+    result["timings"] = capture.timings
     result["rows_kept"] = record.rows_kept
     return result
 
@@ -413,6 +341,10 @@ def run(args: argparse.Namespace) -> dict:
         if args.caption_images:
             report["caption"] = _caption(args, device, s3, clip_dir if args.tiny else None, out_root)
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
+        report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
+        if args.whole_repeats:
+            ray.shutdown()  # the whole commands start their own Ray, as a user's do
+            report["whole"] = _whole(args, s3, clip_dir, out_root)
     report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
@@ -438,11 +370,14 @@ def _clip(args, device, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> d
     return clip
 
 
-def _scale(args, s3, clip_dir: pathlib.Path, clip: dict | None, out_root: pathlib.Path) -> list[dict]:
+def _scale_dir(args, clip_dir: pathlib.Path) -> pathlib.Path:
     if args.scale_model == "tiny":
-        scale_dir = models.clip_dir(args.work_dir / "models", tiny=True)
-    else:
-        scale_dir = pathlib.Path(args.scale_model) if args.scale_model else clip_dir
+        return models.clip_dir(args.work_dir / "models", tiny=True)
+    return pathlib.Path(args.scale_model) if args.scale_model else clip_dir
+
+
+def _scale(args, s3, clip_dir: pathlib.Path, clip: dict | None, out_root: pathlib.Path) -> list[dict]:
+    scale_dir = _scale_dir(args, clip_dir)
     scale = []
     for n in args.scale_images:
         if clip and n == args.clip_images and scale_dir == clip_dir:
@@ -451,9 +386,44 @@ def _scale(args, s3, clip_dir: pathlib.Path, clip: dict | None, out_root: pathli
             _, uri_n, storage = _shards(args, n, s3)
             result = vlpipe_run(vlpipe_config(uri_n, str(out_root / f"scale-{n}"), scale_dir,
                                               clip_batch=args.clip_batch, storage=storage), n)
-        scale.append({"rows": n, "model": str(scale_dir), "seconds_per_1k_rows": result["seconds_per_1k_rows"],
-                      "peak_rss_mb": result["peak_rss_mb"], "images_per_s": result["images_per_s"]})
+        scale.append({"rows": n, "model": str(scale_dir),
+                      **{k: result[k] for k in SCALE_FIGURES}})
+    if len(scale) > 1:
+        # Targets of a run that streams: the same cost per row and the same memory at any size.
+        first, last = scale[0], scale[-1]
+        for entry in scale[1:]:
+            entry["time_per_row_vs_first"] = round(entry["seconds_per_1k_rows"] / first["seconds_per_1k_rows"], 3)
+            entry["peak_pss_vs_first"] = round(entry["peak_pss_mb"] / first["peak_pss_mb"], 3)
+        log.info("scale %d -> %d rows: time per row x%.2f, peak PSS x%.2f", first["rows"], last["rows"],
+                 last["time_per_row_vs_first"], last["peak_pss_vs_first"])
     return scale
+
+
+DECODE_LIMIT_ROWS = 20_000  # the shards repeat one image pool, so the rate per row does not depend on N
+
+
+def _decode_limit(args, scale_dir: pathlib.Path, scale: list[dict]) -> dict | None:
+    """The bare decode loop on the largest scale size's first shards; each scale run's ratio to it."""
+    if not scale or args.num_cpus == 0:
+        return None
+    from operators.models import ModelRef
+    from operators.storage import StorageOptions
+    from pipelines.plan import image_geometry
+
+    spec = image_geometry(ModelRef(source=str(scale_dir)), StorageOptions())
+    n = max(s["rows"] for s in scale)
+    paths = write_shards(args.work_dir / "shards" / f"n{n}", n)
+    kept, rows = [], 0
+    for path in paths:
+        if rows >= DECODE_LIMIT_ROWS:
+            break
+        kept.append(path)
+        rows += pq.ParquetFile(path).metadata.num_rows
+    result = decode_limit(kept, spec, processes=args.num_cpus)
+    log.info("decode limit: %s", result)
+    for entry in scale:
+        entry["vlpipe_over_decode_limit"] = round(entry["images_per_s"] / result["images_per_s"], 3)
+    return result
 
 
 def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib.Path) -> dict:
@@ -481,6 +451,28 @@ def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib
     log.info("caption vlpipe: %s", result["vlpipe"])
     result["vlpipe_over_limit"] = _ratio(result["vlpipe"], result["limit"])
     result["vlpipe_over_naive"] = _ratio(result["vlpipe"], result["naive"])
+    return result
+
+
+def _whole(args, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> dict:
+    """Whole-process timings: the CLIP comparison's rows, and the demo's fixed cost."""
+    from jobs.demo import prepare_demo_assets
+
+    result: dict = {}
+    work = args.work_dir / "whole"
+    if args.clip_images:
+        paths, uri, storage = _shards(args, args.clip_images, s3)
+        config = vlpipe_config(uri, str(out_root / "whole-clip"), clip_dir.resolve(), clip_batch=args.clip_batch,
+                               storage=storage)
+        result["clip"] = whole.whole_clip(config, work, clip_dir.resolve(), paths, args.clip_images,
+                                          args.whole_repeats)
+        log.info("whole commands, CLIP: %s", result["clip"])
+    prepare_demo_assets()
+    demo = yaml.safe_load(pathlib.Path("configs/demo.yaml").read_text())
+    demo["output"]["uri"] = str(out_root / "fixed-cost")
+    demo["report"] = {"enabled": True}
+    result["fixed_cost"] = whole.fixed_cost(demo, work, args.whole_repeats)
+    log.info("fixed cost of the demo run: %s", result["fixed_cost"])
     return result
 
 
@@ -522,13 +514,45 @@ def format_report(report: dict) -> str:
         lines += ["", f"{name} vlpipe stages (Ray Data remote time, summed over workers):"]
         for stage, t in r["vlpipe"]["stages"].items():
             lines.append(f"  {stage[:70]:<70} wall {t.get('wall_s', 0):>8.1f}s  cpu {t.get('cpu_s', 0):>8.1f}s")
-        lines.append("  peak RSS: " + ", ".join(f"{k} {r[k]['peak_rss_mb']:.0f} MB" for k in ("limit", "naive", "vlpipe")))
+        lines.append("  peak PSS: " + ", ".join(f"{k} {r[k]['peak_pss_mb']:.0f} MB" for k in ("limit", "naive", "vlpipe")))
+        if r["vlpipe"].get("timings"):
+            lines.append("  run phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["vlpipe"]["timings"].items()))
     if report.get("scale"):
-        lines += ["", f"scale (vlpipe CLIP, {pathlib.Path(report['scale'][0]['model']).name}):"]
+        lines += ["", f"scale (vlpipe CLIP, {pathlib.Path(report['scale'][0]['model']).name}; memory is the "
+                      "process tree's PSS, shared pages counted once):"]
         for s in report["scale"]:
-            lines.append(f"  {s['rows']:>6} rows: {s['seconds_per_1k_rows']:>7.2f} s per 1k rows, "
-                         f"peak RSS {s['peak_rss_mb']:.0f} MB (process tree incl. Ray)")
+            lines.append(f"  {s['rows']:>7} rows: {s['seconds_per_1k_rows']:>6.2f} s/1k rows, peak PSS "
+                         f"{s['peak_pss_mb']:>6.0f} MB (RSS {s['peak_rss_mb']:.0f}), {s['peak_ray_workers']} Ray "
+                         f"workers, cores busy {s['cores_busy']:.0%}, spilled {s['spilled_mb']} MB"
+                         + (f"  [x{s['time_per_row_vs_first']:.2f} time/row, x{s['peak_pss_vs_first']:.2f} memory]"
+                            if "time_per_row_vs_first" in s else "")
+                         + (f"  [{s['vlpipe_over_decode_limit']:.2f}x decode limit]" if "vlpipe_over_decode_limit" in s else ""))
+    if report.get("decode_limit"):
+        d = report["decode_limit"]
+        lines.append(f"  decode limit (bare multiprocessing loop, {d['processes']} processes, {d['images']} rows): "
+                     f"{d['images_per_s']:.0f} img/s")
+    lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
+
+
+def _format_whole(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    lines = [""]
+    if result.get("clip"):
+        r = result["clip"]
+        lines.append(f"whole commands, {r['vlpipe']['images']} rows (s, min/median/max of {r['vlpipe']['runs']}):")
+        for name in ("vlpipe", "naive"):
+            t = r[name]
+            lines.append(f"  {name:<7} {t['min_s']:>7.1f} {t['median_s']:>7.1f} {t['max_s']:>7.1f}   "
+                         f"{t['images_per_s']:.1f} img/s")
+        lines.append(f"  vlpipe / naive: {r['vlpipe_over_naive']:.2f}")
+    f = result["fixed_cost"]
+    lines.append(f"fixed cost, `vlpipe run configs/demo.yaml` as a process: median {f['wall']['median_s']:.1f} s "
+                 f"(min {f['wall']['min_s']:.1f}, max {f['wall']['max_s']:.1f}); imports {f['imports_s']:.1f} s, "
+                 f"outside run_pipeline {f['outside_run_s']:.1f} s; phases: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in f["phases_s"].items()))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -54,6 +55,15 @@ class Run:
     runs: Location
     shards: list[Shard] = field(default_factory=list)
     failed_shards: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, logged at the end
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
 
     def record(self, status: str, **fields) -> RunRecord:
         return RunRecord(
@@ -113,8 +123,11 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
         interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
         _append_record(run, run.record(INTERRUPTED if interrupted else FAILED, error=_error_text(err)))
         raise
-    _append_record(run, record)
-    write_run_report(run.config, record)  # logs a warning and carries on if it cannot
+    with run.phase("record_and_report"):
+        _append_record(run, record)
+        write_run_report(run.config, record)  # logs a warning and carries on if it cannot
+    log.info("timings: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run.timings.items()),
+             extra={"timings": dict(run.timings)})
     log.info("committed version %d: %d rows in, %d kept", record.table_version, record.rows_in, record.rows_kept)
     return record
 
@@ -134,25 +147,33 @@ def explain(config: PipelineConfig) -> str:
 
 def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     config = run.config
-    read_version = table_version(run.output)
-    listed = list_shards(run.input)
-    run.shards = listed if only is None else only
-    if not run.shards:
-        raise NoInputError(_no_shards_message(config.input.uri))
-    checked = check_shards(run.input.filesystem, run.shards, config.input.mapping)
+    with run.phase("list_and_check_shards"):
+        read_version = table_version(run.output)
+        listed = list_shards(run.input)
+        run.shards = listed if only is None else only
+        if not run.shards:
+            raise NoInputError(_no_shards_message(config.input.uri))
+        checked = check_shards(run.input.filesystem, run.shards, config.input.mapping)
     run.failed_shards = checked.failed
     log.info("%d shards from %s (%d unusable)", len(run.shards), config.input.uri, len(checked.failed))
     if not checked.good:
         raise NoInputError(_unreadable_message(run.shards, checked.failed))
     prefix = run.shards[0].uri.removesuffix(run.shards[0].path)
-    plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
-                      shard_prefix=prefix, shard_count=len(checked.good))
-    cluster = _start_ray(config, plan)
+    with run.phase("plan"):
+        plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date,
+                          shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good))
+    with run.phase("ray_start"):
+        cluster = _start_ray(config, plan)
     log.info("plan:\n%s", describe(plan, cluster))
     summary = WriteSummary()
-    for row in execute(plan.passes, _source(config, run, checked.good, cluster), run.output, run.run_id, cluster):
-        summary.add(row)
-    return _commit(run, plan, summary, read_version)
+    with run.phase("execute"):
+        start = time.perf_counter()
+        for row in execute(plan.passes, _source(config, run, checked.good, cluster), run.output, run.run_id, cluster):
+            # Until the first file is written: actors started, models loaded, the pipeline filled.
+            run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
+            summary.add(row)
+    with run.phase("commit"):
+        return _commit(run, plan, summary, read_version)
 
 
 def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
