@@ -14,7 +14,8 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_cpus: float = Field(1.0, gt=0)
+    # 0: never waits for a CPU slot (storage I/O); its pool is then capped, see pipelines.execute.
+    num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0)
     concurrency: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)

@@ -41,8 +41,8 @@ _SUMMARY_SCHEMA = pa.schema(
 )
 
 
-# Writing Parquet is mostly waiting on storage; a full core per writer task would idle.
-WRITER_NUM_CPUS = 0.25
+# Writing Parquet is mostly waiting on storage: no CPU slot (see pipelines.execute.IO_RESOURCES).
+WRITER_NUM_CPUS = 0
 
 
 def write_stage(table: Location, schema: pa.Schema, run_id: str, run_date: dt.date, *, kept_only: bool,

@@ -99,6 +99,9 @@ class PipelineConfig(_Strict):
     # 0: a plan that needs more than the cluster has fails at once. On an autoscaling cluster,
     # the seconds to wait for the nodes that would provide it.
     ray_resource_timeout_s: float = Field(0.0, ge=0.0)
+    # Only for a Ray that vlpipe starts itself: its dashboard costs start time and a few
+    # hundred MB of processes that a batch run rarely looks at.
+    ray_dashboard: bool = False
     report: ReportConfig = ReportConfig()
 
     def models(self) -> dict[str, dict[str, str | None]]:
@@ -109,7 +112,7 @@ class PipelineConfig(_Strict):
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
         payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address", "ray_resource_timeout_s",
-                                                        "report"})
+                                                        "ray_dashboard", "report"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_absolute_paths(self) -> "PipelineConfig":

@@ -150,7 +150,19 @@ def task_concurrency(resources: Resources, cluster_cpus: float) -> int:
     own cores, overlapping inference, instead of in series inside each model actor. (Capping
     fractional-CPU writers at one per core was measured slower: 3.34 vs 2.43 s per 1k rows at 10k.)
     """
-    return resources.concurrency or max(1, int(cluster_cpus // resources.num_cpus))
+    if resources.concurrency:
+        return resources.concurrency
+    if resources.num_cpus == 0:
+        return max(1, int(cluster_cpus // IO_TASKS_CPUS_EACH))
+    return max(1, int(cluster_cpus // resources.num_cpus))
+
+
+# Storage steps (list, read, write, spill) ask for no CPU, so they never queue behind decoding and
+# the models for a CPU slot (a 0.25-CPU writer did: blocks piled up in front of it, memory grew with
+# the run and Ray started a worker process per slot). Their pools are capped instead: one task per
+# this many cores.
+IO_TASKS_CPUS_EACH = 2
+IO_RESOURCES = Resources(num_cpus=0, num_gpus=0)
 
 
 def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, ...] = ()):
@@ -250,7 +262,7 @@ class ApplyAggregate:
         return self.aggregate.build().apply(batch, self.state)
 
 
-# Ray Data lists and reads files with whole-CPU tasks, whatever the stages ask for.
+# Ray Data lists files with a whole-CPU task, whatever the reads ask for.
 READ_NUM_CPUS = 1.0
 
 
@@ -310,8 +322,8 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
 
     spill_batch.__name__ = spill_batch.__qualname__ = "Spill"
     spilled = ds.map_batches(spill_batch, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
-                             num_cpus=0.25, compute=ray.data.TaskPoolStrategy(
-                                 size=task_concurrency(Resources(num_cpus=0.25), cluster.get("CPU", 1.0))))
+                             num_cpus=0, compute=ray.data.TaskPoolStrategy(
+                                 size=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))))
     rows = list(spilled.iter_rows())
     state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows])
     log.info("%s over the whole run: %s", aggregate.name, state)

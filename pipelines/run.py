@@ -27,7 +27,7 @@ from pipelines import hooks, logs
 from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import execute, resource_shortfall, task_concurrency
+from pipelines.execute import IO_RESOURCES, execute, resource_shortfall, task_concurrency
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
@@ -179,12 +179,11 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
 def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
     import ray.data
 
-    # Read tasks ask for what decode tasks ask for, so Ray fuses the two into one task. Ray pushes
-    # the column selection down into the Parquet reads.
-    decode = config.decode.resources
+    # Reading a shard is storage I/O: no CPU slot, so the CPU goes to decoding and the models (see
+    # IO_RESOURCES). Ray pushes the column selection down into the Parquet reads.
     return ray.data.read_parquet(
         [s.path for s in shards], filesystem=run.input.filesystem, include_paths=True,
-        num_cpus=decode.num_cpus, concurrency=task_concurrency(decode, cluster.get("CPU", 1.0)),
+        num_cpus=0, concurrency=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0)),
     ).select_columns([*config.input.mapping.read, "path"])
 
 
@@ -215,7 +214,9 @@ def _start_ray(config: PipelineConfig, plan: Plan) -> dict[str, float]:
         # `ray start` must not make a laptop run attach to a dead cluster.
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        # A cluster that exists has its dashboard already; only a local start can choose.
+        dashboard = {"include_dashboard": config.ray_dashboard} if address == "local" else {}
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **dashboard)
         if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
             # Ray's core worker takes SIGTERM over (and aborts): keep the caller's handler, which
             # ends the run like Ctrl-C, so the run is recorded as interrupted.

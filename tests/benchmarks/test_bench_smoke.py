@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from benchmarks.bench import main, stage_split, tree_rss
+from benchmarks.bench import main, stage_split
+from benchmarks.measure import sample_tree
+from benchmarks.whole import parse_timings
 
 STATS = """Operator 3 MapBatches(PrepareInput)->MapBatches(DecodeImages): 2 tasks executed, 2 blocks produced in 0.09s
 * Remote wall time: 40.5ms min, 50.2ms max, 45.35ms mean, 90.7ms total
@@ -25,25 +27,38 @@ def test_stage_split_reads_total_wall_and_cpu_seconds_per_operator():
     }
 
 
-def test_tree_rss_counts_child_processes():
+def test_tree_memory_counts_child_processes_and_shared_pages_once():
+    import os
     import subprocess
     import sys
+    import time
 
-    alone = tree_rss(999_999_999)  # no such process: nothing to count
-    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(30)"])
+    # The child writes 200 MB of private pages, then forks: the two share them copy-on-write.
+    script = ("import os, time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); os.fork(); "
+              "time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", script])
     try:
-        import time
-
         deadline = time.monotonic() + 20
-        while tree_rss(child.pid) < 150 << 20 and time.monotonic() < deadline:
+        while len(open(f"/proc/{child.pid}/task/{child.pid}/children").read().split()) < 1:
+            assert time.monotonic() < deadline
             time.sleep(0.1)
-        import os
-
-        assert alone == 0
-        assert tree_rss(os.getpid()) >= tree_rss(child.pid) >= 150 << 20
+        tree = sample_tree(child.pid)
+        assert sample_tree(999_999_999).rss == 0  # no such process: nothing to count
+        assert tree.rss >= 400 << 20  # RSS counts the shared 200 MB in each of the two processes
+        assert 200 << 20 <= tree.pss < 300 << 20  # PSS counts it once
+        assert sample_tree(os.getpid()).pss >= tree.pss
     finally:
+        subprocess.run(["pkill", "-P", str(child.pid)])
         child.kill()
         child.wait()
+
+
+def test_run_timings_are_read_back_from_the_run_log():
+    stderr = ("2026-12-01 12:43:01,901 INFO pipelines.run run=x: timings: list_and_check_shards 0.07 s, "
+              "plan 1.60 s, execute 8.21 s\nvlpipe run x (succeeded) in 15.4s\n")
+    assert parse_timings(stderr) == {"list_and_check_shards": 0.07, "plan": 1.6, "execute": 8.21}
+    with pytest.raises(RuntimeError):
+        parse_timings("no such line")
 
 
 @pytest.mark.slow
@@ -52,7 +67,7 @@ def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_
     main([
         "--tiny", "--clip-model", str(tiny_clip_dir), "--caption-model", str(tiny_blip_captioner_dir),
         "--clip-images", "16", "--caption-images", "8", "--scale-images", "16",
-        "--max-new-tokens", "4", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--max-new-tokens", "4", "--whole-repeats", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
     ])
     report = json.loads(out.read_text())
 
@@ -63,7 +78,9 @@ def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_
             figures = result[mode]
             assert figures["images"] == n
             assert figures["seconds"] > 0 and figures["images_per_s"] == pytest.approx(n / figures["seconds"], rel=0.01)
-            assert figures["peak_rss_mb"] > 100  # at least this Python process with torch loaded
+            assert figures["peak_pss_mb"] > 100  # at least this Python process with torch loaded
+            assert figures["peak_rss_mb"] >= figures["peak_pss_mb"]
+            assert 0 < figures["cores_busy"] <= 1
         vl = result["vlpipe"]
         assert result["vlpipe_over_limit"] == pytest.approx(vl["images_per_s"] / result["limit"]["images_per_s"], rel=0.01)
         assert result["vlpipe_over_naive"] == pytest.approx(vl["images_per_s"] / result["naive"]["images_per_s"], rel=0.01)
@@ -73,10 +90,15 @@ def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_
         assert all(s["wall_s"] >= 0 for s in vl["stages"].values() if "wall_s" in s)
     assert "Caption" in " ".join(report["caption"]["vlpipe"]["stages"])
     # A scale point at the CLIP run's size reuses that run rather than paying for another.
-    assert report["scale"] == [{
-        "rows": 16, "model": str(tiny_clip_dir), "seconds_per_1k_rows": report["clip"]["vlpipe"]["seconds_per_1k_rows"],
-        "peak_rss_mb": report["clip"]["vlpipe"]["peak_rss_mb"], "images_per_s": report["clip"]["vlpipe"]["images_per_s"],
-    }]
+    clip_run = report["clip"]["vlpipe"]
+    assert clip_run["peak_ray_workers"] >= 2 and clip_run["spilled_mb"] == 0
+    assert {"plan", "execute", "commit"} <= set(clip_run["timings"])
+    [scale] = report["scale"]
+    assert scale["rows"] == 16 and scale["seconds_per_1k_rows"] == clip_run["seconds_per_1k_rows"]
+    assert scale["peak_pss_mb"] == clip_run["peak_pss_mb"]
+    decode = report["decode_limit"]
+    assert decode["rows"] == 16 and decode["images_per_s"] > 0
+    assert scale["vlpipe_over_decode_limit"] == pytest.approx(scale["images_per_s"] / decode["images_per_s"], rel=0.01)
 
     printed = capsys.readouterr().out
     assert "v/limit" in printed and "tiny-clip" in printed and str(out) in printed

@@ -12,7 +12,7 @@ from operators import schema as col
 from operators.storage import Location, StorageOptions
 from pipelines.config import validate_config
 from pipelines.errors import PlanError
-from pipelines.execute import resource_shortfall
+from pipelines.execute import map_batches_args, resource_shortfall
 from pipelines.plan import build_plan
 
 DAY = dt.date(2026, 11, 1)
@@ -68,6 +68,17 @@ def test_resources_the_cluster_cannot_give_are_named_by_their_config_key(tmp_pat
     assert resource_shortfall(plan.passes, {"CPU": 2.0}) == (
         "clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0")
     assert resource_shortfall(plan.passes, {"CPU": 2.0, "GPU": 1.0}) is None
+
+
+@pytest.mark.parametrize("cpus", [2.0, 16.0])
+def test_storage_steps_take_no_cpu_slot_and_run_in_a_capped_pool(tmp_path, tiny_clip_dir, cpus):
+    # A writer that needs a CPU slot waits behind decode and the model for the whole run: its
+    # input piles up in memory. With none, it never waits; the cap bounds its worker processes.
+    steps = {step.name: step for step in plan_of(tmp_path, tiny_clip_dir).passes[0].steps}
+    write = map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus)
+    decode = map_batches_args(steps["Decode"], cluster_gpus=0, cluster_cpus=cpus)
+    assert write["num_cpus"] == 0 and write["compute"].size == cpus // 2
+    assert decode["num_cpus"] == 1 and decode["compute"].size == cpus
 
 
 @pytest.mark.parametrize("output", ["in/enriched", "in"])
