@@ -95,7 +95,7 @@ class ClipScorer(ModelOperator):
         self.max_text_tokens = config.max_text_tokens or text_config.max_position_embeddings
         # SigLIP was trained on fixed-length padded text; CLIP on dynamic padding.
         self._padding = "max_length" if "siglip" in self.model.config.model_type else True
-        self.tags = ZeroShotTags(tags, self.embed_texts, float(self.model.logit_scale.exp())) if tags else None
+        self.tags = ZeroShotTags(tags, self.embed_texts, float(self.model.logit_scale.detach().exp())) if tags else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels = batch.column(col.PIXELS).combine_chunks()

@@ -200,8 +200,11 @@ class TopFraction:
 
 
 def _scores(batch: pa.Table, name: str) -> np.ndarray:
-    """A score column as floats; null is NaN, which fails every threshold."""
-    return pc.fill_null(batch.column(name), np.nan).to_numpy(zero_copy_only=False)
+    """A score (or size) column as floats; null is NaN, which fails every threshold."""
+    column = batch.column(name)
+    if not pa.types.is_floating(column.type):
+        column = column.cast(pa.float64())
+    return pc.fill_null(column, np.nan).to_numpy(zero_copy_only=False)
 
 
 def _tag_scores(batch: pa.Table, tag: str) -> np.ndarray:
