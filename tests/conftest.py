@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from demo import (
+    build_random_head,
     build_tiny_blip_captioner,
     build_tiny_blip_itm,
     build_tiny_clip,
@@ -52,6 +53,14 @@ def demo_models(tmp_path_factory) -> dict[str, Path]:
         "tiny-clip": build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS),
         "tiny-blip": build_tiny_blip_captioner(root / "tiny-blip", train_steps=DEMO_CAPTIONER_TRAIN_STEPS),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_heads(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight aesthetic and NSFW heads for the tiny CLIP's 32-value embeddings, converted from .pth files."""
+    root = tmp_path_factory.mktemp("heads")
+    return {name: build_random_head(root / name, arch, embedding_dim=32, clip_model="tiny-clip", seed=i)
+            for i, (name, arch) in enumerate((("aesthetic", "aesthetic-v2"), ("nsfw", "nsfw")))}
 
 
 @pytest.fixture(scope="session")
