@@ -33,9 +33,11 @@ HISTOGRAM_BINS = 24
 _ROW_COLUMNS = (
     col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
     col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
-    col.KEEP, col.REJECT_REASON,
+    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.KEEP, col.REJECT_REASON,
 )
-_HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, "caption_length", "caption_generated_length")
+_HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE,
+               "caption_length", "caption_generated_length")
+TAG_PREFIX = "tag:"  # a histogram of one zero-shot tag's score: "tag:<name>"
 
 
 @dataclass
@@ -81,12 +83,13 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     log.debug("report of run %s: %d run records, table version %s", run["run_id"], len(records), run["table_version"])
     config = stored_config(run)
     notes: list[str] = []
-    this = _scan_run(run, storage, notes, samples)
+    names = (*_HISTOGRAMS, *(f"{TAG_PREFIX}{tag}" for tag in config.tags))
+    this = _scan_run(run, storage, notes, samples, names)
     previous = next(
         (r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None),
         None,
     )
-    before = _scan_run(previous, storage, notes, 0) if previous else None
+    before = _scan_run(previous, storage, notes, 0, names) if previous else None
     if config.output.kept_only:
         notes.append("output.kept_only is set: rejected rows are counted but not in the table, so none are shown")
     kept, rejected = this.sample.result()
@@ -171,13 +174,17 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
         (col.CLIP_SCORE, "clip_score (original caption)", None if best else filter_config.min_clip_score),
         (col.CLIP_SCORE_BEST, "clip_score_best (better caption)", filter_config.min_clip_score if best else None),
         (col.ITM_SCORE, "itm_score", filter_config.min_itm_score),
+        (col.AESTHETIC_SCORE, "aesthetic_score", filter_config.min_aesthetic_score),
+        (col.NSFW_SCORE, "nsfw_score", filter_config.max_nsfw_score),
+        *((name, f"tag {name.removeprefix(TAG_PREFIX)}", _tag_threshold(filter_config, name.removeprefix(TAG_PREFIX)))
+          for name in rows.values if name.startswith(TAG_PREFIX)),
         ("caption_length", "caption length (characters)", None),
         ("caption_generated_length", "generated caption length (characters)", None),
     ]
     out = []
     for name, label, threshold in specs:
-        values = rows.values[name]
-        before = previous.values[name] if previous is not None else None
+        values = rows.values.get(name, np.zeros(0))
+        before = previous.values.get(name) if previous is not None else None
         if values.size == 0:
             continue
         combined = np.concatenate([values, before if before is not None else [], [] if threshold is None else [threshold]])
@@ -195,8 +202,21 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
     return out
 
 
+def _tag_threshold(filter_config: FilterConfig, tag: str) -> float | None:
+    """The tag's bound to mark: its minimum, else its maximum."""
+    bounds = filter_config.tags.get(tag)
+    if bounds is None:
+        return None
+    return bounds.min if bounds.min is not None else bounds.max
+
+
 def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
     """The non-null values one histogram counts, as float64."""
+    if name.startswith(TAG_PREFIX):
+        if col.TAG_SCORES not in rows.column_names:
+            return np.zeros(0)
+        scores = pc.map_lookup(rows.column(col.TAG_SCORES), pa.scalar(name.removeprefix(TAG_PREFIX)), "first")
+        return pc.drop_null(scores).to_numpy().astype(np.float64)
     if name.endswith("_length"):
         column = col.CAPTION if name == "caption_length" else col.CAPTION_GENERATED
         if column not in rows.column_names:
@@ -208,10 +228,11 @@ def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
     return pc.drop_null(rows.column(name)).to_numpy().astype(np.float64)
 
 
-def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int) -> RunScan:
-    """Stream the run's rows (no embeddings) at the table version it committed."""
+def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int,
+              names: tuple[str, ...] = _HISTOGRAMS) -> RunScan:
+    """Stream the run's rows (no embeddings) at the table version it committed; ``names``: the histograms."""
     scan = RunScan(Sampler(samples))
-    values: dict[str, list[np.ndarray]] = {name: [] for name in _HISTOGRAMS}
+    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     if run["table_version"] is None:
         notes.append(f"run {run['run_id']} committed no rows")
     else:
@@ -234,7 +255,7 @@ def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int
 def _add_rows(scan: RunScan, values: dict[str, list[np.ndarray]], rows: pa.Table) -> None:
     scan.rows += rows.num_rows
     scan.kept += pc.sum(rows.column(col.KEEP)).as_py() or 0
-    for name in _HISTOGRAMS:
+    for name in values:
         values[name].append(histogram_values(rows, name))
     if col.CAPTION_SOURCE in rows.column_names:
         for entry in pc.value_counts(pc.drop_null(rows.column(col.CAPTION_SOURCE))).to_pylist():

@@ -68,6 +68,11 @@ def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
     assert rescued >= len(manifest["mismatched_keys"]) // 2  # the tiny captioner names most images right
     for key in manifest["empty_caption_keys"]:
         assert rows[key]["caption_generated"] and rows[key]["reject_reason"] in (None, "low_clip_score")
+    # Quality signals: a head score, the tags and the caption's language on every decodable row.
+    for key, row in rows.items():
+        if key not in manifest["broken_keys"]:
+            assert row["aesthetic_score"] is not None and 0 < row["nsfw_score"] < 1
+            assert sorted(dict(row["tag_scores"])) == ["blue", "red"] and row["caption_language"] == "en"
 
 
 def test_a_partial_run_names_its_failed_shards_and_exits_3():
