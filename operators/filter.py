@@ -19,7 +19,7 @@ from operators.tensors import embedding_rows
 
 
 class TagThreshold(BaseModel):
-    """Bounds on one zero-shot tag's score: below ``min`` is ``low_tag_score``, above ``max`` ``high_tag_score``."""
+    """Bounds on one score in a map column (a zero-shot tag, a classifier score): below ``min``, above ``max``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +53,7 @@ class FilterConfig(BaseModel):
     min_aesthetic_score: float | None = None
     max_nsfw_score: float | None = Field(None, ge=0.0, le=1.0)
     tags: Mapping[str, TagThreshold] = {}
+    classifier_scores: Mapping[str, TagThreshold] = {}
     keep_top_fraction: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("caption_languages")
@@ -80,9 +81,10 @@ def filter_stage(config: FilterConfig) -> Stage:
     thresholds = [f"{name} {value:g}" for name, value in checks if value is not None]
     if config.caption_languages:
         thresholds.append(f"{col.CAPTION_LANGUAGE} in {', '.join(config.caption_languages)}")
-    for tag, bounds in config.tags.items():
-        thresholds += [f"tag {tag} {op} {value:g}" for op, value in ((">=", bounds.min), ("<=", bounds.max))
-                       if value is not None]
+    for kind, entries in (("tag", config.tags), ("classifier score", config.classifier_scores)):
+        for name, bounds in entries.items():
+            thresholds += [f"{kind} {name} {op} {value:g}" for op, value in ((">=", bounds.min), ("<=", bounds.max))
+                           if value is not None]
     return Stage(
         name="filter", kind="fused", build=partial(ScoreFilter, config),
         reads=ScoreFilter(config).input_columns, adds=(col.KEEP, col.REJECT_REASON), optional=(col.IMAGE_EMBEDDING,),
@@ -106,7 +108,7 @@ class ScoreFilter:
     Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, empty
     caption, caption words, caption characters, caption language, a non-finite image
     embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW, tags (min, then
-    max). The top-fraction cut-off comes after, from ``TopFraction``.
+    max), classifier scores (min, then max). The top-fraction cut-off comes after, from ``TopFraction``.
     """
 
     def __init__(self, config: FilterConfig):
@@ -120,6 +122,7 @@ class ScoreFilter:
             *((col.AESTHETIC_SCORE,) if c.min_aesthetic_score is not None else ()),
             *((col.NSFW_SCORE,) if c.max_nsfw_score is not None else ()),
             *((col.TAG_SCORES,) if c.tags else ()),
+            *((col.CLASSIFIER_SCORES,) if c.classifier_scores else ()),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -162,12 +165,16 @@ class ScoreFilter:
                 reject(~(_scores(batch, score_column) >= threshold), why)
         if c.max_nsfw_score is not None:
             reject(~(_scores(batch, col.NSFW_SCORE) <= c.max_nsfw_score), col.HIGH_NSFW_SCORE)
-        for bound, why in (("min", col.LOW_TAG_SCORE), ("max", col.HIGH_TAG_SCORE)):
-            for tag, bounds in c.tags.items():
-                value = getattr(bounds, bound)
-                if value is not None:
-                    scores = _tag_scores(batch, tag)
-                    reject(~(scores >= value) if bound == "min" else ~(scores <= value), why)
+        for column, entries, low, high in (
+            (col.TAG_SCORES, c.tags, col.LOW_TAG_SCORE, col.HIGH_TAG_SCORE),
+            (col.CLASSIFIER_SCORES, c.classifier_scores, col.LOW_CLASSIFIER_SCORE, col.HIGH_CLASSIFIER_SCORE),
+        ):
+            for bound, why in (("min", low), ("max", high)):
+                for name, bounds in entries.items():
+                    value = getattr(bounds, bound)
+                    if value is not None:
+                        scores = _map_scores(batch, column, name)
+                        reject(~(scores >= value) if bound == "min" else ~(scores <= value), why)
         return _with_decision(batch, reason)
 
 
@@ -207,10 +214,9 @@ def _scores(batch: pa.Table, name: str) -> np.ndarray:
     return pc.fill_null(column, np.nan).to_numpy(zero_copy_only=False)
 
 
-def _tag_scores(batch: pa.Table, tag: str) -> np.ndarray:
-    """One tag's score from the ``tag_scores`` map; NaN where the row has none."""
-    column = batch.column(col.TAG_SCORES)
-    scores = pc.map_lookup(column, pa.scalar(tag, pa.string()), "first")
+def _map_scores(batch: pa.Table, column: str, name: str) -> np.ndarray:
+    """One score from a map column (``tag_scores``, ``classifier_scores``); NaN where the row has none."""
+    scores = pc.map_lookup(batch.column(column), pa.scalar(name, pa.string()), "first")
     return pc.fill_null(scores, np.nan).to_numpy(zero_copy_only=False)
 
 

@@ -18,6 +18,7 @@ IMAGE = "_image"
 PIXELS = "_pixels"  # at the CLIP model's geometry
 CAPTION_PIXELS = "_pixels_caption"  # at the captioner's, when it differs
 ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
+CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
 
 # Decode.
 STATUS = "status"
@@ -47,6 +48,7 @@ NSFW_SCORE = "nsfw_score"
 TAG_SCORES = "tag_scores"
 CAPTION_LANGUAGE = "caption_language"
 CAPTION_LANGUAGE_SCORE = "caption_language_score"
+CLASSIFIER_SCORES = "classifier_scores"
 
 # Values of CAPTION_SOURCE.
 SOURCE_ORIGINAL = "original"
@@ -87,17 +89,20 @@ LOW_AESTHETIC_SCORE = "low_aesthetic_score"
 HIGH_NSFW_SCORE = "high_nsfw_score"
 LOW_TAG_SCORE = "low_tag_score"
 HIGH_TAG_SCORE = "high_tag_score"
+LOW_CLASSIFIER_SCORE = "low_classifier_score"
+HIGH_CLASSIFIER_SCORE = "high_classifier_score"
 BELOW_TOP_FRACTION = "below_top_fraction"
 FILTER_REASONS = (
     IMAGE_TOO_SMALL, EXTREME_ASPECT_RATIO, EMPTY_CAPTION, CAPTION_TOO_FEW_WORDS, CAPTION_TOO_SHORT, WRONG_LANGUAGE,
     INVALID_EMBEDDING, LOW_CLIP_SCORE, LOW_ITM_SCORE, LOW_AESTHETIC_SCORE, HIGH_NSFW_SCORE, LOW_TAG_SCORE,
-    HIGH_TAG_SCORE, BELOW_TOP_FRACTION,
+    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, BELOW_TOP_FRACTION,
 )
 REJECT_REASONS = (*IMAGE_STATUSES[1:], *FILTER_REASONS)
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
 # A map, not a struct: the configured tags change from run to run, the table's schema must not.
 TAG_SCORES_TYPE = pa.map_(pa.string(), pa.float32())
+CLASSIFIER_SCORES_TYPE = TAG_SCORES_TYPE  # likewise: the configured score names are keys, not columns
 
 _HEAD = [
     pa.field(KEY, pa.string(), nullable=False),
@@ -124,6 +129,7 @@ _TAIL = [
     pa.field(TAG_SCORES, TAG_SCORES_TYPE),
     pa.field(CAPTION_LANGUAGE, pa.string()),
     pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
+    pa.field(CLASSIFIER_SCORES, CLASSIFIER_SCORES_TYPE),
     pa.field(KEEP, pa.bool_(), nullable=False),
     pa.field(REJECT_REASON, pa.string()),
     pa.field(RUN_ID, pa.string(), nullable=False),
@@ -154,6 +160,8 @@ COLUMN_DOCS = {
     TAG_SCORES: "Zero-shot tag -> summed softmax probability of its positive prompts (null without tags or an embedding).",
     CAPTION_LANGUAGE: "ISO 639-1 code of the caption's language (null if off, empty, or no language found, e.g. emoji only).",
     CAPTION_LANGUAGE_SCORE: "Confidence of caption_language, 0-1, relative to the candidate languages.",
+    CLASSIFIER_SCORES: "Image classifier score name -> softmax probability of its label (null without a classifier "
+                       "or an image).",
     KEEP: "Whether the row passed every filter.",
     REJECT_REASON: "First reason the row was rejected: " + ", ".join(REJECT_REASONS) + "; null if kept.",
     RUN_ID: "Id of the run that wrote the row.",

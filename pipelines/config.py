@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from operators.caption import CaptionConfig
+from operators.classify import ClassifierConfig
 from operators.clip import ClipConfig, TagConfig, check_tag_names
 from operators.decode import DecodeConfig
 from operators.filter import FilterConfig
@@ -94,6 +95,7 @@ class PipelineConfig(_Strict):
     output: OutputConfig
     caption: CaptionConfig | None = None
     itm: ItmConfig | None = None
+    classifier: ClassifierConfig | None = None
     storage: StorageOptions = StorageOptions()
     decode: DecodeConfig = DecodeConfig()
     heads: HeadsConfig = HeadsConfig()
@@ -118,6 +120,11 @@ class PipelineConfig(_Strict):
         if unknown:
             raise ValueError(f"filter.tags: no tag {', '.join(map(repr, unknown))} in tags: "
                              f"({', '.join(self.tags) or 'none configured'})")
+        scores = self.classifier.scores if self.classifier else {}
+        unknown = [name for name in self.filter.classifier_scores if name not in scores]
+        if unknown:
+            raise ValueError(f"filter.classifier_scores: no score {', '.join(map(repr, unknown))} in classifier.scores: "
+                             f"({', '.join(scores) or 'no classifier configured'})")
         candidates = self.language.candidates if self.language else None
         if candidates and self.filter.caption_languages:
             outside = [c for c in self.filter.caption_languages if c not in candidates]
@@ -133,7 +140,7 @@ class PipelineConfig(_Strict):
 
     def models(self) -> dict[str, dict[str, str | None]]:
         """Each stage's model id and revision, as recorded with every commit."""
-        stages = {"clip": self.clip, "caption": self.caption, "itm": self.itm}
+        stages = {"clip": self.clip, "caption": self.caption, "itm": self.itm, "classifier": self.classifier}
         models = {name: {"source": s.model.source, "revision": s.model.revision} for name, s in stages.items() if s}
         for name, head in self.heads.configured().items():
             models[f"heads.{name}"] = {"source": head.source, "revision": head.revision}
@@ -158,7 +165,7 @@ class PipelineConfig(_Strict):
                 "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
             }),
         }
-        for name in ("clip", "caption", "itm"):
+        for name in ("clip", "caption", "itm", "classifier"):
             stage = getattr(self, name)
             source = stage and stage.model.source
             if source and not is_remote(source) and Path(source).expanduser().is_dir():
@@ -185,7 +192,7 @@ def check_models(config: PipelineConfig) -> None:
     object-store models are checked where they are fetched. Not part of
     ``validate_config``: ``vlpipe submit`` validates configs whose paths exist only on the cluster.
     """
-    for name in ("clip", "caption", "itm"):
+    for name in ("clip", "caption", "itm", "classifier"):
         stage = getattr(config, name)
         ref = stage.model if stage else None
         if ref is None or is_remote(ref.source):

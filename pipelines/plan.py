@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from operators import schema as col
 from operators.caption import caption_geometry, caption_stage
+from operators.classify import check_labels, classifier_stage
 from operators.clip import clip_stage
 from operators.decode import PixelSpec, decode_stage
 from operators.filter import filter_stage, top_fraction_stage
@@ -132,7 +133,27 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
         spec = geometry(config.itm.model, storage, None)
         column = column_for(spec, col.ITM_PIXELS)
         stages.append(itm_stage(config.itm, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    if config.classifier:
+        if _models_readable(geometry):
+            _check_classifier_labels(config)
+        spec = geometry(config.classifier.model, storage, None)
+        column = column_for(spec, col.CLASSIFIER_PIXELS)
+        stages.append(classifier_stage(config.classifier, storage, pixels_column=column,
+                                       geometry=_describe_geometry(spec)))
     return stages, pixels
+
+
+def _check_classifier_labels(config: PipelineConfig) -> None:
+    """Every configured score names a label the classifier has (its config.json's id2label)."""
+    ref = config.classifier.model
+    try:
+        raw = json.loads((resolve_model_dir(ref, config.storage, config_only=True) / "config.json").read_text())
+    except (OSError, ValueError, ModelLoadError) as err:
+        raise PlanError(f"classifier.model: cannot read {ref.source}/config.json: {err}") from None
+    try:
+        check_labels(config.classifier, raw.get("id2label") or {})
+    except ValueError as err:
+        raise PlanError(str(err)) from None
 
 
 def _check_heads(config: PipelineConfig, readable: bool) -> tuple[str, ...]:
@@ -233,6 +254,7 @@ _PRODUCED_BY = {
     col.AESTHETIC_SCORE: "heads.aesthetic (an aesthetic-v2 head directory)",
     col.NSFW_SCORE: "heads.nsfw (an nsfw head directory)",
     col.TAG_SCORES: "a tags: section",
+    col.CLASSIFIER_SCORES: "a classifier: section (an image classification model)",
     col.CAPTION_BEST: "a caption: section (a captioning model)",
     col.CLIP_SCORE_BEST: "a caption: section (a captioning model)",
     col.CAPTION_GENERATED: "a caption: section (a captioning model)",

@@ -33,11 +33,13 @@ HISTOGRAM_BINS = 24
 _ROW_COLUMNS = (
     col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
     col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
-    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.KEEP, col.REJECT_REASON,
+    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.CLASSIFIER_SCORES, col.KEEP,
+    col.REJECT_REASON,
 )
 _HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE,
                "caption_length", "caption_generated_length")
 TAG_PREFIX = "tag:"  # a histogram of one zero-shot tag's score: "tag:<name>"
+CLASSIFIER_PREFIX = "classifier:"  # of one classifier score: "classifier:<name>"
 
 
 @dataclass
@@ -83,7 +85,8 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     log.debug("report of run %s: %d run records, table version %s", run["run_id"], len(records), run["table_version"])
     config = stored_config(run)
     notes: list[str] = []
-    names = (*_HISTOGRAMS, *(f"{TAG_PREFIX}{tag}" for tag in config.tags))
+    names = (*_HISTOGRAMS, *(f"{TAG_PREFIX}{tag}" for tag in config.tags),
+             *(f"{CLASSIFIER_PREFIX}{name}" for name in (config.classifier.scores if config.classifier else ())))
     this = _scan_run(run, storage, notes, samples, names)
     previous = next(
         (r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None),
@@ -176,8 +179,12 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
         (col.ITM_SCORE, "itm_score", filter_config.min_itm_score),
         (col.AESTHETIC_SCORE, "aesthetic_score", filter_config.min_aesthetic_score),
         (col.NSFW_SCORE, "nsfw_score", filter_config.max_nsfw_score),
-        *((name, f"tag {name.removeprefix(TAG_PREFIX)}", _tag_threshold(filter_config, name.removeprefix(TAG_PREFIX)))
+        *((name, f"tag {name.removeprefix(TAG_PREFIX)}",
+           _map_threshold(filter_config.tags, name.removeprefix(TAG_PREFIX)))
           for name in rows.values if name.startswith(TAG_PREFIX)),
+        *((name, f"classifier {name.removeprefix(CLASSIFIER_PREFIX)}",
+           _map_threshold(filter_config.classifier_scores, name.removeprefix(CLASSIFIER_PREFIX)))
+          for name in rows.values if name.startswith(CLASSIFIER_PREFIX)),
         ("caption_length", "caption length (characters)", None),
         ("caption_generated_length", "generated caption length (characters)", None),
     ]
@@ -202,9 +209,9 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
     return out
 
 
-def _tag_threshold(filter_config: FilterConfig, tag: str) -> float | None:
-    """The tag's bound to mark: its minimum, else its maximum."""
-    bounds = filter_config.tags.get(tag)
+def _map_threshold(thresholds, name: str) -> float | None:
+    """The bound to mark for a tag or classifier score: its minimum, else its maximum."""
+    bounds = thresholds.get(name)
     if bounds is None:
         return None
     return bounds.min if bounds.min is not None else bounds.max
@@ -212,11 +219,12 @@ def _tag_threshold(filter_config: FilterConfig, tag: str) -> float | None:
 
 def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
     """The non-null values one histogram counts, as float64."""
-    if name.startswith(TAG_PREFIX):
-        if col.TAG_SCORES not in rows.column_names:
-            return np.zeros(0)
-        scores = pc.map_lookup(rows.column(col.TAG_SCORES), pa.scalar(name.removeprefix(TAG_PREFIX)), "first")
-        return pc.drop_null(scores).to_numpy().astype(np.float64)
+    for prefix, column in ((TAG_PREFIX, col.TAG_SCORES), (CLASSIFIER_PREFIX, col.CLASSIFIER_SCORES)):
+        if name.startswith(prefix):
+            if column not in rows.column_names:
+                return np.zeros(0)
+            scores = pc.map_lookup(rows.column(column), pa.scalar(name.removeprefix(prefix)), "first")
+            return pc.drop_null(scores).to_numpy().astype(np.float64)
     if name.endswith("_length"):
         column = col.CAPTION if name == "caption_length" else col.CAPTION_GENERATED
         if column not in rows.column_names:

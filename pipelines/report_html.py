@@ -191,6 +191,7 @@ def _card(row: dict, kind: str) -> str:
                                                   ("clip best", col.CLIP_SCORE_BEST), ("itm", col.ITM_SCORE),
                                                   ("aesthetic", col.AESTHETIC_SCORE), ("nsfw", col.NSFW_SCORE))]
     scores += [(f"tag {tag}", value) for tag, value in row.get(col.TAG_SCORES) or []]
+    scores += [(name, value) for name, value in row.get(col.CLASSIFIER_SCORES) or []]
     score_text = " · ".join(f"{name} {value:.3f}" for name, value in scores if value is not None)
     if row.get(col.CAPTION_LANGUAGE):
         score_text += f" · language {row[col.CAPTION_LANGUAGE]}"

@@ -136,3 +136,11 @@ def test_a_tag_threshold_needs_a_bound():
         FilterConfig(tags={"red": {}})
     with pytest.raises(ValidationError, match="unknown ISO 639-1"):
         FilterConfig(caption_languages=("english",))
+
+
+def test_classifier_score_bounds_come_after_the_tag_bounds_with_their_own_reasons():
+    batch = quality_table().slice(9, 4).append_column(col.CLASSIFIER_SCORES, pa.array(
+        [[("watermark", 0.1)], [("watermark", 0.1)], [("watermark", 0.9)], None], col.CLASSIFIER_SCORES_TYPE))
+    config = FilterConfig(tags={"red": {"min": 0.5}}, classifier_scores={"watermark": {"max": 0.5}})
+    assert ScoreFilter(config)(batch).column(col.REJECT_REASON).to_pylist() == [
+        None, col.LOW_TAG_SCORE, col.HIGH_CLASSIFIER_SCORE, col.HIGH_CLASSIFIER_SCORE]

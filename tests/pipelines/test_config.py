@@ -106,6 +106,9 @@ RED = {"positives": ["a red circle"], "negatives": ["a blue circle"]}
      "filter.caption_languages fr not in language.candidates \\(en, de\\)"),
     ({"heads": {"aesthetic": {"source": "/h", "arch": "x"}}}, "unknown key 'heads.aesthetic.arch'"),
     ({"heads": {"watermark": {"source": "/h"}}}, "unknown key 'heads.watermark'"),
+    ({"filter": {"classifier_scores": {"watermark": {"max": 0.5}}}},
+     "filter.classifier_scores: no score 'watermark' in classifier.scores: \\(no classifier configured\\)"),
+    ({"classifier": {"model": {"source": "/m"}, "scores": {}}}, "classifier.scores: Dictionary should have at least 1"),
 ])
 def test_quality_signal_settings_fail_at_load_naming_the_key(sections, message):
     with pytest.raises(ConfigError, match=message):

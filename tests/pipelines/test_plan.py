@@ -135,3 +135,17 @@ def test_a_head_trained_on_another_clip_model_is_a_warning_naming_both(tmp_path,
 def test_score_filters_without_their_stage_name_what_to_turn_on(tmp_path, tiny_clip_dir, sections, hint):
     with pytest.raises(PlanError, match=hint):
         plan_of(tmp_path, tiny_clip_dir, **sections)
+
+
+def test_a_classifier_gets_its_own_pixels_from_the_one_decode_and_its_labels_are_checked(
+    tmp_path, tiny_clip_dir, tiny_vit_classifier_dir
+):
+    classifier = {"model": {"source": str(tiny_vit_classifier_dir)}, "scores": {"watermark": "watermark"}}
+    plan = plan_of(tmp_path, tiny_clip_dir, classifier=classifier, filter={"classifier_scores": {"watermark": {"max": 0.5}}})
+    decode = next(s for s in plan.stages if s.name == "decode")
+    assert col.PIXELS in decode.adds and col.CLASSIFIER_PIXELS in decode.adds  # two geometries, one decode
+    steps = {step.name: step for step in plan.passes[0].steps}
+    assert [s.name for s in steps["Classifier"].stages] == ["classifier", "filter"]
+    assert col.CLASSIFIER_PIXELS in steps["Classifier"].drop
+    with pytest.raises(PlanError, match="classifier.scores.wm: .* has no label 'logo'; its labels are clean, watermark, text"):
+        plan_of(tmp_path, tiny_clip_dir, classifier={**classifier, "scores": {"wm": "logo"}})

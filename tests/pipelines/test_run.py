@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, s3_input, local_shards, tiny_clip_dir,
-                                                               tiny_heads):
-    """The CLIP run with every quality signal on: heads fetched from S3, tags, language, basic and score filters."""
+                                                               tiny_heads, tiny_vit_classifier_dir):
+    """The CLIP run with every quality signal on: heads fetched from S3, tags, language, an image classifier,
+    basic and score filters."""
     from operators.heads import HeadSpec, load_head
     from tests.operators.test_clip import colour_tags
 
@@ -35,8 +36,13 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, 
     config = s3_config(
         s3, tiny_clip_dir, heads={name: {"source": f"s3://heads/{name}"} for name in tiny_heads}, tags=tags,
         language={"candidates": ["en", "de", "fr"]},
+        # Two model actors and decoding share the test's 2 CPUs.
+        clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0.5}},
+        classifier={"model": {"source": str(tiny_vit_classifier_dir)}, "scores": {"watermark": "watermark"},
+                    "resources": {"num_cpus": 0.5}},
         filter={"min_image_side": 8, "max_aspect_ratio": 10.0, "min_caption_words": 1, "min_caption_chars": 1,
-                "caption_languages": ["en"], "max_nsfw_score": 1.0, "tags": {"red": {"max": 1.0}}},
+                "caption_languages": ["en"], "max_nsfw_score": 1.0, "tags": {"red": {"max": 1.0}},
+                "classifier_scores": {"watermark": {"max": 1.0}}},
     )
     record = run_pipeline(config)
 
@@ -56,6 +62,7 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, 
             assert row[col.STATUS] in (col.DECODE_ERROR, col.MISSING_IMAGE) and row[col.ERROR]
             assert row[col.REJECT_REASON] == row[col.STATUS] and row[col.IMAGE_EMBEDDING] is None
             assert row[col.AESTHETIC_SCORE] is row[col.NSFW_SCORE] is row[col.TAG_SCORES] is None
+            assert row[col.CLASSIFIER_SCORES] is None
             continue
         # Every row with an image has every signal: heads equal the plain module on its embedding.
         with torch.no_grad():
@@ -63,6 +70,7 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, 
             for name, column in (("aesthetic", col.AESTHETIC_SCORE), ("nsfw", col.NSFW_SCORE)):
                 assert row[column] == pytest.approx(heads[name](embedding).item(), abs=1e-5)
         assert sorted(dict(row[col.TAG_SCORES])) == sorted(tags)
+        assert 0 < dict(row[col.CLASSIFIER_SCORES])["watermark"] < 1
         if key in manifest["empty_caption_keys"]:
             assert row[col.REJECT_REASON] == col.EMPTY_CAPTION and row[col.CLIP_SCORE] is None
             assert row[col.CAPTION_LANGUAGE] is None
