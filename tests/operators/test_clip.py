@@ -157,3 +157,26 @@ def test_colour_tags_on_the_demo_clip_pick_the_right_colour(demo_models):
     # Chance is 1 in 6; the trained tiny CLIP gets about 0.95 of them.
     assert np.mean([p == c for p, c in zip(picked, colours)]) >= 0.75
     assert all(len(row) == len(PALETTE) for row in rows)
+
+
+def test_a_non_finite_image_embedding_gives_null_scores_and_its_own_reason_not_a_crash(tiny_clip_dir, tiny_heads,
+                                                                                       monkeypatch):
+    from operators.filter import FilterConfig, ScoreFilter
+    from operators.heads import HeadRef, HeadsConfig, HeadScorer
+
+    scorer = ClipScorer(ClipConfig(model=ModelRef(source=str(tiny_clip_dir))), StorageOptions(), colour_tags())
+    real = scorer.embed_images
+
+    def overflowing(rows):  # what an fp16 overflow in the image tower looks like
+        out = real(rows)
+        out[1, 0] = np.inf
+        out[2, :] = np.nan
+        return out
+
+    monkeypatch.setattr(scorer, "embed_images", overflowing)
+    out = run(scorer, [encode(noise(seed=i)) for i in range(4)], ["a photo of a red circle"] * 4)
+    heads = HeadScorer(HeadsConfig(**{n: HeadRef(source=str(d)) for n, d in tiny_heads.items()}), StorageOptions())
+    decided = ScoreFilter(FilterConfig(min_aesthetic_score=-100.0))(heads(out))
+    for name in (col.CLIP_SCORE, col.TAG_SCORES, col.AESTHETIC_SCORE, col.NSFW_SCORE):
+        assert [v is None for v in decided.column(name).to_pylist()] == [False, True, True, False], name
+    assert decided.column(col.REJECT_REASON).to_pylist() == [None, col.INVALID_EMBEDDING, col.INVALID_EMBEDDING, None]
