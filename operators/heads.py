@@ -28,7 +28,6 @@ from operators.storage import StorageOptions
 from operators.tensors import embedding_rows
 
 HeadArch = Literal["aesthetic-v2", "nsfw"]
-HEAD_FILES = ("config.json", "model.safetensors")
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 
 # Config key -> the architecture it takes and the column it writes.
