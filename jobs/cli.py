@@ -136,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--target-size-mb", type=int, default=256, help="size of the rewritten files")
     compact.set_defaults(handler=_compact)
 
+    convert = sub.add_parser("convert-head", help="turn a released head (.pth state dict) into a head directory")
+    convert.add_argument("src", help="the released .pth file (read with torch.load(weights_only=True))")
+    convert.add_argument("out_dir", help="new directory for config.json + model.safetensors")
+    convert.add_argument("--arch", required=True, choices=["aesthetic-v2", "nsfw"])
+    convert.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                         help="the CLIP model the head was trained on (default: openai/clip-vit-large-patch14)")
+    convert.set_defaults(handler=_convert_head)
+
     demo = sub.add_parser("demo", help="generate sample data and tiny models, then run the demo config")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.set_defaults(handler=_demo)
@@ -213,6 +221,19 @@ def _compact(args: argparse.Namespace) -> int:
 
     for result in compact(Location.resolve(args.output, StorageOptions()), args.run_dates, args.target_size_mb << 20):
         print(result)
+    return 0
+
+
+def _convert_head(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from operators.heads import HeadConversionError, convert_head
+
+    try:
+        spec = convert_head(Path(args.src), Path(args.out_dir), args.arch, args.clip_model)
+    except (HeadConversionError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    print(f"{args.out_dir}: {spec.arch} head, {spec.embedding_dim}-value embeddings, trained on {spec.clip_model}")
     return 0
 
 

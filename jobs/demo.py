@@ -1,11 +1,17 @@
-"""``vlpipe demo``: sample shards, a tiny trained CLIP and BLIP captioner, then a real run of the demo config."""
+"""``vlpipe demo``: sample shards, a tiny trained CLIP and BLIP captioner, random heads, then a real run of the demo config."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from demo import DEMO_CAPTIONER_TRAIN_STEPS, build_tiny_blip_captioner, build_tiny_clip, write_sample_shards
+from demo import (
+    DEMO_CAPTIONER_TRAIN_STEPS,
+    build_random_head,
+    build_tiny_blip_captioner,
+    build_tiny_clip,
+    write_sample_shards,
+)
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
 from pipelines.runs import RunRecord
@@ -27,6 +33,9 @@ def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
     build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS)
     log.info("preparing the tiny BLIP captioner in %s (trained once, then cached)", root / "tiny-blip")
     build_tiny_blip_captioner(root / "tiny-blip", train_steps=DEMO_CAPTIONER_TRAIN_STEPS)
+    # The tiny CLIP's embeddings have 32 values; the released heads take ViT-L/14's 768, so the demo's are random.
+    for seed, (name, arch) in enumerate((("aesthetic", "aesthetic-v2"), ("nsfw", "nsfw"))):
+        build_random_head(root / "heads" / name, arch, embedding_dim=32, clip_model="tiny-clip", seed=seed)
 
 
 def run_demo(config_path: str) -> RunRecord:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators import schema as col
 from operators.models import ModelOperator, ModelRef, Precision
@@ -15,6 +17,8 @@ from operators.resources import Resources
 from operators.stage import Stage
 from operators.storage import StorageOptions
 from operators.tensors import pixel_rows
+
+TAG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class ClipConfig(BaseModel):
@@ -28,14 +32,43 @@ class ClipConfig(BaseModel):
     resources: Resources = Resources(num_cpus=1, num_gpus=None, batch_size=128)
 
 
-def clip_stage(config: ClipConfig, storage: StorageOptions, *, captions_generated: bool, geometry: str) -> Stage:
-    """The CLIP stage's contract; ``captions_generated`` when a captioner runs before it."""
+class TagConfig(BaseModel):
+    """A zero-shot tag: its score is the softmax probability mass of ``positives`` over all its prompts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # With no negatives the softmax over the positives alone is always 1: both lists need a prompt.
+    positives: tuple[str, ...] = Field(min_length=1)
+    negatives: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("positives", "negatives")
+    @classmethod
+    def _no_empty_prompts(cls, prompts: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not p.strip() for p in prompts):
+            raise ValueError("a prompt is empty")
+        return prompts
+
+
+def check_tag_names(tags: Mapping[str, TagConfig]) -> Mapping[str, TagConfig]:
+    """Tag names are keys in ``tag_scores`` and in ``filter.tags``: plain words only."""
+    bad = [name for name in tags if not TAG_NAME.match(name)]
+    if bad:
+        raise ValueError(f"tag names may use letters, digits, '_', '.', '-' only: {', '.join(map(repr, bad))}")
+    return tags
+
+
+def clip_stage(config: ClipConfig, storage: StorageOptions, *, captions_generated: bool, geometry: str,
+               tags: Mapping[str, TagConfig] = {}) -> Stage:
+    """The CLIP stage's contract; ``captions_generated`` when a captioner runs before it, ``tags`` when configured."""
+    prompts = sum(len(t.positives) + len(t.negatives) for t in tags.values())
     return Stage(
         name="clip", kind="actor", config_key="clip", resources=config.resources, model=config.model,
         reads=(col.PIXELS, col.CAPTION, *((col.CAPTION_GENERATED,) if captions_generated else ())),
         adds=(col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING, col.CLIP_SCORE,
-              *((col.CLIP_SCORE_GENERATED,) if captions_generated else ())),
-        build=partial(ClipScorer, config, storage), details=(f"input {geometry}", f"precision {config.precision}"),
+              *((col.CLIP_SCORE_GENERATED,) if captions_generated else ()), *((col.TAG_SCORES,) if tags else ())),
+        build=partial(ClipScorer, config, storage, dict(tags)),
+        details=(f"input {geometry}", f"precision {config.precision}",
+                 *([f"zero-shot tags {', '.join(tags)} ({prompts} prompts, embedded once per actor)"] if tags else [])),
     )
 
 
@@ -47,9 +80,12 @@ class ClipScorer(ModelOperator):
     rows with an empty caption a null text embedding, and either gets a null score.
     With a ``caption_generated`` column (captioning on), the generated caption goes
     through the same text-tower pass and ``clip_score_generated`` is appended too.
+    With ``tags``, ``tag_scores`` maps each tag to the softmax probability of its
+    positive prompts among all its prompts, at the model's logit scale, from the same
+    image embedding; the prompts are embedded once, here.
     """
 
-    def __init__(self, config: ClipConfig, storage: StorageOptions):
+    def __init__(self, config: ClipConfig, storage: StorageOptions, tags: Mapping[str, TagConfig] = {}):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         super().__init__(config.model, config.precision, storage, AutoModel)
@@ -59,6 +95,7 @@ class ClipScorer(ModelOperator):
         self.max_text_tokens = config.max_text_tokens or text_config.max_position_embeddings
         # SigLIP was trained on fixed-length padded text; CLIP on dynamic padding.
         self._padding = "max_length" if "siglip" in self.model.config.model_type else True
+        self.tags = ZeroShotTags(tags, self.embed_texts, float(self.model.logit_scale.detach().exp())) if tags else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels = batch.column(col.PIXELS).combine_chunks()
@@ -81,11 +118,13 @@ class ClipScorer(ModelOperator):
             .append_column(col.TEXT_EMBEDDING, _list_column(original_emb[has_text], has_text))
             .append_column(col.CLIP_SCORE, _score_column(scores, has_image & has_text))
         )
-        if generated is None:
-            return out
-        generated_emb = _scatter(text_emb[has_text.sum() :], has_generated)
-        gen_scores = _cosine(image_emb, generated_emb, has_image & has_generated)
-        return out.append_column(col.CLIP_SCORE_GENERATED, _score_column(gen_scores, has_image & has_generated))
+        if generated is not None:
+            generated_emb = _scatter(text_emb[has_text.sum() :], has_generated)
+            gen_scores = _cosine(image_emb, generated_emb, has_image & has_generated)
+            out = out.append_column(col.CLIP_SCORE_GENERATED, _score_column(gen_scores, has_image & has_generated))
+        if self.tags is not None:
+            out = out.append_column(col.TAG_SCORES, self.tags(image_emb, has_image & np.isfinite(image_emb).all(axis=1)))
+        return out
 
     def embed_images(self, rows: np.ndarray) -> np.ndarray:
         """L2-normalised embeddings for an (n, H, W, 3) uint8 array."""
@@ -116,6 +155,46 @@ class ClipScorer(ModelOperator):
         return int(getattr(self.model.config, "projection_dim", None) or self.model.config.text_config.hidden_size)
 
 
+class ZeroShotTags:
+    """Tag scores from image embeddings: per tag, the softmax over its prompts, summed over the positives.
+
+    ``embed_texts`` embeds the prompts once (L2-normalised); ``logit_scale`` is the
+    model's own (``exp`` of its learned log scale), so probabilities are as sharp as
+    the model's contrastive training made them.
+    """
+
+    def __init__(self, tags: Mapping[str, TagConfig], embed_texts, logit_scale: float):
+        self.names = list(tags)
+        prompts = [p for t in tags.values() for p in (*t.positives, *t.negatives)]
+        self.prompts = embed_texts(prompts)
+        self.logit_scale = logit_scale
+        self.slices, start = [], 0
+        for tag in tags.values():
+            end = start + len(tag.positives) + len(tag.negatives)
+            self.slices.append((start, start + len(tag.positives), end))
+            start = end
+
+    def scores(self, image_emb: np.ndarray) -> np.ndarray:
+        """(n, tags) float32 scores for (n, dim) L2-normalised image embeddings."""
+        logits = self.logit_scale * (image_emb.astype(np.float32) @ self.prompts.T)
+        out = np.empty((len(image_emb), len(self.names)), np.float32)
+        for j, (start, positives_end, end) in enumerate(self.slices):
+            part = logits[:, start:end]
+            weights = np.exp(part - part.max(axis=1, keepdims=True))  # stable softmax
+            out[:, j] = weights[:, : positives_end - start].sum(axis=1) / weights.sum(axis=1)
+        return out
+
+    def __call__(self, image_emb: np.ndarray, valid: np.ndarray) -> pa.Array:
+        """A map<string, float32> column: every tag for rows with a usable embedding, null elsewhere."""
+        n, k = len(valid), len(self.names)
+        values = self.scores(image_emb[valid]).reshape(-1)
+        offsets = np.zeros(n + 1, np.int32)
+        offsets[1:] = np.cumsum(valid.astype(np.int32) * k)
+        keys = pa.array(self.names * int(valid.sum()), pa.string())
+        return pa.MapArray.from_arrays(pa.array(offsets), keys, pa.array(values, pa.float32()),
+                                       type=col.TAG_SCORES_TYPE, mask=pa.array(~valid))
+
+
 def _has_text(texts: list[str | None]) -> np.ndarray:
     return np.array([bool(t and t.strip()) for t in texts], dtype=bool)
 
@@ -135,7 +214,8 @@ def _cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _score_column(scores: np.ndarray, valid: np.ndarray) -> pa.Array:
-    return pa.array(scores, pa.float32(), mask=~valid)
+    # A NaN or inf embedding (fp16 overflow) gives a null score, never a NaN in the table.
+    return pa.array(scores, pa.float32(), mask=~(valid & np.isfinite(scores)))
 
 
 def _pooled(output):

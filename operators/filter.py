@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Literal
 
@@ -9,10 +10,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators import schema as col
+from operators.language import check_language_codes
 from operators.stage import Stage
+from operators.tensors import embedding_rows
+
+
+class TagThreshold(BaseModel):
+    """Bounds on one score in a map column (a zero-shot tag, a classifier score): below ``min``, above ``max``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float | None = Field(None, ge=0.0, le=1.0)
+    max: float | None = Field(None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> "TagThreshold":
+        if self.min is None and self.max is None:
+            raise ValueError("set min, max or both")
+        return self
 
 
 class FilterConfig(BaseModel):
@@ -25,9 +43,23 @@ class FilterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     caption: Literal["original", "best"] = "original"
+    min_image_side: int | None = Field(None, ge=1)
+    max_aspect_ratio: float | None = Field(None, ge=1.0)
+    min_caption_words: int | None = Field(None, ge=1)
+    min_caption_chars: int | None = Field(None, ge=1)
+    caption_languages: tuple[str, ...] | None = Field(None, min_length=1)
     min_clip_score: float | None = Field(None, ge=-1.0, le=1.0)
     min_itm_score: float | None = Field(None, ge=0.0, le=1.0)
+    min_aesthetic_score: float | None = None
+    max_nsfw_score: float | None = Field(None, ge=0.0, le=1.0)
+    tags: Mapping[str, TagThreshold] = {}
+    classifier_scores: Mapping[str, TagThreshold] = {}
     keep_top_fraction: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("caption_languages")
+    @classmethod
+    def _known_languages(cls, codes: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return check_language_codes(codes)
 
     @property
     def caption_column(self) -> str:
@@ -40,11 +72,22 @@ class FilterConfig(BaseModel):
 
 def filter_stage(config: FilterConfig) -> Stage:
     """The filter's contract: it reads the caption and every score it has a threshold for."""
-    thresholds = [f"{name} >= {value:g}" for name, value in (
-        (config.clip_score_column, config.min_clip_score), (col.ITM_SCORE, config.min_itm_score)) if value is not None]
+    checks = [
+        ("min(image_width, image_height) >=", config.min_image_side), ("aspect ratio <=", config.max_aspect_ratio),
+        ("caption words >=", config.min_caption_words), ("caption characters >=", config.min_caption_chars),
+        (f"{config.clip_score_column} >=", config.min_clip_score), (f"{col.ITM_SCORE} >=", config.min_itm_score),
+        (f"{col.AESTHETIC_SCORE} >=", config.min_aesthetic_score), (f"{col.NSFW_SCORE} <=", config.max_nsfw_score),
+    ]
+    thresholds = [f"{name} {value:g}" for name, value in checks if value is not None]
+    if config.caption_languages:
+        thresholds.append(f"{col.CAPTION_LANGUAGE} in {', '.join(config.caption_languages)}")
+    for kind, entries in (("tag", config.tags), ("classifier score", config.classifier_scores)):
+        for name, bounds in entries.items():
+            thresholds += [f"{kind} {name} {op} {value:g}" for op, value in ((">=", bounds.min), ("<=", bounds.max))
+                           if value is not None]
     return Stage(
         name="filter", kind="fused", build=partial(ScoreFilter, config),
-        reads=ScoreFilter(config).input_columns, adds=(col.KEEP, col.REJECT_REASON),
+        reads=ScoreFilter(config).input_columns, adds=(col.KEEP, col.REJECT_REASON), optional=(col.IMAGE_EMBEDDING,),
         details=(f"caption {config.caption_column}", *(thresholds or ["no score threshold"])),
     )
 
@@ -62,28 +105,76 @@ def top_fraction_stage(config: FilterConfig) -> Stage:
 class ScoreFilter:
     """Decide each row: the first failing check names its ``reject_reason``.
 
-    Order: image status, then empty caption, then ``min_clip_score``, then
-    ``min_itm_score``. The top-fraction cut-off comes after, from ``TopFraction``.
+    Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, empty
+    caption, caption words, caption characters, caption language, a non-finite image
+    embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW, tags (min, then
+    max), classifier scores (min, then max). The top-fraction cut-off comes after, from ``TopFraction``.
     """
 
     def __init__(self, config: FilterConfig):
         self.config = config
-        self.input_columns = (col.STATUS, config.caption_column, config.clip_score_column) + (
-            (col.ITM_SCORE,) if config.min_itm_score is not None else ()
+        c = config
+        self.input_columns = (
+            col.STATUS, c.caption_column, c.clip_score_column,
+            *((col.IMAGE_WIDTH, col.IMAGE_HEIGHT) if c.min_image_side or c.max_aspect_ratio else ()),
+            *((col.CAPTION_LANGUAGE,) if c.caption_languages else ()),
+            *((col.ITM_SCORE,) if c.min_itm_score is not None else ()),
+            *((col.AESTHETIC_SCORE,) if c.min_aesthetic_score is not None else ()),
+            *((col.NSFW_SCORE,) if c.max_nsfw_score is not None else ()),
+            *((col.TAG_SCORES,) if c.tags else ()),
+            *((col.CLASSIFIER_SCORES,) if c.classifier_scores else ()),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        c = self.config
         status = np.array(batch.column(col.STATUS).to_pylist(), dtype=object)
         reason = np.where(status == col.OK, None, status).astype(object)
-        caption = pc.utf8_trim_whitespace(batch.column(self.config.caption_column).cast(pa.string()))
+
+        def reject(failed: np.ndarray, why: str) -> None:
+            reason[(reason == None) & failed] = why  # noqa: E711 (elementwise)
+
+        if c.min_image_side or c.max_aspect_ratio:
+            width, height = (_scores(batch, name) for name in (col.IMAGE_WIDTH, col.IMAGE_HEIGHT))
+            short, long = np.fmin(width, height), np.fmax(width, height)
+            if c.min_image_side:
+                reject(short < c.min_image_side, col.IMAGE_TOO_SMALL)
+            if c.max_aspect_ratio:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    reject(long / short > c.max_aspect_ratio, col.EXTREME_ASPECT_RATIO)
+        caption = pc.utf8_trim_whitespace(batch.column(c.caption_column).cast(pa.string()))
         empty = pc.fill_null(pc.equal(pc.utf8_length(caption), 0), True).to_numpy(zero_copy_only=False)
-        reason[(reason == None) & empty] = col.EMPTY_CAPTION  # noqa: E711 (elementwise)
+        reject(empty, col.EMPTY_CAPTION)
+        if c.min_caption_words:
+            words = np.array([len(t.split()) if t else 0 for t in caption.to_pylist()])
+            reject(words < c.min_caption_words, col.CAPTION_TOO_FEW_WORDS)
+        if c.min_caption_chars:
+            chars = pc.fill_null(pc.utf8_length(caption), 0).to_numpy(zero_copy_only=False)
+            reject(chars < c.min_caption_chars, col.CAPTION_TOO_SHORT)
+        if c.caption_languages:
+            language = batch.column(col.CAPTION_LANGUAGE)
+            matches = pc.fill_null(pc.is_in(language, pa.array(c.caption_languages, pa.string())), False)
+            reject(~matches.to_numpy(zero_copy_only=False), col.WRONG_LANGUAGE)
+        if col.IMAGE_EMBEDDING in batch.column_names:  # always, after a CLIP stage
+            reject(_non_finite(batch.column(col.IMAGE_EMBEDDING)), col.INVALID_EMBEDDING)
         for threshold, score_column, why in (
-            (self.config.min_clip_score, self.config.clip_score_column, col.LOW_CLIP_SCORE),
-            (self.config.min_itm_score, col.ITM_SCORE, col.LOW_ITM_SCORE),
+            (c.min_clip_score, c.clip_score_column, col.LOW_CLIP_SCORE),
+            (c.min_itm_score, col.ITM_SCORE, col.LOW_ITM_SCORE),
+            (c.min_aesthetic_score, col.AESTHETIC_SCORE, col.LOW_AESTHETIC_SCORE),
         ):
             if threshold is not None:
-                reason[(reason == None) & ~(_scores(batch, score_column) >= threshold)] = why  # noqa: E711
+                reject(~(_scores(batch, score_column) >= threshold), why)
+        if c.max_nsfw_score is not None:
+            reject(~(_scores(batch, col.NSFW_SCORE) <= c.max_nsfw_score), col.HIGH_NSFW_SCORE)
+        for column, entries, low, high in (
+            (col.TAG_SCORES, c.tags, col.LOW_TAG_SCORE, col.HIGH_TAG_SCORE),
+            (col.CLASSIFIER_SCORES, c.classifier_scores, col.LOW_CLASSIFIER_SCORE, col.HIGH_CLASSIFIER_SCORE),
+        ):
+            for bound, why in (("min", low), ("max", high)):
+                for name, bounds in entries.items():
+                    value = getattr(bounds, bound)
+                    if value is not None:
+                        scores = _map_scores(batch, column, name)
+                        reject(~(scores >= value) if bound == "min" else ~(scores <= value), why)
         return _with_decision(batch, reason)
 
 
@@ -116,8 +207,27 @@ class TopFraction:
 
 
 def _scores(batch: pa.Table, name: str) -> np.ndarray:
-    """A score column as floats; null is NaN, which fails every threshold."""
-    return pc.fill_null(batch.column(name), np.nan).to_numpy(zero_copy_only=False)
+    """A score (or size) column as floats; null is NaN, which fails every threshold."""
+    column = batch.column(name)
+    if not pa.types.is_floating(column.type):
+        column = column.cast(pa.float64())
+    return pc.fill_null(column, np.nan).to_numpy(zero_copy_only=False)
+
+
+def _map_scores(batch: pa.Table, column: str, name: str) -> np.ndarray:
+    """One score from a map column (``tag_scores``, ``classifier_scores``); NaN where the row has none."""
+    scores = pc.map_lookup(batch.column(column), pa.scalar(name, pa.string()), "first")
+    return pc.fill_null(scores, np.nan).to_numpy(zero_copy_only=False)
+
+
+def _non_finite(embedding: pa.ChunkedArray) -> np.ndarray:
+    """Rows whose embedding holds a NaN or inf (rows without one are judged by their status instead)."""
+    valid = embedding.is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        return np.zeros(len(valid), bool)
+    dim = pc.list_value_length(embedding).drop_null()[0].as_py()
+    _, usable = embedding_rows(embedding, dim, "filter")
+    return valid & ~usable
 
 
 def _with_decision(batch: pa.Table, reason: np.ndarray) -> pa.Table:

@@ -18,6 +18,7 @@ IMAGE = "_image"
 PIXELS = "_pixels"  # at the CLIP model's geometry
 CAPTION_PIXELS = "_pixels_caption"  # at the captioner's, when it differs
 ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
+CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
 
 # Decode.
 STATUS = "status"
@@ -40,6 +41,14 @@ CLIP_SCORE_BEST = "clip_score_best"
 
 # Image-text matching head (BLIP ITM).
 ITM_SCORE = "itm_score"
+
+# Quality signals: heads on the image embedding, zero-shot tags, caption language.
+AESTHETIC_SCORE = "aesthetic_score"
+NSFW_SCORE = "nsfw_score"
+TAG_SCORES = "tag_scores"
+CAPTION_LANGUAGE = "caption_language"
+CAPTION_LANGUAGE_SCORE = "caption_language_score"
+CLASSIFIER_SCORES = "classifier_scores"
 
 # Values of CAPTION_SOURCE.
 SOURCE_ORIGINAL = "original"
@@ -64,14 +73,36 @@ IMAGE_TOO_LARGE = "image_too_large"
 DECODE_ERROR = "decode_error"
 IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE_ERROR)
 
-# Reject reasons that come from the filter rather than from decoding.
+# Reject reasons that come from the filter rather than from decoding, in the order the
+# filter checks them (the first failing check names the row's reason): what the image and
+# caption are, then what the models made of them, then the whole-run cut-off.
+IMAGE_TOO_SMALL = "image_too_small"
+EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 EMPTY_CAPTION = "empty_caption"
+CAPTION_TOO_FEW_WORDS = "caption_too_few_words"
+CAPTION_TOO_SHORT = "caption_too_short"
+WRONG_LANGUAGE = "wrong_language"
+INVALID_EMBEDDING = "invalid_embedding"
 LOW_CLIP_SCORE = "low_clip_score"
 LOW_ITM_SCORE = "low_itm_score"
+LOW_AESTHETIC_SCORE = "low_aesthetic_score"
+HIGH_NSFW_SCORE = "high_nsfw_score"
+LOW_TAG_SCORE = "low_tag_score"
+HIGH_TAG_SCORE = "high_tag_score"
+LOW_CLASSIFIER_SCORE = "low_classifier_score"
+HIGH_CLASSIFIER_SCORE = "high_classifier_score"
 BELOW_TOP_FRACTION = "below_top_fraction"
-REJECT_REASONS = (*IMAGE_STATUSES[1:], EMPTY_CAPTION, LOW_CLIP_SCORE, LOW_ITM_SCORE, BELOW_TOP_FRACTION)
+FILTER_REASONS = (
+    IMAGE_TOO_SMALL, EXTREME_ASPECT_RATIO, EMPTY_CAPTION, CAPTION_TOO_FEW_WORDS, CAPTION_TOO_SHORT, WRONG_LANGUAGE,
+    INVALID_EMBEDDING, LOW_CLIP_SCORE, LOW_ITM_SCORE, LOW_AESTHETIC_SCORE, HIGH_NSFW_SCORE, LOW_TAG_SCORE,
+    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, BELOW_TOP_FRACTION,
+)
+REJECT_REASONS = (*IMAGE_STATUSES[1:], *FILTER_REASONS)
 
 EMBEDDING_TYPE = pa.list_(pa.float32())
+# A map, not a struct: the configured tags change from run to run, the table's schema must not.
+TAG_SCORES_TYPE = pa.map_(pa.string(), pa.float32())
+CLASSIFIER_SCORES_TYPE = TAG_SCORES_TYPE  # likewise: the configured score names are keys, not columns
 
 _HEAD = [
     pa.field(KEY, pa.string(), nullable=False),
@@ -93,6 +124,12 @@ _TAIL = [
     pa.field(CAPTION_SOURCE, pa.string()),
     pa.field(CLIP_SCORE_BEST, pa.float32()),
     pa.field(ITM_SCORE, pa.float32()),
+    pa.field(AESTHETIC_SCORE, pa.float32()),
+    pa.field(NSFW_SCORE, pa.float32()),
+    pa.field(TAG_SCORES, TAG_SCORES_TYPE),
+    pa.field(CAPTION_LANGUAGE, pa.string()),
+    pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
+    pa.field(CLASSIFIER_SCORES, CLASSIFIER_SCORES_TYPE),
     pa.field(KEEP, pa.bool_(), nullable=False),
     pa.field(REJECT_REASON, pa.string()),
     pa.field(RUN_ID, pa.string(), nullable=False),
@@ -117,6 +154,14 @@ COLUMN_DOCS = {
     CAPTION_SOURCE: f"Where caption_best came from: {SOURCE_ORIGINAL} or {SOURCE_GENERATED} (null when neither scored).",
     CLIP_SCORE_BEST: "CLIP score of caption_best: the larger of clip_score and clip_score_generated.",
     ITM_SCORE: "Probability of \"match\" from the BLIP image-text matching head (null if ITM is off).",
+    AESTHETIC_SCORE: "LAION aesthetic predictor v2 on the image embedding, about 1-10 (null without the head, "
+                     "an embedding, or with a non-finite one).",
+    NSFW_SCORE: "LAION CLIP-based NSFW detector on the image embedding, 0-1 (null like aesthetic_score).",
+    TAG_SCORES: "Zero-shot tag -> summed softmax probability of its positive prompts (null without tags or an embedding).",
+    CAPTION_LANGUAGE: "ISO 639-1 code of the caption's language (null if off, empty, or no language found, e.g. emoji only).",
+    CAPTION_LANGUAGE_SCORE: "Confidence of caption_language, 0-1, relative to the candidate languages.",
+    CLASSIFIER_SCORES: "Image classifier score name -> softmax probability of its label (null without a classifier "
+                       "or an image).",
     KEEP: "Whether the row passed every filter.",
     REJECT_REASON: "First reason the row was rejected: " + ", ".join(REJECT_REASONS) + "; null if kept.",
     RUN_ID: "Id of the run that wrote the row.",

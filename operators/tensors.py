@@ -1,9 +1,10 @@
-"""Moving decoded uint8 pixels onto the model's device, normalised there."""
+"""Moving decoded uint8 pixels onto the model's device, normalised there; embedding columns as arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def pixel_rows(pixels: pa.Array, size: tuple[int, int]) -> np.ndarray:
@@ -47,3 +48,23 @@ class DevicePixels:
             tensor = tensor.pin_memory()
         tensor = tensor.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         return (tensor * self.scale + self.shift).to(self.dtype)
+
+
+def embedding_rows(column: pa.Array | pa.ChunkedArray, dim: int, reader: str) -> tuple[np.ndarray, np.ndarray]:
+    """An (n, dim) float32 array of a list<float32> embedding column (zeros where null), and the usable rows.
+
+    A row is usable when it has an embedding and every value of it is finite: a NaN or
+    inf (an fp16 overflow upstream) makes a null score downstream, never an exception.
+    ``reader`` names the step in the error for embeddings of the wrong width.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    rows = np.zeros((len(column), dim), np.float32)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if values.size != int(valid.sum()) * dim:
+        widths = sorted(set(pc.list_value_length(column).drop_null().to_pylist()))
+        raise ValueError(f"{reader} expects {dim}-value embeddings, but image_embedding has "
+                         f"{', '.join(map(str, widths))} values per row")
+    rows[valid] = values.reshape(-1, dim)
+    return rows, valid & np.isfinite(rows).all(axis=1)

@@ -13,16 +13,20 @@ import hashlib
 import json
 import typing
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from operators.caption import CaptionConfig
-from operators.clip import ClipConfig
+from operators.classify import ClassifierConfig
+from operators.clip import ClipConfig, TagConfig, check_tag_names
 from operators.decode import DecodeConfig
 from operators.filter import FilterConfig
+from operators.heads import HeadsConfig
 from operators.itm import ItmConfig
+from operators.language import LanguageConfig
 from operators.models import ModelLoadError, check_weights
 from operators.prepare import ColumnMapping
 from operators.storage import StorageOptions, is_remote, local_path
@@ -91,8 +95,12 @@ class PipelineConfig(_Strict):
     output: OutputConfig
     caption: CaptionConfig | None = None
     itm: ItmConfig | None = None
+    classifier: ClassifierConfig | None = None
     storage: StorageOptions = StorageOptions()
     decode: DecodeConfig = DecodeConfig()
+    heads: HeadsConfig = HeadsConfig()
+    tags: Mapping[str, TagConfig] = {}
+    language: LanguageConfig | None = None
     filter: FilterConfig = FilterConfig()
     run_date: dt.date | None = None
     ray_address: str | None = None
@@ -104,10 +112,42 @@ class PipelineConfig(_Strict):
     ray_dashboard: bool = False
     report: ReportConfig = ReportConfig()
 
+    @field_validator("tags")
+    @classmethod
+    def _tag_names(cls, tags: Mapping[str, TagConfig]) -> Mapping[str, TagConfig]:
+        return check_tag_names(tags)
+
+    @model_validator(mode="after")
+    def _filters_name_what_exists(self) -> "PipelineConfig":
+        unknown = [t for t in self.filter.tags if t not in self.tags]
+        if unknown:
+            raise ValueError(f"filter.tags: no tag {', '.join(map(repr, unknown))} in tags: "
+                             f"({', '.join(self.tags) or 'none configured'})")
+        scores = self.classifier.scores if self.classifier else {}
+        unknown = [name for name in self.filter.classifier_scores if name not in scores]
+        if unknown:
+            raise ValueError(f"filter.classifier_scores: no score {', '.join(map(repr, unknown))} in classifier.scores: "
+                             f"({', '.join(scores) or 'no classifier configured'})")
+        candidates = self.language.candidates if self.language else None
+        if candidates and self.filter.caption_languages:
+            outside = [c for c in self.filter.caption_languages if c not in candidates]
+            if outside:
+                raise ValueError(f"filter.caption_languages {', '.join(outside)} not in language.candidates "
+                                 f"({', '.join(candidates)}): no caption could ever match")
+        return self
+
+    @property
+    def language_on(self) -> bool:
+        """The language stage runs when configured, or when the filter needs it (with its defaults)."""
+        return self.language is not None or bool(self.filter.caption_languages)
+
     def models(self) -> dict[str, dict[str, str | None]]:
         """Each stage's model id and revision, as recorded with every commit."""
-        stages = {"clip": self.clip, "caption": self.caption, "itm": self.itm}
-        return {name: {"source": s.model.source, "revision": s.model.revision} for name, s in stages.items() if s}
+        stages = {"clip": self.clip, "caption": self.caption, "itm": self.itm, "classifier": self.classifier}
+        models = {name: {"source": s.model.source, "revision": s.model.revision} for name, s in stages.items() if s}
+        for name, head in self.heads.configured().items():
+            models[f"heads.{name}"] = {"source": head.source, "revision": head.revision}
+        return models
 
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
@@ -128,12 +168,18 @@ class PipelineConfig(_Strict):
                 "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
             }),
         }
-        for name in ("clip", "caption", "itm"):
+        for name in ("clip", "caption", "itm", "classifier"):
             stage = getattr(self, name)
             source = stage and stage.model.source
             if source and not is_remote(source) and Path(source).expanduser().is_dir():
                 model = stage.model.model_copy(update={"source": str(Path(source).expanduser().resolve())})
                 update[name] = stage.model_copy(update={"model": model})
+        heads = {}
+        for name, head in self.heads.configured().items():
+            if not is_remote(head.source) and Path(head.source).expanduser().exists():
+                heads[name] = head.model_copy(update={"source": str(Path(head.source).expanduser().resolve())})
+        if heads:
+            update["heads"] = self.heads.model_copy(update=heads)
         return self.model_copy(update=update)
 
     def public_dump(self) -> dict[str, Any]:
@@ -149,7 +195,7 @@ def check_models(config: PipelineConfig) -> None:
     object-store models are checked where they are fetched. Not part of
     ``validate_config``: ``vlpipe submit`` validates configs whose paths exist only on the cluster.
     """
-    for name in ("clip", "caption", "itm"):
+    for name in ("clip", "caption", "itm", "classifier"):
         stage = getattr(config, name)
         ref = stage.model if stage else None
         if ref is None or is_remote(ref.source):

@@ -8,27 +8,35 @@ stages map onto Ray, ``pipelines.run`` runs them.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import pyarrow as pa
 
 from operators import schema as col
 from operators.caption import caption_geometry, caption_stage
+from operators.classify import check_labels, classifier_stage
 from operators.clip import clip_stage
 from operators.decode import PixelSpec, decode_stage
 from operators.filter import filter_stage, top_fraction_stage
+from operators.heads import HEAD_ARCH, HeadRef, HeadSpec, check_head_dir, heads_stage, read_head_spec
 from operators.itm import itm_stage
-from operators.models import ModelRef, resolve_model_dir
+from operators.language import LanguageConfig, language_stage
+from operators.models import ModelLoadError, ModelRef, resolve_model_dir
 from operators.prepare import SHARD_PATH, prepare_stage
 from operators.select import select_caption_stage
 from operators.stage import Stage
-from operators.storage import Location, StorageOptions
+from operators.storage import Location, StorageOptions, is_remote
 from pipelines.commit import write_stage
 from pipelines.config import PipelineConfig
 from pipelines.errors import PlanError
 from pipelines.execute import Pass, passes
+
+log = logging.getLogger(__name__)
 
 Geometry = Callable[[ModelRef, StorageOptions, int | None], PixelSpec | None]
 """A model's input geometry (its processor's, or a square ``image_size``); None where it cannot be read."""
@@ -55,6 +63,11 @@ def image_geometry(ref: ModelRef, storage: StorageOptions, image_size: int | Non
 def geometry_unknown(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> None:
     """For checking a plan whose models exist only where it runs (``vlpipe submit``)."""
     return None
+
+
+def _models_readable(geometry: Geometry) -> bool:
+    """Whether the plan can read the models' config files here (not for ``vlpipe submit``)."""
+    return geometry is not geometry_unknown
 
 
 def _image_processor(ref: ModelRef, storage: StorageOptions):
@@ -109,14 +122,95 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
         column = column_for(spec, col.CAPTION_PIXELS)
         stages.append(caption_stage(config.caption, storage, pixels_column=column, geometry=_describe_geometry(spec)))
     stages.append(clip_stage(config.clip, storage, captions_generated=config.caption is not None,
-                             geometry=_describe_geometry(clip_geometry)))
+                             geometry=_describe_geometry(clip_geometry), tags=config.tags))
     if config.caption:
         stages.append(select_caption_stage())
+    if config.heads.configured():
+        stages.append(heads_stage(config.heads, storage, _check_heads(config, _models_readable(geometry))))
+    if config.language_on:
+        stages.append(language_stage(config.language or LanguageConfig(), config.filter.caption_column))
     if config.itm:
         spec = geometry(config.itm.model, storage, None)
         column = column_for(spec, col.ITM_PIXELS)
         stages.append(itm_stage(config.itm, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    if config.classifier:
+        if _models_readable(geometry):
+            _check_classifier_labels(config)
+        spec = geometry(config.classifier.model, storage, None)
+        column = column_for(spec, col.CLASSIFIER_PIXELS)
+        stages.append(classifier_stage(config.classifier, storage, pixels_column=column,
+                                       geometry=_describe_geometry(spec)))
     return stages, pixels
+
+
+def _check_classifier_labels(config: PipelineConfig) -> None:
+    """Every configured score names a label the classifier has (its config.json's id2label)."""
+    ref = config.classifier.model
+    try:
+        raw = json.loads((resolve_model_dir(ref, config.storage, config_only=True) / "config.json").read_text())
+    except (OSError, ValueError, ModelLoadError) as err:
+        raise PlanError(f"classifier.model: cannot read {ref.source}/config.json: {err}") from None
+    try:
+        check_labels(config.classifier, raw.get("id2label") or {})
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+
+
+def _check_heads(config: PipelineConfig, readable: bool) -> tuple[str, ...]:
+    """Each head against the CLIP model, before Ray starts: a dimension mismatch fails, another CLIP model warns.
+
+    Returns what ``vlpipe plan`` prints about the heads. Where the models exist only on
+    the cluster (``vlpipe submit``), the actors check the same when they load.
+    """
+    details = []
+    clip_source = config.clip.model.source
+    clip_dim = _embedding_dim(config.clip.model, config.storage) if readable else None
+    for name, ref in config.heads.configured().items():
+        spec = _head_spec(name, ref, config.storage) if readable else None
+        if spec is None:
+            details.append(f"{HEAD_ARCH[name]} from {ref.source} (checked where it runs)")
+            continue
+        if clip_dim is not None and spec.embedding_dim != clip_dim:
+            raise PlanError(f"heads.{name}: {ref.source} takes {spec.embedding_dim}-value embeddings (trained on "
+                            f"{spec.clip_model}), but clip.model {clip_source} makes {clip_dim}-value embeddings")
+        line = f"{spec.arch} from {ref.source} ({spec.embedding_dim}-d, trained on {spec.clip_model})"
+        if not _same_model(spec.clip_model, clip_source):
+            warning = (f"heads.{name} was trained on CLIP model {spec.clip_model}, but clip.model is {clip_source}: "
+                       "its scores are only meaningful on the embeddings it was trained on")
+            log.warning(warning)
+            line += f"; WARNING: {warning}"
+        details.append(line)
+    return tuple(details)
+
+
+def _head_spec(name: str, ref: HeadRef, storage: StorageOptions) -> HeadSpec:
+    """A head's config.json; a local head's weights are checked too (remote ones where they are fetched)."""
+    try:
+        if not is_remote(ref.source):
+            path = Path(ref.source.removeprefix("file://")).expanduser()
+            if path.exists() or ref.source.startswith(("/", ".", "~", "file://")):
+                return check_head_dir(path, name, ref.source)
+        return read_head_spec(resolve_model_dir(ref.model_ref(), storage, config_only=True), name, ref.source)
+    except ModelLoadError as err:
+        raise PlanError(str(err)) from None
+
+
+def _embedding_dim(ref: ModelRef, storage: StorageOptions) -> int | None:
+    """Width of a CLIP-family model's image embedding, from its config.json alone."""
+    try:
+        raw = json.loads((resolve_model_dir(ref, storage, config_only=True) / "config.json").read_text())
+    except (OSError, ValueError, ModelLoadError):
+        return None  # the CLIP stage reports its own model problems
+    dim = raw.get("projection_dim") or raw.get("vision_config", {}).get("hidden_size")
+    return int(dim) if dim else None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Model names match by their last path part: ``openai/clip-vit-large-patch14`` is ``/models/clip-vit-large-patch14``."""
+    def tail(name: str) -> str:
+        return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return tail(a) == tail(b)
 
 
 def _read_stage(config: PipelineConfig, shard_count: int | None) -> Stage:
@@ -157,6 +251,10 @@ def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema | None) -> lis
 # What to turn on when a stage reads a column that nothing before it adds.
 _PRODUCED_BY = {
     col.ITM_SCORE: "an itm: section (an ITM model)",
+    col.AESTHETIC_SCORE: "heads.aesthetic (an aesthetic-v2 head directory)",
+    col.NSFW_SCORE: "heads.nsfw (an nsfw head directory)",
+    col.TAG_SCORES: "a tags: section",
+    col.CLASSIFIER_SCORES: "a classifier: section (an image classification model)",
     col.CAPTION_BEST: "a caption: section (a captioning model)",
     col.CLIP_SCORE_BEST: "a caption: section (a captioning model)",
     col.CAPTION_GENERATED: "a caption: section (a captioning model)",

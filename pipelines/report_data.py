@@ -33,9 +33,13 @@ HISTOGRAM_BINS = 24
 _ROW_COLUMNS = (
     col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
     col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
-    col.KEEP, col.REJECT_REASON,
+    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.CLASSIFIER_SCORES, col.KEEP,
+    col.REJECT_REASON,
 )
-_HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, "caption_length", "caption_generated_length")
+_HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE,
+               "caption_length", "caption_generated_length")
+TAG_PREFIX = "tag:"  # a histogram of one zero-shot tag's score: "tag:<name>"
+CLASSIFIER_PREFIX = "classifier:"  # of one classifier score: "classifier:<name>"
 
 
 @dataclass
@@ -81,12 +85,14 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     log.debug("report of run %s: %d run records, table version %s", run["run_id"], len(records), run["table_version"])
     config = stored_config(run)
     notes: list[str] = []
-    this = _scan_run(run, storage, notes, samples)
+    names = (*_HISTOGRAMS, *(f"{TAG_PREFIX}{tag}" for tag in config.tags),
+             *(f"{CLASSIFIER_PREFIX}{name}" for name in (config.classifier.scores if config.classifier else ())))
+    this = _scan_run(run, storage, notes, samples, names)
     previous = next(
         (r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None),
         None,
     )
-    before = _scan_run(previous, storage, notes, 0) if previous else None
+    before = _scan_run(previous, storage, notes, 0, names) if previous else None
     if config.output.kept_only:
         notes.append("output.kept_only is set: rejected rows are counted but not in the table, so none are shown")
     kept, rejected = this.sample.result()
@@ -171,13 +177,21 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
         (col.CLIP_SCORE, "clip_score (original caption)", None if best else filter_config.min_clip_score),
         (col.CLIP_SCORE_BEST, "clip_score_best (better caption)", filter_config.min_clip_score if best else None),
         (col.ITM_SCORE, "itm_score", filter_config.min_itm_score),
+        (col.AESTHETIC_SCORE, "aesthetic_score", filter_config.min_aesthetic_score),
+        (col.NSFW_SCORE, "nsfw_score", filter_config.max_nsfw_score),
+        *((name, f"tag {name.removeprefix(TAG_PREFIX)}",
+           _map_threshold(filter_config.tags, name.removeprefix(TAG_PREFIX)))
+          for name in rows.values if name.startswith(TAG_PREFIX)),
+        *((name, f"classifier {name.removeprefix(CLASSIFIER_PREFIX)}",
+           _map_threshold(filter_config.classifier_scores, name.removeprefix(CLASSIFIER_PREFIX)))
+          for name in rows.values if name.startswith(CLASSIFIER_PREFIX)),
         ("caption_length", "caption length (characters)", None),
         ("caption_generated_length", "generated caption length (characters)", None),
     ]
     out = []
     for name, label, threshold in specs:
-        values = rows.values[name]
-        before = previous.values[name] if previous is not None else None
+        values = rows.values.get(name, np.zeros(0))
+        before = previous.values.get(name) if previous is not None else None
         if values.size == 0:
             continue
         combined = np.concatenate([values, before if before is not None else [], [] if threshold is None else [threshold]])
@@ -195,8 +209,22 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
     return out
 
 
+def _map_threshold(thresholds, name: str) -> float | None:
+    """The bound to mark for a tag or classifier score: its minimum, else its maximum."""
+    bounds = thresholds.get(name)
+    if bounds is None:
+        return None
+    return bounds.min if bounds.min is not None else bounds.max
+
+
 def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
     """The non-null values one histogram counts, as float64."""
+    for prefix, column in ((TAG_PREFIX, col.TAG_SCORES), (CLASSIFIER_PREFIX, col.CLASSIFIER_SCORES)):
+        if name.startswith(prefix):
+            if column not in rows.column_names:
+                return np.zeros(0)
+            scores = pc.map_lookup(rows.column(column), pa.scalar(name.removeprefix(prefix)), "first")
+            return pc.drop_null(scores).to_numpy().astype(np.float64)
     if name.endswith("_length"):
         column = col.CAPTION if name == "caption_length" else col.CAPTION_GENERATED
         if column not in rows.column_names:
@@ -208,10 +236,11 @@ def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
     return pc.drop_null(rows.column(name)).to_numpy().astype(np.float64)
 
 
-def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int) -> RunScan:
-    """Stream the run's rows (no embeddings) at the table version it committed."""
+def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int,
+              names: tuple[str, ...] = _HISTOGRAMS) -> RunScan:
+    """Stream the run's rows (no embeddings) at the table version it committed; ``names``: the histograms."""
     scan = RunScan(Sampler(samples))
-    values: dict[str, list[np.ndarray]] = {name: [] for name in _HISTOGRAMS}
+    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     if run["table_version"] is None:
         notes.append(f"run {run['run_id']} committed no rows")
     else:
@@ -234,7 +263,7 @@ def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int
 def _add_rows(scan: RunScan, values: dict[str, list[np.ndarray]], rows: pa.Table) -> None:
     scan.rows += rows.num_rows
     scan.kept += pc.sum(rows.column(col.KEEP)).as_py() or 0
-    for name in _HISTOGRAMS:
+    for name in values:
         values[name].append(histogram_values(rows, name))
     if col.CAPTION_SOURCE in rows.column_names:
         for entry in pc.value_counts(pc.drop_null(rows.column(col.CAPTION_SOURCE))).to_pylist():

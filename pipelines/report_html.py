@@ -188,8 +188,13 @@ def _card(row: dict, kind: str) -> str:
     captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED))]
     listing = "".join(f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original")
     scores = [(name, row.get(c)) for name, c in (("clip", col.CLIP_SCORE), ("clip gen", col.CLIP_SCORE_GENERATED),
-                                                  ("clip best", col.CLIP_SCORE_BEST), ("itm", col.ITM_SCORE))]
+                                                  ("clip best", col.CLIP_SCORE_BEST), ("itm", col.ITM_SCORE),
+                                                  ("aesthetic", col.AESTHETIC_SCORE), ("nsfw", col.NSFW_SCORE))]
+    scores += [(f"tag {tag}", value) for tag, value in row.get(col.TAG_SCORES) or []]
+    scores += [(name, value) for name, value in row.get(col.CLASSIFIER_SCORES) or []]
     score_text = " · ".join(f"{name} {value:.3f}" for name, value in scores if value is not None)
+    if row.get(col.CAPTION_LANGUAGE):
+        score_text += f" · language {row[col.CAPTION_LANGUAGE]}"
     if row.get(col.CAPTION_SOURCE):
         score_text += f" · best from {row[col.CAPTION_SOURCE]}"
     error = f'<div class="err">{escape(row[col.ERROR])}</div>' if row.get(col.ERROR) else ""

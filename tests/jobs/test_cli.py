@@ -68,6 +68,11 @@ def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
     assert rescued >= len(manifest["mismatched_keys"]) // 2  # the tiny captioner names most images right
     for key in manifest["empty_caption_keys"]:
         assert rows[key]["caption_generated"] and rows[key]["reject_reason"] in (None, "low_clip_score")
+    # Quality signals: a head score, the tags and the caption's language on every decodable row.
+    for key, row in rows.items():
+        if key not in manifest["broken_keys"]:
+            assert row["aesthetic_score"] is not None and 0 < row["nsfw_score"] < 1
+            assert sorted(dict(row["tag_scores"])) == ["blue", "red"] and row["caption_language"] == "en"
 
 
 def test_a_partial_run_names_its_failed_shards_and_exits_3():
@@ -126,3 +131,18 @@ def test_verbose_adds_the_traceback(capsys):
     assert main(["-v", "status", "some-job", "--address", f"http://127.0.0.1:{closed_port()}"]) == 6
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("vlpipe: cannot reach")
+
+
+def test_convert_head_writes_a_head_directory_and_refuses_what_is_not_a_head(tmp_path, capsys):
+    import torch
+
+    from tests.operators.test_heads import released
+
+    torch.save(released("nsfw", 768).state_dict(), tmp_path / "clip_autokeras_binary_nsfw.pth")
+    assert main(["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "nsfw"),
+                 "--arch", "nsfw"]) == 0
+    assert "nsfw head, 768-value embeddings, trained on openai/clip-vit-large-patch14" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "nsfw").iterdir()) == ["config.json", "model.safetensors"]
+    assert main(["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "a"),
+                 "--arch", "aesthetic-v2"]) == 2
+    assert "is not an aesthetic-v2 head: unknown key(s) linear_1.bias" in capsys.readouterr().err

@@ -84,3 +84,63 @@ def test_itm_threshold_is_an_addition_to_the_clip_threshold_with_its_own_reason(
     assert out.column(col.REJECT_REASON).to_pylist() == [col.LOW_CLIP_SCORE, col.LOW_ITM_SCORE, col.LOW_ITM_SCORE]
     itm_only = ScoreFilter(FilterConfig(min_itm_score=0.5))(batch)
     assert itm_only.column(col.KEEP).to_pylist() == [True, False, False]
+
+
+def quality_table() -> pa.Table:
+    """One row failing each new check, in the order the filter checks them, and one row passing all."""
+    rows = [  # width, height, caption, language, embedding, aesthetic, nsfw, tags
+        (100, 300, "a red circle on grey", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+        (700, 220, "a red circle on grey", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+        (300, 300, "red", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+        (300, 300, "a red o", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+        (300, 300, "ein roter Kreis", "de", [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+        (300, 300, "🎉 🎉 🎉 🎉 🎉", None, [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+        (300, 300, "a red circle on grey", "en", [float("nan"), 0.8], None, None, None),
+        (300, 300, "a red circle on grey", "en", [0.6, 0.8], 4.0, 0.1, {"red": 0.9}),
+        (300, 300, "a red circle on grey", "en", [0.6, 0.8], 6.0, 0.7, {"red": 0.9}),
+        (300, 300, "a red circle on grey", "en", [0.6, 0.8], 6.0, None, {"red": 0.9}),
+        (300, 300, "a red circle on grey", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.2}),
+        (300, 300, "a red circle on grey", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.99}),
+        (300, 300, "a red circle on grey", "en", [0.6, 0.8], 6.0, 0.1, {"red": 0.9}),
+    ]
+    names = (col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.CAPTION, col.CAPTION_LANGUAGE, col.IMAGE_EMBEDDING,
+             col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES)
+    types = (pa.int32(), pa.int32(), pa.string(), pa.string(), col.EMBEDDING_TYPE, pa.float32(), pa.float32(),
+             col.TAG_SCORES_TYPE)
+    columns = {name: pa.array([r[i] if i != 7 or r[i] is None else list(r[i].items()) for r in rows], type_)
+               for i, (name, type_) in enumerate(zip(names, types))}
+    return pa.table({col.STATUS: [col.OK] * len(rows), col.CLIP_SCORE: pa.array([0.5] * len(rows), pa.float32()),
+                     **columns})
+
+
+def test_basic_and_score_filters_each_name_their_own_reason_in_the_documented_order():
+    config = FilterConfig(min_image_side=200, max_aspect_ratio=3.0, min_caption_words=3, min_caption_chars=8,
+                          caption_languages=("en",), min_clip_score=0.2, min_aesthetic_score=5.0, max_nsfw_score=0.5,
+                          tags={"red": {"min": 0.5, "max": 0.95}})
+    reasons = ScoreFilter(config)(quality_table()).column(col.REJECT_REASON).to_pylist()
+    assert reasons == [col.IMAGE_TOO_SMALL, col.EXTREME_ASPECT_RATIO, col.CAPTION_TOO_FEW_WORDS, col.CAPTION_TOO_SHORT,
+                       col.WRONG_LANGUAGE, col.WRONG_LANGUAGE, col.INVALID_EMBEDDING, col.LOW_AESTHETIC_SCORE,
+                       col.HIGH_NSFW_SCORE, col.HIGH_NSFW_SCORE, col.LOW_TAG_SCORE, col.HIGH_TAG_SCORE, None]
+    # The order the filter checks in is the order schema documents (image status reasons first).
+    order = [r for r in col.FILTER_REASONS if r in reasons]
+    assert order == sorted(set(reasons) - {None}, key=reasons.index)
+
+
+def test_without_the_new_thresholds_only_a_non_finite_embedding_is_rejected():
+    reasons = ScoreFilter(FilterConfig())(quality_table()).column(col.REJECT_REASON).to_pylist()
+    assert reasons == [None] * 6 + [col.INVALID_EMBEDDING] + [None] * 6
+
+
+def test_a_tag_threshold_needs_a_bound():
+    with pytest.raises(ValidationError, match="set min, max or both"):
+        FilterConfig(tags={"red": {}})
+    with pytest.raises(ValidationError, match="unknown ISO 639-1"):
+        FilterConfig(caption_languages=("english",))
+
+
+def test_classifier_score_bounds_come_after_the_tag_bounds_with_their_own_reasons():
+    batch = quality_table().slice(9, 4).append_column(col.CLASSIFIER_SCORES, pa.array(
+        [[("watermark", 0.1)], [("watermark", 0.1)], [("watermark", 0.9)], None], col.CLASSIFIER_SCORES_TYPE))
+    config = FilterConfig(tags={"red": {"min": 0.5}}, classifier_scores={"watermark": {"max": 0.5}})
+    assert ScoreFilter(config)(batch).column(col.REJECT_REASON).to_pylist() == [
+        None, col.LOW_TAG_SCORE, col.HIGH_CLASSIFIER_SCORE, col.HIGH_CLASSIFIER_SCORE]

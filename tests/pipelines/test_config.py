@@ -91,3 +91,31 @@ def test_optional_stage_sections_are_checked_like_the_others():
 def test_shipped_example_configs_are_valid(path):
     config = load_config(path)
     assert config.output.uri and config.clip.model.source
+
+
+RED = {"positives": ["a red circle"], "negatives": ["a blue circle"]}
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"tags": {"red": {"positives": ["a red circle"]}}}, "missing required key 'tags.red.negatives'"),
+    ({"tags": {"red": {"positives": [], "negatives": ["x"]}}}, "tags.red.positives: Tuple should have at least 1 item"),
+    ({"tags": {"red": {"positives": [" "], "negatives": ["x"]}}}, "tags.red.positives: a prompt is empty"),
+    ({"tags": {"red": {**RED, "negative": ["x"]}}}, "unknown key 'tags.red.negative'"),
+    ({"tags": {"red": RED}, "filter": {"tags": {"blue": {"min": 0.5}}}}, "filter.tags: no tag 'blue' in tags: \\(red\\)"),
+    ({"language": {"candidates": ["en", "de"]}, "filter": {"caption_languages": ["fr"]}},
+     "filter.caption_languages fr not in language.candidates \\(en, de\\)"),
+    ({"heads": {"aesthetic": {"source": "/h", "arch": "x"}}}, "unknown key 'heads.aesthetic.arch'"),
+    ({"heads": {"watermark": {"source": "/h"}}}, "unknown key 'heads.watermark'"),
+    ({"filter": {"classifier_scores": {"watermark": {"max": 0.5}}}},
+     "filter.classifier_scores: no score 'watermark' in classifier.scores: \\(no classifier configured\\)"),
+    ({"classifier": {"model": {"source": "/m"}, "scores": {}}}, "classifier.scores: Dictionary should have at least 1"),
+])
+def test_quality_signal_settings_fail_at_load_naming_the_key(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**BASE, **sections})
+
+
+def test_a_language_filter_turns_the_language_stage_on_with_its_defaults():
+    config = validate_config({**BASE, "filter": {"caption_languages": ["EN"]}})
+    assert config.language_on and config.language is None and config.filter.caption_languages == ("en",)
+    assert not validate_config(BASE).language_on

@@ -106,3 +106,57 @@ def test_vlpipe_plan_prints_stages_resources_columns_and_schema(local_shards, ti
     assert "    reads  _pixels, caption\n" in out and "input 32x32 uint8" in out
     assert "  url                    string" in out  # the pass-through column's type, read from the footers
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.fixture
+def heads(tmp_path):
+    """An aesthetic head for the tiny CLIP's 32-value embeddings, and an NSFW head for ViT-L/14's 768."""
+    import torch
+
+    from operators.heads import convert_head
+    from tests.operators.test_heads import released
+
+    for name, arch, dim in (("aesthetic", "aesthetic-v2", 32), ("nsfw", "nsfw", 768)):
+        torch.save(released(arch, dim).state_dict(), tmp_path / f"{name}.pth")
+        convert_head(tmp_path / f"{name}.pth", tmp_path / name, arch)
+    return tmp_path
+
+
+def test_a_head_for_other_embeddings_fails_at_plan_time_naming_both_models(tmp_path, tiny_clip_dir, heads):
+    with pytest.raises(PlanError, match=f"heads.nsfw: {heads / 'nsfw'} takes 768-value embeddings \\(trained on "
+                                        f"openai/clip-vit-large-patch14\\), but clip.model {tiny_clip_dir} makes 32"):
+        plan_of(tmp_path, tiny_clip_dir, heads={"nsfw": {"source": str(heads / "nsfw")}})
+    with pytest.raises(PlanError, match="nsfw.pth is a pickle file .*vlpipe convert-head"):
+        plan_of(tmp_path, tiny_clip_dir, heads={"nsfw": {"source": str(heads / "nsfw.pth")}})
+
+
+def test_a_head_trained_on_another_clip_model_is_a_warning_naming_both(tmp_path, tiny_clip_dir, heads, caplog):
+    plan = plan_of(tmp_path, tiny_clip_dir, heads={"aesthetic": {"source": str(heads / "aesthetic")}},
+                   filter={"min_aesthetic_score": 5.0})
+    stage = next(s for s in plan.stages if s.name == "heads")
+    assert stage.kind == "fused" and stage.adds == (col.AESTHETIC_SCORE,)
+    assert f"trained on CLIP model openai/clip-vit-large-patch14, but clip.model is {tiny_clip_dir}" in caplog.text
+    assert [s.name for s in plan.passes[0].steps[1].stages] == ["clip", "heads", "filter"]
+
+
+@pytest.mark.parametrize(("sections", "hint"), [
+    ({"filter": {"min_aesthetic_score": 5.0}}, "aesthetic_score needs heads.aesthetic"),
+    ({"filter": {"max_nsfw_score": 0.5}}, "nsfw_score needs heads.nsfw"),
+])
+def test_score_filters_without_their_stage_name_what_to_turn_on(tmp_path, tiny_clip_dir, sections, hint):
+    with pytest.raises(PlanError, match=hint):
+        plan_of(tmp_path, tiny_clip_dir, **sections)
+
+
+def test_a_classifier_gets_its_own_pixels_from_the_one_decode_and_its_labels_are_checked(
+    tmp_path, tiny_clip_dir, tiny_vit_classifier_dir
+):
+    classifier = {"model": {"source": str(tiny_vit_classifier_dir)}, "scores": {"watermark": "watermark"}}
+    plan = plan_of(tmp_path, tiny_clip_dir, classifier=classifier, filter={"classifier_scores": {"watermark": {"max": 0.5}}})
+    decode = next(s for s in plan.stages if s.name == "decode")
+    assert col.PIXELS in decode.adds and col.CLASSIFIER_PIXELS in decode.adds  # two geometries, one decode
+    steps = {step.name: step for step in plan.passes[0].steps}
+    assert [s.name for s in steps["Classifier"].stages] == ["classifier", "filter"]
+    assert col.CLASSIFIER_PIXELS in steps["Classifier"].drop
+    with pytest.raises(PlanError, match="classifier.scores.wm: .* has no label 'logo'; its labels are clean, watermark, text"):
+        plan_of(tmp_path, tiny_clip_dir, classifier={**classifier, "scores": {"wm": "logo"}})

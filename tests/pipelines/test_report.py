@@ -315,3 +315,29 @@ def _chromium() -> str | None:
     """The browser `make browser` installs (Debian's chromium), or another Chromium on PATH."""
     found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "chromium-headless-shell"))), None)
     return found or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+
+
+def test_heads_and_tags_get_histograms_with_their_thresholds_and_the_previous_run_overlaid():
+    from operators.filter import FilterConfig
+    from pipelines.report_data import RunScan, Sampler, histograms
+
+    def scan(aesthetic, nsfw, red):
+        rows = pa.table({
+            col.AESTHETIC_SCORE: pa.array(aesthetic, pa.float32()), col.NSFW_SCORE: pa.array(nsfw, pa.float32()),
+            col.TAG_SCORES: pa.array([None if v is None else [("red", v), ("blue", 1 - v)] for v in red],
+                                     col.TAG_SCORES_TYPE),
+        })
+        names = (col.CLIP_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE, "tag:red", "caption_length")
+        return RunScan(Sampler(0), values={name: histogram_values(rows, name) for name in names})
+
+    this = scan([4.0, 5.5, None, 7.0], [0.1, 0.9, None, 0.2], [0.9, None, 0.1, 0.5])
+    before = scan([3.0, 9.0], [0.5, 0.6], [0.2, 0.3])
+    config = FilterConfig(min_aesthetic_score=5.0, max_nsfw_score=0.3, tags={"red": {"max": 0.8}})
+    hists = {h.name: h for h in histograms(this, before, config)}
+    assert set(hists) == {col.AESTHETIC_SCORE, col.NSFW_SCORE, "tag:red"}  # nothing to draw for the rest
+    assert (hists[col.AESTHETIC_SCORE].threshold, hists[col.NSFW_SCORE].threshold, hists["tag:red"].threshold) == (
+        5.0, 0.3, 0.8)
+    assert hists["tag:red"].label == "tag red"
+    for h, now, previous in ((hists[col.AESTHETIC_SCORE], 3, 2), (hists[col.NSFW_SCORE], 3, 2), (hists["tag:red"], 3, 2)):
+        assert sum(h.counts) == now and sum(h.previous_counts) == previous
+    assert hists[col.AESTHETIC_SCORE].edges[0] == 3.0 and hists[col.AESTHETIC_SCORE].edges[-1] == 9.0
