@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from benchmarks import models, naive_clip, whole
+from benchmarks import models, naive_clip, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-model", default=None,
                         help="CLIP directory for the scale check, or 'tiny' so decoding and I/O set the pace "
                              "(default: the --clip-model)")
+    parser.add_argument("--signals-images", type=int, default=512,
+                        help="rows for the cost of heads + tags on CLIP and of the classifier, without Ray (0: skip)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
     parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
@@ -340,6 +342,8 @@ def run(args: argparse.Namespace) -> dict:
             report["clip"] = _clip(args, device, s3, clip_dir, out_root)
         if args.caption_images:
             report["caption"] = _caption(args, device, s3, clip_dir if args.tiny else None, out_root)
+        if args.signals_images:
+            report["signals"] = _signals(args, clip_dir)
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -368,6 +372,15 @@ def _clip(args, device, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> d
     clip["vlpipe_over_limit"] = _ratio(clip["vlpipe"], clip["limit"])
     clip["vlpipe_over_naive"] = _ratio(clip["vlpipe"], clip["naive"])
     return clip
+
+
+def _signals(args, clip_dir: pathlib.Path) -> dict:
+    # The operators run without Ray on local rows, so the shards stay local whatever --storage says.
+    paths, _, _ = _shards(args, args.signals_images, None)
+    result = signals.signals(load_rows(paths), args.work_dir / "models", clip_dir, tiny=args.tiny,
+                             clip_batch=args.clip_batch)
+    log.info("signals: %s", result)
+    return result
 
 
 def _scale_dir(args, clip_dir: pathlib.Path) -> pathlib.Path:
@@ -531,8 +544,27 @@ def format_report(report: dict) -> str:
         d = report["decode_limit"]
         lines.append(f"  decode limit (bare multiprocessing loop, {d['processes']} processes, {d['images']} rows): "
                      f"{d['images_per_s']:.0f} img/s")
+    lines += _format_signals(report.get("signals"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
+
+
+def _format_signals(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    h, c = result["heads_tags"], result["classifier"]
+    return [
+        "", f"signals, {h['images']} rows without Ray (each pair run alternately, batch by batch):",
+        f"  heads ({' + '.join(h['heads'])}) + {h['tags']} tags ({h['prompts']} prompts) on CLIP "
+        f"{pathlib.Path(h['model']).name}, batch {h['batch_size']}: {h['with_signals_s']:.2f} s vs "
+        f"{h['clip_s']:.2f} s, x{h['ratio']:.3f} (target <= 1.05)",
+        f"    alone on the same embeddings: heads {h['heads_s'] * 1e3:.1f} ms, tags {h['tags_s'] * 1e3:.1f} ms "
+        f"-> x{h['ratio_from_parts']:.4f}; set-up: heads load {h['heads_load_s'] * 1e3:.0f} ms, "
+        f"tag prompts {h['tag_prompts_s'] * 1e3:.0f} ms once per actor",
+        f"  classifier {pathlib.Path(c['model']).name} ({c['device']}, {c['dtype']}), batch {c['batch_size']}: "
+        f"operator {c['operator_images_per_s']:.1f} img/s, bare transformers loop {c['bare_images_per_s']:.1f} img/s, "
+        f"{c['ratio']:.3f}x (target >= 0.9)",
+    ]
 
 
 def _format_whole(result: dict | None) -> list[str]:

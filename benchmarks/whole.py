@@ -39,10 +39,11 @@ def spread(seconds: list[float], images: int) -> dict:
                                       "images_per_s": float(f"{images / statistics.median(seconds):.4g}")}
 
 
-def vlpipe_command(config: dict, config_path: pathlib.Path) -> list[str]:
+def vlpipe_command(config: dict, config_path: pathlib.Path, *, quiet: bool = True) -> list[str]:
+    """``vlpipe run``; not ``-q`` where its own log lines (the phase timings) are wanted."""
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config))
-    return [sys.executable, "-m", "jobs.cli", "-q", "run", str(config_path)]
+    return [sys.executable, "-m", "jobs.cli", *(["-q"] if quiet else []), "run", str(config_path)]
 
 
 def whole_clip(config: dict, work: pathlib.Path, clip_dir: pathlib.Path, paths: list[pathlib.Path],
@@ -73,7 +74,7 @@ def parse_timings(stderr: str) -> dict[str, float]:
 
 def fixed_cost(config: dict, work: pathlib.Path, repeats: int) -> dict:
     """A demo-sized run as a whole process: wall time and where it went (median run of ``repeats``)."""
-    command = vlpipe_command(config, work / "fixed-cost.yaml")
+    command = vlpipe_command(config, work / "fixed-cost.yaml", quiet=False)
     imports = [timed([sys.executable, "-c", "import jobs.cli, pipelines.run"])[0] for _ in range(repeats)]
     runs = sorted((timed(command) for _ in range(repeats)), key=lambda run: run[0])
     wall, stderr = runs[len(runs) // 2]
