@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-model", default=None,
                         help="CLIP directory for the scale check, or 'tiny' so decoding and I/O set the pace "
                              "(default: the --clip-model)")
-    parser.add_argument("--signals-images", type=int, default=512,
+    parser.add_argument("--signals-images", type=int, default=256,
                         help="rows for the cost of heads + tags on CLIP and of the classifier, without Ray (0: skip)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")

@@ -119,9 +119,12 @@ class Usage:
 
 def spilled_mib() -> int:
     """Object-store bytes Ray has spilled to disk since the cluster started (0 before any)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    # This process's cluster by address: found by auto-detection, another Ray on the machine fails it.
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    found = re.search(r"Spilled (\d+) MiB", summary)
     return int(found.group(1)) if found else 0
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.bench import main, stage_split
+from benchmarks.bench import format_report, load_rows, main, stage_split
 from benchmarks.measure import sample_tree
 from benchmarks.whole import parse_timings
 
@@ -61,12 +61,28 @@ def test_run_timings_are_read_back_from_the_run_log():
         parse_timings("no such line")
 
 
+def test_signal_costs_are_measured_on_the_operators_without_ray(tmp_path, tiny_clip_dir):
+    from benchmarks.data import write_shards
+    from benchmarks.signals import signals
+
+    table = load_rows(write_shards(tmp_path / "shards", 6))
+    result = signals(table, tmp_path / "models", tiny_clip_dir, tiny=True, clip_batch=4)
+    h, c = result["heads_tags"], result["classifier"]
+    assert h["images"] == c["images"] == 6 and h["heads"] == ["aesthetic", "nsfw"] and h["prompts"] >= 2 * h["tags"]
+    assert h["with_signals_s"] > 0 and h["ratio"] == pytest.approx(h["with_signals_s"] / h["clip_s"], rel=0.01)
+    assert 0 < h["heads_s"] < h["with_signals_s"] and 0 < h["tags_s"] < h["with_signals_s"]
+    assert c["ratio"] == pytest.approx(c["bare_s"] / c["operator_s"], rel=0.01) and c["bare_images_per_s"] > 0
+    printed = format_report({"machine": {"cpus": 1, "platform": "p", "torch": "t", "device": "cpu",
+                                         "load_average_start": [0, 0, 0]}, "signals": result})
+    assert "(target <= 1.05)" in printed and "(target >= 0.9)" in printed and "tiny-vit-classifier" in printed
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_captioner_dir, ray_cluster, capsys):
     out = tmp_path / "out" / "bench.json"
     main([
         "--tiny", "--clip-model", str(tiny_clip_dir), "--caption-model", str(tiny_blip_captioner_dir),
-        "--clip-images", "16", "--caption-images", "8", "--scale-images", "16",
+        "--clip-images", "16", "--caption-images", "8", "--scale-images", "16", "--signals-images", "8",
         "--max-new-tokens", "4", "--whole-repeats", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
     ])
     report = json.loads(out.read_text())
@@ -100,5 +116,6 @@ def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_
     assert decode["rows"] == 16 and decode["images_per_s"] > 0
     assert scale["vlpipe_over_decode_limit"] == pytest.approx(scale["images_per_s"] / decode["images_per_s"], rel=0.01)
 
+    assert report["signals"]["heads_tags"]["images"] == report["signals"]["classifier"]["images"] == 8
     printed = capsys.readouterr().out
     assert "v/limit" in printed and "tiny-clip" in printed and str(out) in printed
