@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
     parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
     parser.add_argument("--clip-model", default=None, help="CLIP directory (default: random-weight ViT-B/32, built once)")
+    parser.add_argument("--clip-arch", choices=tuple(models.CLIP_ARCHS), default="vit-b32",
+                        help="architecture of the random-weight CLIP built when --clip-model is not given")
     parser.add_argument("--caption-model", default=None, help="captioner directory (default: random-weight BLIP-base)")
     parser.add_argument("--tiny", action="store_true", help="tiny 2-layer architectures instead of real sizes (smoke test)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -74,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--whole-repeats", type=int, default=3,
                         help="time `vlpipe run` and the naive script as whole processes this many times each, "
                              "and the demo-sized run's fixed cost (0: skip)")
+    parser.add_argument("--num-gpus", type=int, default=None,
+                        help="GPUs for the local Ray (default: all); on a CPU-only machine a logical GPU "
+                             "checks the GPU scheduling, the models then run on the CPU")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench/bench.json"))
     return parser.parse_args(argv)
 
@@ -320,7 +325,7 @@ def run(args: argparse.Namespace) -> dict:
 
     device = _device(args.device)
     model_root = args.work_dir / "models"
-    clip_dir = pathlib.Path(args.clip_model) if args.clip_model else models.clip_dir(model_root, tiny=args.tiny)
+    clip_dir = pathlib.Path(args.clip_model) if args.clip_model else models.clip_dir(model_root, tiny=args.tiny, arch=args.clip_arch)
     report: dict = {
         "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -331,7 +336,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
     }
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     report["machine"]["ray_cpus"] = ray.cluster_resources().get("CPU")
     report["machine"]["ray_gpus"] = ray.cluster_resources().get("GPU", 0)

@@ -30,12 +30,24 @@ from demo import BERT_SPECIALS, build_tiny_blip_captioner, build_tiny_clip, trai
 MARKER = "vlpipe_bench.json"
 RECIPE_VERSION = 1
 
+# CLIPConfig() is ViT-B/32; ViT-L/14 (openai/clip-vit-large-patch14) differs in these fields only.
+CLIP_ARCHS = {
+    "vit-b32": {},
+    "vit-l14": {
+        "projection_dim": 768,
+        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "patch_size": 14},
+        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+    },
+}
 
-def clip_dir(root: pathlib.Path, *, tiny: bool = False) -> pathlib.Path:
-    """A CLIP ViT-B/32 directory (random weights), built once under ``root``."""
+
+def clip_dir(root: pathlib.Path, *, tiny: bool = False, arch: str = "vit-b32") -> pathlib.Path:
+    """A CLIP directory of the given architecture (random weights), built once under ``root``."""
     if tiny:
         return build_tiny_clip(root / "tiny-clip")
-    return _cached(root / "clip-vit-b32", "clip-vit-b32", _build_clip)
+    name = f"clip-{arch}"
+    return _cached(root / name, name, lambda out_dir: _build_clip(out_dir, arch))
 
 
 def blip_dir(root: pathlib.Path, *, tiny: bool = False) -> pathlib.Path:
@@ -58,16 +70,20 @@ def _cached(out_dir: pathlib.Path, name: str, build) -> pathlib.Path:
     return out_dir
 
 
-def _build_clip(out_dir: pathlib.Path) -> None:
+def _build_clip(out_dir: pathlib.Path, arch: str = "vit-b32") -> None:
     # The demo's word-level BPE: real captions become a realistic handful of tokens.
     tokenizer = train_tokenizer()
     tokenizer.model_max_length = 77
+    sizes = CLIP_ARCHS[arch]
     config = CLIPConfig(
         text_config={
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
-        }
+            **sizes.get("text_config", {}),
+        },
+        vision_config=sizes.get("vision_config"),
+        **({"projection_dim": sizes["projection_dim"]} if "projection_dim" in sizes else {}),
     )
     image_processor = CLIPImageProcessor()  # 224 px shortest edge, 224 px centre crop, bicubic
     CLIPModel(config).eval().save_pretrained(out_dir)

@@ -23,6 +23,21 @@ from tests.s3_server import S3Server, seaweedfs
 # Model caches of the tests stay inside the test session, never in ~/.cache.
 os.environ.setdefault("VLPIPE_CACHE", "/tmp/vlpipe-test-cache")
 
+# The dry run of benchmarks/gpu/run.sh sets this to run the `gpu` tests on the CPU: it checks
+# the tests themselves (fixtures, columns, the Ray run) before GPU time is spent on them.
+GPU_TESTS_ON_CPU = os.environ.get("VLPIPE_GPU_TESTS_ON_CPU") == "1"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Skip `gpu` tests where torch sees no CUDA device, before any of their fixtures is built."""
+    if item.get_closest_marker("gpu") is None or GPU_TESTS_ON_CPU:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
