@@ -277,6 +277,13 @@ def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str
             key = step.anchor.config_key or step.anchor.name
             return (f"{key}.resources asks for {need:g} GPU(s) ({args['compute'].min_size} actor(s) x "
                     f"{args['num_gpus']:g}), but the Ray cluster has {gpus:g}")
+    gpu_actors = [(step, args) for step, args in actors if args.get("num_gpus")]
+    together = sum(args["num_gpus"] * args["compute"].min_size for _, args in gpu_actors)
+    if together > gpus:  # each fits alone, but all model actors run at once: else some would wait forever
+        asks = ", ".join(f"{step.anchor.config_key or step.anchor.name} {args['compute'].min_size} x "
+                         f"{args['num_gpus']:g}" for step, args in gpu_actors)
+        return (f"the model actors together ask for {together:g} GPU(s) ({asks}), but the Ray cluster has "
+                f"{gpus:g}: set each stage's resources.concurrency (or a smaller num_gpus)")
     held = sum(args["num_cpus"] * args["compute"].min_size for _, args in actors)
     tasks = max([READ_NUM_CPUS] + [step.resources.num_cpus for step in steps if step.anchor.kind != "actor"])
     if held + tasks > cpus:

@@ -70,6 +70,21 @@ def test_resources_the_cluster_cannot_give_are_named_by_their_config_key(tmp_pat
     assert resource_shortfall(plan.passes, {"CPU": 2.0, "GPU": 1.0}) is None
 
 
+def test_model_stages_that_fit_a_gpu_alone_but_not_together_are_refused(tmp_path, tiny_clip_dir,
+                                                                         tiny_blip_captioner_dir):
+    # Half a GPU each, and the default pool of two actors per stage: 2 GPUs asked of 1. Ray would
+    # start two actors and leave the other two (and the run) waiting forever.
+    half = {"num_gpus": 0.5}
+    sections = {"clip": {"model": {"source": str(tiny_clip_dir)}, "resources": half},
+                "caption": {"model": {"source": str(tiny_blip_captioner_dir)}, "resources": half}}
+    assert resource_shortfall(plan_of(tmp_path, tiny_clip_dir, **sections).passes, {"CPU": 4.0, "GPU": 1.0}) == (
+        "the model actors together ask for 2 GPU(s) (caption 2 x 0.5, clip 2 x 0.5), but the Ray cluster has 1: "
+        "set each stage's resources.concurrency (or a smaller num_gpus)")
+    one_each = {**half, "concurrency": 1}
+    sections = {name: {**section, "resources": one_each} for name, section in sections.items()}
+    assert resource_shortfall(plan_of(tmp_path, tiny_clip_dir, **sections).passes, {"CPU": 4.0, "GPU": 1.0}) is None
+
+
 @pytest.mark.parametrize("cpus", [2.0, 16.0])
 def test_storage_steps_take_no_cpu_slot_and_run_in_a_capped_pool(tmp_path, tiny_clip_dir, cpus):
     # A writer that needs a CPU slot waits behind decode and the model for the whole run: its
