@@ -147,7 +147,7 @@ def _check_classifier_labels(config: PipelineConfig) -> None:
     """Every configured score names a label the classifier has (its config.json's id2label)."""
     ref = config.classifier.model
     try:
-        raw = json.loads((resolve_model_dir(ref, config.storage, config_only=True) / "config.json").read_text())
+        raw = _model_config(ref, config.storage)
     except (OSError, ValueError, ModelLoadError) as err:
         raise PlanError(f"classifier.model: cannot read {ref.source}/config.json: {err}") from None
     try:
@@ -183,6 +183,11 @@ def _check_heads(config: PipelineConfig, readable: bool) -> tuple[str, ...]:
     return tuple(details)
 
 
+def _model_config(ref: ModelRef, storage: StorageOptions) -> dict:
+    """A model's config.json, fetched without its weights."""
+    return json.loads((resolve_model_dir(ref, storage, config_only=True) / "config.json").read_text())
+
+
 def _head_spec(name: str, ref: HeadRef, storage: StorageOptions) -> HeadSpec:
     """A head's config.json; a local head's weights are checked too (remote ones where they are fetched)."""
     try:
@@ -198,7 +203,7 @@ def _head_spec(name: str, ref: HeadRef, storage: StorageOptions) -> HeadSpec:
 def _embedding_dim(ref: ModelRef, storage: StorageOptions) -> int | None:
     """Width of a CLIP-family model's image embedding, from its config.json alone."""
     try:
-        raw = json.loads((resolve_model_dir(ref, storage, config_only=True) / "config.json").read_text())
+        raw = _model_config(ref, storage)
     except (OSError, ValueError, ModelLoadError):
         return None  # the CLIP stage reports its own model problems
     dim = raw.get("projection_dim") or raw.get("vision_config", {}).get("hidden_size")
