@@ -26,6 +26,8 @@ ERROR = "error"
 IMAGE_WIDTH = "image_width"
 IMAGE_HEIGHT = "image_height"
 IMAGE_BYTES = "image_bytes"
+IMAGE_SHA256 = "image_sha256"
+IMAGE_PHASH = "image_phash"
 
 # CLIP.
 IMAGE_EMBEDDING = "image_embedding"
@@ -49,6 +51,10 @@ TAG_SCORES = "tag_scores"
 CAPTION_LANGUAGE = "caption_language"
 CAPTION_LANGUAGE_SCORE = "caption_language_score"
 CLASSIFIER_SCORES = "classifier_scores"
+
+# Deduplication.
+SEMANTIC_CLUSTER = "semantic_cluster"
+DUPLICATE_OF = "duplicate_of"
 
 # Values of CAPTION_SOURCE.
 SOURCE_ORIGINAL = "original"
@@ -91,11 +97,15 @@ LOW_TAG_SCORE = "low_tag_score"
 HIGH_TAG_SCORE = "high_tag_score"
 LOW_CLASSIFIER_SCORE = "low_classifier_score"
 HIGH_CLASSIFIER_SCORE = "high_classifier_score"
+DUPLICATE_EXACT = "duplicate_exact"
+DUPLICATE_NEAR = "duplicate_near"
+DUPLICATE_SEMANTIC = "duplicate_semantic"
+DUPLICATE_REASONS = (DUPLICATE_EXACT, DUPLICATE_NEAR, DUPLICATE_SEMANTIC)  # also the order methods are checked in
 BELOW_TOP_FRACTION = "below_top_fraction"
 FILTER_REASONS = (
     IMAGE_TOO_SMALL, EXTREME_ASPECT_RATIO, EMPTY_CAPTION, CAPTION_TOO_FEW_WORDS, CAPTION_TOO_SHORT, WRONG_LANGUAGE,
     INVALID_EMBEDDING, LOW_CLIP_SCORE, LOW_ITM_SCORE, LOW_AESTHETIC_SCORE, HIGH_NSFW_SCORE, LOW_TAG_SCORE,
-    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, BELOW_TOP_FRACTION,
+    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, *DUPLICATE_REASONS, BELOW_TOP_FRACTION,
 )
 REJECT_REASONS = (*IMAGE_STATUSES[1:], *FILTER_REASONS)
 
@@ -103,6 +113,7 @@ EMBEDDING_TYPE = pa.list_(pa.float32())
 # A map, not a struct: the configured tags change from run to run, the table's schema must not.
 TAG_SCORES_TYPE = pa.map_(pa.string(), pa.float32())
 CLASSIFIER_SCORES_TYPE = TAG_SCORES_TYPE  # likewise: the configured score names are keys, not columns
+DUPLICATE_OF_TYPE = pa.struct([pa.field(KEY, pa.string()), pa.field(RUN_DATE, pa.date32())])
 
 _HEAD = [
     pa.field(KEY, pa.string(), nullable=False),
@@ -114,6 +125,8 @@ _TAIL = [
     pa.field(ERROR, pa.string()),
     pa.field(IMAGE_WIDTH, pa.int32()),
     pa.field(IMAGE_HEIGHT, pa.int32()),
+    pa.field(IMAGE_SHA256, pa.string()),
+    pa.field(IMAGE_PHASH, pa.int64()),
     pa.field(IMAGE_EMBEDDING, EMBEDDING_TYPE),
     pa.field(TEXT_EMBEDDING, EMBEDDING_TYPE),
     pa.field(CLIP_SCORE, pa.float32()),
@@ -130,6 +143,8 @@ _TAIL = [
     pa.field(CAPTION_LANGUAGE, pa.string()),
     pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
     pa.field(CLASSIFIER_SCORES, CLASSIFIER_SCORES_TYPE),
+    pa.field(SEMANTIC_CLUSTER, pa.int32()),
+    pa.field(DUPLICATE_OF, DUPLICATE_OF_TYPE),
     pa.field(KEEP, pa.bool_(), nullable=False),
     pa.field(REJECT_REASON, pa.string()),
     pa.field(RUN_ID, pa.string(), nullable=False),
@@ -145,6 +160,9 @@ COLUMN_DOCS = {
     IMAGE_WIDTH: "Width of the decoded image, upright (after EXIF orientation).",
     IMAGE_HEIGHT: "Height of the decoded image, upright.",
     IMAGE_BYTES: "Original encoded image (only with output.include_image_bytes).",
+    IMAGE_SHA256: "SHA-256 of the original image bytes, lowercase hex (img2dataset's `sha256`); null without bytes.",
+    IMAGE_PHASH: "64-bit DCT perceptual hash (imagededup's PHash; hex: `format(h & (2**64 - 1), '016x')`), "
+                 "null unless dedup.near is on or if the image failed.",
     IMAGE_EMBEDDING: "L2-normalised image embedding, float32 (null if the image failed).",
     TEXT_EMBEDDING: "L2-normalised caption embedding, float32 (null if the caption is empty).",
     CLIP_SCORE: "Cosine similarity of the two embeddings, float32 (null if either is missing).",
@@ -162,6 +180,9 @@ COLUMN_DOCS = {
     CAPTION_LANGUAGE_SCORE: "Confidence of caption_language, 0-1, relative to the candidate languages.",
     CLASSIFIER_SCORES: "Image classifier score name -> softmax probability of its label (null without a classifier "
                        "or an image).",
+    SEMANTIC_CLUSTER: "Nearest k-means centroid of image_embedding under the table's centroids when the row was "
+                      "written (null unless dedup.semantic is on).",
+    DUPLICATE_OF: "For a duplicate: the key and run_date of the row it duplicates (null otherwise).",
     KEEP: "Whether the row passed every filter.",
     REJECT_REASON: "First reason the row was rejected: " + ", ".join(REJECT_REASONS) + "; null if kept.",
     RUN_ID: "Id of the run that wrote the row.",
