@@ -141,7 +141,9 @@ def test_hex_conversion_at_the_edges_of_the_range():
         phash_hex(2**63)  # an unsigned hash must be converted, not silently stored
 
 
-@pytest.mark.parametrize("text", ["", "abc", "0x12345678901234", "12 34 56 78 9a bc", "g" * 16, "1" * 17, "+123456789abcdef"])
+@pytest.mark.parametrize(
+    "text", ["", "abc", "0x12345678901234", "12 34 56 78 9a bc", "g" * 16, "1" * 17, "+123456789abcdef", "-000000000000001"]
+)
 def test_malformed_hex_is_refused(text):
     with pytest.raises(ValueError):
         phash_from_hex(text)
