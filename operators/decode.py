@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from operators import hashes
 from operators import schema as col
 from operators.resources import Resources
 from operators.stage import Stage
@@ -93,6 +94,7 @@ class DecodeConfig(BaseModel):
     jpeg_draft: bool = True
     reducing_gap: float | None = Field(None, ge=1.0)
     keep_image_bytes: bool = False
+    perceptual_hash: bool = False  # image_phash; on by itself with dedup.near
     resources: Resources = Resources(num_cpus=1, num_gpus=0, batch_size=64)
 
     @field_validator("formats")
@@ -119,7 +121,8 @@ class DecodeFailure(Exception):
 def decode_stage(config: DecodeConfig, pixels: PixelSpec, extra_pixels: Mapping[str, PixelSpec],
                  geometries: Mapping[str, str]) -> Stage:
     """The decode stage's contract: one pixel column per distinct model geometry."""
-    adds = (col.STATUS, col.ERROR, col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.PIXELS, *extra_pixels)
+    adds = (col.STATUS, col.ERROR, col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.IMAGE_SHA256, col.PIXELS, *extra_pixels)
+    adds += (col.IMAGE_PHASH,) if config.perceptual_hash else ()
     return Stage(
         name="decode", kind="task", config_key="decode", resources=config.resources,
         reads=(col.IMAGE,), adds=adds + ((col.IMAGE_BYTES,) if config.keep_image_bytes else ()),
@@ -153,13 +156,16 @@ class DecodeImages:
         statuses, errors = [col.OK] * n, [None] * n
         widths, heights = [None] * n, [None] * n
         buffers = {name: bytearray(size * n) for name, size in self._row_bytes.items()}
+        digests, phashes = [None] * n, [None] * n
         valid = np.zeros(n, dtype=bool)
         for i, data in enumerate(_image_bytes(images)):
+            digests[i] = hashes.image_sha256(data) if data else None
             try:
                 pixels, (widths[i], heights[i]) = self.decode_one(data)
             except DecodeFailure as failure:
                 statuses[i], errors[i] = failure.status, str(failure)
                 continue
+            phashes[i] = pixels.pop(col.IMAGE_PHASH, None)
             for name, size in self._row_bytes.items():
                 buffers[name][i * size : (i + 1) * size] = pixels[name]
             valid[i] = True
@@ -172,7 +178,10 @@ class DecodeImages:
             .append_column(col.ERROR, pa.array(errors, pa.string()))
             .append_column(col.IMAGE_WIDTH, pa.array(widths, pa.int32()))
             .append_column(col.IMAGE_HEIGHT, pa.array(heights, pa.int32()))
+            .append_column(col.IMAGE_SHA256, pa.array(digests, pa.string()))
         )
+        if self.config.perceptual_hash:
+            out = out.append_column(col.IMAGE_PHASH, pa.array(phashes, pa.int64()))
         for name, size in self._row_bytes.items():
             array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [validity, pa.py_buffer(buffers[name])])
             out = out.append_column(name, array)
@@ -213,6 +222,8 @@ class DecodeImages:
         upright = (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
         rgb = _to_rgb(ImageOps.exif_transpose(image))
         pixels = {name: self._resize_and_crop(rgb, spec).tobytes() for name, spec in self._targets.items()}
+        if self.config.perceptual_hash:
+            pixels[col.IMAGE_PHASH] = hashes.phash(rgb)  # of the upright image: EXIF-rotated copies match
         return pixels, upright
 
     def _resize_and_crop(self, image: Image.Image, spec: PixelSpec) -> np.ndarray:

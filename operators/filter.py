@@ -193,7 +193,7 @@ class TopFraction:
         scores = batch.column(self.score_column).drop_null()
         return pa.table({"score": scores.cast(pa.float32())})
 
-    def combine(self, partials: list[pa.Table]) -> float | None:
+    def combine(self, partials: list[pa.Table], staged=None) -> float | None:
         scores = [p.column("score") for p in partials if p.num_rows]
         values = pa.chunked_array(scores, pa.float32()).to_numpy() if scores else np.zeros(0, np.float32)
         return top_fraction_threshold(values, self.fraction)

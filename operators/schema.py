@@ -19,6 +19,7 @@ PIXELS = "_pixels"  # at the CLIP model's geometry
 CAPTION_PIXELS = "_pixels_caption"  # at the captioner's, when it differs
 ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
 CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
+ROW_ID = "_row_id"  # a staged row's place (file and row), between the passes of a whole-run stage
 
 # Decode.
 STATUS = "status"

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from operators.models import ModelRef
 from operators.resources import Resources
+from operators.storage import Location
 
 StageKind = Literal["source", "task", "actor", "fused", "aggregate"]
 """How a stage runs:
@@ -40,11 +41,24 @@ class Aggregate(Protocol):
     def partial(self, batch: pa.Table) -> pa.Table:
         """A small summary of one batch (e.g. its scores)."""
 
-    def combine(self, partials: list[pa.Table]) -> object:
-        """The run's state from every batch's summary (e.g. a cut-off)."""
+    def combine(self, partials: list[pa.Table], staged: "Staged") -> object:
+        """The run's state from every batch's summary (e.g. a cut-off); ``staged`` are the run's rows,
+        for a decision that needs more than a summary (dedup reads columns of them back on Ray).
+
+        A state with a ``commit_metadata`` dict adds it to the run's commit (e.g. which centroids it used).
+        """
 
     def apply(self, batch: pa.Table, state: object) -> pa.Table:
         """Decide one batch with the run's state."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The first pass's rows, in staging files, each row with its ``schema.ROW_ID``."""
+
+    paths: list[str]
+    location: Location
+    cluster: dict[str, float]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from operators.caption import CaptionConfig
 from operators.classify import ClassifierConfig
 from operators.clip import ClipConfig, TagConfig, check_tag_names
 from operators.decode import DecodeConfig
+from operators.dedup import DedupConfig
 from operators.filter import FilterConfig
 from operators.heads import HeadsConfig
 from operators.itm import ItmConfig
@@ -102,6 +103,7 @@ class PipelineConfig(_Strict):
     tags: Mapping[str, TagConfig] = {}
     language: LanguageConfig | None = None
     filter: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
     run_date: dt.date | None = None
     ray_address: str | None = None
     # 0: a plan that needs more than the cluster has fails at once. On an autoscaling cluster,

@@ -21,13 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from operators import schema as col
 from operators.models import ModelLoadError
 from operators.resources import Resources
-from operators.stage import Stage
+from operators.stage import Stage, Staged
 from pipelines import hooks
 from pipelines.errors import PlanError
 from operators.storage import Location
@@ -238,13 +240,26 @@ class SpillForAggregate:
     def __call__(self, batch: pa.Table) -> pa.Table:
         path = None
         if batch.num_rows:
-            path = f"{self.staging.path}/{uuid.uuid4().hex}.parquet"
-            pq.write_table(batch, path, filesystem=self.staging.filesystem)
+            file_id = uuid.uuid4()
+            path = f"{self.staging.path}/{file_id.hex}.parquet"
+            pq.write_table(with_row_ids(batch, file_id.int), path, filesystem=self.staging.filesystem)
         sink = io.BytesIO()
         partial = self.aggregate.partial(batch)
         with pa.ipc.new_stream(sink, partial.schema) as writer:
             writer.write_table(partial)
         return pa.table({"path": pa.array([path], pa.string()), "partial": pa.array([sink.getvalue()], pa.binary())})
+
+
+ROW_BITS = 20  # a staged row's id: its file's id above, its row in the file below
+
+
+def with_row_ids(batch: pa.Table, file_id: int) -> pa.Table:
+    """The batch with ``schema.ROW_ID``: which staged file (42 random bits) and which row of it."""
+    if batch.num_rows >= 1 << ROW_BITS:
+        raise ValueError(f"a staged file holds at most {1 << ROW_BITS} rows")
+    rows = ((file_id & ((1 << 42) - 1)) << ROW_BITS) + np.arange(batch.num_rows, dtype=np.int64)
+    return batch.drop_columns([c for c in (col.ROW_ID,) if c in batch.column_names]).append_column(
+        col.ROW_ID, pa.array(rows, pa.int64()))
 
 
 def read_partial(data: bytes) -> pa.Table:
@@ -259,7 +274,7 @@ class ApplyAggregate:
     state: object
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.aggregate.build().apply(batch, self.state)
+        return self.aggregate.build().apply(batch, self.state).drop_columns([col.ROW_ID])
 
 
 # Ray Data lists files with a whole-CPU task, whatever the reads ask for.
@@ -297,8 +312,10 @@ STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers li
 SPILL_ROWS = 8192
 
 
-def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster: dict[str, float]):
-    """Run every pass; yields the last step's rows (the writer's summaries)."""
+def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster: dict[str, float],
+            states: list | None = None):
+    """Run every pass; yields the last step's rows (the writer's summaries). Each aggregate's state is
+    appended to ``states``."""
     staging = table.child(f"{STAGING_DIR}/{run_id}")
     ds, head = source, ()
     # Task pools are sized as a ceiling (see task_concurrency); a small run has fewer blocks than
@@ -310,6 +327,8 @@ def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluste
                 ds = apply_step(ds, step, cluster, head if index == 0 else ())
             if run_pass.aggregate is not None:
                 ds, head = _through_aggregate(ds, run_pass.aggregate, staging, cluster)
+                if states is not None:
+                    states.append(head[0].state)
         yield from ds.iter_rows()
         # Per-stage wall and CPU time of the execution; the benchmark reads it from this log.
         log.debug("Ray Data stats:\n%s", ds.stats())
@@ -332,9 +351,9 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
                              num_cpus=0, compute=ray.data.TaskPoolStrategy(
                                  size=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))))
     rows = list(spilled.iter_rows())
-    state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows])
-    log.info("%s over the whole run: %s", aggregate.name, state)
     paths = [r["path"] for r in rows if r["path"]]
+    state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows], Staged(paths, staging, cluster))
+    log.info("%s over the whole run: %s", aggregate.name, state)
     return ray.data.read_parquet(paths, filesystem=staging.filesystem), (ApplyAggregate(aggregate, state),)
 
 

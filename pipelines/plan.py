@@ -33,6 +33,7 @@ from operators.stage import Stage
 from operators.storage import Location, StorageOptions, is_remote
 from pipelines.commit import write_stage
 from pipelines.config import PipelineConfig
+from pipelines.dedup import dedup_stage
 from pipelines.errors import PlanError
 from pipelines.execute import Pass, passes
 
@@ -90,6 +91,8 @@ def build_plan(
     model_stages, pixels = _model_stages(config, geometry)
     stages = [_read_stage(config, shard_count), prepare_stage(config.input.mapping, shard_prefix),
               _decode_stage(config, pixels), *model_stages, filter_stage(config.filter)]
+    if config.dedup.enabled:  # before the top fraction, so the fraction is of distinct rows
+        stages.append(dedup_stage(config.dedup, output, run_date))
     if config.filter.keep_top_fraction is not None:
         stages.append(top_fraction_stage(config.filter))
     stages.append(write_stage(output, schema, run_id, run_date, kept_only=config.output.kept_only,
@@ -229,7 +232,8 @@ def _read_stage(config: PipelineConfig, shard_count: int | None) -> Stage:
 
 def _decode_stage(config: PipelineConfig, pixels: dict[str, PixelSpec | None]) -> Stage:
     keep_bytes = config.decode.keep_image_bytes or config.output.include_image_bytes
-    decode = config.decode.model_copy(update={"keep_image_bytes": keep_bytes})
+    phash = config.decode.perceptual_hash or config.dedup.near is not None
+    decode = config.decode.model_copy(update={"keep_image_bytes": keep_bytes, "perceptual_hash": phash})
     extra = {name: spec for name, spec in pixels.items() if name != col.PIXELS}
     described = {name: _describe_geometry(spec) for name, spec in pixels.items()}
     return decode_stage(decode, pixels[col.PIXELS], extra, described)

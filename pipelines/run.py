@@ -166,15 +166,16 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     with run.phase("ray_start"):
         cluster = _start_ray(config, plan)
     log.info("plan:\n%s", describe(plan, cluster))
-    summary = WriteSummary()
+    summary, states = WriteSummary(), []
     with run.phase("execute"):
         start = time.perf_counter()
-        for row in execute(plan.passes, _source(config, run, checked.good, cluster), run.output, run.run_id, cluster):
+        source = _source(config, run, checked.good, cluster)
+        for row in execute(plan.passes, source, run.output, run.run_id, cluster, states):
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
             summary.add(row)
     with run.phase("commit"):
-        return _commit(run, plan, summary, read_version)
+        return _commit(run, plan, summary, read_version, _commit_metadata(states))
 
 
 def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
@@ -188,7 +189,16 @@ def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict
     ).select_columns([*config.input.mapping.read, "path"])
 
 
-def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None) -> RunRecord:
+def _commit_metadata(states: list) -> dict[str, str]:
+    """What the whole-run stages want recorded with the commit (dedup: the centroids its rows were clustered with)."""
+    metadata: dict[str, str] = {}
+    for state in states:
+        metadata.update(getattr(state, "commit_metadata", {}))
+    return metadata
+
+
+def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None,
+            extra_metadata: dict[str, str]) -> RunRecord:
     config, models, versions = run.config, run.config.models(), _versions()
     hooks.reach("commit")
     version = commit_files(
@@ -196,6 +206,7 @@ def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | Non
         metadata={
             "vlpipe.run_id": run.run_id, "vlpipe.config_hash": run.config_hash,
             "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
+            **extra_metadata,
         },
     )
     outcomes = dict(summary.outcomes)
