@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import re
 import signal
 import sys
@@ -136,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--target-size-mb", type=int, default=256, help="size of the rewritten files")
     compact.set_defaults(handler=_compact)
 
+    dedup = sub.add_parser("dedup", help="semantic dedup's k-means centroids")
+    dedup_sub = dedup.add_subparsers(dest="dedup_command", required=True)
+    refit = dedup_sub.add_parser("refit", help="fit new centroids on a sample of the table's kept rows and commit them")
+    refit.add_argument("output", help="the output table URI (output.uri of the config)")
+    refit.add_argument("--clusters", type=int, help="number of clusters (default: one per --rows-per-cluster rows)")
+    refit.add_argument("--rows-per-cluster", type=int, default=1000)
+    refit.add_argument("--sample-rows", type=int, default=100_000, help="kept rows to fit on (those whose key hashes lowest)")
+    refit.add_argument("--seed", type=int, default=0)
+    refit.set_defaults(handler=_dedup_refit)
+
     convert = sub.add_parser("convert-head", help="turn a released head (.pth state dict) into a head directory")
     convert.add_argument("src", help="the released .pth file (read with torch.load(weights_only=True))")
     convert.add_argument("out_dir", help="new directory for config.json + model.safetensors")
@@ -221,6 +232,25 @@ def _compact(args: argparse.Namespace) -> int:
 
     for result in compact(Location.resolve(args.output, StorageOptions()), args.run_dates, args.target_size_mb << 20):
         print(result)
+    return 0
+
+
+def _dedup_refit(args: argparse.Namespace) -> int:
+    import ray
+    from pydantic import ValidationError
+
+    from operators.dedup import SemanticConfig
+    from operators.storage import Location, StorageOptions
+    from pipelines.dedup import refit
+
+    try:
+        config = SemanticConfig(clusters=args.clusters, rows_per_cluster=args.rows_per_cluster,
+                                sample_rows=args.sample_rows, seed=args.seed)
+    except ValidationError as err:
+        raise ConfigError(f"vlpipe dedup refit: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    print(refit(Location.resolve(args.output, StorageOptions()), config))
     return 0
 
 

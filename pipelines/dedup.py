@@ -28,12 +28,13 @@ import pyarrow.parquet as pq
 
 from operators import hashes
 from operators import schema as col
-from operators.dedup import (DedupConfig, ROW_ID, SCORE, TONIGHT, assign_clusters, exact_candidates, fit_centroids,
+from operators.dedup import (DedupConfig, SemanticConfig, ROW_ID, SCORE, TONIGHT, assign_clusters, exact_candidates, fit_centroids,
                              near_candidates, pick_decisions, semantic_candidates, CANDIDATE_SCHEMA, DUP_DATE,
                              DUP_KEY, METHOD)
 from operators.stage import Stage
 from operators.storage import Location
 from operators.tensors import embedding_rows
+from pipelines import hooks
 from pipelines.execute import ROW_BITS
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Dedup:
             if centroids is not None:
                 counts["semantic"] = write_candidates(
                     _semantic(rows(col.IMAGE_EMBEDDING), centroids, self.config.semantic.eps, partitions), decisions)
+        hooks.reach("dedup:decided")
         return DedupState(decisions, centroids, counts, metadata)
 
     def apply(self, batch: pa.Table, state: DedupState) -> pa.Table:
@@ -378,3 +380,46 @@ def _decisions_for(row_ids: pa.ChunkedArray, decisions: Location) -> pa.Table:
         found = decisions.filesystem.get_file_info(pafs.FileSelector(f"{decisions.path}/{file_id}", allow_not_found=True))
         tables += [pq.read_table(f.path, filesystem=decisions.filesystem) for f in found if f.path.endswith(".parquet")]
     return pick_decisions(pa.concat_tables(tables)) if tables else CANDIDATE_SCHEMA.empty_table()
+
+
+@dataclass(frozen=True)
+class Refit:
+    """What ``vlpipe dedup refit`` did."""
+
+    path: str
+    clusters: int
+    sample_rows: int
+    version: int
+
+    def __str__(self) -> str:
+        return (f"fitted {self.clusters} clusters on {self.sample_rows} kept rows -> {self.path} "
+                f"(table version {self.version}); later runs cluster their rows with these")
+
+
+def refit(table: Location, config: SemanticConfig) -> Refit:
+    """Fit new centroids on a sample of the table's kept rows and commit them (an empty commit that names them).
+
+    Rows already written keep the ``semantic_cluster`` they got; runs after this one group every
+    row, old and new, by the new centroids (earlier rows are re-assigned as they are read).
+    """
+    import ray.data
+    from deltalake import CommitProperties, DeltaTable
+
+    if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
+        raise FileNotFoundError(f"no Delta table at {table.uri}")
+    files = [path for path, _ in history_files(table, dt.date.min)]
+
+    def kept(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(col.IMAGE_EMBEDDING)))
+
+    rows = ray.data.read_parquet(files, filesystem=table.filesystem, columns=[col.KEY, col.IMAGE_EMBEDDING, col.KEEP])
+    sample = sample_embeddings(rows.map_batches(kept, batch_format="pyarrow", batch_size=None), config.sample_rows)
+    if sample is None:
+        raise ValueError(f"{table.uri} has no kept rows with an image_embedding to fit centroids on")
+    clusters = config.clusters or max(1, -(-len(sample) // config.rows_per_cluster))
+    centroids = fit_centroids(sample, clusters, config.iterations, config.seed)
+    path = save_centroids(table, centroids, f"refit-{uuid.uuid4().hex[:12]}")
+    delta = DeltaTable(table.uri, storage_options=table.delta_options)
+    delta.create_write_transaction([], mode="append", schema=delta.schema(), commit_properties=CommitProperties(
+        custom_metadata={CENTROIDS_KEY: path, "vlpipe.operation": "dedup-refit"}))
+    return Refit(path, len(centroids), len(sample), DeltaTable(table.uri, storage_options=table.delta_options).version())
