@@ -122,8 +122,8 @@ def _duplicates(run: dict, scan: RunScan, storage: StorageOptions, notes: list[s
         notes.append(f"duplicate pairs of run {run['run_id']} are not readable: {err}")
         pairs = []
     # Without the rows (kept_only, or an unreadable table) only the run record's counts are known.
-    earlier = {method: scan.earlier.get(method, 0) for method in counts} if scan.duplicates.counts else None
-    return Duplicates(counts=counts, earlier=earlier, pairs=pairs)
+    other = {method: scan.other_dates.get(method, 0) for method in counts} if scan.duplicates.counts else None
+    return Duplicates(counts=counts, other_dates=other, pairs=pairs)
 
 
 def stored_config(run: dict) -> PipelineConfig:
@@ -183,7 +183,7 @@ class RunScan:
 
     sample: Sampler
     duplicates: Sampler = field(default_factory=lambda: Sampler(0))  # the duplicate rows, a few per method
-    earlier: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # duplicates of an earlier run_date
+    other_dates: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # duplicates of another run_date
     values: dict[str, np.ndarray] = field(default_factory=dict)
     rows: int = 0
     kept: int = 0
@@ -302,7 +302,7 @@ def _add_rows(scan: RunScan, values: dict[str, list[np.ndarray]], rows: pa.Table
 
 
 def _add_duplicates(scan: RunScan, rows: pa.Table, run_date) -> None:
-    """Count the batch's duplicates by the partition they point at, and sample them when pairs are wanted."""
+    """Count the batch's duplicates of other partitions' rows, and sample them when pairs are wanted."""
     if col.DUPLICATE_OF not in rows.column_names:  # a table written before dedup existed
         return
     of = rows.column(col.DUPLICATE_OF)
@@ -310,9 +310,10 @@ def _add_duplicates(scan: RunScan, rows: pa.Table, run_date) -> None:
     found = rows.filter(pc.and_(pc.is_in(rows.column(col.REJECT_REASON), pa.array(col.DUPLICATE_REASONS)), pointed))
     if found.num_rows == 0:
         return
-    earlier = pc.less(pc.struct_field(found.column(col.DUPLICATE_OF), col.RUN_DATE), pa.scalar(run_date, pa.date32()))
-    for entry in pc.value_counts(found.filter(earlier).column(col.REJECT_REASON)).to_pylist():
-        scan.earlier[entry["values"]] += entry["counts"]
+    # History is every other partition: a backfilled date is deduplicated against later dates too.
+    other = pc.not_equal(pc.struct_field(found.column(col.DUPLICATE_OF), col.RUN_DATE), pa.scalar(run_date, pa.date32()))
+    for entry in pc.value_counts(found.filter(other).column(col.REJECT_REASON)).to_pylist():
+        scan.other_dates[entry["values"]] += entry["counts"]
     if scan.duplicates.n:
         scan.duplicates.add(found)
 

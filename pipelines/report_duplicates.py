@@ -1,10 +1,11 @@
 """The report's duplicate pairs: a few of the run's duplicates beside the rows they duplicate.
 
-``pipelines.report_data`` picks the duplicates while it scans the run's rows; here they and
-the rows they point at (``duplicate_of``: a key and a run_date, in the run's own partition or
-an earlier one) are read again from the table at the version the run committed, with the
-columns the comparison needs (hashes, embeddings) and a filter on run_date and key, so an old
-report does not change when an earlier date is re-run, and no other row's embedding is read.
+``pipelines.report_data`` picks the duplicates while it scans the run's rows (without
+embeddings); here they and the rows they point at (``duplicate_of``: a key and a run_date, in
+the run's own partition or another one) are read again from the table at the version the run
+committed, so an old report does not change when another date is re-run. That read takes the
+columns the comparison needs (hashes, embeddings) and filters on run_date and key, so only the
+files and row groups that can hold those keys are opened.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class DuplicatePair:
 
 @dataclass
 class Duplicates:
-    """What the report's Duplicates section shows; ``earlier`` is None when the rows were not readable."""
+    """What the report's Duplicates section shows: per method, the run record's count and how many
+    duplicate a row of another run_date (None when the run's rows are not in the table)."""
 
     counts: dict[str, int]
-    earlier: dict[str, int] | None
+    other_dates: dict[str, int] | None
     pairs: list[DuplicatePair]
 
 

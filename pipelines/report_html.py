@@ -36,7 +36,7 @@ rect.cur{fill:#4c78a8}path.prev{fill:none;stroke:#f58518;stroke-width:1.5}line.t
 .pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:10px}
 .pair{display:flex;gap:8px;align-items:flex-start;background:#fff;border:1px solid #dde2e8;border-left:4px solid #e45756;padding:6px}
 .side{flex:1;min-width:0;font-size:12px;overflow-wrap:anywhere}.side img{width:96px;height:96px;object-fit:contain;background:#eef1f4}
-.role{font-weight:600}.measure{flex:none;width:80px;align-self:center;text-align:center;font-size:12px}.measure b{display:block}
+.role{font-weight:600}.measure{flex:none;width:80px;align-self:center;text-align:center;font-size:12px;overflow-wrap:anywhere}.measure b{display:block}
 """
 
 
@@ -70,7 +70,6 @@ def _summary(data: ReportData) -> str:
     run = data.run
     reasons = json.loads(run["rejected_by_reason"] or "{}")
     total = max(run["rows_in"], 1)
-
     rules = _dedup_rules(data.config)
 
     def outcome(name: str, count: int, cls: str, extra: str = "") -> str:
@@ -232,14 +231,14 @@ def _duplicates(data: ReportData) -> str:
     if found is None:
         return ""
     rules = _dedup_rules(data.config)
-    head = ('<tr><th>reason</th><th class="num">rows</th><th class="num">of an earlier run_date</th>'
+    head = ('<tr><th>reason</th><th class="num">rows</th><th class="num">of another run_date</th>'
             '<th>duplicate of a row with</th></tr>')
     rows = "".join(
         f'<tr data-duplicates="{escape(method)}"><td>{escape(method)}</td><td class="num">{n}</td>'
-        f'<td class="num">{"-" if found.earlier is None else found.earlier[method]}</td>'
+        f'<td class="num">{"-" if found.other_dates is None else found.other_dates[method]}</td>'
         f'<td>{escape(rules[method])}</td></tr>'
         for method, n in found.counts.items())
-    scope = "this run and every earlier run_date" if data.config.dedup.history else "this run only"
+    scope = "this run and the table's other run_dates" if data.config.dedup.history else "this run only"
     pairs = "".join(_pairs(method, [p for p in found.pairs if p.method == method], n)
                     for method, n in found.counts.items())
     return (f'<h2 id="duplicates">Duplicates <span class="sub">({sum(found.counts.values())} rows, '
@@ -249,8 +248,9 @@ def _duplicates(data: ReportData) -> str:
 def _pairs(method: str, pairs: list[DuplicatePair], total: int) -> str:
     shown = f"{len(pairs)} of {total}, a fixed sample"
     body = "".join(_pair(p) for p in pairs)
+    empty = "" if pairs else "<p>None shown (see the notes at the top).</p>"
     return (f'<h3>{escape(method)} <span class="sub">({shown})</span></h3>'
-            f'<div class="pairs" id="pairs-{escape(method)}">{body}</div>' + ("" if pairs else "<p>None readable.</p>"))
+            f'<div class="pairs" id="pairs-{escape(method)}">{body}</div>{empty}')
 
 
 def _pair(pair: DuplicatePair) -> str:
@@ -268,7 +268,7 @@ def _measure(pair: DuplicatePair) -> tuple[str, str]:
     """How close the pair is, as (what is measured, value)."""
     if pair.method == col.DUPLICATE_EXACT:
         sha = pair.row.get(col.IMAGE_SHA256)
-        return ("SHA-256 " + sha[:12] if sha else "SHA-256"), "identical"
+        return (f"SHA-256 {sha[:8]}…" if sha else "SHA-256"), "identical"
     if pair.distance is None:
         return "not comparable", "-"
     if pair.method == col.DUPLICATE_NEAR:
@@ -281,9 +281,9 @@ def _side(row: dict | None, role: str, key: str, run_date) -> str:
         image, caption = '<div class="ph">not in the table at this run\'s version</div>', ""
     else:
         image, caption = _image(row), _text(row.get(col.CAPTION))
-    # An original can be a duplicate itself: near and semantic duplicates can chain.
-    if role == "original" and row is not None and not row[col.KEEP]:
-        role += f" (rejected too: {row.get(col.REJECT_REASON) or 'rejected'})"
+        # An original can be rejected itself: near and semantic duplicates chain.
+        if not row[col.KEEP]:
+            role += f" (rejected too: {row.get(col.REJECT_REASON) or 'rejected'})"
     return (f'<div class="side"><div class="role">{escape(role)}</div>{image}'
             f'<div class="key">{escape(key)}</div><div class="sub">run_date {escape(str(run_date))}</div>'
             f"<div>{caption}</div></div>")
