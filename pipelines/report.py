@@ -2,7 +2,8 @@
 
 Writing and finding reports is here; the modules import one way:
 ``report`` (writing) -> ``report_html`` (rendering) -> ``report_data`` (what the page
-shows, read from the run records and the output table) -> ``report_thumbnails``.
+shows, read from the run records and the output table) -> ``report_duplicates`` (the
+duplicate pairs) and ``report_thumbnails``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from operators.filter import FilterConfig
 from operators.storage import StorageOptions
 from pipelines.config import PipelineConfig, validate_config
 from pipelines.read import delta_dataset
+from pipelines.report_duplicates import PAIRS_PER_METHOD, Duplicates, duplicate_pairs
 from pipelines.report_thumbnails import add_thumbnails
 from pipelines.runs import read_run_records
 
@@ -34,7 +35,7 @@ _ROW_COLUMNS = (
     col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
     col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
     col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.CLASSIFIER_SCORES, col.KEEP,
-    col.REJECT_REASON,
+    col.REJECT_REASON, col.DUPLICATE_OF,
 )
 _HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE,
                "caption_length", "caption_generated_length")
@@ -67,6 +68,7 @@ class ReportData:
     stats: list[dict] = field(default_factory=list)
     caption_sources: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    duplicates: Duplicates | None = None  # None: the run marked no row as a duplicate
 
 
 def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *, samples: int = 12) -> ReportData:
@@ -87,7 +89,7 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     notes: list[str] = []
     names = (*_HISTOGRAMS, *(f"{TAG_PREFIX}{tag}" for tag in config.tags),
              *(f"{CLASSIFIER_PREFIX}{name}" for name in (config.classifier.scores if config.classifier else ())))
-    this = _scan_run(run, storage, notes, samples, names)
+    this = _scan_run(run, storage, notes, samples, names, pairs=PAIRS_PER_METHOD)
     previous = next(
         (r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None),
         None,
@@ -96,13 +98,32 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     if config.output.kept_only:
         notes.append("output.kept_only is set: rejected rows are counted but not in the table, so none are shown")
     kept, rejected = this.sample.result()
-    add_thumbnails([*kept, *rejected], config.input.columns, config.decode, storage)
+    duplicates = _duplicates(run, this, storage, notes)
+    pair_rows = [r for p in (duplicates.pairs if duplicates else []) for r in (p.row, p.of) if r is not None]
+    add_thumbnails([*kept, *rejected, *pair_rows], config.input.columns, config.decode, storage)
     scans = [(label, scan) for label, scan in (("this run", this), ("previous run", before)) if scan is not None]
     return ReportData(
         run=run, previous=previous, config=config, histograms=histograms(this, before, config.filter),
         kept=kept, rejected=rejected, stats=[_stats(label, scan, config.filter) for label, scan in scans],
-        caption_sources=dict(this.caption_sources), notes=notes,
+        caption_sources=dict(this.caption_sources), notes=notes, duplicates=duplicates,
     )
+
+
+def _duplicates(run: dict, scan: RunScan, storage: StorageOptions, notes: list[str]) -> Duplicates | None:
+    """Counts per method from the run record, and the sampled pairs read back from the table."""
+    reasons = json.loads(run["rejected_by_reason"] or "{}")
+    counts = {method: reasons[method] for method in col.DUPLICATE_REASONS if reasons.get(method)}
+    if not counts:
+        return None
+    chosen = [row for method in counts for row in sorted(scan.duplicates.group(method), key=lambda r: r[col.KEY])]
+    try:
+        pairs = duplicate_pairs(run, chosen, storage)
+    except Exception as err:  # e.g. that version was vacuumed away: the counts still stand
+        notes.append(f"duplicate pairs of run {run['run_id']} are not readable: {err}")
+        pairs = []
+    # Without the rows (kept_only, or an unreadable table) only the run record's counts are known.
+    other = {method: scan.other_dates.get(method, 0) for method in counts} if scan.duplicates.counts else None
+    return Duplicates(counts=counts, other_dates=other, pairs=pairs)
 
 
 def stored_config(run: dict) -> PipelineConfig:
@@ -140,6 +161,10 @@ class Sampler:
                 best.sort(key=lambda pair: pair[0])
                 del best[self.n:]
 
+    def group(self, name: str | None) -> list[dict]:
+        """The sampled rows of one reject reason (None: the kept rows), best-ranked first."""
+        return [row for _, row in self.best.get(name, [])]
+
     def result(self) -> tuple[list[dict], list[dict]]:
         kept = [row for _, row in self.best.get(None, [])]
         queues = [[row for _, row in best] for reason, best in sorted(
@@ -157,6 +182,8 @@ class RunScan:
     """What the report needs from one run's rows, gathered batch by batch."""
 
     sample: Sampler
+    duplicates: Sampler = field(default_factory=lambda: Sampler(0))  # the duplicate rows, a few per method
+    other_dates: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # duplicates of another run_date
     values: dict[str, np.ndarray] = field(default_factory=dict)
     rows: int = 0
     kept: int = 0
@@ -237,9 +264,10 @@ def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
 
 
 def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int,
-              names: tuple[str, ...] = _HISTOGRAMS) -> RunScan:
-    """Stream the run's rows (no embeddings) at the table version it committed; ``names``: the histograms."""
-    scan = RunScan(Sampler(samples))
+              names: tuple[str, ...] = _HISTOGRAMS, *, pairs: int = 0) -> RunScan:
+    """Stream the run's rows (no embeddings) at the table version it committed; ``names``: the histograms,
+    ``pairs``: duplicates to sample per method."""
+    scan = RunScan(Sampler(samples), duplicates=Sampler(pairs))
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     if run["table_version"] is None:
         notes.append(f"run {run['run_id']} committed no rows")
@@ -254,6 +282,7 @@ def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int
                 rows = pa.Table.from_batches([batch])
                 rows = rows.filter(pc.equal(rows.column(col.RUN_ID), run["run_id"])).drop_columns([col.RUN_ID])
                 _add_rows(scan, values, rows)
+                _add_duplicates(scan, rows, run["run_date"])
         except Exception as err:  # e.g. that version was vacuumed away
             notes.append(f"rows of run {run['run_id']} (table version {run['table_version']}) are not readable: {err}")
     scan.values = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in values.items()}
@@ -270,6 +299,23 @@ def _add_rows(scan: RunScan, values: dict[str, list[np.ndarray]], rows: pa.Table
             scan.caption_sources[entry["values"]] += entry["counts"]
     if scan.sample.n:
         scan.sample.add(rows)
+
+
+def _add_duplicates(scan: RunScan, rows: pa.Table, run_date) -> None:
+    """Count the batch's duplicates of other partitions' rows, and sample them when pairs are wanted."""
+    if col.DUPLICATE_OF not in rows.column_names:  # a table written before dedup existed
+        return
+    of = rows.column(col.DUPLICATE_OF)
+    pointed = pc.and_(pc.is_valid(pc.struct_field(of, col.KEY)), pc.is_valid(pc.struct_field(of, col.RUN_DATE)))
+    found = rows.filter(pc.and_(pc.is_in(rows.column(col.REJECT_REASON), pa.array(col.DUPLICATE_REASONS)), pointed))
+    if found.num_rows == 0:
+        return
+    # History is every other partition: a backfilled date is deduplicated against later dates too.
+    other = pc.not_equal(pc.struct_field(found.column(col.DUPLICATE_OF), col.RUN_DATE), pa.scalar(run_date, pa.date32()))
+    for entry in pc.value_counts(found.filter(other).column(col.REJECT_REASON)).to_pylist():
+        scan.other_dates[entry["values"]] += entry["counts"]
+    if scan.duplicates.n:
+        scan.duplicates.add(found)
 
 
 def _stats(label: str, scan: RunScan, filter_config: FilterConfig) -> dict:

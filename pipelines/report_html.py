@@ -11,7 +11,9 @@ import json
 from html import escape
 
 from operators import schema as col
+from pipelines.config import PipelineConfig
 from pipelines.report_data import Histogram, ReportData
+from pipelines.report_duplicates import DuplicatePair
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2430;background:#fafbfc}
@@ -31,6 +33,10 @@ rect.cur{fill:#4c78a8}path.prev{fill:none;stroke:#f58518;stroke-width:1.5}line.t
 .card figcaption{font-size:12px;min-width:0;overflow-wrap:anywhere}.key{font-family:ui-monospace,monospace;color:#5b6573}
 .why{font-weight:600}.card.rejected .why{color:#b5322f}.card dl{margin:2px 0}.card dt{color:#5b6573;float:left;width:64px}
 .card dd{margin:0 0 2px 64px}.err{color:#8a3a3a}pre{background:#fff;border:1px solid #dde2e8;padding:8px;overflow:auto}
+.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:10px}
+.pair{display:flex;gap:8px;align-items:flex-start;background:#fff;border:1px solid #dde2e8;border-left:4px solid #e45756;padding:6px}
+.side{flex:1;min-width:0;font-size:12px;overflow-wrap:anywhere}.side img{width:96px;height:96px;object-fit:contain;background:#eef1f4}
+.role{font-weight:600}.measure{flex:none;width:80px;align-self:center;text-align:center;font-size:12px;overflow-wrap:anywhere}.measure b{display:block}
 """
 
 
@@ -51,6 +57,7 @@ def render(data: ReportData) -> str:
         _distributions(data),
         _gallery("Kept rows", col.KEPT, data.kept, run["rows_kept"]),
         _gallery("Rejected rows", "rejected", data.rejected, run["rows_rejected"]),
+        _duplicates(data),
         _details(data),
         _json_block("vlpipe-summary", _summary_json(data)),
         _json_block("vlpipe-histograms", [vars(h) for h in data.histograms]),
@@ -63,11 +70,14 @@ def _summary(data: ReportData) -> str:
     run = data.run
     reasons = json.loads(run["rejected_by_reason"] or "{}")
     total = max(run["rows_in"], 1)
+    rules = _dedup_rules(data.config)
 
     def outcome(name: str, count: int, cls: str, extra: str = "") -> str:
         width = round(160 * count / total)
+        rule = f' <span class="sub">{escape(rules[name])}</span>' if name in rules else ""
         return (f'<tr class="{cls}" data-outcome="{escape(name)}"><td>{escape(name)}</td><td class="num">{count}</td>'
-                f'<td class="num">{100 * count / total:.1f}%</td><td><span class="bar{extra}" style="width:{width}px"></span></td></tr>')
+                f'<td class="num">{100 * count / total:.1f}%</td>'
+                f'<td><span class="bar{extra}" style="width:{width}px"></span>{rule}</td></tr>')
 
     rows = [
         f'<tr data-outcome="rows_in"><td>rows in</td><td class="num">{run["rows_in"]}</td><td></td><td></td></tr>',
@@ -179,11 +189,15 @@ def _gallery(title: str, kind: str, rows: list[dict], total: int) -> str:
     return f'<h2>{title} <span class="sub">({shown})</span></h2><div class="gallery" id="gallery-{kind}">{cards}</div>{empty}'
 
 
-def _card(row: dict, kind: str) -> str:
+def _image(row: dict) -> str:
+    """The row's thumbnail, or a placeholder naming why there is none."""
     if row.get("thumbnail"):
-        image = f'<img src="{row["thumbnail"]}" alt="image {escape(row[col.KEY])}">'
-    else:
-        image = f'<div class="ph">{escape(row[col.STATUS] if row[col.STATUS] != col.OK else "image unavailable")}</div>'
+        return f'<img src="{row["thumbnail"]}" alt="image {escape(row[col.KEY])}">'
+    return f'<div class="ph">{escape(row[col.STATUS] if row[col.STATUS] != col.OK else "image unavailable")}</div>'
+
+
+def _card(row: dict, kind: str) -> str:
+    image = _image(row)
     why = col.KEPT if row[col.KEEP] else row[col.REJECT_REASON] or "rejected"
     captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED))]
     listing = "".join(f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original")
@@ -201,6 +215,78 @@ def _card(row: dict, kind: str) -> str:
     return (f'<figure class="card {kind}" data-key="{escape(row[col.KEY])}">{image}<figcaption>'
             f'<div class="key">{escape(row[col.KEY])}</div><div class="why">{escape(why)}</div>'
             f'<dl>{listing}</dl><div class="scores">{escape(score_text)}</div>{error}</figcaption></figure>')
+
+
+def _dedup_rules(config: PipelineConfig) -> dict[str, str]:
+    """What each duplicate reason means under the run's own dedup settings."""
+    dedup = config.dedup
+    near = f"pHash within {dedup.near.max_distance} bits" if dedup.near else "pHash"
+    semantic = f"image embedding cosine >= {1 - dedup.semantic.eps:g}" if dedup.semantic else "image embedding"
+    return {col.DUPLICATE_EXACT: "same image bytes (SHA-256)", col.DUPLICATE_NEAR: f"near duplicate: {near}",
+            col.DUPLICATE_SEMANTIC: f"semantic duplicate: {semantic}"}
+
+
+def _duplicates(data: ReportData) -> str:
+    found = data.duplicates
+    if found is None:
+        return ""
+    rules = _dedup_rules(data.config)
+    head = ('<tr><th>reason</th><th class="num">rows</th><th class="num">of another run_date</th>'
+            '<th>duplicate of a row with</th></tr>')
+    rows = "".join(
+        f'<tr data-duplicates="{escape(method)}"><td>{escape(method)}</td><td class="num">{n}</td>'
+        f'<td class="num">{"-" if found.other_dates is None else found.other_dates[method]}</td>'
+        f'<td>{escape(rules[method])}</td></tr>'
+        for method, n in found.counts.items())
+    scope = "this run and the table's other run_dates" if data.config.dedup.history else "this run only"
+    pairs = "".join(_pairs(method, [p for p in found.pairs if p.method == method], n)
+                    for method, n in found.counts.items())
+    return (f'<h2 id="duplicates">Duplicates <span class="sub">({sum(found.counts.values())} rows, '
+            f'against {scope})</span></h2><table id="duplicate-counts">{head}{rows}</table>{pairs}')
+
+
+def _pairs(method: str, pairs: list[DuplicatePair], total: int) -> str:
+    shown = f"{len(pairs)} of {total}, a fixed sample"
+    body = "".join(_pair(p) for p in pairs)
+    empty = "" if pairs else "<p>None shown (see the notes at the top).</p>"
+    return (f'<h3>{escape(method)} <span class="sub">({shown})</span></h3>'
+            f'<div class="pairs" id="pairs-{escape(method)}">{body}</div>{empty}')
+
+
+def _pair(pair: DuplicatePair) -> str:
+    label, value = _measure(pair)
+    distance = "" if pair.distance is None else f' data-distance="{pair.distance:g}"'
+    return (f'<div class="pair" data-method="{escape(pair.method)}" data-key="{escape(pair.row[col.KEY])}" '
+            f'data-of-key="{escape(pair.of_key)}" data-of-run-date="{escape(str(pair.of_run_date))}"{distance}>'
+            f'{_side(pair.row, "duplicate", pair.row[col.KEY], pair.row[col.RUN_DATE])}'
+            f'<div class="measure"><span class="sub">duplicate of &rarr;</span><b>{escape(value)}</b>'
+            f'<span class="sub">{escape(label)}</span></div>'
+            f'{_side(pair.of, "original", pair.of_key, pair.of_run_date)}</div>')
+
+
+def _measure(pair: DuplicatePair) -> tuple[str, str]:
+    """How close the pair is, as (what is measured, value)."""
+    if pair.method == col.DUPLICATE_EXACT:
+        sha = pair.row.get(col.IMAGE_SHA256)
+        return (f"SHA-256 {sha[:8]}…" if sha else "SHA-256"), "identical"
+    if pair.distance is None:
+        return "not comparable", "-"
+    if pair.method == col.DUPLICATE_NEAR:
+        return "pHash Hamming distance", f"{pair.distance:.0f} bits"
+    return "embedding cosine", f"{pair.distance:.3f}"
+
+
+def _side(row: dict | None, role: str, key: str, run_date) -> str:
+    if row is None:
+        image, caption = '<div class="ph">not in the table at this run\'s version</div>', ""
+    else:
+        image, caption = _image(row), _text(row.get(col.CAPTION))
+        # An original can be rejected itself: near and semantic duplicates chain.
+        if not row[col.KEEP]:
+            role += f" (rejected too: {row.get(col.REJECT_REASON) or 'rejected'})"
+    return (f'<div class="side"><div class="role">{escape(role)}</div>{image}'
+            f'<div class="key">{escape(key)}</div><div class="sub">run_date {escape(str(run_date))}</div>'
+            f"<div>{caption}</div></div>")
 
 
 def _details(data: ReportData) -> str:
@@ -222,6 +308,9 @@ def _summary_json(data: ReportData) -> dict:
         "rows_rejected": run["rows_rejected"], "rejected_by_reason": json.loads(run["rejected_by_reason"] or "{}"),
         "previous_run_id": data.previous["run_id"] if data.previous else None,
         "kept_shown": [r[col.KEY] for r in data.kept], "rejected_shown": [r[col.KEY] for r in data.rejected],
+        "duplicates_shown": [
+            {"method": p.method, "key": p.row[col.KEY], "of_key": p.of_key, "of_run_date": str(p.of_run_date),
+             "distance": p.distance} for p in (data.duplicates.pairs if data.duplicates else [])],
     }
 
 

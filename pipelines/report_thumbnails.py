@@ -28,11 +28,12 @@ THUMBNAIL_PX = 96
 
 def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeConfig, storage: StorageOptions) -> None:
     """Set ``thumbnail`` on each sample: None where the row had no decodable image or it cannot be read."""
-    wanted: dict[str, dict[str, dict]] = defaultdict(dict)
+    # A row can be sampled twice (a duplicate pair's row is also in the gallery, or is the row two duplicates point at).
+    wanted: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for sample in samples:
         sample["thumbnail"] = None
         if sample[col.STATUS] == col.OK and sample[col.SOURCE_SHARD]:
-            wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]] = sample
+            wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]].append(sample)
     for shard, by_key in wanted.items():
         try:
             images = _read_images(shard, list(by_key), columns, storage)
@@ -40,7 +41,9 @@ def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeCon
             log.warning("report: cannot read thumbnails from %s: %s", shard, err)
             continue
         for key, data in images:
-            by_key[key]["thumbnail"] = thumbnail(data, formats=list(decode.formats), max_pixels=decode.max_pixels)
+            uri = thumbnail(data, formats=list(decode.formats), max_pixels=decode.max_pixels)
+            for sample in by_key[key]:
+                sample["thumbnail"] = uri
 
 
 def _read_images(shard: str, keys: list[str], columns: InputColumns, storage: StorageOptions) -> list[tuple]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import io
 import json
 import logging
 import os
 import shutil
 import subprocess
+from collections import Counter
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from deltalake import write_deltalake
 from PIL import Image
 
 from jobs.cli import main
@@ -27,11 +30,11 @@ from operators.storage import StorageOptions
 from pipelines import logs
 from pipelines.config import ConfigError, InputColumns, default_run_records_uri, validate_config
 from pipelines.read import read_output
-from pipelines.report import existing_report, write_text
+from pipelines.report import build_report, existing_report, write_text
 from pipelines.report_data import histogram_values, sample_rows, stored_config
 from pipelines.report_thumbnails import add_thumbnails, thumbnail
 from pipelines.run import run_pipeline
-from pipelines.runs import read_run_records
+from pipelines.runs import RunRecord, append_run_record, read_run_records
 from tests.images import encode, solid
 
 EVIL_CAPTION = '<script>alert("caption")</script> & <img src="http://evil.example/x.png">'
@@ -46,7 +49,9 @@ class Page(HTMLParser):
     def __init__(self, text: str):
         super().__init__()
         self.urls, self.images, self.cards, self.outcomes, self.json, self.scripts = [], [], [], {}, {}, 0
+        self.pairs, self.duplicate_counts = [], {}
         self._script_id, self._outcome, self._card, self._cells = None, None, None, []
+        self._pair, self._pair_depth, self._duplicates = None, 0, None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -62,8 +67,17 @@ class Page(HTMLParser):
             self.cards.append(self._card)
         elif tag == "tr" and "data-outcome" in a:
             self._outcome, self._cells = a["data-outcome"], []
+        elif tag == "tr" and "data-duplicates" in a:
+            self._duplicates, self._cells = a["data-duplicates"], []
         if tag == "img" and self._card is not None:
             self._card["img"] = a["src"]
+        if tag == "div" and self._pair is not None:
+            self._pair_depth += 1
+        elif tag == "div" and "pair" in a.get("class", "").split():
+            self._pair, self._pair_depth = {**a, "imgs": [], "text": ""}, 1
+            self.pairs.append(self._pair)
+        if tag == "img" and self._pair is not None:
+            self._pair["imgs"].append(a["src"])
 
     def handle_endtag(self, tag):
         if tag == "figure":
@@ -71,6 +85,13 @@ class Page(HTMLParser):
         elif tag == "tr" and self._outcome:
             self.outcomes[self._outcome] = int(self._cells[1])
             self._outcome = None
+        elif tag == "tr" and self._duplicates:
+            self.duplicate_counts[self._duplicates] = (int(self._cells[1]), self._cells[2], self._cells[3])
+            self._duplicates = None
+        elif tag == "div" and self._pair is not None:
+            self._pair_depth -= 1
+            if self._pair_depth == 0:
+                self._pair = None
         elif tag == "script":
             self._script_id = None
 
@@ -79,8 +100,10 @@ class Page(HTMLParser):
             self.json[self._script_id] = json.loads(data)
         if self._card is not None:
             self._card["text"] += data
-        if self._outcome:
+        if self._outcome or self._duplicates:
             self._cells.append(data)
+        if self._pair is not None:
+            self._pair["text"] += data + " "
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +364,83 @@ def test_heads_and_tags_get_histograms_with_their_thresholds_and_the_previous_ru
     for h, now, previous in ((hists[col.AESTHETIC_SCORE], 3, 2), (hists[col.NSFW_SCORE], 3, 2), (hists["tag:red"], 3, 2)):
         assert sum(h.counts) == now and sum(h.previous_counts) == previous
     assert hists[col.AESTHETIC_SCORE].edges[0] == 3.0 and hists[col.AESTHETIC_SCORE].edges[-1] == 9.0
+
+
+OCT31, NOV01 = dt.date(2026, 10, 31), dt.date(2026, 11, 1)
+# Near duplicates differ in 3 bits, the sign bit among them: counted on the signed XOR, it would read 62.
+PHASH = 0b101
+PHASH_NEAR = int.from_bytes((PHASH ^ 0b11 ^ (1 << 63)).to_bytes(8, "big"), "big", signed=True)
+
+
+@pytest.fixture(scope="module")
+def dedup_runs(tmp_path_factory):
+    """Two runs' rows written as the pipeline commits them: 31 Oct's run, then 1 Nov's, whose dedup marked
+    an exact duplicate within the run, and a near and a semantic one of 31 Oct's rows ("d" is a key of both days)."""
+    root = tmp_path_factory.mktemp("report-dedup")
+    images = {name: encode(solid(color, size=(48, 32)), "JPEG") for name, color in
+              (("green", (0, 160, 0)), ("red", (200, 0, 0)), ("blue", (0, 0, 200)), ("grey", (90, 90, 90)))}
+    shards = {OCT31: root / "shards" / "oct31.parquet", NOV01: root / "shards" / "nov01.parquet"}
+    rows = {
+        OCT31: [("e-near", "red", "a red square", {col.IMAGE_PHASH: PHASH}),
+                ("d", "blue", "yesterday's blue square", {col.IMAGE_EMBEDDING: [1.0, 0.0, 0.0, 0.0]})],
+        NOV01: [("a", "green", "a green square", {col.IMAGE_SHA256: "5a" * 32}),
+                ("b", "green", "the green square again", {col.IMAGE_SHA256: "5a" * 32, col.KEEP: False,
+                 col.REJECT_REASON: col.DUPLICATE_EXACT, col.DUPLICATE_OF: {"key": "a", "run_date": NOV01}}),
+                ("c", "red", "a red square, recompressed", {col.IMAGE_PHASH: PHASH_NEAR, col.KEEP: False,
+                 col.REJECT_REASON: col.DUPLICATE_NEAR, col.DUPLICATE_OF: {"key": "e-near", "run_date": OCT31}}),
+                ("d", "blue", "tonight's blue square", {col.IMAGE_EMBEDDING: [0.96, 0.28, 0.0, 0.0], col.KEEP: False,
+                 col.REJECT_REASON: col.DUPLICATE_SEMANTIC, col.DUPLICATE_OF: {"key": "d", "run_date": OCT31}}),
+                ("f", "grey", "grey", {col.KEEP: False, col.REJECT_REASON: col.LOW_CLIP_SCORE})],
+    }
+    shards[OCT31].parent.mkdir()
+    out = root / "out"
+    runs_uri = default_run_records_uri(str(out))
+    raw = {"input": {"uri": str(shards[OCT31].parent)}, "clip": {"model": {"source": "openai/clip-vit-base-patch32"}},
+           "output": {"uri": str(out)}, "dedup": {"exact": True, "near": {"max_distance": 4}, "semantic": {"eps": 0.05}}}
+    for version, (day, day_rows) in enumerate(rows.items()):
+        pq.write_table(pa.table({"key": [r[0] for r in day_rows], "caption": [r[2] for r in day_rows],
+                                 "jpg": [images[r[1]] for r in day_rows]}), shards[day])
+        run_id = f"run-{day}"
+        table = [{col.KEY: key, col.CAPTION: caption, col.SOURCE_SHARD: str(shards[day]), col.STATUS: col.OK,
+                  col.KEEP: True, col.RUN_ID: run_id, col.RUN_DATE: day, **extra} for key, _, caption, extra in day_rows]
+        write_deltalake(str(out), pa.Table.from_pylist(table, schema=col.output_schema()), mode="append",
+                        partition_by=[col.RUN_DATE])
+        reasons = dict(Counter(r[col.REJECT_REASON] for r in table if not r[col.KEEP]))
+        started = dt.datetime.combine(day, dt.time(2), dt.timezone.utc)
+        config = validate_config({**raw, "run_date": day.isoformat()})
+        append_run_record(runs_uri, StorageOptions(), RunRecord(
+            run_id=run_id, run_date=day, status="succeeded", started_at=started,
+            finished_at=started + dt.timedelta(seconds=5), config_hash="h", config_json=json.dumps(config.public_dump()),
+            output_uri=str(out), table_version=version, rows_in=len(table),
+            rows_kept=sum(r[col.KEEP] for r in table), rejected_by_reason=reasons, rows_written=len(table)))
+    return runs_uri
+
+
+def test_the_report_shows_each_duplicate_beside_the_row_it_duplicates(dedup_runs):
+    text = build_report(dedup_runs, StorageOptions(), "run-2026-11-01")
+    page = Page(text)
+
+    assert {r: page.outcomes[r] for r in col.DUPLICATE_REASONS} == dict.fromkeys(col.DUPLICATE_REASONS, 1)
+    assert "near duplicate: pHash within 4 bits" in text  # the summary says what each reason means
+    assert 'id="duplicates"' in text and page.duplicate_counts == {
+        col.DUPLICATE_EXACT: (1, "0", "same image bytes (SHA-256)"),
+        col.DUPLICATE_NEAR: (1, "1", "near duplicate: pHash within 4 bits"),
+        col.DUPLICATE_SEMANTIC: (1, "1", "semantic duplicate: image embedding cosine >= 0.95")}
+    pairs = {p["data-method"]: p for p in page.pairs}
+    shown = [(pairs[m]["data-key"], pairs[m]["data-of-key"], pairs[m]["data-of-run-date"]) for m in col.DUPLICATE_REASONS]
+    assert shown == [("b", "a", "2026-11-01"), ("c", "e-near", "2026-10-31"), ("d", "d", "2026-10-31")]
+    for pair in pairs.values():
+        assert len(pair["imgs"]) == 2 and all(src.startswith("data:image/jpeg;base64,") for src in pair["imgs"])
+    assert pairs[col.DUPLICATE_NEAR]["data-distance"] == "3" and "3 bits" in pairs[col.DUPLICATE_NEAR]["text"]
+    assert "0.960" in pairs[col.DUPLICATE_SEMANTIC]["text"]
+    # Looked up by key and run_date: the "d" it duplicates is 31 Oct's, not itself.
+    assert "tonight's blue square" in pairs[col.DUPLICATE_SEMANTIC]["text"]
+    assert "yesterday's blue square" in pairs[col.DUPLICATE_SEMANTIC]["text"]
+    assert "identical" in pairs[col.DUPLICATE_EXACT]["text"] and "5a5a5a5a" in pairs[col.DUPLICATE_EXACT]["text"]
+    assert len(page.json["vlpipe-summary"]["duplicates_shown"]) == 3 and page.scripts == 2
+    assert len(page.cards) == 5  # the gallery is as before: every row of the run once
+
+
+def test_a_run_without_duplicates_has_no_duplicates_section(dedup_runs):
+    text = build_report(dedup_runs, StorageOptions(), "run-2026-10-31")
+    assert 'id="duplicates"' not in text and "Duplicates" not in text and not Page(text).pairs
