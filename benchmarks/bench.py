@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from benchmarks import dedup as dedup_bench
 from benchmarks import models, naive_clip, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
@@ -40,6 +41,7 @@ from benchmarks.measure import measured, spilled_mib
 from operators import schema as col
 from operators.caption import caption_geometry
 from operators.decode import DecodeConfig, DecodeImages, PixelSpec
+from operators.dedup import NearConfig, SemanticConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: the --clip-model)")
     parser.add_argument("--signals-images", type=int, default=256,
                         help="rows for the cost of heads + tags on CLIP and of the classifier, without Ray (0: skip)")
+    parser.add_argument("--dedup", action="store_true", help="dedup quality on the planted corpus and its cost (tiny CLIP)")
+    parser.add_argument("--dedup-originals", type=int, default=40, help="originals in the planted corpus (x9 rows)")
+    parser.add_argument("--dedup-images", type=int, nargs="*", default=[10_000, 100_000],
+                        help="rows for the dedup cost, with and without dedup; the last is the history for a night "
+                             "of the first size")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
     parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
@@ -349,6 +356,8 @@ def run(args: argparse.Namespace) -> dict:
             report["caption"] = _caption(args, device, s3, clip_dir if args.tiny else None, out_root)
         if args.signals_images:
             report["signals"] = _signals(args, clip_dir)
+        if args.dedup:
+            report["dedup"] = _dedup(args)
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -385,6 +394,23 @@ def _signals(args, clip_dir: pathlib.Path) -> dict:
     result = signals.signals(load_rows(paths), args.work_dir / "models", clip_dir, tiny=args.tiny,
                              clip_batch=args.clip_batch)
     log.info("signals: %s", result)
+    return result
+
+
+def _dedup(args) -> dict:
+    from jobs.demo import DEMO_TRAIN_STEPS
+
+    from demo import build_tiny_clip
+
+    # The demo's trained tiny CLIP: random weights put distinct images at cosine 0.98.
+    clip_dir = args.work_dir / "models" / "tiny-clip-trained"
+    if not (clip_dir / "config.json").exists():
+        build_tiny_clip(clip_dir, train_steps=DEMO_TRAIN_STEPS)
+    defaults = (NearConfig().max_distance, SemanticConfig().eps)
+    result = {"quality": dedup_bench.quality(args.work_dir, clip_dir, args.dedup_originals, *defaults)}
+    if args.dedup_images:
+        result["cost"] = dedup_bench.cost(args.work_dir, clip_dir, args.dedup_images, *defaults)
+    log.info("dedup: %s", result)
     return result
 
 
@@ -550,6 +576,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  decode limit (bare multiprocessing loop, {d['processes']} processes, {d['images']} rows): "
                      f"{d['images_per_s']:.0f} img/s")
     lines += _format_signals(report.get("signals"))
+    lines += dedup_bench.format_dedup(report.get("dedup"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
 

@@ -50,7 +50,7 @@ class NearConfig(_Strict):
 class SemanticConfig(_Strict):
     """SemDeDup on ``image_embedding``: rows at cosine >= 1 - ``eps`` to a better row in their cluster."""
 
-    eps: float = Field(0.05, gt=0.0, lt=1.0)
+    eps: float = Field(0.02, gt=0.0, lt=1.0)
     # None: one cluster per ``rows_per_cluster`` rows of the first fit's sample.
     clusters: int | None = Field(None, ge=1)
     rows_per_cluster: int = Field(1000, ge=1)

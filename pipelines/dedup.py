@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -106,16 +107,20 @@ class Dedup:
                 found = _tonight(column, self.config.keep_by, staged)
                 return found.union(_history(column, history, shards, self.table)) if history else found
 
-            counts = {}
+            methods = {}
             if self.config.exact:
-                counts["exact"] = write_candidates(_exact(rows(col.IMAGE_SHA256), partitions), decisions)
+                methods["exact"] = lambda: _exact(rows(col.IMAGE_SHA256), partitions)
             if self.config.near:
-                counts["near"] = write_candidates(
-                    _near(rows(col.IMAGE_PHASH), self.config.near.max_distance, partitions), decisions)
-            centroids, metadata = self._centroids(lambda: rows(col.IMAGE_EMBEDDING))
-            if centroids is not None:
-                counts["semantic"] = write_candidates(
-                    _semantic(rows(col.IMAGE_EMBEDDING), centroids, self.config.semantic.eps, partitions), decisions)
+                methods["near"] = lambda: _near(rows(col.IMAGE_PHASH), self.config.near.max_distance, partitions)
+            with ThreadPoolExecutor(max_workers=3) as pool:
+                # The methods are independent Ray executions: run at once, their start-up latencies overlap.
+                running = {name: pool.submit(lambda m=method: write_candidates(m(), decisions))
+                           for name, method in methods.items()}
+                centroids, metadata = self._centroids(lambda: rows(col.IMAGE_EMBEDDING))
+                if centroids is not None:
+                    semantic = _semantic(rows(col.IMAGE_EMBEDDING), centroids, self.config.semantic.eps, partitions)
+                    running["semantic"] = pool.submit(write_candidates, semantic, decisions)
+                counts = {name: future.result() for name, future in running.items()}
         hooks.reach("dedup:decided")
         return DedupState(decisions, centroids, counts, metadata)
 
@@ -233,7 +238,7 @@ def write_candidates(found, decisions: Location) -> int:
     """Write one method's candidates below ``decisions``, a folder per staged file; returns how many.
 
     Each method is its own Ray execution: a union of the three shuffles ran 5x slower than the
-    three one after the other (22-28 s vs 2-5 s each, 400 rows, 2 cores). Which candidate wins
+    three apart (22-28 s vs 2-5 s each, 400 rows, 2 cores). Which candidate wins
     for a row is decided where the row is marked (``mark_duplicates``), so no further shuffle.
     """
     def write(batch: pa.Table) -> pa.Table:

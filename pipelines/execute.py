@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -313,9 +314,9 @@ SPILL_ROWS = 8192
 
 
 def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster: dict[str, float],
-            states: list | None = None):
-    """Run every pass; yields the last step's rows (the writer's summaries). Each aggregate's state is
-    appended to ``states``."""
+            decided: list | None = None):
+    """Run every pass; yields the last step's rows (the writer's summaries). Each aggregate's
+    ``Decided`` (its state and the seconds its decision took) is appended to ``decided``."""
     staging = table.child(f"{STAGING_DIR}/{run_id}")
     ds, head = source, ()
     # Task pools are sized as a ceiling (see task_concurrency); a small run has fewer blocks than
@@ -326,9 +327,9 @@ def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluste
             for index, step in enumerate(run_pass.steps):
                 ds = apply_step(ds, step, cluster, head if index == 0 else ())
             if run_pass.aggregate is not None:
-                ds, head = _through_aggregate(ds, run_pass.aggregate, staging, cluster)
-                if states is not None:
-                    states.append(head[0].state)
+                ds, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster)
+                if decided is not None:
+                    decided.append(outcome)
         yield from ds.iter_rows()
         # Per-stage wall and CPU time of the execution; the benchmark reads it from this log.
         log.debug("Ray Data stats:\n%s", ds.stats())
@@ -352,9 +353,21 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
                                  size=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))))
     rows = list(spilled.iter_rows())
     paths = [r["path"] for r in rows if r["path"]]
+    start = time.perf_counter()
     state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows], Staged(paths, staging, cluster))
-    log.info("%s over the whole run: %s", aggregate.name, state)
-    return ray.data.read_parquet(paths, filesystem=staging.filesystem), (ApplyAggregate(aggregate, state),)
+    seconds = time.perf_counter() - start
+    log.info("%s over the whole run (%.2f s): %s", aggregate.name, seconds, state)
+    second = ray.data.read_parquet(paths, filesystem=staging.filesystem)
+    return second, (ApplyAggregate(aggregate, state),), Decided(aggregate.name, state, round(seconds, 3))
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A whole-run stage's decision: its state, and how long deciding took (after the first pass)."""
+
+    name: str
+    state: object
+    seconds: float
 
 
 def _remove(staging: Location) -> None:

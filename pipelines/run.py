@@ -166,16 +166,18 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     with run.phase("ray_start"):
         cluster = _start_ray(config, plan)
     log.info("plan:\n%s", describe(plan, cluster))
-    summary, states = WriteSummary(), []
+    summary, decided = WriteSummary(), []
     with run.phase("execute"):
         start = time.perf_counter()
         source = _source(config, run, checked.good, cluster)
-        for row in execute(plan.passes, source, run.output, run.run_id, cluster, states):
+        for row in execute(plan.passes, source, run.output, run.run_id, cluster, decided):
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
             summary.add(row)
+    for outcome in decided:  # inside execute: the first pass was already running while it read
+        run.timings[f"{outcome.name}_decision"] = outcome.seconds
     with run.phase("commit"):
-        return _commit(run, plan, summary, read_version, _commit_metadata(states))
+        return _commit(run, plan, summary, read_version, _commit_metadata([d.state for d in decided]))
 
 
 def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
