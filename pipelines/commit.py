@@ -30,7 +30,7 @@ from operators.storage import Location
 from pipelines import hooks
 from pipelines.datafile import DataFile, file_stats, new_file_path, partition_dir, table_files, write_data_file
 from pipelines.errors import ConcurrentRunError
-from pipelines.supersede import Change, Superseder, Supersede
+from pipelines.supersede import Change, Supersede, Superseder
 
 log = logging.getLogger(__name__)
 _SUMMARY_SCHEMA = pa.schema(
