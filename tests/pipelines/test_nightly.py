@@ -81,9 +81,7 @@ def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
     crawl.mkdir()
     for path in paths[:2]:  # shards A and B
         shutil.copy(path, crawl / path.name)
-    # Small files, so that files mix two shards' rows and superseding B has to rewrite some of them.
-    raw = {"input": {"uri": str(crawl)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-           "output": {"uri": out, "rows_per_file": 5}}
+    raw = {"input": {"uri": str(crawl)}, "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": out}}
 
     def nightly(day, force=False):
         return run_nightly(validate_config({**raw, "run_date": day.isoformat()}), force=force)
