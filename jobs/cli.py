@@ -340,6 +340,8 @@ def format_summary(record: RunRecord, report: str | None = None) -> str:
         lines += [f"    {shard['uri']}: {shard['error']}" for shard in record.failed_shards[:10]]
         if len(record.failed_shards) > 10:
             lines.append(f"    ... and {len(record.failed_shards) - 10} more in `vlpipe runs` / the run record")
+    if record.rows_superseded:
+        lines.append(f"  superseded   {record.rows_superseded:>8}  (earlier rows of these shards, removed from other dates)")
     lines += [
         f"  output       {record.output_uri} (Delta version {record.table_version}, partition run_date={record.run_date})",
         *([f"  report       {report}"] if report else []),

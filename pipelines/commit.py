@@ -3,33 +3,36 @@
 Data files land under the table directory but are invisible until the commit
 adds them to the log, so a run that dies before committing leaves the table as
 it was (the orphans are removed by ``VACUUM``). Ray's own ``write_delta`` cannot
-replace a single partition atomically, which idempotent re-runs need.
+replace a single partition atomically, which idempotent re-runs need, nor remove
+the rows a rewritten shard supersedes in the same commit (``pipelines.supersede``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
-import uuid
 from functools import partial
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Schema
 from deltalake.exceptions import CommitFailedError, DeltaError
-from deltalake.transaction import AddAction, create_table_with_add_actions
+from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
 from operators import schema as col
 from operators.resources import Resources
 from operators.stage import Stage
 from operators.storage import Location
+from pipelines import hooks
+from pipelines.datafile import DataFile, file_stats, new_file_path, partition_dir, table_files, write_data_file
 from pipelines.errors import ConcurrentRunError
+from pipelines.supersede import Change, Supersede, Superseder
 
-_STATS_PREFIX = 32
+log = logging.getLogger(__name__)
 _SUMMARY_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -96,14 +99,11 @@ class WriteDataFiles:
         if n:
             # Delta keeps partition values in the log, not in the files.
             data = data.drop_columns([col.RUN_DATE])
-            path = f"{col.RUN_DATE}={self.run_date.isoformat()}/part-{self.run_id}-{uuid.uuid4().hex}.parquet"
-            fs, root = self.table.filesystem, self.table.path.rstrip("/")
-            fs.create_dir(f"{root}/{path.rsplit('/', 1)[0]}", recursive=True)
-            pq.write_table(data, f"{root}/{path}", filesystem=fs, compression="zstd")
-            size = fs.get_file_info(f"{root}/{path}").size
+            path = new_file_path(partition_dir(self.run_date), self.run_id)
+            size = write_data_file(self.table, path, data)
         summary = {
             "path": path, "size": size, "rows_written": n,
-            "stats": json.dumps(_file_stats(data)) if n else None,
+            "stats": json.dumps(file_stats(data)) if n else None,
             "outcomes": json.dumps(dict(outcomes)),
         }
         return pa.Table.from_pylist([summary], schema=_SUMMARY_SCHEMA)
@@ -138,41 +138,57 @@ def table_version(table: Location) -> int | None:
     return DeltaTable(table.uri, storage_options=table.delta_options).version()
 
 
+@dataclass(frozen=True)
+class Commit:
+    """What a run's commit did to the table."""
+
+    version: int
+    rows_superseded: int = 0
+    files_removed: int = 0  # files of other dates whose rows were all superseded
+    files_rewritten: int = 0  # files of other dates rewritten without the superseded rows
+    files_read: int = 0  # files whose source_shard column was read to find those
+
+
 def commit_files(
     table: Location, schema: pa.Schema, summary: WriteSummary, run_date: dt.date,
-    mode: str, metadata: dict[str, str], read_version: int | None,
-) -> int:
-    """Add the written files to the table in one commit; return the new table version.
+    mode: str, metadata: dict[str, str], read_version: int | None, supersede: Supersede | None = None,
+) -> Commit:
+    """Add the written files to the table in one commit, with what they replace.
 
     ``overwrite_partition`` replaces the run date's partition (an idempotent re-run);
-    ``append`` adds to it. ``read_version`` is the table version the run started
+    ``append`` adds to it. ``supersede`` names the shards the run processed: the same
+    commit removes the rows that earlier commits to other dates took from them
+    (``pipelines.supersede``). ``read_version`` is the table version the run started
     from: if another run changed this date's partition since, the commit is refused
-    (``ConcurrentRunError``) rather than mixing two runs' rows. Commits to other
-    dates in the meantime are fine; the commit is retried on top of them.
+    (``ConcurrentRunError``) rather than mixing two runs' rows. Commits to other dates
+    in the meantime are fine; the commit is planned again on top of them.
     """
     table_uri, options = table.uri, table.delta_options
+    day = run_date.isoformat()
     now_ms = int(time.time() * 1000)
-    partition = {col.RUN_DATE: run_date.isoformat()}
-    actions = [AddAction(f["path"], f["size"], partition, now_ms, True, f["stats"]) for f in summary.files]
-    # No blind retries inside delta-rs: it would rebase an overwrite onto a concurrent one.
+    adds = [AddAction(f["path"], f["size"], {col.RUN_DATE: day}, now_ms, True, f["stats"]) for f in summary.files]
+    # No blind retries inside delta-rs: it would rebase a commit onto a concurrent one it was planned without.
     properties = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
-    started_with = _partition_files(table_uri, options, run_date, read_version)
+    before = _files_at(table_uri, options, read_version)
+    started_with = {f.path for f in before if f.partition == day}
     run_id = metadata["vlpipe.run_id"]
+    superseder = Superseder(table, supersede or Supersede(frozenset(), frozenset()), run_id)
     lost: OSError | None = None
+    planned: list[Change] = []
     for _ in range(_COMMIT_ATTEMPTS):
         if lost is not None:
             # The commit request or its answer was lost (reset, timeout): delta-rs does not retry a
             # conditional put, so look whether it landed before trying again.
             landed = _committed_version(table_uri, options, run_id)
             if landed is not None:
-                return landed
+                return _result(landed, planned, superseder)
         if not DeltaTable.is_deltatable(table_uri, storage_options=options):
             try:
                 create_table_with_add_actions(
-                    table_uri, Schema.from_arrow(schema), actions, mode="append", partition_by=[col.RUN_DATE],
+                    table_uri, Schema.from_arrow(schema), adds, mode="append", partition_by=[col.RUN_DATE],
                     storage_options=options, commit_properties=properties,
                 )
-                return 0
+                return Commit(0)
             except OSError as err:
                 lost = err
                 continue
@@ -181,24 +197,24 @@ def commit_files(
                     raise
                 continue  # another run created the table first: check it like any concurrent commit
         delta = DeltaTable(table_uri, storage_options=options)
-        if mode == "overwrite_partition" and _partition_files(table_uri, options, run_date, delta.version()) != started_with:
-            raise ConcurrentRunError(
-                f"another run committed run_date={run_date} to {table_uri} while this run was working "
-                f"(table version {read_version} -> {delta.version()}); this run's files were not committed"
-            )
         try:
-            delta.create_write_transaction(
-                actions, mode="overwrite" if mode == "overwrite_partition" else "append", schema=schema,
-                partition_by=[col.RUN_DATE],
-                partition_filters=[(col.RUN_DATE, "=", run_date.isoformat())] if mode == "overwrite_partition" else None,
-                commit_properties=properties,
-            )
+            if _add_missing_columns(delta, schema, run_id):
+                continue  # look at the table again, with its new schema
+            files = table_files(delta)
+            own = _replaced_partition(files, run_date, mode, started_with, table_uri, (read_version, delta.version()))
+            planned = superseder.changes(files, day, {f.path for f in before})
+            replaced = _replacing(own, planned, now_ms)
+            hooks.reach("commit:planned")
+            # Append mode: overwrite mode refuses explicit removes, so this commit states the
+            # partition's removals itself, from the very version it is committed on top of.
+            delta.create_write_transaction(adds + replaced, mode="append", schema=schema,
+                                           partition_by=[col.RUN_DATE], commit_properties=properties)
         except CommitFailedError:
             continue  # someone committed first; look again at what they changed
         except OSError as err:
             lost = err
             continue
-        return _version_of(table_uri, options, run_id)
+        return _result(_version_of(table_uri, options, run_id), planned, superseder)
     if lost is not None:
         raise lost
     raise ConcurrentRunError(f"could not commit to {table_uri}: {_COMMIT_ATTEMPTS} attempts lost to concurrent commits")
@@ -207,13 +223,72 @@ def commit_files(
 _COMMIT_ATTEMPTS = 20
 
 
-def _partition_files(table_uri: str, options: dict, run_date: dt.date, version: int | None) -> set[str]:
+def _replaced_partition(files: list[DataFile], run_date: dt.date, mode: str, started_with: set[str],
+                        table_uri: str, versions: tuple[int | None, int]) -> list[DataFile]:
+    """The files of the run's date the commit removes: the whole partition if it is to be replaced.
+
+    Refused if the partition is not the one the run started from: another run of this date
+    committed meanwhile, and replacing its rows would mix or lose them.
+    """
+    if mode != "overwrite_partition":
+        return []
+    own = [f for f in files if f.partition == run_date.isoformat()]
+    if {f.path for f in own} != started_with:
+        raise ConcurrentRunError(
+            f"another run committed run_date={run_date} to {table_uri} while this run was working "
+            f"(table version {versions[0]} -> {versions[1]}); this run's files were not committed"
+        )
+    return own
+
+
+def _replacing(own: list[DataFile], changes: list[Change], now_ms: int) -> list[AddAction | RemoveAction]:
+    """Remove actions for the replaced partition and the superseded files, and add actions for their rewrites."""
+    removed = [*own, *(c.file for c in changes)]
+    actions: list[AddAction | RemoveAction] = [
+        RemoveAction(f.path, True, now_ms, f.size, {col.RUN_DATE: f.partition}) for f in removed
+    ]
+    actions += [
+        AddAction(c.rewrite.path, c.rewrite.size, {col.RUN_DATE: c.file.partition}, now_ms, True, c.rewrite.stats)
+        for c in changes if c.rewrite is not None
+    ]
+    return actions
+
+
+def _add_missing_columns(delta: DeltaTable, schema: pa.Schema, run_id: str) -> bool:
+    """Add the run's columns the table lacks, in a commit of the schema alone; True if it did.
+
+    An append keeps the table's schema as it is, so a new output column would be written
+    into the files and never be visible. New columns are nullable: older files lack them.
+    """
+    have = {f.name for f in delta.schema().fields}
+    missing = [pa.field(f.name, f.type, nullable=True) for f in schema if f.name not in have]
+    if not missing:
+        return False
+    log.info("adding column(s) %s to %s", ", ".join(f.name for f in missing), delta.table_uri)
+    delta.alter.add_columns(
+        Schema.from_arrow(pa.schema(missing)).fields,
+        # Not vlpipe.run_id: that marks the run's data commit, which _committed_version looks for.
+        commit_properties=CommitProperties(
+            custom_metadata={"vlpipe.operation": "add_columns", "vlpipe.for_run": run_id}, max_commit_retries=0),
+    )
+    return True
+
+
+def _result(version: int, changes: list[Change], superseder: Superseder) -> Commit:
+    rewritten = sum(c.rewrite is not None for c in changes)
+    result = Commit(version, rows_superseded=sum(c.rows_removed for c in changes),
+                    files_removed=len(changes) - rewritten, files_rewritten=rewritten, files_read=superseder.files_read)
+    if result.files_read or changes:
+        log.info("superseded %d earlier row(s) of %d shard(s) in %d other partition(s): read source_shard of "
+                 "%d file(s), removed %d, rewrote %d", result.rows_superseded, len(superseder.supersede.shards),
+                 len({c.file.partition for c in changes}), result.files_read, result.files_removed, rewritten)
+    return result
+
+
+def _files_at(table_uri: str, options: dict, version: int | None) -> list[DataFile]:
     if version is None:
-        return set()
-    table = DeltaTable(table_uri, storage_options=options, version=version)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    values = actions.column(f"partition.{col.RUN_DATE}").cast(pa.string()).to_pylist()
-    return {path for path, value in zip(actions.column("path").to_pylist(), values) if value == run_date.isoformat()}
+        return []
+    return table_files(DeltaTable(table_uri, storage_options=options, version=version))
 
 
 def _version_of(table_uri: str, options: dict, run_id: str) -> int:
@@ -231,49 +306,3 @@ def _committed_version(table_uri: str, options: dict, run_id: str) -> int | None
         if entry.get("vlpipe.run_id") == run_id:
             return int(entry["version"])
     return None
-
-
-def _file_stats(data: pa.Table) -> dict:
-    """Delta file statistics for every flat column, so engines can skip files on any predicate.
-
-    Statistics must cover every column: for a column without them, deltalake's pyarrow
-    dataset states ``col >= null`` as the file's guarantee, and a filter on that column
-    then skips every file (``status == 'ok'`` returned 0 rows).
-    """
-    stats: dict = {"numRecords": data.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    for name, column in zip(data.column_names, data.columns):
-        if not _has_stats(column.type):
-            continue
-        stats["nullCount"][name] = column.null_count
-        if column.null_count < len(column):
-            bounds = pc.min_max(column)
-            low, high = bounds["min"].as_py(), bounds["max"].as_py()
-            if isinstance(low, str):
-                low, high = _string_bounds(low, high)
-            stats["minValues"][name] = _json_value(low)
-            stats["maxValues"][name] = _json_value(high)
-    return stats
-
-
-def _has_stats(type_: pa.DataType) -> bool:
-    return (pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_boolean(type_)
-            or pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_date(type_)
-            or pa.types.is_timestamp(type_))
-
-
-def _string_bounds(low: str, high: str) -> tuple[str, str]:
-    """Prefix bounds keep the log small with 100 kB captions and stay true bounds.
-
-    A prefix is <= the string; a prefix followed by U+10FFFF (the largest code point, and the
-    largest UTF-8 byte sequence) is >= every string that starts with that prefix.
-    """
-    low = low[:_STATS_PREFIX]
-    if len(high) > _STATS_PREFIX:
-        high = high[:_STATS_PREFIX] + "\U0010FFFF"
-    return low, high
-
-
-def _json_value(value):
-    if isinstance(value, (dt.date, dt.datetime)):
-        return value.isoformat()
-    return value

@@ -24,7 +24,7 @@ def install(hook: Callable[[str], None] | None) -> None:
 
 
 def reach(point: str) -> None:
-    """Run the installed hooks for ``point`` (``batch:<stage>``, ``commit``)."""
+    """Run the installed hooks for ``point`` (``batch:<stage>``, ``commit``, ``commit:planned``)."""
     if _installed is not None:
         _installed(point)
     named = os.environ.get(ENV)

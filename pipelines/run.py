@@ -33,6 +33,7 @@ from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
 from pipelines.runs import RunRecord, append_run_record, read_run_records
 from pipelines.shards import Shard, check_shards, list_shards
+from pipelines.supersede import Supersede
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     for outcome in decided:  # inside execute: the first pass was already running while it read
         run.timings[f"{outcome.name}_decision"] = outcome.seconds
     with run.phase("commit"):
-        return _commit(run, plan, summary, read_version, _commit_metadata([d.state for d in decided]))
+        return _commit(run, plan, summary, read_version, checked.good, _commit_metadata([d.state for d in decided]))
 
 
 def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
@@ -199,13 +200,15 @@ def _commit_metadata(states: list) -> dict[str, str]:
     return metadata
 
 
-def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None,
+def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None, processed: list[Shard],
             extra_metadata: dict[str, str]) -> RunRecord:
     config, models, versions = run.config, run.config.models(), _versions()
     hooks.reach("commit")
-    version = commit_files(
+    # Read now, not at the start: a run of another date that processed the same shards meanwhile is in them.
+    supersede = Supersede.from_records(processed, read_run_records(run.runs), run.run_date)
+    commit = commit_files(
         run.output, plan.output_schema, summary, run.run_date, config.output.mode, read_version=read_version,
-        metadata={
+        supersede=supersede, metadata={
             "vlpipe.run_id": run.run_id, "vlpipe.config_hash": run.config_hash,
             "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
             **extra_metadata,
@@ -213,9 +216,9 @@ def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | Non
     )
     outcomes = dict(summary.outcomes)
     return run.record(
-        PARTIAL if run.failed_shards else SUCCEEDED, table_version=version, rows_in=summary.rows_in,
+        PARTIAL if run.failed_shards else SUCCEEDED, table_version=commit.version, rows_in=summary.rows_in,
         rows_kept=outcomes.pop(col.KEPT, 0), rejected_by_reason=outcomes, rows_written=summary.rows_written,
-        models=models, versions=versions,
+        rows_superseded=commit.rows_superseded, models=models, versions=versions,
     )
 
 

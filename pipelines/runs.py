@@ -31,6 +31,7 @@ RUN_RECORD_SCHEMA = pa.schema(
         ("rows_kept", pa.int64()),
         ("rows_rejected", pa.int64()),
         ("rows_written", pa.int64()),
+        ("rows_superseded", pa.int64()),
         ("rejected_by_reason", pa.string()),
         ("rows_per_second", pa.float64()),
         ("models_json", pa.string()),
@@ -59,6 +60,7 @@ class RunRecord:
     rows_kept: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     rows_written: int = 0
+    rows_superseded: int = 0  # earlier rows of the run's shards its commit removed from other dates
     models: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -89,7 +91,8 @@ def append_run_record(where: Location | str, storage: StorageOptions, record: Ru
     """Append one run to the run-record table (created on first use)."""
     location = located(where, storage)
     table = pa.Table.from_pylist([record.to_row()], schema=RUN_RECORD_SCHEMA)
-    write_deltalake(location.uri, table, mode="append", storage_options=location.delta_options)
+    # "merge": a table written by an older vlpipe gains the columns added since (its rows read them as null).
+    write_deltalake(location.uri, table, mode="append", schema_mode="merge", storage_options=location.delta_options)
 
 
 def read_run_records(where: Location | str, storage: StorageOptions = StorageOptions()) -> pa.Table:
@@ -97,7 +100,15 @@ def read_run_records(where: Location | str, storage: StorageOptions = StorageOpt
     location = located(where, storage)
     if not DeltaTable.is_deltatable(location.uri, storage_options=location.delta_options):
         return RUN_RECORD_SCHEMA.empty_table()
-    return delta_dataset(location).to_table().sort_by("started_at")
+    return _with_every_column(delta_dataset(location).to_table()).sort_by("started_at")
+
+
+def _with_every_column(records: pa.Table) -> pa.Table:
+    """Records of a table no newer vlpipe has appended to yet lack the newer columns: null there."""
+    for column in RUN_RECORD_SCHEMA:
+        if column.name not in records.column_names:
+            records = records.append_column(column, pa.nulls(records.num_rows, column.type))
+    return records
 
 
 def format_runs(records: pa.Table, *, limit: int = 10) -> str:
@@ -105,11 +116,13 @@ def format_runs(records: pa.Table, *, limit: int = 10) -> str:
     rows = records.to_pylist()[-limit:][::-1]
     if not rows:
         return "no runs recorded yet"
-    header = ("run_id", "date", "status", "shards", "failed", "rows_in", "kept", "rejected", "seconds", "rows/s", "version")
+    header = ("run_id", "date", "status", "shards", "failed", "rows_in", "kept", "rejected", "superseded", "seconds",
+              "rows/s", "version")
     lines = [
         (
             r["run_id"], str(r["run_date"]), r["status"], str(len(r["input_shards"] or [])),
             str(len(r["failed_shards"] or [])), str(r["rows_in"]), str(r["rows_kept"]), str(r["rows_rejected"]),
+            "-" if r["rows_superseded"] is None else str(r["rows_superseded"]),
             f"{r['duration_s']:.1f}", f"{r['rows_per_second']:.1f}" if r["rows_per_second"] else "-",
             "-" if r["table_version"] is None else str(r["table_version"]),
         )

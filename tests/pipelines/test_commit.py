@@ -33,7 +33,7 @@ def written(uri: str, run_id: str, keys: list[str], run_date=DAY) -> WriteSummar
 
 def commit(uri, run_id, summary, read_version, run_date=DAY) -> int:
     return commit_files(Location.resolve(uri, StorageOptions()), SCHEMA, summary, run_date, "overwrite_partition",
-                        metadata={"vlpipe.run_id": run_id}, read_version=read_version)
+                        metadata={"vlpipe.run_id": run_id}, read_version=read_version).version
 
 
 def keys(uri: str) -> list[str]:
@@ -109,3 +109,30 @@ def test_predicates_on_any_column_find_their_rows(tmp_path):
     assert matching(pc.field(col.IMAGE_WIDTH) >= 20) == ["b"]
     assert matching(pc.field(col.ITM_SCORE).is_null()) == ["a", "b", "c"]
     assert matching(pc.field(col.REJECT_REASON) == col.DECODE_ERROR) == ["c"]
+
+
+def test_a_table_from_before_a_new_column_gains_it_and_keeps_its_other_columns(tmp_path):
+    """Commits are appends with explicit removes, which keep the table's schema: new columns are added first."""
+    uri = str(tmp_path / "t")
+    older = pa.schema([f for f in SCHEMA if f.name not in (col.IMAGE_SHA256, col.DUPLICATE_OF)])
+    location = Location.resolve(uri, StorageOptions())
+
+    def run(run_id: str, schema: pa.Schema, run_date: dt.date) -> None:
+        batch = pa.table({col.KEY: [run_id], col.CAPTION: ["c"], col.SOURCE_SHARD: ["s"], col.STATUS: [col.OK],
+                          col.KEEP: [True], col.REJECT_REASON: pa.nulls(1, pa.string()),
+                          col.IMAGE_SHA256: [f"sha-{run_id}"]})
+        summary = WriteSummary()
+        for row in WriteDataFiles(location, schema, run_id, run_date, kept_only=False)(batch).to_pylist():
+            summary.add(row)
+        commit_files(location, schema, summary, run_date, "overwrite_partition", metadata={"vlpipe.run_id": run_id},
+                     read_version=table_version(location))
+
+    run("old", older, DAY)
+    run("new", SCHEMA, DAY + dt.timedelta(days=1))
+    rows = {r[col.KEY]: r for r in DeltaTable(uri).to_pyarrow_table().to_pylist()}
+    assert rows["old"][col.IMAGE_SHA256] is None and rows["new"][col.IMAGE_SHA256] == "sha-new"
+    run("narrower", older, DAY + dt.timedelta(days=2))  # a run of an older config hides no column of the others
+    assert {r[col.KEY]: r[col.IMAGE_SHA256] for r in DeltaTable(uri).to_pyarrow_table().to_pylist()} == {
+        "old": None, "new": "sha-new", "narrower": None}
+    operations = [(h.get("vlpipe.operation"), h.get("vlpipe.run_id")) for h in DeltaTable(uri).history()][::-1]
+    assert operations == [(None, "old"), ("add_columns", None), (None, "new"), (None, "narrower")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import threading
 
@@ -12,16 +13,17 @@ from deltalake import DeltaTable
 
 from demo import write_sample_shards
 from operators import schema as col
+from operators.storage import Location, StorageOptions
 from pipelines.commit import ConcurrentRunError
 from pipelines.config import validate_config
 from pipelines.nightly import plan_nightly
 from pipelines.read import read_output
 from pipelines.run import run_nightly
 from pipelines.runs import RUN_RECORD_SCHEMA, read_run_records
-from pipelines.shards import Shard
+from pipelines.shards import Shard, list_shards
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
-D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
+D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 
 
 def shard(name: str, size: int = 100, minute: int = 0) -> Shard:
@@ -74,20 +76,23 @@ def test_nothing_new_is_a_no_op_that_says_so():
 
 @pytest.mark.slow
 def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
-    crawl, spare = tmp_path / "crawl", tmp_path / "spare"
+    crawl, spare, out = tmp_path / "crawl", tmp_path / "spare", str(tmp_path / "out")
     paths = write_sample_shards(spare, num_shards=3, rows_per_shard=8, broken_per_shard=1, mismatch_fraction=0.25, seed=3)
     crawl.mkdir()
     for path in paths[:2]:  # shards A and B
         shutil.copy(path, crawl / path.name)
-    raw = {"input": {"uri": str(crawl)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-           "output": {"uri": str(tmp_path / "out")}}
+    raw = {"input": {"uri": str(crawl)}, "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": out}}
 
     def nightly(day, force=False):
         return run_nightly(validate_config({**raw, "run_date": day.isoformat()}), force=force)
 
     def partition(day) -> list[str]:
-        table = read_output(str(tmp_path / "out"), run_date=day, columns=[col.KEY])
+        table = read_output(out, run_date=day, columns=[col.KEY])
         return sorted(table.column(col.KEY).to_pylist())
+
+    def current(version=None) -> list[tuple]:
+        rows = read_output(out, version=version, columns=[col.KEY, col.SOURCE_SHARD, col.RUN_DATE, col.RUN_ID])
+        return sorted((r[col.KEY], r[col.SOURCE_SHARD], r[col.RUN_DATE], r[col.RUN_ID]) for r in rows.to_pylist())
 
     plan, first = nightly(D1)
     assert first.rows_in == 16 and len(plan.shards) == 2
@@ -102,11 +107,25 @@ def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
     assert partition(D2) == day2 and len(set(day2)) == 8  # same rows, no duplicates
     assert len(partition(D1)) == 16
 
-    shutil.copy(paths[2], crawl / paths[1].name)  # shard B is rewritten in place
-    plan, third = nightly(dt.date(2026, 11, 3))
-    assert [s.uri.rsplit("/", 1)[1] for s in plan.shards] == ["00001.parquet"]
+    # Shard B is rewritten in place (the same rows, a new mtime): D3 processes it again and its rows
+    # move from D1 to D3 in D3's commit; each key is in the current version once.
+    later = (crawl / paths[1].name).stat().st_mtime + 60
+    os.utime(crawl / paths[1].name, (later, later))
+    shards = list_shards(Location.resolve(str(crawl), StorageOptions()))
+    plan, third = nightly(D3)
+    assert [s.uri for s in plan.shards] == [shards[1].uri] and third.rows_superseded == 8
+    rows = current()
+    assert len(rows) == len({r[0] for r in rows}) == 24
+    assert {r[1] for r in rows} == {s.uri for s in shards}  # source_shard spells a shard as Shard.uri does
+    assert {(r[2], r[3]) for r in rows if r[1] == shards[1].uri} == {(D3, third.run_id)}
+    old = [r for r in current(again.table_version) if r[1] == shards[1].uri]  # time travel
+    assert len(old) == 8 and {(r[2], r[3]) for r in old} == {(D1, first.run_id)}
+
+    plan, fourth = nightly(D3, force=True)  # re-running the superseding date changes nothing
+    assert fourth.rows_superseded == 0 and [r[:3] for r in current()] == [r[:3] for r in rows]
     runs = read_run_records(str(tmp_path / "out" / "_vlpipe_runs"), validate_config(raw).storage)
-    assert runs.column("run_id").to_pylist() == [first.run_id, second.run_id, again.run_id, third.run_id]
+    assert runs.column("run_id").to_pylist() == [r.run_id for r in (first, second, again, third, fourth)]
+    assert runs.column("rows_superseded").to_pylist() == [0, 0, 0, 8, 0]
 
 
 @pytest.mark.slow

@@ -101,6 +101,7 @@ def test_rerunning_a_date_replaces_its_partition_atomically(ray_cluster, s3, s3_
     s3.create_bucket("rerun")
     config = s3_config(s3, tiny_clip_dir, output={"uri": "s3://rerun/t"})
     first = run_pipeline(config)
+    # The same shards under another date: the newest processing of a shard wins, whatever its date.
     other_day = run_pipeline(s3_config(s3, tiny_clip_dir, output={"uri": "s3://rerun/t"}, run_date="2026-11-02"))
     second = run_pipeline(config)
     table = DeltaTable("s3://rerun/t", storage_options=s3.delta_storage_options())
@@ -109,7 +110,8 @@ def test_rerunning_a_date_replaces_its_partition_atomically(ray_cluster, s3, s3_
     day = data.filter(data.column(col.RUN_DATE) == np.datetime64("2026-11-01")).to_pylist()
     assert len(day) == len(local_shards[3]) == len({r[col.KEY] for r in day})  # same rows, no duplicates
     assert {r[col.RUN_ID] for r in day} == {second.run_id}
-    assert data.num_rows == 2 * len(local_shards[3])  # the other date's partition is untouched
+    assert data.num_rows == len(local_shards[3])  # the other date's rows of these shards were superseded
+    assert other_day.rows_superseded == second.rows_superseded == len(local_shards[3])
 
 
 def test_top_fraction_kept_only_and_pass_through_columns(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
