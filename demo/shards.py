@@ -103,9 +103,15 @@ def write_sample_shards(
     rows_per_shard: int = 40,
     mismatch_fraction: float = 0.2,
     broken_per_shard: int = 2,
+    duplicates_per_shard: int = 0,
     seed: int = 0,
 ) -> list[pathlib.Path]:
-    """Write img2dataset-style Parquet shards with planted mismatched, broken and empty-caption rows."""
+    """Write img2dataset-style Parquet shards with planted mismatched, broken and empty-caption rows.
+
+    ``duplicates_per_shard`` adds copies of earlier good rows under new keys, cycling through an
+    exact copy, a JPEG re-encode at quality 30 and a half-size resize (``duplicate_pairs`` in the
+    manifest: copy key, original key).
+    """
     out_dir = pathlib.Path(out_dir)
     n_mismatched = round(mismatch_fraction * rows_per_shard)
     if broken_per_shard + 1 + n_mismatched > rows_per_shard:
@@ -121,7 +127,8 @@ def write_sample_shards(
             ("height", pa.int32()),
         ]
     )
-    manifest: dict[str, list[str]] = {"mismatched_keys": [], "broken_keys": [], "empty_caption_keys": []}
+    manifest: dict[str, list] = {"mismatched_keys": [], "broken_keys": [], "empty_caption_keys": [],
+                                 "duplicate_pairs": []}
     paths = []
     for shard in range(num_shards):
         rng = np.random.default_rng([seed, shard])
@@ -154,8 +161,33 @@ def write_sample_shards(
                 schema.names, (key, caption, jpeg, f"https://example.com/images/{key}.jpg", *image.size)
             ):
                 rows[name].append(value)
+        _plant_duplicates(rows, roles, duplicates_per_shard, manifest["duplicate_pairs"])
         path = out_dir / f"{shard:05d}.parquet"
         pq.write_table(pa.table(rows, schema=schema), path)
         paths.append(path)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return paths
+
+
+def _plant_duplicates(rows: dict[str, list], roles: np.ndarray, count: int, pairs: list) -> None:
+    """Append ``count`` copies of the shard's first good rows: exact, re-encoded at q30, half size."""
+    originals = [i for i, role in enumerate(roles) if role == "ok"][:count]
+    for j, i in enumerate(originals):
+        data = rows["jpg"][i]
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        if j % 3 == 1:
+            data = _jpeg(image, quality=30)
+        elif j % 3 == 2:
+            image = image.resize((max(1, image.width // 2), max(1, image.height // 2)), Image.Resampling.LANCZOS)
+            data = _jpeg(image, quality=90)
+        key = f"{rows['key'][i]}-copy"
+        for name, value in zip(rows, (key, rows["caption"][i], data, f"https://example.com/images/{key}.jpg",
+                                      *image.size)):
+            rows[name].append(value)
+        pairs.append([key, rows["key"][i]])
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

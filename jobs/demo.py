@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 DEMO_DIR = Path(".cache/demo")
 # Enough contrastive steps for the tiny model to tell matched from mismatched pairs.
 DEMO_TRAIN_STEPS = 300
+# Planted copies (exact, re-encoded, resized) for the demo's dedup to catch.
+DEMO_DUPLICATES_PER_SHARD = 3
 
 
 def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
@@ -28,7 +30,7 @@ def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
     shards = root / "shards"
     if not (shards / "manifest.json").exists():
         log.info("writing sample shards to %s", shards)
-        write_sample_shards(shards)
+        write_sample_shards(shards, duplicates_per_shard=DEMO_DUPLICATES_PER_SHARD)
     log.info("preparing the tiny CLIP model in %s (trained once, then cached)", root / "tiny-clip")
     build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS)
     log.info("preparing the tiny BLIP captioner in %s (trained once, then cached)", root / "tiny-blip")

@@ -326,8 +326,12 @@ def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluste
         for run_pass in run_passes:
             for index, step in enumerate(run_pass.steps):
                 ds = apply_step(ds, step, cluster, head if index == 0 else ())
+            if run_pass.steps:
+                head = ()
             if run_pass.aggregate is not None:
-                ds, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster)
+                # Two whole-run stages in a row (dedup, then the top fraction): the pass between them
+                # has no step, so the first one's decision runs inside the second one's spill.
+                ds, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster, head)
                 if decided is not None:
                     decided.append(outcome)
         yield from ds.iter_rows()
@@ -337,7 +341,8 @@ def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluste
         _remove(staging)
 
 
-def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[str, float]):
+def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[str, float],
+                       head: tuple[Callable, ...] = ()):
     """Spill the rows to staging files while collecting partials; the second pass's source and head."""
     import ray.data
 
@@ -345,6 +350,8 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
     spill = SpillForAggregate(aggregate, staging)
 
     def spill_batch(batch: pa.Table) -> pa.Table:
+        for operator in head:
+            batch = operator(batch)
         return spill(batch)
 
     spill_batch.__name__ = spill_batch.__qualname__ = "Spill"

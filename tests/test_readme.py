@@ -12,7 +12,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_every_output_column_is_documented():
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", README, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", README, flags=re.M))
     schema = col.output_schema(include_image_bytes=True)
     assert set(schema.names) <= documented
     assert set(col.IMAGE_STATUSES) | set(col.REJECT_REASONS) <= set(re.findall(r"`([a-z_]+)`", README))

@@ -51,9 +51,15 @@ def test_demo_from_a_fresh_checkout_prints_a_summary_that_matches_the_table(
     manifest = json.loads(Path(".cache/demo/shards/manifest.json").read_text())
     table = read_output("out/demo/enriched")
 
-    assert "rows in           120" in out and "out/demo/enriched" in out
-    assert table.num_rows == 120
+    assert "rows in           129" in out and "out/demo/enriched" in out
+    assert table.num_rows == 129
     rows = {r["key"]: r for r in table.to_pylist()}
+    # Every planted copy (exact, re-encoded, resized) and its original: one is the duplicate of the other.
+    for copy, original in manifest["duplicate_pairs"]:
+        duplicate = rows[copy] if rows[copy]["duplicate_of"] else rows[original]
+        assert duplicate["reject_reason"] in ("duplicate_exact", "duplicate_near")
+        assert duplicate["duplicate_of"]["key"] in (copy, original)
+    assert "duplicate_exact" in out and "duplicate_near" in out
     for key in manifest["broken_keys"]:
         assert rows[key]["reject_reason"] in ("decode_error", "missing_image")
     kept = sum(r["keep"] for r in rows.values())

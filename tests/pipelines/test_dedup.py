@@ -32,6 +32,8 @@ def config(inputs, output, run_date, clip_dir):
         "input": {"uri": str(inputs)}, "clip": {"model": {"source": str(clip_dir)}},
         "output": {"uri": str(output)}, "run_date": run_date.isoformat(), "report": {"enabled": False},
         "dedup": {"exact": True, "near": {"max_distance": MAX_DISTANCE}, "semantic": {"eps": EPS}},
+        # Two whole-run stages in a row: dedup's decisions must reach the top fraction's pass.
+        "filter": {"keep_top_fraction": 1.0},
     })
 
 

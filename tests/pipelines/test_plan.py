@@ -157,6 +157,7 @@ def test_a_head_trained_on_another_clip_model_is_a_warning_naming_both(tmp_path,
 @pytest.mark.parametrize(("sections", "hint"), [
     ({"filter": {"min_aesthetic_score": 5.0}}, "aesthetic_score needs heads.aesthetic"),
     ({"filter": {"max_nsfw_score": 0.5}}, "nsfw_score needs heads.nsfw"),
+    ({"dedup": {"exact": True, "keep_by": "itm_score"}}, "stage 'dedup' reads .*itm_score needs an itm: section"),
 ])
 def test_score_filters_without_their_stage_name_what_to_turn_on(tmp_path, tiny_clip_dir, sections, hint):
     with pytest.raises(PlanError, match=hint):
@@ -175,3 +176,16 @@ def test_a_classifier_gets_its_own_pixels_from_the_one_decode_and_its_labels_are
     assert col.CLASSIFIER_PIXELS in steps["Classifier"].drop
     with pytest.raises(PlanError, match="classifier.scores.wm: .* has no label 'logo'; its labels are clean, watermark, text"):
         plan_of(tmp_path, tiny_clip_dir, classifier={**classifier, "scores": {"wm": "logo"}})
+
+
+def test_dedup_is_a_whole_run_stage_before_the_top_fraction_and_near_turns_the_phash_on(tmp_path, tiny_clip_dir):
+    plan = plan_of(tmp_path, tiny_clip_dir, dedup={"exact": True, "near": {"max_distance": 3}},
+                   filter={"keep_top_fraction": 0.5})
+    assert [p.aggregate.name for p in plan.passes if p.aggregate] == ["dedup", "top_fraction"]
+    assert plan.passes[1].steps == ()  # nothing between them: dedup's decision runs in the next spill
+    decode = next(s for s in plan.stages if s.name == "decode")
+    assert col.IMAGE_PHASH in decode.adds and col.IMAGE_SHA256 in decode.adds
+    assert {col.DUPLICATE_OF, col.SEMANTIC_CLUSTER} <= set(plan.output_schema.names)
+    plain = plan_of(tmp_path, tiny_clip_dir)
+    assert col.IMAGE_PHASH not in next(s for s in plain.stages if s.name == "decode").adds
+    assert plain.output_schema == plan.output_schema  # the dedup columns exist, null, when it is off
