@@ -97,7 +97,6 @@ class Dedup:
 
     def combine(self, partials: list[pa.Table], staged) -> DedupState:
         shards = {s for p in partials for s in p.column("shard").to_pylist()}
-        history = history_files(self.table, self.run_date) if self.config.history else []
         decisions = staged.location.child("decisions")
         decisions.filesystem.create_dir(decisions.path, recursive=True)
         partitions = _partitions(staged.cluster)
@@ -105,6 +104,7 @@ class Dedup:
             def rows(column: str):
                 """Tonight's and the earlier rows that have ``column``: each method shuffles only its own."""
                 found = _tonight(column, self.config.keep_by, staged)
+                history = history_files(self.table, self.run_date, column) if self.config.history else []
                 return found.union(_history(column, history, shards, self.table)) if history else found
 
             methods = {}
@@ -274,8 +274,12 @@ def _sort_shuffle():
         context.shuffle_strategy = before
 
 
-def history_files(table: Location, run_date: dt.date) -> list[tuple[str, dt.date]]:
-    """The table's data files outside ``run_date``'s partition (a re-run never sees its own first try)."""
+def history_files(table: Location, run_date: dt.date, column: str | None = None) -> list[tuple[str, dt.date]]:
+    """The table's data files outside ``run_date``'s partition (a re-run never sees its own first try).
+
+    With ``column``, only files whose statistics show a value in it: files written before a
+    method was on lack its hash column (a read of it would fail) or hold only nulls there.
+    """
     from deltalake import DeltaTable
 
     if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
@@ -283,8 +287,17 @@ def history_files(table: Location, run_date: dt.date) -> list[tuple[str, dt.date
     actions = pa.table(DeltaTable(table.uri, storage_options=table.delta_options).get_add_actions(flatten=True))
     root = table.path.rstrip("/")
     dates = actions.column(f"partition.{col.RUN_DATE}").cast(pa.string()).to_pylist()
+    usable = [True] * actions.num_rows
+    if column is not None:
+        nulls_name = f"null_count.{column}"
+        nulls = actions.column(nulls_name).to_pylist() if nulls_name in actions.column_names else [None] * len(dates)
+        # The embedding was always written; a hash column only by runs that had it on (and then with stats).
+        always_there = column == col.IMAGE_EMBEDDING
+        usable = [(n is None and always_there) or (n is not None and n < rows)
+                  for n, rows in zip(nulls, actions.column("num_records").to_pylist())]
     return [(f"{root}/{path}", dt.date.fromisoformat(day))
-            for path, day in zip(actions.column("path").to_pylist(), dates) if day != run_date.isoformat()]
+            for path, day, ok in zip(actions.column("path").to_pylist(), dates, usable)
+            if ok and day != run_date.isoformat()]
 
 
 def sample_embeddings(rows, limit: int) -> np.ndarray | None:
@@ -412,7 +425,9 @@ def refit(table: Location, config: SemanticConfig) -> Refit:
 
     if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
         raise FileNotFoundError(f"no Delta table at {table.uri}")
-    files = [path for path, _ in history_files(table, dt.date.min)]
+    files = [path for path, _ in history_files(table, dt.date.min, col.IMAGE_EMBEDDING)]
+    if not files:
+        raise ValueError(f"{table.uri} has no data files with an image_embedding to fit centroids on")
 
     def kept(batch: pa.Table) -> pa.Table:
         return batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(col.IMAGE_EMBEDDING)))
