@@ -65,7 +65,8 @@ class DedupConfig(_Strict):
     exact: bool = False
     near: NearConfig | None = None
     semantic: SemanticConfig | None = None
-    keep_by: Literal[KEEP_BY_COLUMNS] = col.CLIP_SCORE
+    # None: the CLIP score the filter judges by (clip_score_best with filter.caption: best).
+    keep_by: Literal[KEEP_BY_COLUMNS] | None = None
     history: bool = True  # False: only within the run
 
     @property

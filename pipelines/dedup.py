@@ -46,8 +46,9 @@ _BAND, _BAND_VALUE = "_band", "_band_value"
 _CLUSTER = "_cluster"
 
 
-def dedup_stage(config: DedupConfig, table: Location, run_date: dt.date) -> Stage:
+def dedup_stage(config: DedupConfig, table: Location, run_date: dt.date, default_keep_by: str) -> Stage:
     """The dedup contract: it reads what its methods compare and adds the cluster and the duplicate's id."""
+    config = config.model_copy(update={"keep_by": config.keep_by or default_keep_by})
     reads = [col.KEY, col.SOURCE_SHARD, col.KEEP, col.REJECT_REASON, config.keep_by]
     methods = []
     if config.exact:

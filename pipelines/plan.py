@@ -92,7 +92,7 @@ def build_plan(
     stages = [_read_stage(config, shard_count), prepare_stage(config.input.mapping, shard_prefix),
               _decode_stage(config, pixels), *model_stages, filter_stage(config.filter)]
     if config.dedup.enabled:  # before the top fraction, so the fraction is of distinct rows
-        stages.append(dedup_stage(config.dedup, output, run_date))
+        stages.append(dedup_stage(config.dedup, output, run_date, config.filter.clip_score_column))
     if config.filter.keep_top_fraction is not None:
         stages.append(top_fraction_stage(config.filter))
     stages.append(write_stage(output, schema, run_id, run_date, kept_only=config.output.kept_only,

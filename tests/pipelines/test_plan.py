@@ -186,6 +186,8 @@ def test_dedup_is_a_whole_run_stage_before_the_top_fraction_and_near_turns_the_p
     decode = next(s for s in plan.stages if s.name == "decode")
     assert col.IMAGE_PHASH in decode.adds and col.IMAGE_SHA256 in decode.adds
     assert {col.DUPLICATE_OF, col.SEMANTIC_CLUSTER} <= set(plan.output_schema.names)
+    dedup = next(s for s in plan.stages if s.name == "dedup")
+    assert col.CLIP_SCORE in dedup.reads  # the copy that survives is the one the filter scores higher
     plain = plan_of(tmp_path, tiny_clip_dir)
     assert col.IMAGE_PHASH not in next(s for s in plain.stages if s.name == "decode").adds
     assert plain.output_schema == plan.output_schema  # the dedup columns exist, null, when it is off
