@@ -85,67 +85,91 @@ def best_first(group: pa.Table) -> np.ndarray:
     return np.lexsort((row_ids, keys, -scores, dates, tonight))
 
 
-def exact_candidates(group: pa.Table) -> pa.Table:
+Groups = list[np.ndarray] | None
+"""Row indices of each group of a table that share the method's key; None: the whole table is one group.
+
+A shuffle bucket holds many groups (most of them tiny): they are decided together, ranked once."""
+
+
+def exact_candidates(table: pa.Table, groups: Groups = None) -> pa.Table:
     """Rows sharing one SHA-256: every one of tonight's rows but the best is a duplicate of the best."""
-    order = best_first(group)
-    ordered = group.take(order)
-    losers = np.flatnonzero(ordered.column(TONIGHT).to_numpy(zero_copy_only=False))
-    losers = losers[losers > 0]
-    return _candidates(ordered, losers, np.zeros(len(losers), np.int64), np.zeros(len(losers)), col.DUPLICATE_EXACT)
+    rank, tonight = _ranks(table), _tonight(table)
+    rows, dups = [], []
+    for group in _all(table, groups):
+        members = group[np.argsort(rank[group], kind="stable")]
+        losers = members[1:][tonight[members[1:]]]
+        rows.append(losers)
+        dups.append(np.full(len(losers), members[0]))
+    rows, dups = _joined(rows), _joined(dups)
+    return _candidates(table, rows, dups, np.zeros(len(rows)), col.DUPLICATE_EXACT)
 
 
-def near_candidates(group: pa.Table, max_distance: int) -> pa.Table:
-    """Rows sharing one pHash band: each of tonight's rows against every better row of the group."""
-    ordered = group.take(best_first(group))
+def near_candidates(table: pa.Table, max_distance: int, groups: Groups = None) -> pa.Table:
+    """Rows sharing one pHash band: each of tonight's rows against every better row of its group."""
     # Unsigned: numpy counts the bits of a signed value's absolute value.
-    hashes = ordered.column(col.IMAGE_PHASH).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+    hashes = table.column(col.IMAGE_PHASH).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
 
-    def distances(rows: np.ndarray, better: int) -> np.ndarray:
-        return np.bitwise_count(hashes[rows, None] ^ hashes[None, :better]).astype(np.float64)
+    def distances(rows: np.ndarray, better: np.ndarray) -> np.ndarray:
+        return np.bitwise_count(hashes[rows, None] ^ hashes[None, better]).astype(np.float64)
 
-    return _closest_better(ordered, distances, float(max_distance), col.DUPLICATE_NEAR)
+    return _closest_better(table, groups, distances, float(max_distance), col.DUPLICATE_NEAR)
 
 
-def semantic_candidates(group: pa.Table, embeddings: np.ndarray, eps: float) -> pa.Table:
-    """Rows of one cluster (``embeddings`` row-aligned with ``group``): cosine against every better row."""
-    order = best_first(group)
-    ordered, vectors = group.take(order), embeddings[order]
+def semantic_candidates(table: pa.Table, embeddings: np.ndarray, eps: float, groups: Groups = None) -> pa.Table:
+    """Rows of one cluster (``embeddings`` row-aligned with ``table``): cosine against every better row."""
+    def distances(rows: np.ndarray, better: np.ndarray) -> np.ndarray:
+        return 1.0 - (embeddings[rows] @ embeddings[better].T).astype(np.float64)
 
-    def distances(rows: np.ndarray, better: int) -> np.ndarray:
-        return 1.0 - (vectors[rows] @ vectors[:better].T).astype(np.float64)
-
-    return _closest_better(ordered, distances, eps, col.DUPLICATE_SEMANTIC)
+    return _closest_better(table, groups, distances, eps, col.DUPLICATE_SEMANTIC)
 
 
 _MATRIX_CELLS = 1 << 22  # distances computed at once (32 MB): bounds memory in a large group
 
 
-def _closest_better(ordered: pa.Table, distances, threshold: float, method: str) -> pa.Table:
-    """For each of tonight's rows, the closest better row within ``threshold`` (ties: the better one)."""
-    tonight = np.flatnonzero(ordered.column(TONIGHT).to_numpy(zero_copy_only=False))
-    tonight = tonight[tonight > 0]
+def _closest_better(table: pa.Table, groups: Groups, distances, threshold: float, method: str) -> pa.Table:
+    """For each of tonight's rows, the closest better row of its group within ``threshold`` (ties: the better one)."""
+    rank, tonight = _ranks(table), _tonight(table)
     found_rows, found_dups, found_dist = [], [], []
-    chunk = max(1, _MATRIX_CELLS // ordered.num_rows)
-    for start in range(0, len(tonight), chunk):
-        rows = tonight[start:start + chunk]
-        matrix = distances(rows, int(rows[-1]))
-        matrix[np.arange(matrix.shape[1])[None, :] >= rows[:, None]] = np.inf  # only rows ranked before
-        closest = np.argmin(matrix, axis=1)  # the first minimum: the better of equally close rows
-        best = matrix[np.arange(len(rows)), closest]
-        hit = best <= threshold + 1e-9
-        found_rows.append(rows[hit])
-        found_dups.append(closest[hit])
-        found_dist.append(best[hit])
-    if not found_rows:
-        return CANDIDATE_SCHEMA.empty_table()
-    return _candidates(ordered, np.concatenate(found_rows), np.concatenate(found_dups), np.concatenate(found_dist),
-                       method)
+    for group in _all(table, groups):
+        members = group[np.argsort(rank[group], kind="stable")]
+        positions = np.flatnonzero(tonight[members])
+        positions = positions[positions > 0]
+        chunk = max(1, _MATRIX_CELLS // len(members))
+        for start in range(0, len(positions), chunk):
+            at = positions[start:start + chunk]
+            matrix = distances(members[at], members[:at[-1]])
+            matrix[np.arange(matrix.shape[1])[None, :] >= at[:, None]] = np.inf  # only rows ranked before
+            closest = np.argmin(matrix, axis=1)  # the first minimum: the better of equally close rows
+            best = matrix[np.arange(len(at)), closest]
+            hit = best <= threshold + 1e-9
+            found_rows.append(members[at[hit]])
+            found_dups.append(members[closest[hit]])
+            found_dist.append(best[hit])
+    return _candidates(table, _joined(found_rows), _joined(found_dups), _joined(found_dist, np.float64), method)
 
 
-def _candidates(ordered: pa.Table, rows: np.ndarray, dups: np.ndarray, distance: np.ndarray, method: str) -> pa.Table:
-    dup = ordered.take(pa.array(dups, pa.int64()))
+def _ranks(table: pa.Table) -> np.ndarray:
+    rank = np.empty(table.num_rows, np.int64)
+    rank[best_first(table)] = np.arange(table.num_rows)
+    return rank
+
+
+def _tonight(table: pa.Table) -> np.ndarray:
+    return table.column(TONIGHT).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _all(table: pa.Table, groups: Groups) -> list[np.ndarray]:
+    return [np.arange(table.num_rows)] if groups is None else groups
+
+
+def _joined(parts: list[np.ndarray], dtype=np.int64) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def _candidates(table: pa.Table, rows: np.ndarray, dups: np.ndarray, distance: np.ndarray, method: str) -> pa.Table:
+    dup = table.take(pa.array(dups, pa.int64()))
     return pa.table({
-        ROW_ID: ordered.column(ROW_ID).take(pa.array(rows, pa.int64())),
+        ROW_ID: table.column(ROW_ID).take(pa.array(rows, pa.int64())),
         METHOD: pa.array([method] * len(rows), pa.string()),
         DISTANCE: pa.array(distance, pa.float64()),
         DUP_KEY: dup.column(col.KEY), DUP_DATE: dup.column(col.RUN_DATE),

@@ -131,3 +131,12 @@ def test_config_rejects_an_unknown_key_and_a_keep_by_that_is_not_a_score():
     with pytest.raises(ValidationError, match="keep_by"):
         DedupConfig.model_validate({"exact": True, "keep_by": "caption"})
     assert not DedupConfig().enabled and DedupConfig(exact=True).enabled
+
+
+def test_groups_of_one_shuffle_bucket_are_decided_apart():
+    rows = [{"key": "a", "score": 0.9, "id": 1}, {"key": "b", "score": 0.5, "id": 2},
+            {"key": "c", "score": 0.8, "id": 3}, {"key": "d", "score": 0.1, "id": 4}]
+    table = group(rows, **{col.IMAGE_PHASH: np.zeros(4, np.int64)})  # every pair at distance 0
+    got = decided(near_candidates(table, 0, groups=[np.array([0, 3]), np.array([1, 2])]))
+    assert got == {4: ("a", None), 2: ("c", None)}  # b is not a duplicate of a: they share no group
+    assert decided(exact_candidates(table, groups=[np.array([1, 2]), np.array([0, 3])])) == got
