@@ -115,7 +115,7 @@ def _latency(index, queries: np.ndarray) -> dict[str, float]:
             times.append(time.perf_counter() - start)
     finally:
         faiss.omp_set_num_threads(threads)
-    return {"p50": round(float(np.percentile(times, 50)) * 1e3, 3), "p99": round(float(np.percentile(times, 99)) * 1e3, 3)}
+    return {name: round(float(np.percentile(times, q)) * 1e3, 3) for name, q in (("p50", 50), ("p99", 99))}
 
 
 def _end_to_end(work_dir: pathlib.Path, data: np.ndarray, text_q: np.ndarray) -> dict:
@@ -164,19 +164,23 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def format_retrieval(result: dict | None) -> list[str]:
     if not result:
         return []
-    b, lat = result["build"], result["latency_ms"]
+    b = result["build"]
+
+    def figures(values: dict) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in (values or {}).items())
+
+    params = ", ".join(f"{k}={v}" for k, v in result["params"].items())
     lines = [
         "", f"retrieval, {result['rows']} clustered unit vectors of {result['dim']} values:",
-        f"  index {result['index']} ({result['reason']}), {', '.join(f'{k}={v}' for k, v in result['params'].items())}"
-        f" (tuned on 128 queries per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in (result["tuned_recall"] or {}).items())
-        + ")",
-        "  recall@10 vs exact on held-out queries: " + ", ".join(f"{k} {v:.3f}" for k, v in result["recall_at_10"].items())
-        + " (target >= 0.95)",
-        f"  build without I/O: {b['total']:.1f} s (train {b['train']:.1f}, encode + assemble {b['encode_and_assemble']:.1f}, "
-        f"tune {b['tune']:.1f})",
+        f"  index {result['index']} ({result['reason']}), {params} "
+        f"(tuned on 128 queries per kind: {figures(result['tuned_recall'])})",
+        f"  recall@10 vs exact on held-out queries: {figures(result['recall_at_10'])} (target >= 0.95)",
+        f"  build without I/O: {b['total']:.1f} s (train {b['train']:.1f}, "
+        f"encode + assemble {b['encode_and_assemble']:.1f}, tune {b['tune']:.1f})",
         "  query latency, one thread: " + "; ".join(f"{k} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms"
-                                                   for k, v in lat.items()),
+                                                   for k, v in result["latency_ms"].items()),
     ]
     for executor, e in (result.get("end_to_end") or {}).items():
-        lines.append(f"  build_index on a Delta table ({e['count']} rows), {executor}: {e['seconds']:.1f} s ({e['index']})")
+        lines.append(f"  build_index on a Delta table ({e['count']} rows), {executor}: {e['seconds']:.1f} s "
+                     f"({e['index']})")
     return lines

@@ -37,14 +37,14 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators import schema as col
-from operators.storage import Location, StorageOptions
+from operators.storage import Location, StorageOptions, is_remote, local_path
 from operators.tensors import embedding_rows
 from pipelines import vector_index as vi
 from pipelines.config import default_run_records_uri
 from pipelines.errors import ConfigError, NoInputError
-from pipelines.index_files import (EMBEDDING_COLUMNS, METADATA_SCHEMA, Embedding, IndexManifest, ModelProbe,
-                                   ModelRecord, RunSource, build_files, metadata_writer, publish, remove_files,
-                                   write_faiss)
+from pipelines.index_files import (EMBEDDING_COLUMNS, METADATA_SCHEMA, Embedding, IndexFiles, IndexManifest,
+                                   ModelProbe, ModelRecord, RunSource, build_files, metadata_writer, publish,
+                                   remove_files, write_faiss)
 
 log = logging.getLogger(__name__)
 
@@ -119,36 +119,27 @@ def build_index(table_uri: str, index_uri: str, request: IndexRequest = IndexReq
     column = EMBEDDING_COLUMNS[request.embedding]
     dim, probes = _first_rows(chosen, column)
     on_ray = _uses_ray(request.executor, chosen)
-    choice, sample = _choose_and_sample(request, chosen, column, dim, on_ray)
-    training = sample.training(choice.train_rows) if sample is not None and choice.lists else None
-    try:
-        template = vi.train(choice.key, dim, training)
-    except ValueError as err:
-        raise ConfigError(f"index {choice.key}: {err}") from None
-    log.info("index %s: %s (%s), %s", target.uri, choice.key, choice.reason, "on Ray" if on_ray else "in this process")
+    trained = _train(request, chosen, column, dim, on_ray)
+    log.info("index %s: %s (%s), %s", target.uri, trained.choice.key, trained.choice.reason,
+             "on Ray" if on_ray else "in this process")
     files = build_files(f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
-    writer = metadata_writer(target, files)
     try:
-        index, run_ids = _encode(chosen, column, template, writer, on_ray)
-        writer.close()
-        if index.ntotal == 0:
-            raise NoInputError(f"no kept row with a {column} in {_describe(chosen)}")
+        index, run_ids = _encode(chosen, column, trained.template, target, files, on_ray)
         sources = run_sources(chosen, run_ids, runs_uri, storage)
-        tuning = vi.tune(index, sample.queries(request.embedding)) if choice.lists else None
+        model = _one_model(run_ids, sources)
+        tuning = vi.tune(index, trained.sample.queries(request.embedding)) if trained.choice.lists else None
         write_faiss(target, files.index, index)
         manifest = IndexManifest(
-            table_uri=table.uri, table_version=chosen.version, run_dates=tuple(sorted(request.run_dates)) or None,
-            embedding=request.embedding, model=_one_model(run_ids, sources), dim=dim, count=index.ntotal,
-            index_type=choice.key, index_reason=choice.reason, params=tuning.params if tuning else {},
-            recall_at_10=tuning.recall if tuning else None, train_rows=0 if training is None else len(training),
-            files=files, model_probes=probes, runs=sources,
+            table_uri=table.uri if is_remote(table.uri) else local_path(table.uri), table_version=chosen.version,
+            run_dates=tuple(sorted(request.run_dates)) or None, embedding=request.embedding, model=model, dim=dim,
+            count=index.ntotal, index_type=trained.choice.key, index_reason=trained.choice.reason,
+            params=tuning.params if tuning else {}, recall_at_10=tuning.recall if tuning else None,
+            train_rows=trained.rows, files=files, model_probes=probes, runs=sources,
             built_at=dt.datetime.now(dt.timezone.utc), build_seconds=round(time.perf_counter() - started, 3),
             vlpipe_version=_version(),
         )
         publish(target, manifest)
     except BaseException:
-        if writer.is_open:
-            writer.close()
         remove_files(target, files)
         raise
     log.info("index %s: %d vectors of %s, table version %d, %.1f s", target.uri, manifest.count, column,
@@ -163,10 +154,30 @@ def summary(manifest: IndexManifest, index_uri: str) -> str:
              f"  {manifest.index_type}: {manifest.index_reason}"]
     if manifest.params:
         recall = ", ".join(f"{kind} queries {r:.3f}" for kind, r in (manifest.recall_at_10 or {}).items())
-        lines.append(f"  search with {', '.join(f'{k}={v}' for k, v in manifest.params.items())} "
-                     f"(recall@10 against probing every list, {manifest.train_rows} training rows: {recall})")
+        lines.append(f"  search with {', '.join(f'{k}={v}' for k, v in manifest.params.items())}: recall@10 {recall} "
+                     f"(against probing every list; trained on {manifest.train_rows} rows)")
     lines.append(f"  built in {manifest.build_seconds:.1f}s")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The index chosen, its trained empty form (what every part encodes with), and the sample behind it."""
+
+    choice: vi.IndexChoice
+    template: bytes
+    sample: "Sample | None"
+    rows: int  # training rows used
+
+
+def _train(request: IndexRequest, chosen: TableSlice, column: str, dim: int, on_ray: bool) -> Trained:
+    choice, sample = _choose_and_sample(request, chosen, column, dim, on_ray)
+    training = sample.training(choice.train_rows) if sample is not None and choice.lists else None
+    try:
+        template = vi.train(choice.key, dim, training)
+    except ValueError as err:
+        raise ConfigError(f"index {choice.key}: {err}") from None
+    return Trained(choice, template, sample, 0 if training is None else len(training))
 
 
 def _choose_and_sample(request: IndexRequest, chosen: TableSlice, column: str, dim: int,
@@ -181,7 +192,8 @@ def _choose_and_sample(request: IndexRequest, chosen: TableSlice, column: str, d
         forced = vi.IndexChoice(request.index_key, "--index-key")
         return forced, (_sample(chosen, column, dim, forced.train_rows, on_ray) if forced.lists else None)
     if chosen.rows is not None and chosen.rows < vi.FLAT_MAX_ROWS:
-        return vi.choose_index(chosen.rows, dim, max_bytes), None
+        return vi.IndexChoice("Flat", f"{chosen.rows} rows in the partitions, kept or not, < {vi.FLAT_MAX_ROWS}: "
+                                      "exact search"), None
     # The log's count includes rejected rows: an upper bound, so the sample is large enough for any choice.
     upper = vi.choose_index(chosen.rows or vi.FLAT_MAX_ROWS, dim, max_bytes)
     sample = _sample(chosen, column, dim, upper.train_rows or vi.MIN_TRAIN_ROWS, on_ray)
@@ -198,20 +210,24 @@ def _sample(chosen: TableSlice, column: str, dim: int, limit: int, on_ray: bool)
     return sample
 
 
-def _encode(chosen: TableSlice, column: str, template: bytes, writer: pq.ParquetWriter,
+def _encode(chosen: TableSlice, column: str, template: bytes, target: Location, files: IndexFiles,
             on_ray: bool) -> tuple[object, set[str]]:
     """Pass 2: the final index filled with every block's codes, the metadata written in the same order."""
     assembler, run_ids = vi.Assembler(template), set()
     columns = [col.KEY, col.CAPTION, col.SOURCE_SHARD, col.RUN_ID, col.KEEP, column]
-    for batch in _map_blocks(chosen, EncodeRows, {"column": column, "template": template}, columns, on_ray):
-        if batch.num_rows == 0:
-            continue
-        codes = batch.column(_CODE).combine_chunks()
-        assembler.add(np.frombuffer(codes.buffers()[1], np.uint8, count=len(codes) * codes.type.byte_width,
-                                    offset=codes.offset * codes.type.byte_width).reshape(len(codes), -1))
-        rows = batch.drop_columns([_CODE])
-        writer.write_table(rows)
-        run_ids.update(pc.unique(rows.column(col.RUN_ID)).to_pylist())
+    with metadata_writer(target, files) as writer:
+        for batch in _map_blocks(chosen, EncodeRows, {"column": column, "template": template}, columns, on_ray):
+            if batch.num_rows == 0:
+                continue
+            codes = batch.column(_CODE).combine_chunks()
+            width = codes.type.byte_width
+            assembler.add(np.frombuffer(codes.buffers()[1], np.uint8, count=len(codes) * width,
+                                        offset=codes.offset * width).reshape(len(codes), width))
+            rows = batch.drop_columns([_CODE])
+            writer.write_table(rows)
+            run_ids.update(pc.unique(rows.column(col.RUN_ID)).to_pylist())
+    if assembler.index.ntotal == 0:
+        raise NoInputError(f"no kept row with a {column} in {_describe(chosen)}")
     return assembler.index, run_ids
 
 
@@ -353,8 +369,10 @@ def _first_rows(chosen: TableSlice, column: str) -> tuple[int, list[ModelProbe]]
             lengths = pc.list_value_length(kept.column(column)).drop_null()
             if dim is None and len(lengths):
                 dim = lengths[0].as_py()
-            for caption, embedding in zip(kept.column(col.CAPTION).to_pylist(), kept.column(col.TEXT_EMBEDDING).to_pylist()):
-                if len(probes) < MODEL_PROBES and caption and caption.strip() and embedding and np.isfinite(embedding).all():
+            captions, embeddings = kept.column(col.CAPTION).to_pylist(), kept.column(col.TEXT_EMBEDDING).to_pylist()
+            for caption, embedding in zip(captions, embeddings):
+                usable = caption and caption.strip() and embedding and np.isfinite(embedding).all()
+                if usable and len(probes) < MODEL_PROBES:
                     probes.append(ModelProbe(caption=caption, text_embedding=embedding))
             if dim is not None and len(probes) == MODEL_PROBES:
                 return dim, probes

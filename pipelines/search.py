@@ -49,9 +49,10 @@ class QueryEncoder:
                                                             revision=manifest.model.revision)
         try:
             self.scorer = ClipScorer(ClipConfig(model=ref), storage)
-        except (ModelLoadError, OSError) as err:
-            hint = "" if model else "; if the model directory moved, pass --model with its new place"
-            raise ModelUnavailableError(f"cannot load the index's model: {err}{hint}") from None
+        except (ModelLoadError, OSError, ValueError) as err:  # transformers says ValueError for a non-CLIP directory
+            which = f"--model {model}" if model else (f"the index's model {manifest.model} (if it moved, pass --model "
+                                                      "with its new place)")
+            raise ModelUnavailableError(f"cannot load {which}: {' '.join(str(err).split())}") from None
         decode = next(iter(manifest.runs.values()), RunSource()).decode
         self.decode = DecodeImages(decode.model_copy(update={"keep_image_bytes": False}), self.scorer.geometry)
         self._check(manifest, ref.source)
@@ -94,7 +95,7 @@ class Searcher:
         return self.stored.manifest
 
     def search(self, *, text: str | None = None, image: str | bytes | None = None, k: int = DEFAULT_K) -> pa.Table:
-        """The ``k`` nearest indexed rows, best first: rank, score (cosine), key, caption, run_date, source_shard, run_id."""
+        """The ``k`` nearest indexed rows, best first: rank, score (the cosine), then the metadata columns."""
         if (text is None) == (image is None):
             raise ConfigError("search needs exactly one of a text or an image")
         if k < 1:

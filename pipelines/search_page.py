@@ -39,12 +39,12 @@ def results_page(results: pa.Table, manifest: IndexManifest, query: str, storage
     hits = results.to_pylist()
     _add_thumbnails(hits, manifest, storage)
     shown = thumbnail(query_image, formats=None, max_pixels=10**9) if query_image else None
-    title = f"vlpipe search: {query}"
+    title = "vlpipe search"
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{escape(f'{title}: {query}')}</title><style>{_CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         (f'<div class="sub">{len(hits)} nearest of {manifest.count} {escape(manifest.embedding)} embeddings · '
          f'{escape(manifest.index_type)} · <code>{escape(manifest.table_uri)}</code> version {manifest.table_version}'

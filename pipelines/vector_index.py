@@ -76,8 +76,8 @@ def choose_index(rows: int, dim: int, max_index_bytes: int = DEFAULT_MAX_INDEX_B
     quantizer = "_HNSW32" if lists >= HNSW_QUANTIZER_MIN_LISTS else ""
     uncompressed = rows * (4 * dim + 8)  # the vector and its 64-bit id in its list
     if uncompressed <= max_index_bytes:
-        return IndexChoice(f"IVF{lists}{quantizer},Flat",
-                           f"{rows} rows, {uncompressed / 2**30:.1f} GiB uncompressed <= {max_index_bytes / 2**30:g} GiB")
+        budget = f"{uncompressed / 2**30:.1f} GiB uncompressed <= {max_index_bytes / 2**30:g} GiB"
+        return IndexChoice(f"IVF{lists}{quantizer},Flat", f"{rows} rows, {budget}")
     m = pq_bytes(dim)
     return IndexChoice(f"IVF{lists}{quantizer},PQ{m}x8",
                        f"{rows} rows, {uncompressed / 2**30:.1f} GiB uncompressed > {max_index_bytes / 2**30:g} GiB: "

@@ -1,4 +1,4 @@
-"""Vector index and search: built from a Delta table written the way the pipeline commits, checked against brute force."""
+"""Vector index and search: built from a table written as the pipeline commits, checked against brute force."""
 
 from __future__ import annotations
 
@@ -203,7 +203,8 @@ def test_rows_of_two_models_make_no_index():
     assert _one_model({"r1", "r2"}, {"r1": RunSource(model=a), "r2": RunSource(model=a)}) == a
     with pytest.raises(MixedModelsError, match="different CLIP models") as mixed:
         _one_model({"r1", "r2"}, {"r1": RunSource(model=a), "r2": RunSource(model=b)})
-    assert "clip-b/32: run(s) r2" in str(mixed.value) and "clip-vit-base-patch32 @ 3d74acf: run(s) r1" in str(mixed.value)
+    message = str(mixed.value)
+    assert "clip-b/32: run(s) r2" in message and "clip-vit-base-patch32 @ 3d74acf: run(s) r1" in message
     with pytest.raises(MixedModelsError, match="rows of run\\(s\\) r2: neither their commit"):
         _one_model({"r1", "r2"}, {"r1": RunSource(model=a), "r2": RunSource()})
 
