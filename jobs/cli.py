@@ -307,13 +307,11 @@ def _search(args: argparse.Namespace) -> int:
 
     storage = StorageOptions()
     searcher = Searcher(args.index_uri, model=args.model, storage=storage)
-    if args.text is not None:
-        results, label, image = searcher.search(text=args.text, k=args.k), f"text {args.text!r}", None
-    else:
-        image, _ = query_image(args.image, storage)
-        results, label = searcher.search(image=image, k=args.k), f"image {args.image}"
+    results = searcher.search(text=args.text, image=args.image, k=args.k)
+    label = f"text {args.text!r}" if args.text is not None else f"image {args.image}"
     print(format_results(results, searcher.manifest, label))
     if args.html:
+        image = query_image(args.image, storage)[0] if args.image else None  # shown beside the hits
         write_text(args.html, results_page(results, searcher.manifest, label, storage, image), storage)
         print(f"page: {args.html}")
     return 0

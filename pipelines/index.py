@@ -195,8 +195,8 @@ def _choose_and_sample(request: IndexRequest, chosen: TableSlice, column: str, d
         return vi.IndexChoice("Flat", f"{chosen.rows} rows in the partitions, kept or not, < {vi.FLAT_MAX_ROWS}: "
                                       "exact search"), None
     # The log's count includes rejected rows: an upper bound, so the sample is large enough for any choice.
-    upper = vi.choose_index(chosen.rows or vi.FLAT_MAX_ROWS, dim, max_bytes)
-    sample = _sample(chosen, column, dim, upper.train_rows or vi.MIN_TRAIN_ROWS, on_ray)
+    limit = vi.choose_index(chosen.rows, dim, max_bytes).train_rows if chosen.rows else vi.MAX_TRAIN_ROWS
+    sample = _sample(chosen, column, dim, limit, on_ray)
     return vi.choose_index(sample.rows, dim, max_bytes), sample
 
 

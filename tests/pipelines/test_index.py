@@ -148,6 +148,13 @@ def test_only_kept_rows_of_the_chosen_run_dates_are_indexed_and_the_manifest_say
         [MANIFEST, stored.files.index, stored.files.metadata])
 
 
+def test_an_earlier_table_version_indexes_the_rows_it_held(table, tmp_path):
+    manifest = build_index(table["uri"], str(tmp_path / "v0"), IndexRequest(version=0, executor="local"))
+    assert (manifest.table_version, manifest.count, set(manifest.runs)) == (0, 12, {f"run-{OCT31}"})
+    assert {k[:4] for k in Searcher(str(tmp_path / "v0")).search(text="a thing", k=30).column("key").to_pylist()} == {
+        "1031"}
+
+
 def test_an_ivf_index_finds_the_exact_neighbours_of_most_queries():
     """A few thousand clustered unit vectors: the tuned IVF against exact search, as the build tunes it."""
     rng = np.random.default_rng(0)
