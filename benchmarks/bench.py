@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from benchmarks import dedup as dedup_bench
-from benchmarks import models, naive_clip, signals, whole
+from benchmarks import models, naive_clip, retrieval, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dedup-images", type=int, nargs="*", default=[10_000, 100_000],
                         help="rows for the dedup cost, with and without dedup; the last is the history for a night "
                              "of the first size")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="vector index: recall@10 of the approximate index against exact search, build time, "
+                             "query latency, and `build_index` on a Delta table (synthetic vectors, no model)")
+    parser.add_argument("--retrieval-rows", type=int, default=100_000, help="vectors for --retrieval")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
     parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
@@ -358,6 +362,9 @@ def run(args: argparse.Namespace) -> dict:
             report["signals"] = _signals(args, clip_dir)
         if args.dedup:
             report["dedup"] = _dedup(args)
+        if args.retrieval:
+            report["retrieval"] = retrieval.retrieval(args.work_dir, args.retrieval_rows)
+            log.info("retrieval: %s", report["retrieval"])
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -577,6 +584,7 @@ def format_report(report: dict) -> str:
                      f"{d['images_per_s']:.0f} img/s")
     lines += _format_signals(report.get("signals"))
     lines += dedup_bench.format_dedup(report.get("dedup"))
+    lines += retrieval.format_retrieval(report.get("retrieval"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
 

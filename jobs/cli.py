@@ -147,6 +147,33 @@ def _parser() -> argparse.ArgumentParser:
     refit.add_argument("--seed", type=int, default=0)
     refit.set_defaults(handler=_dedup_refit)
 
+    index = sub.add_parser("index", help="build a vector index (faiss) over the kept rows' embeddings of the table")
+    index.add_argument("output", help="the output table URI (output.uri of the config)")
+    index.add_argument("--to", dest="index_uri", required=True, metavar="INDEX_URI",
+                       help="where the index goes: a folder or object-store prefix (replaced atomically)")
+    index.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],
+                       help="partition to index (repeatable; default: every partition)")
+    index.add_argument("--embedding", choices=["image", "text"], default="image", help="which tower's embeddings")
+    index.add_argument("--version", type=int, help="table version to index (default: the latest)")
+    index.add_argument("--index-key", help="a faiss index_factory key instead of the choice by size, e.g. IVF1024,Flat")
+    index.add_argument("--max-index-gb", type=float, default=16.0,
+                       help="largest index kept uncompressed; above it vectors are product-quantised (default 16)")
+    index.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
+                       help="where blocks are read and encoded (auto: Ray above 200k rows)")
+    index.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    index.set_defaults(handler=_index)
+
+    search = sub.add_parser("search", help="the rows of an index nearest to a text or an image")
+    search.add_argument("index_uri", help="an index written by `vlpipe index`")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query, embedded by the index's CLIP text tower")
+    query.add_argument("--image", metavar="PATH_OR_URI", help="an image query, decoded and embedded as the pipeline does")
+    search.add_argument("-k", type=int, default=20, help="how many hits (default 20)")
+    search.add_argument("--html", metavar="OUT", help="also write the hits with thumbnails as a page (path or URI)")
+    search.add_argument("--model", help="the model to embed the query with, if not where the index says (a moved "
+                                        "directory); it must embed as the index's model did")
+    search.set_defaults(handler=_search)
+
     convert = sub.add_parser("convert-head", help="turn a released head (.pth state dict) into a head directory")
     convert.add_argument("src", help="the released .pth file (read with torch.load(weights_only=True))")
     convert.add_argument("out_dir", help="new directory for config.json + model.safetensors")
@@ -251,6 +278,42 @@ def _dedup_refit(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     print(refit(Location.resolve(args.output, StorageOptions()), config))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from operators.storage import StorageOptions
+    from pipelines.index import IndexRequest, build_index, summary
+
+    try:
+        request = IndexRequest(embedding=args.embedding, run_dates=tuple(args.run_dates), version=args.version,
+                               index_key=args.index_key, max_index_gb=args.max_index_gb, executor=args.executor)
+    except ValidationError as err:
+        raise ConfigError(f"vlpipe index: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: "
+                          f"{err.errors()[0]['msg']}") from None
+    _ray_output(args.quiet)
+    print(summary(build_index(args.output, args.index_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri),
+                  args.index_uri))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from operators.storage import StorageOptions
+    from pipelines.report import write_text
+    from pipelines.search import Searcher, format_results, query_image
+    from pipelines.search_page import results_page
+
+    storage = StorageOptions()
+    searcher = Searcher(args.index_uri, model=args.model, storage=storage)
+    results = searcher.search(text=args.text, image=args.image, k=args.k)
+    label = f"text {args.text!r}" if args.text is not None else f"image {args.image}"
+    print(format_results(results, searcher.manifest, label))
+    if args.html:
+        image = query_image(args.image, storage)[0] if args.image else None  # shown beside the hits
+        write_text(args.html, results_page(results, searcher.manifest, label, storage, image), storage)
+        print(f"page: {args.html}")
     return 0
 
 
