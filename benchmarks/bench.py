@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--signals-images", type=int, default=256,
                         help="rows for the cost of heads + tags on CLIP and of the classifier, without Ray (0: skip)")
     parser.add_argument("--dedup", action="store_true", help="dedup quality on the planted corpus and its cost (tiny CLIP)")
-    parser.add_argument("--dedup-originals", type=int, default=40, help="originals in the planted corpus (x9 rows)")
+    parser.add_argument("--dedup-originals", type=int, default=40, help="originals in the planted corpus (x9 rows; 0: skip the quality runs)")
     parser.add_argument("--dedup-images", type=int, nargs="*", default=[10_000, 100_000],
                         help="rows for the dedup cost, with and without dedup; the last is the history for a night "
                              "of the first size")
@@ -414,7 +414,9 @@ def _dedup(args) -> dict:
     if not (clip_dir / "config.json").exists():
         build_tiny_clip(clip_dir, train_steps=DEMO_TRAIN_STEPS)
     defaults = (NearConfig().max_distance, SemanticConfig().eps)
-    result = {"quality": dedup_bench.quality(args.work_dir, clip_dir, args.dedup_originals, *defaults)}
+    result = {}
+    if args.dedup_originals:
+        result["quality"] = dedup_bench.quality(args.work_dir, clip_dir, args.dedup_originals, *defaults)
     if args.dedup_images:
         result["cost"] = dedup_bench.cost(args.work_dir, clip_dir, args.dedup_images, *defaults)
     log.info("dedup: %s", result)

@@ -204,6 +204,10 @@ def cost(work_dir: pathlib.Path, clip_dir: pathlib.Path, sizes: list[int], max_d
         last_table = (work_dir / "dedup" / f"cost-{n}-with", n)
     if len(rows) > 1:
         rows[-1]["decision_per_row_vs_first"] = round(rows[-1]["decision_s_per_1k_rows"] / rows[0]["decision_s_per_1k_rows"], 3)
+        # decision = fixed + per_row * rows, through the smallest and the largest size
+        (n0, t0), (n1, t1) = [(r["rows"], r["with"]["timings"]["dedup_decision"]) for r in (rows[0], rows[-1])]
+        per_1k = (t1 - t0) * 1000 / (n1 - n0)
+        rows[-1]["decision_fit"] = {"fixed_s": round(t0 - per_1k * n0 / 1000, 2), "per_1k_rows_s": round(per_1k, 4)}
     return {"sizes": rows, "history": _history_night(work_dir, clip_dir, last_table, sizes[0], everything)}
 
 
@@ -242,7 +246,11 @@ def _bytes_read(output: pathlib.Path) -> dict:
 def format_dedup(result: dict | None) -> list[str]:
     if not result:
         return []
-    q = result["quality"]
+    lines = _format_quality(result["quality"]) if result.get("quality") else []
+    return lines + _format_cost(result.get("cost"))
+
+
+def _format_quality(q: dict) -> list[str]:
     transforms = sorted(next(iter(q["methods"].values()))["recall"])
     lines = ["", f"dedup quality, planted corpus: {q['originals']} originals, {q['rows']} rows "
                  f"(near max_distance {q['max_distance']}, semantic eps {q['eps']}); recall per transform:",
@@ -255,7 +263,11 @@ def format_dedup(result: dict | None) -> list[str]:
         for point in q["sweep"][name]:
             lines.append(f"    {point['threshold']:>6g}" + "".join(f"{point['recall'].get(t, 0):>13.2f}" for t in transforms)
                          + f"{point['false_positive_rows']:>10}")
-    c = result.get("cost")
+    return lines
+
+
+def _format_cost(c: dict | None) -> list[str]:
+    lines = []
     if c:
         lines.append("dedup cost (exact + near + semantic, tiny CLIP), same shards with and without:")
         for s in c["sizes"]:
@@ -264,6 +276,10 @@ def format_dedup(result: dict | None) -> list[str]:
                          f"(+{s['run_s_per_1k_rows_added']:.3f} s/1k), driver peak RSS "
                          f"{s['without']['driver_peak_rss_mb']} -> {s['with']['driver_peak_rss_mb']} MB"
                          + (f"  [x{s['decision_per_row_vs_first']:.2f} decision time/row]" if "decision_per_row_vs_first" in s else ""))
+        fit = c["sizes"][-1].get("decision_fit")
+        if fit:
+            lines.append(f"  decision time = {fit['fixed_s']:.1f} s fixed + {fit['per_1k_rows_s']:.3f} s per 1k rows "
+                         "(through the smallest and largest size)")
         h = c["history"]
         lines.append(f"  a {h['night_rows']}-row night against the {h['table_rows']}-row table: run {h['seconds']:.1f} s, "
                      f"decision {h['decision_s']:.2f} s; history columns read {h['history_bytes_read_mb']} MB of the "
