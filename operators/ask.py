@@ -92,7 +92,7 @@ def template_columns(template: str) -> tuple[str, ...]:
     except ValueError as err:
         raise ValueError(f"template: {err} (a literal brace is written {{{{ or }}}})") from None
     for name, spec, conversion in fields:
-        # Only whole values: ``{caption.upper}``, ``{0}`` or ``{score:.2f}`` would fail, or mean something else, per row.
+        # Whole values only: ``{caption.upper}``, ``{0}`` or ``{score:.2f}`` would fail per row, or mean something else.
         if not name or name.isdigit() or any(c in name for c in ".[]") or spec or conversion:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             raise ValueError(f"template: {shown} is not a column placeholder; write {{column_name}}")
@@ -148,7 +148,8 @@ class VisualQuestions(ModelOperator):
         # Every row's answer starts right after its own last prompt token.
         self.tokenizer.padding_side = "left"
         self.geometry = caption_geometry(self.processor.image_processor, config.image_size)
-        self.answer_tokens = answer_tokens(self.processor, config.yes_no_words, config.model.source) if config.yes_no else None
+        self.answer_tokens = (answer_tokens(self.processor, config.yes_no_words, config.model.source)
+                              if config.yes_no else None)
         self._torch = torch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -215,7 +216,7 @@ class VisualQuestions(ModelOperator):
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)], yes
 
     def _yes_probability(self, first_logits) -> np.ndarray:
-        """Softmax over the yes and no logits of the first answer position, in fp32 (bf16 loses resolution near 0 and 1)."""
+        """Softmax over the yes and no logits of the first answer position, in fp32 (bf16 blurs values near 0 and 1)."""
         pair = first_logits[:, list(self.answer_tokens)].float()
         return self._torch.softmax(pair, dim=-1)[:, 0].cpu().numpy()
 

@@ -111,7 +111,8 @@ class ScoreFilter:
     Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, empty
     caption, caption words, caption characters, caption language, a non-finite image
     embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW, tags (min, then
-    max), classifier scores (min, then max), the answer's P(yes). The top-fraction cut-off comes after, from ``TopFraction``.
+    max), classifier scores (min, then max), the answer's P(yes). The top-fraction cut-off comes after,
+    from ``TopFraction``.
     """
 
     def __init__(self, config: FilterConfig):
