@@ -346,4 +346,4 @@ def build_tiny_llava(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         _save(path, model, processor)
 
-    return _cached(out_dir, {"model": "llava", "seed": seed}, build)
+    return _cached(out_dir, {"model": "llava", "seed": seed, "vocabulary": "chat+questions"}, build)

@@ -20,6 +20,9 @@ this is one of the best pictures i have ever taken of my family at the beach las
 white black brown pink gray grey gold silver dark light bright colorful shiny round flat
 """
 CHAT_TEXT = "user assistant system describe this image in one sentence what is shown here caption"
+# Only in the chat vocabulary, after every other word: BLIP's and GIT's vocabularies (and so the trained demo
+# captioner) stay as they were, and a visual question and its yes/no answer are whole words.
+QUESTION_WORDS = ("yes", "no", "does", "do", "there", "show", "answer", "or", "question")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Same normalisation and split as openai/clip (and transformers' CLIPTokenizer), so training matches inference.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -59,8 +62,9 @@ def train_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_TEXT_LEN)
 
 
-def wordpiece_vocab(specials: tuple[str, ...]) -> dict[str, int]:
-    """A WordPiece vocabulary: `specials`, every printable character (bare and ``##``), then every corpus word.
+def wordpiece_vocab(specials: tuple[str, ...], extra_words: tuple[str, ...] = ()) -> dict[str, int]:
+    """A WordPiece vocabulary: `specials`, every printable character (bare and ``##``), every corpus word, then
+    `extra_words` not already in it.
 
     The words come from a `tokenizers` WordLevel trainer, which orders them deterministically (count, then
     text); the BPE-based WordPiece trainer breaks ties in hash order, so its vocabulary changes between runs.
@@ -73,7 +77,7 @@ def wordpiece_vocab(specials: tuple[str, ...]) -> dict[str, int]:
     counter.train_from_iterator(corpus, trainers.WordLevelTrainer(show_progress=False))
     words = sorted(counter.get_vocab(), key=counter.get_vocab().get)
     chars = list(string.printable.strip())
-    tokens = [*specials, *chars, *("##" + c for c in chars), *words]
+    tokens = [*specials, *chars, *("##" + c for c in chars), *words, *extra_words]
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
 
 
@@ -87,7 +91,7 @@ def bert_tokenizer() -> BertTokenizerFast:
 def chat_tokenizer() -> PreTrainedTokenizerFast:
     """A Llama-style tokenizer: <s> text, left padding for batched generation, and an <image> token."""
     pad, unk, bos, eos, image = CHAT_SPECIALS
-    backend = Tokenizer(models.WordPiece(wordpiece_vocab(CHAT_SPECIALS), unk_token=unk))
+    backend = Tokenizer(models.WordPiece(wordpiece_vocab(CHAT_SPECIALS, QUESTION_WORDS), unk_token=unk))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()

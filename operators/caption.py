@@ -145,10 +145,21 @@ class Captioner(ModelOperator):
         return inputs
 
     def _chat_inputs(self, rows: np.ndarray) -> dict:
-        messages = [{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": self.config.prompt or DEFAULT_CHAT_PROMPT}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(images=list(rows), text=[text] * len(rows), return_tensors="pt", padding=True)
-        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in inputs.items()}
+        prompt = chat_prompt(self.processor, self.config.prompt or DEFAULT_CHAT_PROMPT)
+        return chat_inputs(self.processor, rows, [prompt] * len(rows), self.device, self.dtype)
+
+
+def chat_prompt(processor, instruction: str) -> str:
+    """One user turn, the image then ``instruction``, through the processor's chat template, ready for the reply."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def chat_inputs(processor, rows: np.ndarray, prompts: list[str], device, dtype) -> dict:
+    """Model inputs for one chat prompt per image, padded as the tokenizer's ``padding_side`` says, on ``device``.
+
+    The processor expands each prompt's image placeholder into the tokens the language model expects.
+    """
+    inputs = processor(images=list(rows), text=prompts, return_tensors="pt", padding=True)
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 

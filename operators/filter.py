@@ -54,6 +54,7 @@ class FilterConfig(BaseModel):
     max_nsfw_score: float | None = Field(None, ge=0.0, le=1.0)
     tags: Mapping[str, TagThreshold] = {}
     classifier_scores: Mapping[str, TagThreshold] = {}
+    min_answer_yes_prob: float | None = Field(None, ge=0.0, le=1.0)
     keep_top_fraction: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("caption_languages")
@@ -85,6 +86,8 @@ def filter_stage(config: FilterConfig) -> Stage:
         for name, bounds in entries.items():
             thresholds += [f"{kind} {name} {op} {value:g}" for op, value in ((">=", bounds.min), ("<=", bounds.max))
                            if value is not None]
+    if config.min_answer_yes_prob is not None:
+        thresholds.append(f"{col.ANSWER_YES_PROB} >= {config.min_answer_yes_prob:g}")
     return Stage(
         name="filter", kind="fused", build=partial(ScoreFilter, config),
         reads=ScoreFilter(config).input_columns, adds=(col.KEEP, col.REJECT_REASON), optional=(col.IMAGE_EMBEDDING,),
@@ -108,7 +111,8 @@ class ScoreFilter:
     Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, empty
     caption, caption words, caption characters, caption language, a non-finite image
     embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW, tags (min, then
-    max), classifier scores (min, then max). The top-fraction cut-off comes after, from ``TopFraction``.
+    max), classifier scores (min, then max), the answer's P(yes). The top-fraction cut-off comes after,
+    from ``TopFraction``.
     """
 
     def __init__(self, config: FilterConfig):
@@ -123,6 +127,7 @@ class ScoreFilter:
             *((col.NSFW_SCORE,) if c.max_nsfw_score is not None else ()),
             *((col.TAG_SCORES,) if c.tags else ()),
             *((col.CLASSIFIER_SCORES,) if c.classifier_scores else ()),
+            *((col.ANSWER_YES_PROB,) if c.min_answer_yes_prob is not None else ()),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -175,6 +180,8 @@ class ScoreFilter:
                     if value is not None:
                         scores = _map_scores(batch, column, name)
                         reject(~(scores >= value) if bound == "min" else ~(scores <= value), why)
+        if c.min_answer_yes_prob is not None:
+            reject(~(_scores(batch, col.ANSWER_YES_PROB) >= c.min_answer_yes_prob), col.LOW_ANSWER_YES_PROB)
         return _with_decision(batch, reason)
 
 

@@ -19,6 +19,7 @@ PIXELS = "_pixels"  # at the CLIP model's geometry
 CAPTION_PIXELS = "_pixels_caption"  # at the captioner's, when it differs
 ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
 CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
+ASK_PIXELS = "_pixels_ask"  # at the visual-question model's, when it differs
 ROW_ID = "_row_id"  # a staged row's place (file and row), between the passes of a whole-run stage
 
 # Decode.
@@ -52,6 +53,10 @@ TAG_SCORES = "tag_scores"
 CAPTION_LANGUAGE = "caption_language"
 CAPTION_LANGUAGE_SCORE = "caption_language_score"
 CLASSIFIER_SCORES = "classifier_scores"
+
+# Visual questions (a chat VLM answers one question per row).
+ANSWER = "answer"
+ANSWER_YES_PROB = "answer_yes_prob"
 
 # Deduplication.
 SEMANTIC_CLUSTER = "semantic_cluster"
@@ -98,6 +103,7 @@ LOW_TAG_SCORE = "low_tag_score"
 HIGH_TAG_SCORE = "high_tag_score"
 LOW_CLASSIFIER_SCORE = "low_classifier_score"
 HIGH_CLASSIFIER_SCORE = "high_classifier_score"
+LOW_ANSWER_YES_PROB = "low_answer_yes_prob"
 DUPLICATE_EXACT = "duplicate_exact"
 DUPLICATE_NEAR = "duplicate_near"
 DUPLICATE_SEMANTIC = "duplicate_semantic"
@@ -106,7 +112,8 @@ BELOW_TOP_FRACTION = "below_top_fraction"
 FILTER_REASONS = (
     IMAGE_TOO_SMALL, EXTREME_ASPECT_RATIO, EMPTY_CAPTION, CAPTION_TOO_FEW_WORDS, CAPTION_TOO_SHORT, WRONG_LANGUAGE,
     INVALID_EMBEDDING, LOW_CLIP_SCORE, LOW_ITM_SCORE, LOW_AESTHETIC_SCORE, HIGH_NSFW_SCORE, LOW_TAG_SCORE,
-    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, *DUPLICATE_REASONS, BELOW_TOP_FRACTION,
+    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, LOW_ANSWER_YES_PROB, *DUPLICATE_REASONS,
+    BELOW_TOP_FRACTION,
 )
 REJECT_REASONS = (*IMAGE_STATUSES[1:], *FILTER_REASONS)
 
@@ -144,6 +151,8 @@ _TAIL = [
     pa.field(CAPTION_LANGUAGE, pa.string()),
     pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
     pa.field(CLASSIFIER_SCORES, CLASSIFIER_SCORES_TYPE),
+    pa.field(ANSWER, pa.string()),
+    pa.field(ANSWER_YES_PROB, pa.float32()),
     pa.field(SEMANTIC_CLUSTER, pa.int32()),
     pa.field(DUPLICATE_OF, DUPLICATE_OF_TYPE),
     pa.field(KEEP, pa.bool_(), nullable=False),
@@ -181,6 +190,10 @@ COLUMN_DOCS = {
     CAPTION_LANGUAGE_SCORE: "Confidence of caption_language, 0-1, relative to the candidate languages.",
     CLASSIFIER_SCORES: "Image classifier score name -> softmax probability of its label (null without a classifier "
                        "or an image).",
+    ANSWER: "The chat VLM's answer to the row's ask: question (null if ask is off, the image failed or the "
+            "question could not be formed); \"yes\"/\"no\" with ask.yes_no and no generation.",
+    ANSWER_YES_PROB: "P(yes) from the first answer token: softmax over the logits of the first tokens of \"Yes\" "
+                     "and \"No\" (null unless ask.yes_no, or like answer).",
     SEMANTIC_CLUSTER: "Nearest k-means centroid of image_embedding under the table's centroids when the row was "
                       "written (null unless dedup.semantic is on).",
     DUPLICATE_OF: "For a duplicate: the key and run_date of the row it duplicates (null otherwise).",

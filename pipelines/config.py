@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from operators.ask import AskConfig
 from operators.caption import CaptionConfig
 from operators.classify import ClassifierConfig
 from operators.clip import ClipConfig, TagConfig, check_tag_names
@@ -32,6 +33,10 @@ from operators.models import ModelLoadError, check_weights
 from operators.prepare import ColumnMapping
 from operators.storage import StorageOptions, is_remote, local_path
 from pipelines.errors import ConfigError
+
+
+# The config sections that each name a model (``<section>.model``).
+MODEL_SECTIONS = ("clip", "caption", "itm", "classifier", "ask")
 
 
 class _Strict(BaseModel):
@@ -97,6 +102,7 @@ class PipelineConfig(_Strict):
     caption: CaptionConfig | None = None
     itm: ItmConfig | None = None
     classifier: ClassifierConfig | None = None
+    ask: AskConfig | None = None
     storage: StorageOptions = StorageOptions()
     decode: DecodeConfig = DecodeConfig()
     heads: HeadsConfig = HeadsConfig()
@@ -145,7 +151,7 @@ class PipelineConfig(_Strict):
 
     def models(self) -> dict[str, dict[str, str | None]]:
         """Each stage's model id and revision, as recorded with every commit."""
-        stages = {"clip": self.clip, "caption": self.caption, "itm": self.itm, "classifier": self.classifier}
+        stages = {name: getattr(self, name) for name in MODEL_SECTIONS}
         models = {name: {"source": s.model.source, "revision": s.model.revision} for name, s in stages.items() if s}
         for name, head in self.heads.configured().items():
             models[f"heads.{name}"] = {"source": head.source, "revision": head.revision}
@@ -170,7 +176,7 @@ class PipelineConfig(_Strict):
                 "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
             }),
         }
-        for name in ("clip", "caption", "itm", "classifier"):
+        for name in MODEL_SECTIONS:
             stage = getattr(self, name)
             source = stage and stage.model.source
             if source and not is_remote(source) and Path(source).expanduser().is_dir():
@@ -197,7 +203,7 @@ def check_models(config: PipelineConfig) -> None:
     object-store models are checked where they are fetched. Not part of
     ``validate_config``: ``vlpipe submit`` validates configs whose paths exist only on the cluster.
     """
-    for name in ("clip", "caption", "itm", "classifier"):
+    for name in MODEL_SECTIONS:
         stage = getattr(config, name)
         ref = stage.model if stage else None
         if ref is None or is_remote(ref.source):

@@ -8,6 +8,7 @@ stages map onto Ray, ``pipelines.run`` runs them.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from operators import schema as col
+from operators.ask import ask_stage
 from operators.caption import caption_geometry, caption_stage
 from operators.classify import check_labels, classifier_stage
 from operators.clip import clip_stage
@@ -97,6 +99,8 @@ def build_plan(
         stages.append(top_fraction_stage(config.filter))
     stages.append(write_stage(output, schema, run_id, run_date, kept_only=config.output.kept_only,
                               rows_per_file=config.output.rows_per_file))
+    if config.ask:
+        _check_question_columns(config, stages, schema)
     check_columns(stages)
     return Plan(tuple(stages), schema)
 
@@ -143,7 +147,32 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
         column = column_for(spec, col.CLASSIFIER_PIXELS)
         stages.append(classifier_stage(config.classifier, storage, pixels_column=column,
                                        geometry=_describe_geometry(spec)))
+    if config.ask:  # last, so its questions can name any column the other models add
+        spec = geometry(config.ask.model, storage, config.ask.image_size)
+        column = column_for(spec, col.ASK_PIXELS)
+        stages.append(ask_stage(config.ask, storage, pixels_column=column, geometry=_describe_geometry(spec)))
     return stages, pixels
+
+
+def _check_question_columns(config: PipelineConfig, stages: list[Stage], schema: pa.Schema) -> None:
+    """Each column a question is made from is an output column that a stage before ``ask`` adds.
+
+    Stricter than ``check_columns``: a shard's own column names (before ``input.columns`` renames
+    them) and internal columns are gone by then.
+    """
+    index = next(i for i, stage in enumerate(stages) if stage.name == "ask")
+    before = [c for c in schema.names if any(c in stage.adds for stage in stages[:index])]
+    field = "template" if config.ask.template is not None else "question_column"
+    for name in config.ask.columns:
+        if name in before:
+            continue
+        if name in _PRODUCED_BY and name not in stages[index].adds:
+            hint = f"; {name} needs {_PRODUCED_BY[name]}"
+        else:
+            hint = "".join(f" (did you mean {close!r}?)" for close in difflib.get_close_matches(name, before, n=1))
+        shown = f"{{{name}}}" if field == "template" else repr(name)
+        raise PlanError(f"ask.{field}: {shown} is not a column of the rows the ask stage sees{hint}; "
+                        f"they have {', '.join(before)}")
 
 
 def _check_classifier_labels(config: PipelineConfig) -> None:
@@ -267,6 +296,7 @@ _PRODUCED_BY = {
     col.CAPTION_BEST: "a caption: section (a captioning model)",
     col.CLIP_SCORE_BEST: "a caption: section (a captioning model)",
     col.CAPTION_GENERATED: "a caption: section (a captioning model)",
+    col.ANSWER_YES_PROB: "an ask: section with yes_no: true (a chat VLM)",
 }
 
 

@@ -34,11 +34,11 @@ HISTOGRAM_BINS = 24
 _ROW_COLUMNS = (
     col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
     col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
-    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.CLASSIFIER_SCORES, col.KEEP,
-    col.REJECT_REASON, col.DUPLICATE_OF,
+    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.CLASSIFIER_SCORES, col.ANSWER,
+    col.ANSWER_YES_PROB, col.KEEP, col.REJECT_REASON, col.DUPLICATE_OF,
 )
 _HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE,
-               "caption_length", "caption_generated_length")
+               col.ANSWER_YES_PROB, "caption_length", "caption_generated_length")
 TAG_PREFIX = "tag:"  # a histogram of one zero-shot tag's score: "tag:<name>"
 CLASSIFIER_PREFIX = "classifier:"  # of one classifier score: "classifier:<name>"
 
@@ -212,6 +212,7 @@ def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterCon
         *((name, f"classifier {name.removeprefix(CLASSIFIER_PREFIX)}",
            _map_threshold(filter_config.classifier_scores, name.removeprefix(CLASSIFIER_PREFIX)))
           for name in rows.values if name.startswith(CLASSIFIER_PREFIX)),
+        (col.ANSWER_YES_PROB, "answer_yes_prob", filter_config.min_answer_yes_prob),
         ("caption_length", "caption length (characters)", None),
         ("caption_generated_length", "generated caption length (characters)", None),
     ]

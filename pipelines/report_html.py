@@ -199,11 +199,13 @@ def _image(row: dict) -> str:
 def _card(row: dict, kind: str) -> str:
     image = _image(row)
     why = col.KEPT if row[col.KEEP] else row[col.REJECT_REASON] or "rejected"
-    captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED))]
+    captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED)),
+                ("answer", row.get(col.ANSWER))]
     listing = "".join(f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original")
     scores = [(name, row.get(c)) for name, c in (("clip", col.CLIP_SCORE), ("clip gen", col.CLIP_SCORE_GENERATED),
                                                   ("clip best", col.CLIP_SCORE_BEST), ("itm", col.ITM_SCORE),
-                                                  ("aesthetic", col.AESTHETIC_SCORE), ("nsfw", col.NSFW_SCORE))]
+                                                  ("aesthetic", col.AESTHETIC_SCORE), ("nsfw", col.NSFW_SCORE),
+                                                  ("p(yes)", col.ANSWER_YES_PROB))]
     scores += [(f"tag {tag}", value) for tag, value in row.get(col.TAG_SCORES) or []]
     scores += [(name, value) for name, value in row.get(col.CLASSIFIER_SCORES) or []]
     score_text = " · ".join(f"{name} {value:.3f}" for name, value in scores if value is not None)

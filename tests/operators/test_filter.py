@@ -144,3 +144,17 @@ def test_classifier_score_bounds_come_after_the_tag_bounds_with_their_own_reason
     config = FilterConfig(tags={"red": {"min": 0.5}}, classifier_scores={"watermark": {"max": 0.5}})
     assert ScoreFilter(config)(batch).column(col.REJECT_REASON).to_pylist() == [
         None, col.LOW_TAG_SCORE, col.HIGH_CLASSIFIER_SCORE, col.HIGH_CLASSIFIER_SCORE]
+
+
+def test_a_low_or_missing_answer_yes_prob_is_rejected_after_the_classifier_bounds():
+    rows = pa.concat_tables([quality_table().slice(9, 4), quality_table().slice(12, 1)])
+    batch = rows.append_column(col.CLASSIFIER_SCORES, pa.array(
+        [[("watermark", p)] for p in (0.1, 0.1, 0.9, 0.1, 0.1)], col.CLASSIFIER_SCORES_TYPE)).append_column(
+        col.ANSWER_YES_PROB, pa.array([0.6, 0.1, 0.1, 0.3, None], pa.float32()))
+    config = FilterConfig(tags={"red": {"min": 0.5}}, classifier_scores={"watermark": {"max": 0.5}},
+                          min_answer_yes_prob=0.5)
+    reasons = ScoreFilter(config)(batch).column(col.REJECT_REASON).to_pylist()
+    assert reasons == [None, col.LOW_TAG_SCORE, col.HIGH_CLASSIFIER_SCORE, col.LOW_ANSWER_YES_PROB,
+                       col.LOW_ANSWER_YES_PROB]
+    assert [r for r in col.FILTER_REASONS if r in reasons] == [col.LOW_TAG_SCORE, col.HIGH_CLASSIFIER_SCORE,
+                                                              col.LOW_ANSWER_YES_PROB]

@@ -109,6 +109,10 @@ RED = {"positives": ["a red circle"], "negatives": ["a blue circle"]}
     ({"filter": {"classifier_scores": {"watermark": {"max": 0.5}}}},
      "filter.classifier_scores: no score 'watermark' in classifier.scores: \\(no classifier configured\\)"),
     ({"classifier": {"model": {"source": "/m"}, "scores": {}}}, "classifier.scores: Dictionary should have at least 1"),
+    ({"ask": {"model": {"source": "/m"}, "question": "Is it red?", "question_column": "q"}},
+     "ask: set exactly one of question, template, question_column \\(got question, question_column\\)"),
+    ({"ask": {"model": {"source": "/m"}, "template": "Is it {caption!r}?"}}, "ask: template: .* not a column placeholder"),
+    ({"filter": {"min_answer_yes_prob": 1.5}}, "filter.min_answer_yes_prob: Input should be less than or equal to 1"),
 ])
 def test_quality_signal_settings_fail_at_load_naming_the_key(sections, message):
     with pytest.raises(ConfigError, match=message):

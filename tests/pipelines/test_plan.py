@@ -191,3 +191,45 @@ def test_dedup_is_a_whole_run_stage_before_the_top_fraction_and_near_turns_the_p
     plain = plan_of(tmp_path, tiny_clip_dir)
     assert col.IMAGE_PHASH not in next(s for s in plain.stages if s.name == "decode").adds
     assert plain.output_schema == plan.output_schema  # the dedup columns exist, null, when it is off
+
+
+def test_ask_runs_after_the_other_models_on_shared_pixels_and_its_columns_exist_when_it_is_off(
+    tmp_path, tiny_clip_dir, tiny_llava_dir
+):
+    ask = {"model": {"source": str(tiny_llava_dir)}, "template": "Does this image show {caption}?", "yes_no": True}
+    plan = plan_of(tmp_path, tiny_clip_dir, ask=ask, filter={"min_answer_yes_prob": 0.5})
+    stage = next(s for s in plan.stages if s.name == "ask")
+    # The tiny LLaVA's processor crops like the tiny CLIP's: one resize serves both.
+    assert stage.reads == (col.PIXELS, col.CAPTION) and stage.adds == (col.ANSWER, col.ANSWER_YES_PROB)
+    steps = {step.name: step for step in plan.passes[0].steps}
+    assert list(steps) == ["Decode", "Clip", "Ask", "Write"]
+    assert [s.name for s in steps["Ask"].stages] == ["ask", "filter"] and col.PIXELS in steps["Ask"].drop
+    assert plan.output_schema == plan_of(tmp_path, tiny_clip_dir).output_schema  # null columns when off
+    assert {col.ANSWER, col.ANSWER_YES_PROB} <= set(plan.output_schema.names)
+
+
+@pytest.mark.parametrize(("ask", "sections", "message"), [
+    ({"template": "Is it {captoin}?"}, {},
+     r"ask.template: \{captoin\} is not a column of the rows the ask stage sees \(did you mean 'caption'\?\); "
+     r"they have key, caption, source_shard, status, error, image_width, image_height, image_sha256, image_embedding, "
+     r"text_embedding, clip_score$"),
+    ({"template": "Is it {caption_best}?"}, {}, r"\{caption_best\} .*; caption_best needs a caption: section"),
+    # A shard's own name for the image column is gone once the input is prepared.
+    ({"template": "Is it {jpg}?"}, {}, r"ask.template: \{jpg\} is not a column"),
+    ({"template": "Is it {answer}?"}, {}, r"ask.template: \{answer\} is not a column"),
+    ({"question_column": "url"}, {}, "ask.question_column: 'url' is not a column of the rows the ask stage sees"),
+    ({"question": "Is it red?"}, {"filter": {"min_answer_yes_prob": 0.5}},
+     "stage 'filter' reads column\\(s\\) answer_yes_prob, .*: answer_yes_prob needs an ask: section with yes_no: true"),
+])
+def test_a_question_made_of_columns_the_rows_lack_fails_at_plan_time_naming_them(tmp_path, tiny_clip_dir,
+                                                                                tiny_llava_dir, ask, sections, message):
+    with pytest.raises(PlanError, match=message):
+        plan_of(tmp_path, tiny_clip_dir, ask={"model": {"source": str(tiny_llava_dir)}, **ask}, **sections)
+
+
+def test_a_question_may_name_a_pass_through_column_and_a_caption_stage_column(tmp_path, tiny_clip_dir, tiny_llava_dir,
+                                                                             tiny_git_dir):
+    ask = {"model": {"source": str(tiny_llava_dir)}, "template": "Is {caption_best} from {url}?"}
+    plan = plan_of(tmp_path, tiny_clip_dir, ask=ask, caption={"model": {"source": str(tiny_git_dir)}},
+                   input={"uri": str(tmp_path / "in"), "extra_columns": ["url"]})
+    assert next(s for s in plan.stages if s.name == "ask").reads == (col.PIXELS, col.CAPTION_BEST, "url")

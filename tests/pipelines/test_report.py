@@ -444,3 +444,18 @@ def test_the_report_shows_each_duplicate_beside_the_row_it_duplicates(dedup_runs
 def test_a_run_without_duplicates_has_no_duplicates_section(dedup_runs):
     text = build_report(dedup_runs, StorageOptions(), "run-2026-10-31")
     assert 'id="duplicates"' not in text and "Duplicates" not in text and not Page(text).pairs
+
+
+def test_answer_yes_prob_gets_a_histogram_at_its_threshold_and_a_card_shows_the_answer():
+    from operators.filter import FilterConfig
+    from pipelines.report_data import RunScan, Sampler, histograms
+    from pipelines.report_html import _card
+
+    rows = pa.table({col.ANSWER_YES_PROB: pa.array([0.2, None, 0.9], pa.float32())})
+    scan = RunScan(Sampler(0), values={col.ANSWER_YES_PROB: histogram_values(rows, col.ANSWER_YES_PROB)})
+    (hist,) = histograms(scan, None, FilterConfig(min_answer_yes_prob=0.5))
+    assert (hist.name, hist.threshold, sum(hist.counts)) == (col.ANSWER_YES_PROB, 0.5, 2)
+    card = _card({col.KEY: "k", col.CAPTION: "a cat", col.STATUS: col.OK, col.KEEP: False,
+                  col.REJECT_REASON: col.LOW_ANSWER_YES_PROB, col.ANSWER: "no <b>", col.ANSWER_YES_PROB: 0.2},
+                 "rejected")
+    assert "<dt>answer</dt><dd>no &lt;b&gt;</dd>" in card and "p(yes) 0.200" in card
