@@ -16,7 +16,6 @@ import hashlib
 import io
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -102,7 +101,7 @@ class Dedup:
         decisions = staged.location.child("decisions")
         decisions.filesystem.create_dir(decisions.path, recursive=True)
         history_rows = _table_rows(self.table) if self.config.history else 0
-        partitions = _partitions(staged.cluster, len(staged.paths) * SPILL_ROWS + history_rows)
+        partitions = _partitions(len(staged.paths) * SPILL_ROWS + history_rows)
         with _sort_shuffle():
             def rows(column: str):
                 """Tonight's and the earlier rows that have ``column``: each method shuffles only its own."""
@@ -110,20 +109,18 @@ class Dedup:
                 history = history_files(self.table, self.run_date, column) if self.config.history else []
                 return found.union(_history(column, history, shards, self.table)) if history else found
 
-            methods = {}
+            # One method after the other: run at once, the three Ray Data jobs contended for the two
+            # cores and took twice as long (night 2 of the dedup test: 21-22 s vs 10-13 s).
+            counts = {}
             if self.config.exact:
-                methods["exact"] = lambda: _exact(rows(col.IMAGE_SHA256), partitions)
+                counts["exact"] = write_candidates(_exact(rows(col.IMAGE_SHA256), partitions), decisions)
             if self.config.near:
-                methods["near"] = lambda: _near(rows(col.IMAGE_PHASH), self.config.near.max_distance, partitions)
-            with ThreadPoolExecutor(max_workers=3) as pool:
-                # The methods are independent Ray executions: run at once, their start-up latencies overlap.
-                running = {name: pool.submit(lambda m=method: write_candidates(m(), decisions))
-                           for name, method in methods.items()}
-                centroids, metadata = self._centroids(lambda: rows(col.IMAGE_EMBEDDING))
-                if centroids is not None:
-                    semantic = _semantic(rows(col.IMAGE_EMBEDDING), centroids, self.config.semantic.eps, partitions)
-                    running["semantic"] = pool.submit(write_candidates, semantic, decisions)
-                counts = {name: future.result() for name, future in running.items()}
+                counts["near"] = write_candidates(
+                    _near(rows(col.IMAGE_PHASH), self.config.near.max_distance, partitions), decisions)
+            centroids, metadata = self._centroids(lambda: rows(col.IMAGE_EMBEDDING))
+            if centroids is not None:
+                counts["semantic"] = write_candidates(
+                    _semantic(rows(col.IMAGE_EMBEDDING), centroids, self.config.semantic.eps, partitions), decisions)
         hooks.reach("dedup:decided")
         return DedupState(decisions, centroids, counts, metadata)
 
@@ -300,9 +297,10 @@ def write_candidates(found, decisions: Location) -> int:
 ROWS_PER_BUCKET = 100_000  # rows (of one method's few columns) that one shuffle bucket's task holds
 
 
-def _partitions(cluster: dict[str, float], rows: int) -> int:
-    """Shuffle buckets: enough for every CPU, and for bounded memory per bucket."""
-    return max(2 * int(cluster.get("CPU", 1)), -(-rows // ROWS_PER_BUCKET))
+def _partitions(rows: int) -> int:
+    """Shuffle buckets: as many as bounded memory per bucket needs, no more (a small run's decision
+    is mostly task start-up; the three methods already run at once)."""
+    return max(1, -(-rows // ROWS_PER_BUCKET))
 
 
 def _table_rows(table: Location) -> int:

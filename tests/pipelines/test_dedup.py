@@ -27,13 +27,11 @@ EPS = 0.004
 MAX_DISTANCE = 4  # pHash bits: catches re-encoding, resizing, small brightness shifts
 
 
-def config(inputs, output, run_date, clip_dir):
+def config(inputs, output, run_date, clip_dir, **sections):
     return validate_config({
         "input": {"uri": str(inputs)}, "clip": {"model": {"source": str(clip_dir)}},
         "output": {"uri": str(output)}, "run_date": run_date.isoformat(), "report": {"enabled": False},
-        "dedup": {"exact": True, "near": {"max_distance": MAX_DISTANCE}, "semantic": {"eps": EPS}},
-        # Two whole-run stages in a row: dedup's decisions must reach the top fraction's pass.
-        "filter": {"keep_top_fraction": 1.0},
+        "dedup": {"exact": True, "near": {"max_distance": MAX_DISTANCE}, "semantic": {"eps": EPS}}, **sections,
     })
 
 
@@ -112,7 +110,10 @@ def test_night_two_reuses_night_one_centroids_and_rows_carry_their_cluster(night
 
 
 def test_rerunning_night_two_gives_the_same_decisions(nights, tiny_clip_dir):
-    run_pipeline(config(nights["root"] / "night2", nights["output"], D2, tiny_clip_dir))
+    # Keeping the top 100% changes no decision, but makes two whole-run stages in a row: dedup's
+    # decisions must reach the top fraction's pass to give the same table.
+    run_pipeline(config(nights["root"] / "night2", nights["output"], D2, tiny_clip_dir,
+                        filter={"keep_top_fraction": 1.0}))
     assert decisions(partition(nights["output"], D2)) == decisions(nights["night2"])
     assert partition(nights["output"], D1) == nights["night1"]
 
@@ -125,8 +126,9 @@ def test_a_run_that_dies_in_dedup_leaves_no_rows_and_no_centroids(nights, tiny_c
     output = tmp_path / "table"
     hooks.install(die)
     try:
-        with pytest.raises(RuntimeError, match="killed in dedup"):
-            run_pipeline(config(nights["root"] / "night1", output, D1, tiny_clip_dir))
+        with pytest.raises(RuntimeError, match="killed in dedup"):  # after fitting and saving its centroids
+            run_pipeline(config(nights["root"] / "night1", output, D1, tiny_clip_dir,
+                                dedup={"semantic": {"eps": EPS}}))
     finally:
         hooks.install(None)
     assert not DeltaTable.is_deltatable(str(output))
