@@ -100,13 +100,14 @@ class Dedup:
         shards = {s for p in partials for s in p.column("shard").to_pylist()}
         decisions = staged.location.child("decisions")
         decisions.filesystem.create_dir(decisions.path, recursive=True)
-        history_rows = _table_rows(self.table) if self.config.history else 0
+        actions = add_actions(self.table) if self.config.history else None  # the log, read once for all methods
+        history_rows = int(pc.sum(actions.column("num_records")).as_py() or 0) if actions is not None else 0
         partitions = _partitions(len(staged.paths) * SPILL_ROWS + history_rows)
         with _sort_shuffle():
             def rows(column: str):
                 """Tonight's and the earlier rows that have ``column``: each method shuffles only its own."""
                 found = _tonight(column, self.config.keep_by, staged)
-                history = history_files(self.table, self.run_date, column) if self.config.history else []
+                history = history_files(self.table, self.run_date, column, actions=actions) if actions else []
                 return found.union(_history(column, history, shards, self.table)) if history else found
 
             # One method after the other: run at once, the three Ray Data jobs contended for the two
@@ -303,13 +304,13 @@ def _partitions(rows: int) -> int:
     return max(1, -(-rows // ROWS_PER_BUCKET))
 
 
-def _table_rows(table: Location) -> int:
+def add_actions(table: Location) -> pa.Table | None:
+    """The table's current data files (Delta add actions, flattened), or None before its first commit."""
     from deltalake import DeltaTable
 
     if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
-        return 0
-    actions = pa.table(DeltaTable(table.uri, storage_options=table.delta_options).get_add_actions(flatten=True))
-    return int(pc.sum(actions.column("num_records")).as_py() or 0)
+        return None
+    return pa.table(DeltaTable(table.uri, storage_options=table.delta_options).get_add_actions(flatten=True))
 
 
 @contextmanager
@@ -328,17 +329,17 @@ def _sort_shuffle():
         context.shuffle_strategy = before
 
 
-def history_files(table: Location, run_date: dt.date, column: str | None = None) -> list[tuple[str, dt.date]]:
+def history_files(table: Location, run_date: dt.date, column: str | None = None, *,
+                  actions: pa.Table | None = None) -> list[tuple[str, dt.date]]:
     """The table's data files outside ``run_date``'s partition (a re-run never sees its own first try).
 
     With ``column``, only files whose statistics show a value in it: files written before a
     method was on lack its hash column (a read of it would fail) or hold only nulls there.
+    ``actions`` are the table's ``add_actions`` when the caller has them already.
     """
-    from deltalake import DeltaTable
-
-    if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
+    actions = add_actions(table) if actions is None else actions
+    if actions is None:
         return []
-    actions = pa.table(DeltaTable(table.uri, storage_options=table.delta_options).get_add_actions(flatten=True))
     root = table.path.rstrip("/")
     dates = actions.column(f"partition.{col.RUN_DATE}").cast(pa.string()).to_pylist()
     usable = [True] * actions.num_rows
