@@ -125,7 +125,7 @@ def decode_stage(config: DecodeConfig, pixels: PixelSpec, extra_pixels: Mapping[
     adds += (col.IMAGE_PHASH,) if config.perceptual_hash else ()
     return Stage(
         name="decode", kind="task", config_key="decode", resources=config.resources,
-        reads=(col.IMAGE,), adds=adds + ((col.IMAGE_BYTES,) if config.keep_image_bytes else ()),
+        reads=(col.IMAGE, col.INPUT_STATUS, col.INPUT_ERROR), adds=adds + ((col.IMAGE_BYTES,) if config.keep_image_bytes else ()),
         build=partial(DecodeImages, config, pixels, extra_pixels=dict(extra_pixels)),
         details=tuple(f"{name} {text}" for name, text in geometries.items())
         + (f"formats {', '.join(config.formats)}", f"max_pixels {config.max_pixels:,}"),
@@ -158,8 +158,12 @@ class DecodeImages:
         buffers = {name: bytearray(size * n) for name, size in self._row_bytes.items()}
         digests, phashes = [None] * n, [None] * n
         valid = np.zeros(n, dtype=bool)
+        failed = _input_failures(batch)
         for i, data in enumerate(_image_bytes(images)):
             digests[i] = hashes.image_sha256(data) if data else None
+            if i in failed:
+                statuses[i], errors[i] = failed[i]
+                continue
             try:
                 pixels, (widths[i], heights[i]) = self.decode_one(data)
             except DecodeFailure as failure:
@@ -170,7 +174,8 @@ class DecodeImages:
                 buffers[name][i * size : (i + 1) * size] = pixels[name]
             valid[i] = True
         validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
-        out = batch if self.config.keep_image_bytes else batch.drop_columns([col.IMAGE])
+        out = batch.drop_columns([c for c in (col.INPUT_STATUS, col.INPUT_ERROR) if c in batch.column_names])
+        out = out if self.config.keep_image_bytes else out.drop_columns([col.IMAGE])
         if self.config.keep_image_bytes:
             out = out.set_column(out.schema.get_field_index(col.IMAGE), col.IMAGE_BYTES, _as_binary(images))
         out = (
@@ -310,6 +315,17 @@ def decode_captions(column: pa.ChunkedArray) -> pa.ChunkedArray:
     except pa.ArrowInvalid:
         raw = column.cast(pa.large_binary()).to_pylist()
         return pa.chunked_array([pa.array([b if b is None else b.decode("utf-8", "replace") for b in raw], pa.string())])
+
+
+def _input_failures(batch: pa.Table) -> dict[int, tuple[str, str | None]]:
+    """Row -> (status, error) where the input already says the image is unusable."""
+    if col.INPUT_STATUS not in batch.column_names:
+        return {}
+    statuses = batch.column(col.INPUT_STATUS)
+    if statuses.null_count == len(statuses):
+        return {}
+    errors = batch.column(col.INPUT_ERROR).to_pylist()
+    return {i: (status, errors[i]) for i, status in enumerate(statuses.to_pylist()) if status is not None}
 
 
 def _image_bytes(column: pa.ChunkedArray):

@@ -21,6 +21,11 @@ ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
 CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
 ASK_PIXELS = "_pixels_ask"  # at the visual-question model's, when it differs
 ROW_ID = "_row_id"  # a staged row's place (file and row), between the passes of a whole-run stage
+IMAGE_URI = "_image_uri"  # where to fetch the image from, when the input holds references, not bytes
+# Set before decoding when the input itself says the image is unusable (a failed download, a
+# malformed tar sample, a failed fetch): decode then keeps this status and error for the row.
+INPUT_STATUS = "_input_status"
+INPUT_ERROR = "_input_error"
 
 # Decode.
 STATUS = "status"
@@ -83,7 +88,11 @@ MISSING_IMAGE = "missing_image"
 UNSUPPORTED_FORMAT = "unsupported_format"
 IMAGE_TOO_LARGE = "image_too_large"
 DECODE_ERROR = "decode_error"
-IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE_ERROR)
+DOWNLOAD_FAILED = "download_failed"  # the downloader (img2dataset's `status`) could not fetch the image
+FETCH_ERROR = "fetch_error"  # input.columns.image_uri could not be fetched (404, 403, timeout, ...)
+INVALID_SAMPLE = "invalid_sample"  # a tar sample vlpipe cannot read as one row (e.g. two image members)
+IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE_ERROR, DOWNLOAD_FAILED, FETCH_ERROR,
+                  INVALID_SAMPLE)
 
 # Reject reasons that come from the filter rather than from decoding, in the order the
 # filter checks them (the first failing check names the row's reason): what the image and

@@ -30,7 +30,9 @@ from operators.heads import HeadsConfig
 from operators.itm import ItmConfig
 from operators.language import LanguageConfig
 from operators.models import ModelLoadError, check_weights
-from operators.prepare import ColumnMapping
+from operators.fetch import FetchConfig
+from operators.prepare import ColumnMapping, check_extra_names
+from operators.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig
 from operators.storage import StorageOptions, is_remote, local_path
 from pipelines.errors import ConfigError
 
@@ -49,18 +51,52 @@ class InputColumns(_Strict):
     key: str = "key"
     caption: str = "caption"
     image: str = "jpg"
+    # A column of image references (s3://, gs://, file://, paths, http(s)://) fetched while decoding,
+    # for inputs that keep the images beside the table; ``image`` is then not read.
+    image_uri: str | None = None
+    # img2dataset's download outcome: a row without image bytes whose status is not "success" is
+    # counted as download_failed (with this error column's text), not as a missing image. Used when
+    # the shards have the column.
+    download_status: str | None = "status"
+    download_error: str = "error_message"
 
 
 class InputConfig(_Strict):
-    """Where the Parquet shards are: a prefix, a directory or a glob."""
+    """Where the shards are (a prefix, a directory or a glob) and how their rows map onto vlpipe's columns."""
 
     uri: str
+    format: Literal["parquet", "webdataset"] | None = None  # None: from the listed files' extensions
     columns: InputColumns = InputColumns()
-    extra_columns: tuple[str, ...] = ()
+    webdataset: WebDatasetConfig = WebDatasetConfig()
+    fetch: FetchConfig = FetchConfig()
+    # Input columns (WebDataset: fields of each sample's json member) copied to the output; a
+    # mapping renames them on the way in ({status: download_status}).
+    extra_columns: tuple[str, ...] | dict[str, str] = ()
+
+    @field_validator("extra_columns")
+    @classmethod
+    def _extras_do_not_collide(cls, extra: tuple[str, ...] | dict[str, str]) -> tuple[str, ...] | dict[str, str]:
+        pairs = list(extra.items()) if isinstance(extra, dict) else [(name, name) for name in extra]
+        check_extra_names(pairs)
+        return extra
+
+    @property
+    def extra_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(input column, output column) of each pass-through column."""
+        extra = self.extra_columns
+        return tuple(extra.items()) if isinstance(extra, dict) else tuple((name, name) for name in extra)
+
+    def mapping_for(self, format_: str) -> ColumnMapping:
+        """The columns read from the shards (before the shard schema says which optional ones exist)."""
+        if format_ == "webdataset":
+            return ColumnMapping(WDS_KEY, WDS_CAPTION, WDS_IMAGE, self.extra_pairs)
+        columns = self.columns
+        return ColumnMapping(columns.key, columns.caption, None if columns.image_uri else columns.image,
+                             self.extra_pairs, image_uri=columns.image_uri)
 
     @property
     def mapping(self) -> ColumnMapping:
-        return ColumnMapping(self.columns.key, self.columns.caption, self.columns.image, self.extra_columns)
+        return self.mapping_for(self.format or "parquet")
 
 
 RUN_RECORDS_DIR = "_vlpipe_runs"

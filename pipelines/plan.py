@@ -29,7 +29,8 @@ from operators.heads import HEAD_ARCH, HeadRef, HeadSpec, check_head_dir, heads_
 from operators.itm import itm_stage
 from operators.language import LanguageConfig, language_stage
 from operators.models import ModelLoadError, ModelRef, resolve_model_dir
-from operators.prepare import SHARD_PATH, prepare_stage
+from operators.fetch import fetch_stage
+from operators.prepare import SHARD_PATH, ColumnMapping, prepare_stage
 from operators.select import select_caption_stage
 from operators.stage import Stage
 from operators.storage import Location, StorageOptions, is_remote
@@ -38,6 +39,7 @@ from pipelines.config import PipelineConfig
 from pipelines.dedup import dedup_stage
 from pipelines.errors import PlanError
 from pipelines.execute import Pass, passes
+from pipelines.shards import PARQUET, WEBDATASET
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Plan:
 
     stages: tuple[Stage, ...]
     output_schema: pa.Schema
+    input_columns: ColumnMapping | None = None  # what the source reads, and under which names
+    input_format: str = PARQUET
 
     @cached_property
     def passes(self) -> list[Pass]:
@@ -83,6 +87,7 @@ def _image_processor(ref: ModelRef, storage: StorageOptions):
 def build_plan(
     config: PipelineConfig, output: Location, *, run_id: str, run_date: dt.date, shard_schema: pa.Schema | None,
     shard_prefix: str = "", shard_count: int | None = None, geometry: Geometry = image_geometry,
+    input_format: str = PARQUET,
 ) -> Plan:
     """Every stage of the configured run, read to write, with its columns checked.
 
@@ -90,9 +95,12 @@ def build_plan(
     whose models exist only on the cluster (each model gets its own pixel column).
     """
     schema = col.output_schema(_extra_fields(config, shard_schema), include_image_bytes=config.output.include_image_bytes)
+    columns = _input_columns(config, shard_schema, input_format)
     model_stages, pixels = _model_stages(config, geometry)
-    stages = [_read_stage(config, shard_count), prepare_stage(config.input.mapping, shard_prefix),
-              _decode_stage(config, pixels), *model_stages, filter_stage(config.filter)]
+    stages = [_read_stage(config, columns, shard_count, input_format), prepare_stage(columns, shard_prefix)]
+    if columns.fetch:
+        stages.append(fetch_stage(config.input.fetch, config.storage, columns.image_uri or f"{columns.image}.path"))
+    stages += [_decode_stage(config, pixels), *model_stages, filter_stage(config.filter)]
     if config.dedup.enabled:  # before the top fraction, so the fraction is of distinct rows
         stages.append(dedup_stage(config.dedup, output, run_date, config.filter.clip_score_column))
     if config.filter.keep_top_fraction is not None:
@@ -102,7 +110,14 @@ def build_plan(
     if config.ask:
         _check_question_columns(config, stages, schema)
     check_columns(stages)
-    return Plan(tuple(stages), schema)
+    return Plan(tuple(stages), schema, columns, input_format)
+
+
+def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input_format: str) -> ColumnMapping:
+    columns = config.input.mapping_for(input_format)
+    if input_format == WEBDATASET:
+        return columns
+    return columns.for_schema(shard_schema, config.input.columns.download_status, config.input.columns.download_error)
 
 
 def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stage], dict[str, PixelSpec | None]]:
@@ -250,13 +265,18 @@ def _same_model(a: str, b: str) -> bool:
     return tail(a) == tail(b)
 
 
-def _read_stage(config: PipelineConfig, shard_count: int | None) -> Stage:
+def _read_stage(config: PipelineConfig, columns: ColumnMapping, shard_count: int | None, input_format: str) -> Stage:
     shards = "the" if shard_count is None else f"{shard_count}"
-    return Stage(
-        name="read", kind="source", reads=(), adds=(*config.input.mapping.read, SHARD_PATH),
-        details=(f"{shards} Parquet shard(s) from {config.input.uri}",
-                 f"columns {', '.join(config.input.mapping.read)} (projection pushdown)"),
-    )
+    if input_format == WEBDATASET:
+        wds = config.input.webdataset
+        caption = f"json field {wds.caption_field!r}" if wds.caption_field else f".{wds.caption_extension}"
+        details = (f"{shards} WebDataset tar shard(s) from {config.input.uri}",
+                   f"image .{'/.'.join(wds.image_extensions)}, caption {caption}, members grouped by key")
+    else:
+        details = (f"{shards} Parquet shard(s) from {config.input.uri}",
+                   f"columns {', '.join(columns.read)} (projection pushdown)")
+    adds = (*columns.read, SHARD_PATH) + ((col.INPUT_STATUS, col.INPUT_ERROR) if input_format == WEBDATASET else ())
+    return Stage(name="read", kind="source", reads=(), adds=adds, details=details)
 
 
 def _decode_stage(config: PipelineConfig, pixels: dict[str, PixelSpec | None]) -> Stage:
@@ -277,13 +297,13 @@ def _describe_geometry(spec: PixelSpec | None) -> str:
 
 
 def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema | None) -> list[pa.Field]:
-    names = config.input.extra_columns
+    pairs = config.input.extra_pairs
     if shard_schema is None:
-        return [pa.field(name, pa.null()) for name in names]
-    missing = [n for n in names if n not in shard_schema.names]
+        return [pa.field(name, pa.null()) for _, name in pairs]
+    missing = [source for source, _ in pairs if source not in shard_schema.names]
     if missing:
         raise PlanError(f"input.extra_columns not found in the shards: {', '.join(missing)}")
-    return [shard_schema.field(name) for name in names]
+    return [shard_schema.field(source).with_name(name) for source, name in pairs]
 
 
 # What to turn on when a stage reads a column that nothing before it adds.

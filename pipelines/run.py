@@ -32,7 +32,9 @@ from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
 from pipelines.runs import RunRecord, append_run_record, read_run_records
-from pipelines.shards import Shard, check_shards, list_shards
+from operators.prepare import SHARD_PATH
+from pipelines.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
+from pipelines.tar_shards import check_tar_shards, tar_reader
 from pipelines.supersede import Supersede
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[Nightly
     run_date = config.run_date or _now().date()
     config = config.model_copy(update={"run_date": run_date})
     absolute = config.with_absolute_paths()
-    shards = list_shards(Location.resolve(absolute.input.uri, config.storage))
+    _, shards = choose_format(list_shards(Location.resolve(absolute.input.uri, config.storage)), config.input.format)
     if not shards:  # else "nothing new" would hide a mistyped glob night after night
         raise NoInputError(_no_shards_message(config.input.uri))
     records = read_run_records(Location.resolve(absolute.output.run_records_uri, config.storage))
@@ -137,12 +139,13 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
 def explain(config: PipelineConfig) -> str:
     """What ``vlpipe run`` would do, without running it: reads the listing and footers, nothing else."""
     run = start_run(config, run_id="<run id>")
-    shards = list_shards(run.input)
+    input_format, shards = choose_format(list_shards(run.input), config.input.format)
     if not shards:
         raise NoInputError(_no_shards_message(config.input.uri))
-    checked = check_shards(run.input.filesystem, shards, run.config.input.mapping)
+    checked = check_input(run.input.filesystem, shards, run.config, input_format)
     plan = build_plan(run.config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
-                      shard_prefix=shards[0].uri.removesuffix(shards[0].path), shard_count=len(checked.good))
+                      shard_prefix=shards[0].uri.removesuffix(shards[0].path), shard_count=len(checked.good),
+                      input_format=input_format)
     unusable = f", {len(checked.failed)} unusable" if checked.failed else ""
     return f"plan of a run into {run.output.uri} (run_date={run.run_date}; {len(shards)} shard(s){unusable})\n\n" + describe(plan)
 
@@ -151,11 +154,11 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     config = run.config
     with run.phase("list_and_check_shards"):
         read_version = table_version(run.output)
-        listed = list_shards(run.input)
+        input_format, listed = choose_format(list_shards(run.input), config.input.format)
         run.shards = listed if only is None else only
         if not run.shards:
             raise NoInputError(_no_shards_message(config.input.uri))
-        checked = check_shards(run.input.filesystem, run.shards, config.input.mapping)
+        checked = check_input(run.input.filesystem, run.shards, config, input_format)
     run.failed_shards = checked.failed
     log.info("%d shards from %s (%d unusable)", len(run.shards), config.input.uri, len(checked.failed))
     if not checked.good:
@@ -163,14 +166,15 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     prefix = run.shards[0].uri.removesuffix(run.shards[0].path)
     with run.phase("plan"):
         plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date,
-                          shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good))
+                          shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good),
+                          input_format=input_format)
     with run.phase("ray_start"):
         cluster = _start_ray(config, plan)
     log.info("plan:\n%s", describe(plan, cluster))
     summary, decided = WriteSummary(), []
     with run.phase("execute"):
         start = time.perf_counter()
-        source = _source(config, run, checked.good, cluster)
+        source = _source(plan, config, run.input, checked, cluster)
         for row in execute(plan.passes, source, run.output, run.run_id, cluster, decided):
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
@@ -181,15 +185,28 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
         return _commit(run, plan, summary, read_version, checked.good, _commit_metadata([d.state for d in decided]))
 
 
-def _source(config: PipelineConfig, run: Run, shards: list[Shard], cluster: dict[str, float]):
+def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: str) -> ShardCheck:
+    """The shards a run can read (footers, or tar heads and ends), before Ray starts."""
+    if input_format == WEBDATASET:
+        return check_tar_shards(fs, shards, config.input.webdataset, tuple(s for s, _ in config.input.extra_pairs))
+    return check_shards(fs, shards, config.input.mapping_for(input_format))
+
+
+def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck, cluster: dict[str, float]):
     import ray.data
 
     # Reading a shard is storage I/O: no CPU slot, so the CPU goes to decoding and the models (see
-    # IO_RESOURCES). Ray pushes the column selection down into the Parquet reads.
+    # IO_RESOURCES).
+    concurrency = task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))
+    paths = [s.path for s in checked.good]
+    if plan.input_format == WEBDATASET:
+        listing = ray.data.from_items([{SHARD_PATH: path} for path in paths], override_num_blocks=len(paths))
+        return listing.map_batches(tar_reader(input_.filesystem, config.input.webdataset, checked.schema),
+                                   batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=concurrency)
+    # Ray pushes the column selection down into the Parquet reads.
     return ray.data.read_parquet(
-        [s.path for s in shards], filesystem=run.input.filesystem, include_paths=True,
-        num_cpus=0, concurrency=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0)),
-    ).select_columns([*config.input.mapping.read, "path"])
+        paths, filesystem=input_.filesystem, include_paths=True, num_cpus=0, concurrency=concurrency,
+    ).select_columns([*plan.input_columns.read, SHARD_PATH])
 
 
 def _commit_metadata(states: list) -> dict[str, str]:
@@ -282,7 +299,7 @@ def _error_text(err: BaseException) -> str:
 
 def _no_shards_message(uri: str) -> str:
     return (f"no Parquet shards found at input.uri {uri!r}: the prefix, directory or glob matches no "
-            "*.parquet file (names starting with '_' or '.' are skipped)")
+            "*.parquet or *.tar file (names starting with '_' or '.' are skipped)")
 
 
 def _unreadable_message(shards: list[Shard], failed: list[dict]) -> str:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from operators.prepare import ColumnMapping
 from operators.storage import Location
-from pipelines.errors import UnreachableError
+from pipelines.errors import ConfigError, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,12 @@ class Shard:
     mtime: dt.datetime | None
 
 
+PARQUET, WEBDATASET = "parquet", "webdataset"
+SHARD_EXTENSIONS = (".parquet", ".tar")
+
+
 def list_shards(location: Location) -> list[Shard]:
-    """The Parquet shards ``location`` names, sorted by path."""
+    """The Parquet and tar shards ``location`` names, sorted by path (``choose_format`` picks one kind)."""
     try:
         return _list(location)
     except OSError as err:  # S3 and local errors alike: unreachable, no credentials, access denied
@@ -74,9 +78,27 @@ def _is_data_file(path: str, root: str, pattern: str | None) -> bool:
     name = relative[-1]
     if pattern is not None:
         return fnmatch.fnmatchcase(path, pattern)
-    return name.endswith(".parquet")
+    return name.endswith(SHARD_EXTENSIONS)
 
 
+
+
+def choose_format(shards: list[Shard], configured: str | None) -> tuple[str, list[Shard]]:
+    """The input format (configured, else from the extensions) and the shards of that format.
+
+    img2dataset's WebDataset output puts a metadata ``NNNNN.parquet`` beside each ``NNNNN.tar``:
+    those are not shards of their own.
+    """
+    tars = [s for s in shards if s.path.endswith(".tar")]
+    others = [s for s in shards if not s.path.endswith(".tar")]
+    if configured == WEBDATASET or (configured is None and tars):
+        stems = {s.path.removesuffix(".tar") for s in tars}
+        unpaired = [s for s in others if s.path.removesuffix(".parquet") not in stems]
+        if configured is None and unpaired:
+            raise ConfigError(f"input.uri has both tar shards ({len(tars)}) and Parquet shards ({len(unpaired)}, e.g. "
+                              f"{unpaired[0].uri}): set input.format to parquet or webdataset, or narrow the glob")
+        return WEBDATASET, tars
+    return PARQUET, others
 
 
 @dataclass(frozen=True)
@@ -146,8 +168,9 @@ def _read_footer(fs: pafs.FileSystem, shard: Shard, columns: ColumnMapping) -> p
         (columns.key, _is_key, "a string or integer"),
         (columns.caption, _is_text, "a string or binary"),
         (columns.image, _is_image, "binary image bytes or an image struct {bytes, path}"),
+        (columns.image_uri, _is_text, "a string of URIs or paths"),
     ):
-        if not allowed(schema.field(name).type):
+        if name is not None and not allowed(schema.field(name).type):
             return f"column {name!r} is {schema.field(name).type}, expected {what}"
     return schema
 

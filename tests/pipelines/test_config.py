@@ -123,3 +123,19 @@ def test_a_language_filter_turns_the_language_stage_on_with_its_defaults():
     config = validate_config({**BASE, "filter": {"caption_languages": ["EN"]}})
     assert config.language_on and config.language is None and config.filter.caption_languages == ("en",)
     assert not validate_config(BASE).language_on
+
+
+def test_an_extra_column_that_collides_with_an_output_column_names_both():
+    """img2dataset's `status` would otherwise die inside Ray: 'Field "status" exists 2 times in schema'."""
+    raw = {**BASE, "input": {"uri": "/data", "extra_columns": ["url", "sha256", "status"]}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    message = str(err.value)
+    assert "input.extra_columns" in message and "'status'" in message and "extra_columns: {status: input_status}" in message
+
+
+def test_extra_columns_can_be_renamed_and_must_stay_distinct():
+    raw = {**BASE, "input": {"uri": "/data", "extra_columns": {"status": "download_status", "url": "url"}}}
+    assert validate_config(raw).input.extra_pairs == (("status", "download_status"), ("url", "url"))
+    with pytest.raises(ConfigError, match="'status' and 'url' would both be written as 'url'"):
+        validate_config({**BASE, "input": {"uri": "/data", "extra_columns": {"status": "url", "url": "url"}}})
