@@ -87,7 +87,7 @@ class FetchImages:
         todo = [i for i, (data, uri) in enumerate(zip(images, uris)) if not data and uri and statuses[i] is None]
         if todo:
             with ThreadPoolExecutor(min(self.config.concurrency, len(todo))) as pool:
-                for i, (data, error) in zip(todo, pool.map(self._fetch, [uris[i] for i in todo])):
+                for i, (data, error) in zip(todo, pool.map(self.fetch, [uris[i] for i in todo])):
                     images[i] = data
                     if error is not None:
                         statuses[i], errors[i] = col.FETCH_ERROR, error
@@ -97,7 +97,7 @@ class FetchImages:
                 .set_column(batch.schema.get_field_index(col.INPUT_ERROR), col.INPUT_ERROR,
                             pa.array(errors, pa.string())))
 
-    def _fetch(self, reference: str) -> tuple[bytes | None, str | None]:
+    def fetch(self, reference: str) -> tuple[bytes | None, str | None]:
         """(bytes, None) or (None, why), after the configured retries."""
         try:
             uri = resolve_reference(reference, self.config.base)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import pyarrow as pa
@@ -38,6 +38,9 @@ class WebDatasetConfig(BaseModel):
     # Take the caption from this field of the json member instead of a caption member.
     caption_field: str | None = None
     json_extension: str = "json"
+    # img2dataset writes a NNNNN.parquet of every sample beside NNNNN.tar, failed downloads included
+    # (the tar has only the successes): those become download_failed rows, so every URL is counted.
+    failed_downloads_from_sidecar: bool = True
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -61,7 +64,8 @@ def group_samples(tar: tarfile.TarFile) -> dict[str, dict[str, list[bytes]]]:
     return samples
 
 
-def read_tar(stream: IO[bytes], config: WebDatasetConfig, extra: pa.Schema) -> Iterator[pa.Table]:
+def read_tar(stream: IO[bytes], config: WebDatasetConfig, extra: pa.Schema,
+             sidecar: Callable[[], pa.Table | None] = lambda: None) -> Iterator[pa.Table]:
     """A tar shard's samples as tables of at most ``TAR_BATCH_ROWS`` rows.
 
     Columns: ``WDS_KEY``, ``WDS_CAPTION``, ``WDS_IMAGE``, the ``extra`` fields (read from each
@@ -71,6 +75,9 @@ def read_tar(stream: IO[bytes], config: WebDatasetConfig, extra: pa.Schema) -> I
     with tarfile.open(fileobj=stream, mode="r|") as tar:  # a stream: the shard is read once, in order
         samples = group_samples(tar)
     rows = [sample_row(key, members, config, extra) for key, members in samples.items()]
+    metadata = sidecar() if config.failed_downloads_from_sidecar else None
+    if metadata is not None:
+        rows += failed_download_rows(metadata, set(samples), config, extra)
     for start in range(0, len(rows), TAR_BATCH_ROWS):
         yield rows_table(rows[start : start + TAR_BATCH_ROWS], extra)
 
@@ -102,6 +109,23 @@ def sample_row(key: str, members: dict[str, list[bytes]], config: WebDatasetConf
         row[col.INPUT_STATUS] = col.MISSING_IMAGE
         row[col.INPUT_ERROR] = f"no {'/'.join(config.image_extensions)} member in the sample (it has: {found})"
     return row
+
+
+def failed_download_rows(sidecar: pa.Table, seen: set[str], config: WebDatasetConfig, extra: pa.Schema) -> list[dict]:
+    """Rows for the sidecar's samples that img2dataset could not download (absent from the tar)."""
+    names = sidecar.column_names
+    if "key" not in names or "status" not in names:
+        return []
+    rows = []
+    for sample in sidecar.to_pylist():
+        if sample["status"] == "success" or sample["key"] in seen:
+            continue
+        caption = sample.get(config.caption_field or "caption")
+        rows.append({WDS_KEY: str(sample["key"]), WDS_CAPTION: caption if isinstance(caption, str) else None,
+                     WDS_IMAGE: None, **{name: sample.get(name) for name in extra.names},
+                     col.INPUT_STATUS: col.DOWNLOAD_FAILED,
+                     col.INPUT_ERROR: f"status={sample['status']}: {sample.get('error_message') or ''}"})
+    return rows
 
 
 def _json_fields(payloads: list[bytes] | None) -> dict:

@@ -427,7 +427,8 @@ def _input_of(record: dict | None) -> dict:
         log.warning("index: run %s: its recorded config is unreadable (%s); thumbnails assume the default "
                     "input columns", record["run_id"], err)
         return {}
-    return {"input_columns": config.input.columns, "decode": config.decode}
+    return {"input_columns": config.input.columns, "decode": config.decode, "webdataset": config.input.webdataset,
+            "fetch": config.input.fetch}
 
 
 def _one_model(run_ids: set[str], sources: dict[str, RunSource]) -> ModelRecord:

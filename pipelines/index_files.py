@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from operators import schema as col
 from operators.decode import DecodeConfig
+from operators.fetch import FetchConfig
 from operators.storage import Location
+from operators.webdataset import WebDatasetConfig
 from pipelines.config import InputColumns
 from pipelines.errors import ConfigError, NoInputError
 
@@ -61,6 +63,8 @@ class RunSource(_Frozen):
     model: ModelRecord | None = None
     input_columns: InputColumns = InputColumns()
     decode: DecodeConfig = DecodeConfig()
+    webdataset: WebDatasetConfig = WebDatasetConfig()
+    fetch: FetchConfig = FetchConfig()
 
 
 class ModelProbe(_Frozen):

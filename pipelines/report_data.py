@@ -100,7 +100,8 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     kept, rejected = this.sample.result()
     duplicates = _duplicates(run, this, storage, notes)
     pair_rows = [r for p in (duplicates.pairs if duplicates else []) for r in (p.row, p.of) if r is not None]
-    add_thumbnails([*kept, *rejected, *pair_rows], config.input.columns, config.decode, storage)
+    add_thumbnails([*kept, *rejected, *pair_rows], config.input.columns, config.decode, storage,
+                   config.input.webdataset, config.input.fetch)
     scans = [(label, scan) for label, scan in (("this run", this), ("previous run", before)) if scan is not None]
     return ReportData(
         run=run, previous=previous, config=config, histograms=histograms(this, before, config.filter),

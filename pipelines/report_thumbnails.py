@@ -1,7 +1,7 @@
 """The report's thumbnails: small JPEG data URIs of sampled rows, read back from the input shards.
 
-Only the sampled rows' key and image columns are read, under the column names and
-the decode limits of the run's own (stored) config.
+Only the sampled rows' images are read (``pipelines.source_images``), under the column
+names and the decode limits of the run's own (stored) config.
 """
 
 from __future__ import annotations
@@ -11,22 +11,23 @@ import io
 import logging
 from collections import defaultdict
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from PIL import Image, ImageOps
 
 from operators import schema as col
 from operators.decode import DecodeConfig
-from operators.storage import StorageOptions, filesystem_for
+from operators.fetch import FetchConfig
+from operators.storage import StorageOptions
+from operators.webdataset import WebDatasetConfig
 from pipelines.config import InputColumns
+from pipelines.source_images import read_source_images
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_PX = 96
 
 
-def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeConfig, storage: StorageOptions) -> None:
+def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeConfig, storage: StorageOptions,
+                   webdataset: WebDatasetConfig = WebDatasetConfig(), fetch: FetchConfig = FetchConfig()) -> None:
     """Set ``thumbnail`` on each sample: None where the row had no decodable image or it cannot be read."""
     # A row can be sampled twice (a duplicate pair's row is also in the gallery, or is the row two duplicates point at).
     wanted: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -36,7 +37,7 @@ def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeCon
             wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]].append(sample)
     for shard, by_key in wanted.items():
         try:
-            images = _read_images(shard, list(by_key), columns, storage)
+            images = read_source_images(shard, list(by_key), columns, storage, webdataset, fetch)
         except Exception as err:
             log.warning("report: cannot read thumbnails from %s: %s", shard, err)
             continue
@@ -44,20 +45,6 @@ def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeCon
             uri = thumbnail(data, formats=list(decode.formats), max_pixels=decode.max_pixels)
             for sample in by_key[key]:
                 sample["thumbnail"] = uri
-
-
-def _read_images(shard: str, keys: list[str], columns: InputColumns, storage: StorageOptions) -> list[tuple]:
-    """(key, encoded image) of the rows of ``shard`` whose key is in ``keys``."""
-    filesystem, path = filesystem_for(shard, storage)
-    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-    key = pc.field(columns.key)
-    if not pa.types.is_string(dataset.schema.field(columns.key).type):
-        key = key.cast(pa.string())
-    table = dataset.to_table(columns={"k": key, "image": pc.field(columns.image)}, filter=key.isin(keys))
-    images = table.column("image")
-    if pa.types.is_struct(images.type):  # Hugging Face image struct {bytes, path}
-        images = pc.struct_field(images, "bytes")
-    return list(zip(table.column("k").to_pylist(), images.to_pylist()))
 
 
 def thumbnail(data: bytes | None, *, formats: list[str] | None, max_pixels: int, size: int = THUMBNAIL_PX) -> str | None:

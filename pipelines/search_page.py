@@ -63,7 +63,7 @@ def _add_thumbnails(hits: list[dict], manifest: IndexManifest, storage: StorageO
         by_run[hit[col.RUN_ID]].append(hit)
     for run_id, group in by_run.items():
         run = manifest.runs.get(run_id, RunSource())
-        add_thumbnails(group, run.input_columns, run.decode, storage)
+        add_thumbnails(group, run.input_columns, run.decode, storage, run.webdataset, run.fetch)
 
 
 def _card(hit: dict) -> str:

@@ -8,16 +8,21 @@ with a bad footer: the run goes on without it and is recorded as partial.
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from operators.prepare import SHARD_PATH
-from operators.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, json_field_type, read_tar
+from operators.webdataset import (
+    WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, json_field_type, read_tar, split_member_name,
+)
 from pipelines.errors import PlanError
 from pipelines.shards import _FOOTER_THREADS, Shard, ShardCheck
 
@@ -81,10 +86,6 @@ def tar_schema(fs: pafs.FileSystem, shard: Shard, config: WebDatasetConfig, extr
 
 
 def _json_members(fs: pafs.FileSystem, shard: Shard, config: WebDatasetConfig) -> Iterator[dict]:
-    import json
-
-    from operators.webdataset import split_member_name
-
     seen = 0
     with fs.open_input_stream(shard.path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
@@ -101,6 +102,16 @@ def _json_members(fs: pafs.FileSystem, shard: Shard, config: WebDatasetConfig) -
                 return
 
 
+def _sidecar(fs: pafs.FileSystem, tar_path: str) -> pa.Table | None:
+    """img2dataset's metadata Parquet beside a tar (``00000.parquet`` for ``00000.tar``), if there is one."""
+    path = tar_path.removesuffix(".tar") + ".parquet"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    schema = pq.read_schema(path, filesystem=fs)
+    wanted = [name for name in schema.names if name not in ("jpg", "png", "webp", "exif")]
+    return pq.read_table(path, filesystem=fs, columns=wanted)
+
+
 def tar_reader(fs: pafs.FileSystem, config: WebDatasetConfig, schema: pa.Schema) -> Callable:
     """The ``map_batches`` function that turns a batch of shard paths into their samples' rows."""
     extra = pa.schema([f for f in schema if f.name not in (WDS_KEY, WDS_CAPTION, WDS_IMAGE)])
@@ -108,7 +119,7 @@ def tar_reader(fs: pafs.FileSystem, config: WebDatasetConfig, schema: pa.Schema)
     def read_tar_shards(paths: pa.Table) -> Iterator[pa.Table]:
         for path in paths.column(SHARD_PATH).to_pylist():
             with fs.open_input_stream(path) as stream:
-                for table in read_tar(stream, config, extra):
+                for table in read_tar(stream, config, extra, partial(_sidecar, fs, path)):
                     yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string()))
 
     read_tar_shards.__name__ = read_tar_shards.__qualname__ = "ReadTar"
