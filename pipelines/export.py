@@ -30,7 +30,7 @@ from pipelines import hooks
 from pipelines.config import InputColumns, default_run_records_uri
 from pipelines.errors import ConfigError, NoInputError, VlpipeError
 from pipelines.export_files import (ExportedShard, ExportManifest, clear_manifest, embedding_files, publish,
-                                    remove_stale, shard_name, stats, stats_file)
+                                    remove_stale, shard_name, stats)
 from pipelines.export_samples import occurrences, sample_name, scalar_fields
 from pipelines.export_shards import FILE, NAME, ROW, ExportContext, ShardJob, write_shard
 from pipelines.index import TableSlice
@@ -78,8 +78,7 @@ def export(table_uri: str, to_uri: str, request: ExportRequest = ExportRequest()
     clear_manifest(target)
     shards = run_jobs(context, jobs, progress)
     hooks.reach("export:written")
-    written = {name for shard in shards for name in shard.files} | {stats_file(s.number) for s in shards}
-    removed = remove_stale(target, written)
+    removed = remove_stale(target, {name for shard in shards for name in shard.files})
     if removed:
         log.info("export %s: removed %d file(s) of an earlier export", target.uri, len(removed))
     days = pc.unique(rows.column(col.RUN_DATE)).to_pylist()
@@ -134,8 +133,8 @@ def run_jobs(context: ExportContext, jobs: list[ShardJob], progress: bool) -> li
                 ready, pending = ray.wait(pending, num_returns=1)
                 shard = ray.get(ready[0])
                 done[shard.number] = shard
-                bar.update(1)
                 bar.set_postfix(samples=sum(s.samples for s in done.values()), refresh=False)
+                bar.update(1)
         except BaseException as err:
             for ref in pending:
                 ray.cancel(ref)
@@ -193,8 +192,8 @@ def summary(manifest: ExportManifest, to_uri: str) -> str:
     if manifest.export_format == "webdataset":
         lines.append(f"  read: webdataset.WebDataset('{to_uri.rstrip('/')}/{{{shard_name(0)}..{last}}}.tar')")
     else:
-        lines.append(f"  read: pyarrow.dataset.dataset('{to_uri}', format='parquet'); images in column "
-                     f"{col.EXPORT_IMAGE!r}")
+        lines.append(f"  read: the Parquet files {to_uri.rstrip('/')}/{{{shard_name(0)}..{last}}}.parquet, images in "
+                     f"column {col.EXPORT_IMAGE!r}")
     if manifest.options["embeddings"]:
         rows = sum(s.embedding_rows or 0 for s in shards)
         folders = ", ".join(name.split("/")[0] + "/" for name in embedding_files(0))

@@ -25,7 +25,7 @@ Format = Literal["webdataset", "parquet"]
 EMBEDDING_DIRS = ("img_emb", "text_emb", "metadata")
 # Only names an export writes are ever removed from its URI: other files there are the user's.
 _OURS = {
-    "": re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)"),
+    "": re.compile(r"\d{5,}\.(tar|parquet)"),
     "img_emb": re.compile(r"img_emb_\d{5,}\.npy"),
     "text_emb": re.compile(r"text_emb_\d{5,}\.npy"),
     "metadata": re.compile(r"metadata_\d{5,}\.parquet"),
@@ -38,7 +38,7 @@ def shard_name(number: int) -> str:
 
 
 def shard_files(number: int, fmt: Format) -> tuple[str, ...]:
-    """The data files of shard ``number``, relative to the export URI (its stats file aside)."""
+    """The data files of shard ``number``, relative to the export URI."""
     name = shard_name(number)
     return (f"{name}.tar", f"{name}.parquet") if fmt == "webdataset" else (f"{name}.parquet",)
 
@@ -47,10 +47,6 @@ def embedding_files(number: int) -> tuple[str, str, str]:
     """clip-retrieval's layout, numbered as the shards: what autofaiss and embedding-reader read."""
     name = shard_name(number)
     return f"img_emb/img_emb_{name}.npy", f"text_emb/text_emb_{name}.npy", f"metadata/metadata_{name}.parquet"
-
-
-def stats_file(number: int) -> str:
-    return f"{shard_name(number)}_stats.json"
 
 
 class _Frozen(BaseModel):

@@ -9,7 +9,6 @@ shard (``pipelines.source_images``). A task holds one shard's rows and one run's
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import tarfile
@@ -24,8 +23,7 @@ from operators import schema as col
 from operators.storage import Location, StorageOptions
 from operators.tensors import embedding_rows
 from pipelines.config import InputColumns
-from pipelines.export_files import (ExportedShard, Format, embedding_files, open_output, shard_files, stats_file,
-                                    write_bytes)
+from pipelines.export_files import ExportedShard, Format, embedding_files, open_output, shard_files, write_bytes
 from pipelines.export_samples import caption_text, image_ext, json_row
 from pipelines.source_images import MissingSourceError, source_images
 
@@ -58,7 +56,6 @@ class ShardJob:
 
 def write_shard(context: ExportContext, job: ShardJob) -> ExportedShard:
     """Write shard ``job.number`` whole; a row whose image cannot be found fails it."""
-    started = dt.datetime.now(dt.timezone.utc)
     fields = pa.schema([f for f in (*context.schema, *context.embedding_schema) if f.name != col.RUN_DATE])
     rows = table_rows(context, job.rows, fields).append_column(col.RUN_DATE, job.rows.column(col.RUN_DATE))
     scalars = rows.select(context.schema.names).cast(context.schema)
@@ -78,15 +75,8 @@ def write_shard(context: ExportContext, job: ShardJob) -> ExportedShard:
         embedded = write_embeddings(context.target, job.number, rows, scalars)
         names += list(embedding_files(job.number)) if embedded else []
     sizes = _sizes(context.target, names)
-    shard = ExportedShard(number=job.number, samples=job.rows.num_rows, images=images, embedding_rows=embedded,
-                          image_bytes_from=dict(sources), files=sizes)
-    ended = dt.datetime.now(dt.timezone.utc)
-    write_bytes(context.target, stats_file(job.number), (json.dumps({
-        "count": shard.samples, "successes": images, "without_image": shard.samples - images,
-        "image_bytes_from": shard.image_bytes_from, "embedding_rows": embedded, "bytes": shard.bytes,
-        "start_time": started.isoformat(), "end_time": ended.isoformat(),
-        "duration": round((ended - started).total_seconds(), 3)}, indent=2) + "\n").encode())
-    return shard
+    return ExportedShard(number=job.number, samples=job.rows.num_rows, images=images, embedding_rows=embedded,
+                         image_bytes_from=dict(sources), files=sizes)
 
 
 def source_runs(shards: pa.ChunkedArray | pa.Array) -> list[tuple[int, int]]:

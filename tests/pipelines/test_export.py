@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -208,10 +209,25 @@ def test_a_failed_export_leaves_no_manifest_and_the_next_one_replaces_every_earl
 
     manifest = export(hand_table["uri"], str(to), ExportRequest(samples_per_shard=8))
     files = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
-    assert files == sorted([MANIFEST, STATS, "README.txt", "00000.tar", "00000.parquet", "00000_stats.json",
-                            "00001.tar", "00001.parquet", "00001_stats.json"])
+    assert files == sorted([MANIFEST, STATS, "README.txt", "00000.tar", "00000.parquet", "00001.tar", "00001.parquet"])
     assert read_manifest(Location.resolve(str(to), StorageOptions())) == manifest
     assert json.loads((to / STATS).read_text())["rows_per_shard"] == [8, 6]
+
+
+@pytest.mark.slow
+def test_an_earlier_version_and_chosen_run_dates_export_only_their_rows(ray_cluster, hand_table, tmp_path):
+    def exported(request: ExportRequest) -> list[tuple[str, dt.date]]:
+        to = tmp_path / "x"
+        manifest = export(hand_table["uri"], str(to), request)
+        records = [json.loads(s["json"]) for s in _samples([str(to / "00000.tar")])]
+        assert manifest.samples == len(records)
+        return [(r["key"], dt.date.fromisoformat(r["run_date"])) for r in records]
+
+    kept = {kd: r for kd, r in hand_table["rows"].items() if r["keep"]}
+    assert exported(ExportRequest(version=0)) == [kd for kd in _export_order(kept) if kd[1] == OCT31]
+    assert exported(ExportRequest(run_dates=(NOV01,))) == [kd for kd in _export_order(kept) if kd[1] == NOV01]
+    assert exported(ExportRequest(version=0, all_rows=True)) == [
+        kd for kd in _export_order(hand_table["rows"]) if kd[1] == OCT31]
 
 
 def test_missing_rows_of_a_source_shard_are_named(hand_table):
@@ -321,7 +337,7 @@ def test_cli_exports_every_row_as_parquet_shards_with_the_input_bytes(s3, runs, 
     assert cli(["-q", "export", uri, "--to", "s3://exports/pq", "--format", "parquet", "--all-rows"]) == 0
     printed = capsys.readouterr().out
     assert f"export s3://exports/pq: {runs['plain'].rows_in} rows in 1 parquet shard(s)" in printed
-    shard = pq.read_table("exports/pq/00000.parquet", filesystem=s3.filesystem())
+    shard = pads.dataset("exports/pq", filesystem=s3.filesystem()).to_table()  # the folder is a Parquet dataset
     table = _table(uri, runs["storage"])
     assert shard.column("key").to_pylist() == sorted(table) and shard.num_rows == runs["plain"].rows_in
     for row in shard.to_pylist():
