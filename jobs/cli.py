@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write one version of the table as training shards (WebDataset or Parquet)")
     export.add_argument("output", help="the output table URI (output.uri of the config)")
     export.add_argument("--to", dest="to_uri", required=True, metavar="URI",
-                        help="where the shards go: a folder or object-store prefix (an earlier export there is replaced)")
+                        help="where the shards go: a folder or object-store prefix (replacing an export there)")
     export.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset",
                         help="tar shards as img2dataset writes them (default), or Parquet shards with the image bytes")
     export.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],

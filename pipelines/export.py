@@ -147,7 +147,7 @@ def run_jobs(context: ExportContext, jobs: list[ShardJob], progress: bool) -> li
 def _context(chosen: TableSlice, target: Location, request: ExportRequest, storage: StorageOptions,
              runs_uri: str | None, rows: pa.Table) -> ExportContext:
     schema = delta_dataset(chosen.table, version=chosen.version).schema
-    embeddings = [schema.field(name) for name in (col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING)] if request.embeddings else []
+    embeddings = [schema.field(c) for c in (col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING)] if request.embeddings else []
     run_ids = set(pc.unique(rows.column(col.RUN_ID)).to_pylist())
     return ExportContext(
         table=chosen.table, files=tuple(path for path, _ in chosen.files), schema=pa.schema(scalar_fields(schema)),

@@ -98,7 +98,7 @@ def run_images(context: ExportContext, part: pa.Table) -> tuple[list[bytes | Non
     statuses = part.column(col.STATUS).to_pylist()
     needed = [i for i, d in enumerate(data) if d is None and statuses[i] != col.MISSING_IMAGE]
     if not needed:
-        return data, {"table": from_table} if from_table else {}
+        return data, _nonzero({"table": from_table})
     shard, keys = part.column(col.SOURCE_SHARD)[0].as_py(), part.column(col.KEY).to_pylist()
     if shard is None:
         raise MissingSourceError(f"{len(needed)} row(s) (e.g. key {keys[needed[0]]!r}) have no source_shard and no "
@@ -112,7 +112,11 @@ def run_images(context: ExportContext, part: pa.Table) -> tuple[list[bytes | Non
         found = source_images(location, columns, {keys[i] for i in rows})
         for i in rows:
             data[i] = found[keys[i]] or None
-    return data, {"table": from_table, "source": len(needed)} if from_table else {"source": len(needed)}
+    return data, _nonzero({"table": from_table, "source": sum(data[i] is not None for i in needed)})
+
+
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {place: n for place, n in counts.items() if n}
 
 
 def table_rows(context: ExportContext, refs: pa.Table, fields: pa.Schema) -> pa.Table:

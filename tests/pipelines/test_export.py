@@ -106,7 +106,8 @@ def hand_table(tmp_path_factory):
             col.KEY: [r["key"] for r in rows], col.CAPTION: [r["caption"] for r in rows],
             col.SOURCE_SHARD: [str(shards / f"{day}-{int(i >= 4)}.parquet") for i in range(n)],
             col.STATUS: ["ok"] * n, col.CAPTION_BEST: [r["best"] for r in rows],
-            col.IMAGE_EMBEDDING: [r["embedding"] for r in rows], col.TEXT_EMBEDDING: [r["embedding"][::-1] for r in rows],
+            col.IMAGE_EMBEDDING: [r["embedding"] for r in rows],
+            col.TEXT_EMBEDDING: [r["embedding"][::-1] for r in rows],
             col.CLIP_SCORE: [0.25 + i / 100 for i in range(n)], col.KEEP: [r["keep"] for r in rows],
             col.REJECT_REASON: [None if r["keep"] else "low_clip_score" for r in rows],
             col.RUN_ID: [run_id] * n, col.RUN_DATE: [day] * n,
@@ -147,7 +148,7 @@ def _export_order(rows: dict) -> list[tuple[str, dt.date]]:
 
 
 @pytest.mark.slow
-def test_odd_and_repeated_keys_are_samples_that_webdataset_reads_back_in_export_order(ray_cluster, hand_table, tmp_path):
+def test_odd_and_repeated_keys_are_samples_webdataset_reads_back_in_export_order(ray_cluster, hand_table, tmp_path):
     to = tmp_path / "wds"
     manifest = export(hand_table["uri"], str(to), ExportRequest(samples_per_shard=5, embeddings=True))
     kept = {kd: r for kd, r in hand_table["rows"].items() if r["keep"]}
@@ -172,7 +173,8 @@ def test_odd_and_repeated_keys_are_samples_that_webdataset_reads_back_in_export_
             r["key"] for r in records[5 * n:5 * n + 5]]
         image, text = np.load(to / f"img_emb/img_emb_{n:05d}.npy"), np.load(to / f"text_emb/text_emb_{n:05d}.npy")
         days = [d.isoformat() for d in emb_metadata.column("run_date").to_pylist()]
-        expected = [kept[(k, dt.date.fromisoformat(d))]["embedding"] for k, d in zip(emb_metadata["key"].to_pylist(), days)]
+        expected = [kept[(k, dt.date.fromisoformat(d))]["embedding"]
+                    for k, d in zip(emb_metadata["key"].to_pylist(), days)]
         assert image.dtype == np.float32 and image.tolist() == expected and text.tolist() == [e[::-1] for e in expected]
 
 
