@@ -163,6 +163,22 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
     index.set_defaults(handler=_index)
 
+    export = sub.add_parser("export", help="write one version of the table as training shards (WebDataset or Parquet)")
+    export.add_argument("output", help="the output table URI (output.uri of the config)")
+    export.add_argument("--to", dest="to_uri", required=True, metavar="URI",
+                        help="where the shards go: a folder or object-store prefix (replacing an export there)")
+    export.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset",
+                        help="tar shards as img2dataset writes them (default), or Parquet shards with the image bytes")
+    export.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],
+                        help="partition to export (repeatable; default: every partition)")
+    export.add_argument("--version", type=int, help="table version to export (default: the latest)")
+    export.add_argument("--all-rows", action="store_true", help="rejected rows too (default: only keep = true)")
+    export.add_argument("--samples-per-shard", type=int, default=10_000, help="rows per shard (default 10000)")
+    export.add_argument("--embeddings", action="store_true",
+                        help="also img_emb/, text_emb/ .npy and metadata/ Parquet per shard (clip-retrieval's layout)")
+    export.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    export.set_defaults(handler=_export)
+
     search = sub.add_parser("search", help="the rows of an index nearest to a text or an image")
     search.add_argument("index_uri", help="an index written by `vlpipe index`")
     query = search.add_mutually_exclusive_group(required=True)
@@ -296,6 +312,26 @@ def _index(args: argparse.Namespace) -> int:
     _ray_output(args.quiet)
     print(summary(build_index(args.output, args.index_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri),
                   args.index_uri))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from operators.storage import StorageOptions
+    from pipelines.export import ExportRequest, export, summary
+
+    try:
+        request = ExportRequest(format=args.format, run_dates=tuple(args.run_dates), version=args.version,
+                                all_rows=args.all_rows, samples_per_shard=args.samples_per_shard,
+                                embeddings=args.embeddings)
+    except ValidationError as err:
+        raise ConfigError(f"vlpipe export: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: "
+                          f"{err.errors()[0]['msg']}") from None
+    _ray_output(args.quiet)
+    manifest = export(args.output, args.to_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri,
+                      progress=not args.quiet)
+    print(summary(manifest, args.to_uri))
     return 0
 
 

@@ -82,6 +82,9 @@ KEPT = "kept"
 RUN_ID = "run_id"
 RUN_DATE = "run_date"
 
+# Exports (pipelines.export): the image bytes column of Parquet shards, img2dataset's name for it.
+EXPORT_IMAGE = "jpg"
+
 # Values of STATUS. Every status but OK is also the reject reason for its row.
 OK = "ok"
 MISSING_IMAGE = "missing_image"
@@ -91,6 +94,8 @@ DECODE_ERROR = "decode_error"
 DOWNLOAD_FAILED = "download_failed"  # the downloader (img2dataset's `status`) could not fetch the image
 FETCH_ERROR = "fetch_error"  # input.columns.image_uri could not be fetched (404, 403, timeout, ...)
 INVALID_SAMPLE = "invalid_sample"  # a tar sample vlpipe cannot read as one row (e.g. two image members)
+# Statuses of rows whose input has no image bytes at all (nothing to read back for an export).
+NO_IMAGE_STATUSES = (MISSING_IMAGE, DOWNLOAD_FAILED, FETCH_ERROR, INVALID_SAMPLE)
 IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE_ERROR, DOWNLOAD_FAILED, FETCH_ERROR,
                   INVALID_SAMPLE)
 

@@ -27,6 +27,7 @@ from pipelines.read import delta_dataset
 from pipelines.report_duplicates import PAIRS_PER_METHOD, Duplicates, duplicate_pairs
 from pipelines.report_thumbnails import add_thumbnails
 from pipelines.runs import read_run_records
+from pipelines.source_images import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     kept, rejected = this.sample.result()
     duplicates = _duplicates(run, this, storage, notes)
     pair_rows = [r for p in (duplicates.pairs if duplicates else []) for r in (p.row, p.of) if r is not None]
-    add_thumbnails([*kept, *rejected, *pair_rows], config.input.columns, config.decode, storage,
-                   config.input.webdataset, config.input.fetch)
+    add_thumbnails([*kept, *rejected, *pair_rows], ImageSource.of(config), config.decode, storage)
     scans = [(label, scan) for label, scan in (("this run", this), ("previous run", before)) if scan is not None]
     return ReportData(
         run=run, previous=previous, config=config, histograms=histograms(this, before, config.filter),

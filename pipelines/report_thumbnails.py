@@ -15,19 +15,15 @@ from PIL import Image, ImageOps
 
 from operators import schema as col
 from operators.decode import DecodeConfig
-from operators.fetch import FetchConfig
-from operators.storage import StorageOptions
-from operators.webdataset import WebDatasetConfig
-from pipelines.config import InputColumns
-from pipelines.source_images import read_source_images
+from operators.storage import Location, StorageOptions
+from pipelines.source_images import ImageSource, source_images
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_PX = 96
 
 
-def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeConfig, storage: StorageOptions,
-                   webdataset: WebDatasetConfig = WebDatasetConfig(), fetch: FetchConfig = FetchConfig()) -> None:
+def add_thumbnails(samples: list[dict], source: ImageSource, decode: DecodeConfig, storage: StorageOptions) -> None:
     """Set ``thumbnail`` on each sample: None where the row had no decodable image or it cannot be read."""
     # A row can be sampled twice (a duplicate pair's row is also in the gallery, or is the row two duplicates point at).
     wanted: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -37,7 +33,7 @@ def add_thumbnails(samples: list[dict], columns: InputColumns, decode: DecodeCon
             wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]].append(sample)
     for shard, by_key in wanted.items():
         try:
-            images = read_source_images(shard, list(by_key), columns, storage, webdataset, fetch)
+            images = source_images(Location.resolve(shard, storage), source, list(by_key), storage).items()
         except Exception as err:
             log.warning("report: cannot read thumbnails from %s: %s", shard, err)
             continue

@@ -17,6 +17,7 @@ from operators import schema as col
 from operators.storage import StorageOptions
 from pipelines.index_files import IndexManifest, RunSource
 from pipelines.report_thumbnails import add_thumbnails, thumbnail
+from pipelines.source_images import ImageSource
 from pipelines.search import RANK, SCORE
 
 _CSS = """
@@ -63,7 +64,8 @@ def _add_thumbnails(hits: list[dict], manifest: IndexManifest, storage: StorageO
         by_run[hit[col.RUN_ID]].append(hit)
     for run_id, group in by_run.items():
         run = manifest.runs.get(run_id, RunSource())
-        add_thumbnails(group, run.input_columns, run.decode, storage, run.webdataset, run.fetch)
+        add_thumbnails(group, ImageSource(columns=run.input_columns, webdataset=run.webdataset, fetch=run.fetch), run.decode,
+                       storage)
 
 
 def _card(hit: dict) -> str:

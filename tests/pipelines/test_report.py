@@ -28,13 +28,14 @@ from operators import schema as col
 from operators.decode import DecodeConfig
 from operators.storage import StorageOptions
 from pipelines import logs
-from pipelines.config import ConfigError, InputColumns, default_run_records_uri, validate_config
+from pipelines.config import ConfigError, default_run_records_uri, validate_config
 from pipelines.read import read_output
 from pipelines.report import build_report, existing_report, write_text
 from pipelines.report_data import histogram_values, sample_rows, stored_config
 from pipelines.report_thumbnails import add_thumbnails, thumbnail
 from pipelines.run import run_pipeline
 from pipelines.runs import RunRecord, append_run_record, read_run_records
+from pipelines.source_images import ImageSource
 from tests.images import encode, solid
 
 EVIL_CAPTION = '<script>alert("caption")</script> & <img src="http://evil.example/x.png">'
@@ -290,7 +291,7 @@ def test_reports_and_thumbnails_go_through_object_storage(s3, s3_input, local_sh
     good = next(k for k in keys if k not in manifest["broken_keys"])
     samples = [{col.KEY: good, col.STATUS: col.OK, col.SOURCE_SHARD: shard},
                {col.KEY: "not-in-the-shard", col.STATUS: col.OK, col.SOURCE_SHARD: shard}]
-    add_thumbnails(samples, InputColumns(), DecodeConfig(), storage)  # img2dataset's names, as these shards use
+    add_thumbnails(samples, ImageSource(), DecodeConfig(), storage)  # img2dataset's names, as these shards use
     assert samples[0]["thumbnail"].startswith("data:image/jpeg;base64,") and samples[1]["thumbnail"] is None
 
 
