@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from operators import schema as col
 from operators.decode import DecodeConfig
 from operators.storage import Location, StorageOptions
-from pipelines.source_images import ImageSource, source_images
+from pipelines.source_images import ImageSource, find_source_images
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def add_thumbnails(samples: list[dict], source: ImageSource, decode: DecodeConfi
             wanted[sample[col.SOURCE_SHARD]][sample[col.KEY]].append(sample)
     for shard, by_key in wanted.items():
         try:
-            images = source_images(Location.resolve(shard, storage), source, list(by_key), storage).items()
+            images = find_source_images(Location.resolve(shard, storage), source, list(by_key), storage).items()
         except Exception as err:
             log.warning("report: cannot read thumbnails from %s: %s", shard, err)
             continue

@@ -46,18 +46,25 @@ def source_images(shard: Location, source: ImageSource, keys: Collection[str],
                   storage: StorageOptions = StorageOptions()) -> dict[str, bytes | None]:
     """Encoded image per key of the rows of ``shard`` whose key is in ``keys`` (None where the row has none).
 
-    The key is compared as a string, as the pipeline stored it.
+    The key is compared as a string, as the pipeline stored it. Every key must be found.
     """
+    found = find_source_images(shard, source, keys, storage)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise MissingSourceError(f"source shard {shard.uri} lacks {len(missing)} of the {len(keys)} key(s) needed "
+                                 f"from it (e.g. {missing[0]!r}): it changed since the run read it")
+    return found
+
+
+def find_source_images(shard: Location, source: ImageSource, keys: Collection[str],
+                       storage: StorageOptions = StorageOptions()) -> dict[str, bytes | None]:
+    """Like ``source_images``, leaving out the keys the shard does not have (for thumbnails)."""
     try:
         found = (_from_tar(shard, set(keys), source.webdataset) if shard.path.endswith(".tar")
                  else _from_parquet(shard, source, keys, storage))
     except FileNotFoundError:
         raise MissingSourceError(f"source shard {shard.uri} is gone: {len(keys)} row(s) need their image from it; "
                                  "restore it, or export a table written with output.include_image_bytes") from None
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise MissingSourceError(f"source shard {shard.uri} lacks {len(missing)} of the {len(keys)} key(s) needed "
-                                 f"from it (e.g. {missing[0]!r}): it changed since the run read it")
     return found
 
 

@@ -235,7 +235,8 @@ def test_vlpipe_report_embeds_every_image_and_escapes_captions(two_runs, tmp_pat
 def test_vlpipe_report_reads_the_images_from_the_input_columns_the_run_was_configured_with(two_runs, tmp_path):
     """`vlpipe report` gets only the output: the column names (id, text, image) come from the recorded config."""
     out, second = two_runs["out"], two_runs["second"]
-    assert json.loads(second.config_json)["input"]["columns"] == COLUMNS
+    recorded = json.loads(second.config_json)["input"]["columns"]
+    assert {name: recorded[name] for name in COLUMNS} == COLUMNS
     target = tmp_path / "custom-columns.html"
     assert main(["-q", "report", str(out), "--out", str(target), "--samples", "50"]) == 0
     page = Page(target.read_text())
