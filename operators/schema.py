@@ -184,7 +184,8 @@ COLUMN_DOCS = {
     IMAGE_WIDTH: "Width of the decoded image, upright (after EXIF orientation).",
     IMAGE_HEIGHT: "Height of the decoded image, upright.",
     IMAGE_BYTES: "Original encoded image (only with output.include_image_bytes).",
-    IMAGE_SHA256: "SHA-256 of the original image bytes, lowercase hex (img2dataset's `sha256`); null without bytes.",
+    IMAGE_SHA256: "SHA-256 of the image bytes as the input holds them, lowercase hex; null without bytes. "
+                  "(img2dataset's own `sha256` is of what it downloaded, before it re-encodes.)",
     IMAGE_PHASH: "64-bit DCT perceptual hash (imagededup's PHash; hex: `format(h & (2**64 - 1), '016x')`), "
                  "null unless dedup.near is on or if the image failed.",
     IMAGE_EMBEDDING: "L2-normalised image embedding, float32 (null if the image failed).",
