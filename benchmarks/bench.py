@@ -25,7 +25,6 @@ import platform
 import re
 import shutil
 import sys
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -34,7 +33,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from benchmarks import dedup as dedup_bench
-from benchmarks import models, naive_clip, retrieval, signals, whole
+from benchmarks import inputs, models, naive_clip, retrieval, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
@@ -70,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="vector index: recall@10 of the approximate index against exact search, build time, "
                              "query latency, and `build_index` on a Delta table (synthetic vectors, no model)")
     parser.add_argument("--retrieval-rows", type=int, default=100_000, help="vectors for --retrieval")
+    parser.add_argument("--inputs", type=int, default=0, metavar="ROWS",
+                        help="rows for the input readers' comparison: WebDataset tars against Parquet (0: skip)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
     parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
@@ -362,6 +363,9 @@ def run(args: argparse.Namespace) -> dict:
             report["signals"] = _signals(args, clip_dir)
         if args.dedup:
             report["dedup"] = _dedup(args)
+        if args.inputs:
+            report["inputs"] = inputs.inputs(args.work_dir, args.inputs)
+            log.info("inputs: %s", report["inputs"])
         if args.retrieval:
             report["retrieval"] = retrieval.retrieval(args.work_dir, args.retrieval_rows)
             log.info("retrieval: %s", report["retrieval"])
@@ -587,6 +591,7 @@ def format_report(report: dict) -> str:
     lines += _format_signals(report.get("signals"))
     lines += dedup_bench.format_dedup(report.get("dedup"))
     lines += retrieval.format_retrieval(report.get("retrieval"))
+    lines += inputs.format_inputs(report.get("inputs"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
 
