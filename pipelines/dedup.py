@@ -102,7 +102,12 @@ class Dedup:
         decisions.filesystem.create_dir(decisions.path, recursive=True)
         actions = add_actions(self.table) if self.config.history else None  # the log, read once for all methods
         history_rows = int(pc.sum(actions.column("num_records")).as_py() or 0) if actions is not None else 0
-        partitions = _partitions(len(staged.paths) * SPILL_ROWS + history_rows)
+        bound = len(staged.paths) * SPILL_ROWS + history_rows
+        if bound <= ONE_TASK_ROWS:
+            counts, centroids, metadata = self._in_one_task(staged, shards, actions, decisions)
+            hooks.reach("dedup:decided")
+            return DedupState(decisions, centroids, counts, metadata)
+        partitions = _partitions(bound)
         with _sort_shuffle():
             def rows(column: str):
                 """Tonight's and the earlier rows that have ``column``: each method shuffles only its own."""
@@ -128,6 +133,18 @@ class Dedup:
     def apply(self, batch: pa.Table, state: DedupState) -> pa.Table:
         return mark_duplicates(batch, state, self.run_date)
 
+    def _in_one_task(self, staged, shards: set[str], actions: pa.Table | None, decisions: Location):
+        """A small decision in one Ray task: the same groups and rules, without the shuffle jobs' start-up."""
+        import ray
+
+        columns = [c for c, on in ((col.IMAGE_SHA256, self.config.exact), (col.IMAGE_PHASH, self.config.near),
+                                   (col.IMAGE_EMBEDDING, self.config.semantic)) if on]
+        history = {c: history_files(self.table, self.run_date, c, actions=actions) if actions else [] for c in columns}
+        stored = load_centroids(self.table) if self.config.semantic else None
+        task = ray.remote(num_cpus=0, max_retries=3)(decide_in_one_task)
+        return ray.get(task.remote(self.config, self.table, staged.paths, staged.location, history, shards,
+                                   decisions, stored))
+
     def _centroids(self, embeddings) -> tuple[np.ndarray | None, dict[str, str]]:
         """The table's centroids; the first semantic run fits them on a sample of its and earlier rows."""
         semantic = self.config.semantic
@@ -148,43 +165,97 @@ class Dedup:
         return centroids, {CENTROIDS_KEY: path}
 
 
+ONE_TASK_ROWS = 200_000  # up to this many rows (tonight's staged and the history's), one task decides
+
+
+def decide_in_one_task(config: DedupConfig, table: Location, staged_paths: list[str], staging: Location,
+                       history: dict[str, list[tuple[str, dt.date]]], shards: set[str], decisions: Location,
+                       stored: tuple[str, np.ndarray] | None) -> tuple[dict[str, int], np.ndarray | None, dict]:
+    """Every method over the whole (small) run in this process: read, group and decide, write the candidates.
+
+    The same functions the shuffled path runs per bucket, with the whole run as one bucket; a
+    small run's decision was mostly the start-up of its Ray Data jobs (~10 s of the demo's run).
+    """
+    if not staged_paths:  # no row made it through the first pass: nothing to decide
+        return {}, stored[1] if stored else None, {CENTROIDS_KEY: stored[0]} if stored else {}
+
+    def rows(column: str) -> pa.Table:
+        parts = [tonight_rows(pq.read_table(path, filesystem=staging.filesystem,
+                                            columns=[col.KEY, column, ROW_ID, col.KEEP, config.keep_by]),
+                              column=column, score=config.keep_by) for path in staged_paths]
+        dates = dict(history.get(column, []))
+        superseded = sorted(shards)
+        for path in dates:
+            part = pq.read_table(path, filesystem=table.filesystem, columns=[col.KEY, column, col.KEEP, col.SOURCE_SHARD])
+            part = part.append_column("path", pa.array([path] * part.num_rows, pa.string()))
+            parts.append(history_rows(part, column=column, dates=dates, superseded=superseded))
+        return pa.concat_tables(parts)
+
+    def decided(found: pa.Table, key_columns: list[str], decide) -> int:
+        return write_candidate_files(decide(found, list(_groups(found, key_columns))), decisions)
+
+    counts: dict[str, int] = {}
+    if config.exact:
+        counts["exact"] = decided(rows(col.IMAGE_SHA256), [col.IMAGE_SHA256], exact_candidates)
+    if config.near:
+        banded = band_rows(rows(col.IMAGE_PHASH), max_distance=config.near.max_distance)
+        counts["near"] = decided(banded, [_BAND, _BAND_VALUE], partial(decide_near, max_distance=config.near.max_distance))
+    if not config.semantic:
+        return counts, None, {}
+    embeddings = rows(col.IMAGE_EMBEDDING)
+    if stored is not None:
+        path, centroids = stored
+    else:
+        sample = merge_samples([lowest_hashed(embeddings, limit=config.semantic.sample_rows)], config.semantic.sample_rows)
+        if sample is None:
+            return counts, None, {}
+        semantic = config.semantic
+        clusters = semantic.clusters or max(1, -(-len(sample) // semantic.rows_per_cluster))
+        centroids = fit_centroids(sample, clusters, semantic.iterations, semantic.seed)
+        path = save_centroids(table, centroids, f"fit-{uuid.uuid4().hex[:12]}")
+    clustered = cluster_rows(embeddings, centroids=centroids)
+    counts["semantic"] = decided(clustered, [_CLUSTER], partial(decide_semantic, eps=config.semantic.eps))
+    return counts, centroids, {CENTROIDS_KEY: path}
+
+
 def _tonight(column: str, score: str, staged):
     """The run's rows that passed every per-row filter, from the staged files: the key, ``column``, the score."""
     import ray.data
 
-    def signature(batch: pa.Table) -> pa.Table:
-        batch = batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(column)))
-        n = batch.num_rows
-        return pa.table({col.KEY: batch.column(col.KEY), column: batch.column(column), ROW_ID: batch.column(ROW_ID),
-                         col.RUN_DATE: pa.nulls(n, pa.date32()), SCORE: batch.column(score).cast(pa.float64()),
-                         TONIGHT: pa.array(np.ones(n, bool))})
-
+    signature = partial(tonight_rows, column=column, score=score)
     signature.__name__ = signature.__qualname__ = "Tonight"
     ds = ray.data.read_parquet(staged.paths, filesystem=staged.location.filesystem,
                                columns=[col.KEY, column, ROW_ID, col.KEEP, score])
     return ds.map_batches(signature, batch_format="pyarrow", batch_size=None)
 
 
+def tonight_rows(batch: pa.Table, column: str, score: str) -> pa.Table:
+    batch = batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(column)))
+    n = batch.num_rows
+    return pa.table({col.KEY: batch.column(col.KEY), column: batch.column(column), ROW_ID: batch.column(ROW_ID),
+                     col.RUN_DATE: pa.nulls(n, pa.date32()), SCORE: batch.column(score).cast(pa.float64()),
+                     TONIGHT: pa.array(np.ones(n, bool))})
+
+
 def _history(column: str, files: list[tuple[str, dt.date]], tonight_shards: set[str], table: Location):
     """Kept rows of the table's other partitions that have ``column``, except tonight's shards' (superseded)."""
     import ray.data
 
-    dates = dict(files)
-    superseded = pa.array(sorted(tonight_shards), pa.string())
-
-    def signature(batch: pa.Table) -> pa.Table:
-        batch = batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(column))
-                             & ~pc.field(col.SOURCE_SHARD).isin(superseded))
-        n = batch.num_rows
-        run_dates = pa.array([dates[p] for p in batch.column("path").to_pylist()], pa.date32())
-        return pa.table({col.KEY: batch.column(col.KEY), column: batch.column(column),
-                         ROW_ID: pa.array(np.full(n, -1, np.int64)), col.RUN_DATE: run_dates,
-                         SCORE: pa.nulls(n, pa.float64()), TONIGHT: pa.array(np.zeros(n, bool))})
-
+    signature = partial(history_rows, column=column, dates=dict(files), superseded=sorted(tonight_shards))
     signature.__name__ = signature.__qualname__ = "History"
-    ds = ray.data.read_parquet(list(dates), filesystem=table.filesystem, include_paths=True,
+    ds = ray.data.read_parquet([path for path, _ in files], filesystem=table.filesystem, include_paths=True,
                                columns=[col.KEY, column, col.KEEP, col.SOURCE_SHARD])
     return ds.map_batches(signature, batch_format="pyarrow", batch_size=None)
+
+
+def history_rows(batch: pa.Table, column: str, dates: dict[str, dt.date], superseded: list[str]) -> pa.Table:
+    batch = batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(column))
+                         & ~pc.field(col.SOURCE_SHARD).isin(pa.array(superseded, pa.string())))
+    n = batch.num_rows
+    run_dates = pa.array([dates[p] for p in batch.column("path").to_pylist()], pa.date32())
+    return pa.table({col.KEY: batch.column(col.KEY), column: batch.column(column),
+                     ROW_ID: pa.array(np.full(n, -1, np.int64)), col.RUN_DATE: run_dates,
+                     SCORE: pa.nulls(n, pa.float64()), TONIGHT: pa.array(np.zeros(n, bool))})
 
 
 def _shuffled(rows, key_columns: list[str], partitions: int, decide):
@@ -237,34 +308,38 @@ def _exact(rows, partitions: int):
 
 
 def _near(rows, max_distance: int, partitions: int):
-    def by_band(batch: pa.Table) -> pa.Table:
-        """One row per band of each hash: rows within max_distance bits share a band's value."""
-        values = hashes.band_values(batch.column(col.IMAGE_PHASH).to_numpy(zero_copy_only=False), max_distance)
-        bands = values.shape[1]
-        repeated = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), bands), pa.int64()))
-        band = np.tile(np.arange(bands, dtype=np.int8), batch.num_rows)
-        return (repeated.append_column(_BAND, pa.array(band, pa.int8()))
-                .append_column(_BAND_VALUE, pa.array(values.reshape(-1).astype(np.int64), pa.int64())))
+    banded = rows.map_batches(partial(band_rows, max_distance=max_distance), batch_format="pyarrow", batch_size=None)
+    return _shuffled(banded, [_BAND, _BAND_VALUE], partitions, partial(decide_near, max_distance=max_distance))
 
-    def decide(bucket: pa.Table, groups: list[np.ndarray]) -> pa.Table:
-        return near_candidates(bucket, max_distance, groups)
 
-    banded = rows.map_batches(by_band, batch_format="pyarrow", batch_size=None)
-    return _shuffled(banded, [_BAND, _BAND_VALUE], partitions, decide)
+def band_rows(batch: pa.Table, max_distance: int) -> pa.Table:
+    """One row per band of each hash: rows within max_distance bits share a band's value."""
+    values = hashes.band_values(batch.column(col.IMAGE_PHASH).to_numpy(zero_copy_only=False), max_distance)
+    bands = values.shape[1]
+    repeated = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), bands), pa.int64()))
+    band = np.tile(np.arange(bands, dtype=np.int8), batch.num_rows)
+    return (repeated.append_column(_BAND, pa.array(band, pa.int8()))
+            .append_column(_BAND_VALUE, pa.array(values.reshape(-1).astype(np.int64), pa.int64())))
+
+
+def decide_near(bucket: pa.Table, groups: list[np.ndarray], max_distance: int) -> pa.Table:
+    return near_candidates(bucket, max_distance, groups)
 
 
 def _semantic(rows, centroids: np.ndarray, eps: float, partitions: int):
-    def by_cluster(batch: pa.Table) -> pa.Table:
-        vectors, usable = _embeddings(batch)
-        batch = batch.filter(pa.array(usable))
-        return batch.append_column(_CLUSTER, pa.array(assign_clusters(vectors[usable], centroids), pa.int32()))
+    clustered = rows.map_batches(partial(cluster_rows, centroids=centroids), batch_format="pyarrow", batch_size=None)
+    return _shuffled(clustered, [_CLUSTER], partitions, partial(decide_semantic, eps=eps))
 
-    def decide(bucket: pa.Table, groups: list[np.ndarray]) -> pa.Table:
-        vectors, _ = _embeddings(bucket)
-        return semantic_candidates(bucket, vectors, eps, groups)
 
-    clustered = rows.map_batches(by_cluster, batch_format="pyarrow", batch_size=None)
-    return _shuffled(clustered, [_CLUSTER], partitions, decide)
+def cluster_rows(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
+    vectors, usable = _embeddings(batch)
+    batch = batch.filter(pa.array(usable))
+    return batch.append_column(_CLUSTER, pa.array(assign_clusters(vectors[usable], centroids), pa.int32()))
+
+
+def decide_semantic(bucket: pa.Table, groups: list[np.ndarray], eps: float) -> pa.Table:
+    vectors, _ = _embeddings(bucket)
+    return semantic_candidates(bucket, vectors, eps, groups)
 
 
 def _embeddings(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -283,16 +358,21 @@ def write_candidates(found, decisions: Location) -> int:
     for a row is decided where the row is marked (``mark_duplicates``), so no further shuffle.
     """
     def write(batch: pa.Table) -> pa.Table:
-        files = pc.shift_right(batch.column(ROW_ID), ROW_BITS)
-        for file_id in pc.unique(files).to_pylist():
-            part = batch.filter(pc.equal(files, file_id))
-            folder = f"{decisions.path}/{file_id}"
-            decisions.filesystem.create_dir(folder, recursive=True)
-            pq.write_table(part, f"{folder}/{uuid.uuid4().hex}.parquet", filesystem=decisions.filesystem)
-        return pa.table({"rows": [batch.num_rows]})
+        return pa.table({"rows": [write_candidate_files(batch, decisions)]})
 
     write.__name__ = write.__qualname__ = "WriteCandidates"
     return sum(row["rows"] for row in found.map_batches(write, batch_format="pyarrow", batch_size=None).iter_rows())
+
+
+def write_candidate_files(batch: pa.Table, decisions: Location) -> int:
+    """Candidates into their staged file's folder (``mark_duplicates`` reads a file's folder); returns how many."""
+    files = pc.shift_right(batch.column(ROW_ID), ROW_BITS)
+    for file_id in pc.unique(files).to_pylist():
+        part = batch.filter(pc.equal(files, file_id))
+        folder = f"{decisions.path}/{file_id}"
+        decisions.filesystem.create_dir(folder, recursive=True)
+        pq.write_table(part, f"{folder}/{uuid.uuid4().hex}.parquet", filesystem=decisions.filesystem)
+    return batch.num_rows
 
 
 ROWS_PER_BUCKET = 100_000  # rows (of one method's few columns) that one shuffle bucket's task holds
@@ -357,18 +437,25 @@ def history_files(table: Location, run_date: dt.date, column: str | None = None,
 
 def sample_embeddings(rows, limit: int) -> np.ndarray | None:
     """Up to ``limit`` usable embeddings, the same ones on every try: those whose key hashes lowest."""
-    def hashed(batch: pa.Table) -> pa.Table:
-        vectors, usable = _embeddings(batch)
-        keys = batch.column(col.KEY).to_pylist()
-        order = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") >> 1
-                          for k in keys], np.int64)
-        kept = np.flatnonzero(usable)
-        kept = kept[np.argsort(order[kept], kind="stable")][:limit]
-        return pa.table({"order": pa.array(order[kept], pa.int64()),
-                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[kept].reshape(-1)),
-                                                                     vectors.shape[1])})
+    hashed = partial(lowest_hashed, limit=limit)
+    return merge_samples(_gather(rows.map_batches(hashed, batch_format="pyarrow", batch_size=None)), limit)
 
-    tables = [t for t in _gather(rows.map_batches(hashed, batch_format="pyarrow", batch_size=None)) if t.num_rows]
+
+def lowest_hashed(batch: pa.Table, limit: int) -> pa.Table:
+    """The batch's ``limit`` usable embeddings whose keys hash lowest, with those hashes."""
+    vectors, usable = _embeddings(batch)
+    keys = batch.column(col.KEY).to_pylist()
+    order = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") >> 1
+                      for k in keys], np.int64)
+    kept = np.flatnonzero(usable)
+    kept = kept[np.argsort(order[kept], kind="stable")][:limit]
+    return pa.table({"order": pa.array(order[kept], pa.int64()),
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[kept].reshape(-1)),
+                                                                 max(vectors.shape[1], 1))})
+
+
+def merge_samples(parts: list[pa.Table], limit: int) -> np.ndarray | None:
+    tables = [t for t in parts if t.num_rows]
     if not tables:
         return None
     merged = pa.concat_tables(tables)
