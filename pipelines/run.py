@@ -27,7 +27,7 @@ from pipelines import hooks, logs
 from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import IO_RESOURCES, execute, resource_shortfall, task_concurrency
+from pipelines.execute import IO_RESOURCES, execute, read_parquet_files, resource_shortfall, task_concurrency
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
@@ -203,10 +203,8 @@ def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: Shard
         listing = ray.data.from_items([{SHARD_PATH: path} for path in paths], override_num_blocks=len(paths))
         return listing.map_batches(tar_reader(input_.filesystem, config.input.webdataset, checked.schema),
                                    batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=concurrency)
-    # Ray pushes the column selection down into the Parquet reads.
-    return ray.data.read_parquet(
-        paths, filesystem=input_.filesystem, include_paths=True, num_cpus=0, concurrency=concurrency,
-    ).select_columns([*plan.input_columns.read, SHARD_PATH])
+    return read_parquet_files(paths, input_.filesystem, list(plan.input_columns.read), concurrency=concurrency,
+                              with_path=True)
 
 
 def _commit_metadata(states: list) -> dict[str, str]:

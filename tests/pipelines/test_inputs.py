@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ from deltalake import DeltaTable
 
 from operators import schema as col
 from operators.storage import Location
+from pipelines.export import ExportRequest, export
 from pipelines.nightly import plan_nightly
 from pipelines.run import run_pipeline
 from pipelines.runs import read_run_records
@@ -67,6 +69,14 @@ def test_tar_shards_from_two_writers_and_a_corrupt_one(ray_cluster, s3, tiny_cli
     assert rows["w2"]["source_url"] == "http://example.com/2.jpg" and rows["p0"]["source_url"] is None
     assert rows["w1"][col.SOURCE_SHARD] == "s3://wds/night/00000.tar"
     assert rows["w3"][col.IMAGE_SHA256] == hashlib.sha256(JPGS[3]).hexdigest()
+
+    # Exported for training, the images are read back from the tars: the bytes the tars hold.
+    export("s3://wds-out/t", "s3://wds-out/train", ExportRequest(all_rows=True), storage=config.storage)
+    fs = s3.filesystem()
+    with fs.open_input_stream("wds-out/train/00000.tar") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        images = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+    assert images == {"w0.jpg": JPGS[0], "w1.jpg": JPGS[1], "w2.jpg": JPGS[2], "w3.jpg": JPGS[3],
+                      "p0.jpg": JPGS[4], "p3.jpg": JPGS[5]}
 
     # The next night sees the same tars: only the one that failed is new to it (fingerprints are per tar).
     listed = choose_format(list_shards(Location.resolve("s3://wds/night/", config.storage)), None)[1]
