@@ -4,7 +4,8 @@ The same rows (the bench's rendered JPEGs, ~10 kB each) as img2dataset-style Par
 and as tars written by the webdataset library. Each reader runs on one core in this
 process, to the point where the rows enter decoding (``PrepareInput``'s output):
 
-- ``parquet``: what a Parquet read task does (``pyarrow`` read of key, caption, jpg);
+- ``parquet``: what a Parquet read task does (``pyarrow`` read of key, caption, jpg), from shards
+  written without dictionary encoding so that they hold the tars' bytes;
 - ``vlpipe_tar``: vlpipe's tar reader (whole shard grouped by key, so member order never matters);
 - ``webdataset_lib``: the webdataset library's own iteration (adjacent members only, no
   decoding): the grouping Ray's ``read_webdataset`` also relies on, as the reference rate.
@@ -27,7 +28,8 @@ REPEATS = 3
 
 def inputs(work_dir: pathlib.Path, rows: int, rows_per_shard: int = 1000) -> dict:
     """Rows per second per core of each reader (best of ``REPEATS``), and the ratios to Parquet."""
-    shards = write_shards(work_dir / "inputs-parquet", rows, rows_per_shard=rows_per_shard)
+    pooled = write_shards(work_dir / "inputs-pool", rows, rows_per_shard=rows_per_shard)
+    shards = _without_dictionary(pooled, work_dir / "inputs-parquet")
     tars = _as_tars(shards, work_dir / "inputs-tar")
     readers = {"parquet": lambda: _parquet(shards), "vlpipe_tar": lambda: _vlpipe_tar(tars),
                "webdataset_lib": lambda: _webdataset_lib(tars)}
@@ -49,6 +51,19 @@ def inputs(work_dir: pathlib.Path, rows: int, rows_per_shard: int = 1000) -> dic
     return result
 
 
+def _without_dictionary(pooled: list[pathlib.Path], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The shards rewritten without dictionary encoding: the bench's pool repeats each image, which a
+    dictionary would store once, and a crawl's images are all distinct. Both formats then hold the same bytes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard in pooled:
+        path = out_dir / shard.name
+        if not path.exists() or path.stat().st_mtime < shard.stat().st_mtime:
+            pq.write_table(pq.read_table(shard), path, use_dictionary=False)
+        shards.append(path)
+    return shards
+
+
 def _as_tars(shards: list[pathlib.Path], out_dir: pathlib.Path) -> list[pathlib.Path]:
     import webdataset as wds
 
@@ -56,7 +71,7 @@ def _as_tars(shards: list[pathlib.Path], out_dir: pathlib.Path) -> list[pathlib.
     tars = []
     for shard in shards:
         path = out_dir / shard.with_suffix(".tar").name
-        if not path.exists():
+        if not path.exists() or path.stat().st_mtime < shard.stat().st_mtime:
             table = pq.read_table(shard, columns=["key", "caption", "jpg"])
             with wds.TarWriter(str(path)) as sink:
                 for row in table.to_pylist():
