@@ -116,6 +116,9 @@ def build_plan(
 def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input_format: str) -> ColumnMapping:
     columns = config.input.mapping_for(input_format)
     if input_format == WEBDATASET:
+        if config.input.columns.image_uri:
+            raise PlanError("input.columns.image_uri: tar shards hold their images; image references are read "
+                            "from Parquet input (input.format: parquet)")
         return columns
     return columns.for_schema(shard_schema, config.input.columns.download_status, config.input.columns.download_error)
 
@@ -390,4 +393,4 @@ def check_stages(config: PipelineConfig) -> None:
     """The plan's column checks alone, reading no model and no shard: for configs that run elsewhere."""
     output = Location.resolve(config.output.uri, config.storage)
     build_plan(config, output, run_id="<check>", run_date=config.run_date or dt.date.today(), shard_schema=None,
-               geometry=geometry_unknown)
+               geometry=geometry_unknown, input_format=config.input.format or PARQUET)

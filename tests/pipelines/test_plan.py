@@ -233,3 +233,28 @@ def test_a_question_may_name_a_pass_through_column_and_a_caption_stage_column(tm
     plan = plan_of(tmp_path, tiny_clip_dir, ask=ask, caption={"model": {"source": str(tiny_git_dir)}},
                    input={"uri": str(tmp_path / "in"), "extra_columns": ["url"]})
     assert next(s for s in plan.stages if s.name == "ask").reads == (col.PIXELS, col.CAPTION_BEST, "url")
+
+
+def test_image_references_apply_to_parquet_input_only(tiny_clip_dir):
+    from pipelines.plan import check_stages
+
+    config = validate_config({"input": {"uri": "/data/tars/", "format": "webdataset", "columns": {"image_uri": "url"}},
+                              "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": "/out"}})
+    with pytest.raises(PlanError, match="input.columns.image_uri: tar shards hold their images"):
+        check_stages(config)
+
+
+def test_a_tar_plan_reads_samples_and_a_reference_plan_fetches_before_decoding(tiny_clip_dir, tmp_path):
+    clip = {"model": {"source": str(tiny_clip_dir)}}
+    tars = validate_config({"input": {"uri": "/t/", "format": "webdataset", "extra_columns": ["url"]}, "clip": clip,
+                            "output": {"uri": str(tmp_path / "a")}})
+    plan = build_plan(tars, Location.resolve(str(tmp_path / "a"), StorageOptions()), run_id="r",
+                      run_date=dt.date(2026, 11, 1), shard_schema=None, input_format="webdataset")
+    assert [s.name for s in plan.passes[0].steps[0].stages] == ["prepare", "decode"]
+    assert "members grouped by key" in plan.stages[0].details[1] and "url" in plan.output_schema.names
+    refs = validate_config({"input": {"uri": "/p/", "columns": {"image_uri": "path"}}, "clip": clip,
+                            "output": {"uri": str(tmp_path / "b")}})
+    plan = build_plan(refs, Location.resolve(str(tmp_path / "b"), StorageOptions()), run_id="r",
+                      run_date=dt.date(2026, 11, 1), shard_schema=None)
+    assert [s.name for s in plan.passes[0].steps[0].stages] == ["prepare", "fetch", "decode"]
+    assert col.IMAGE_URI not in plan.output_schema.names and "jpg" not in plan.input_columns.read
