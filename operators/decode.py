@@ -64,6 +64,33 @@ class PixelSpec(BaseModel):
         raise ValueError("a shortest-edge resize without a crop has no fixed output size")
 
     @classmethod
+    def from_processor_config(cls, raw: dict, image_size: int | None = None) -> "PixelSpec | None":
+        """The geometry from a saved ``preprocessor_config.json``, or None unless it states every part of it.
+
+        ``save_pretrained`` writes every attribute a processor has: one that crops writes both
+        ``do_center_crop`` and ``crop_size`` (BLIP's and ViT's have neither). A file that leaves a
+        part out would get the processor class's default, which only transformers knows.
+        """
+        if raw.get("auto_map") or not isinstance(raw.get("resample"), int):
+            return None
+        if image_size:
+            return cls(resize=(image_size, image_size), resample=raw["resample"] or 3)
+        size, crop = raw.get("size"), raw.get("crop_size")
+        if raw.get("do_resize") is not True or not isinstance(size, dict):
+            return None
+        cropping = raw.get("do_center_crop", False if crop is None else None)
+        if not isinstance(cropping, bool):
+            return None
+        if cropping and not (isinstance(crop, dict) and {"height", "width"} <= set(crop)):
+            return None
+        crop_hw = (crop["height"], crop["width"]) if cropping else None
+        if size.get("shortest_edge"):
+            return cls(shortest_edge=size["shortest_edge"], crop=crop_hw, resample=raw["resample"])
+        if size.get("height") and size.get("width"):
+            return cls(resize=(size["height"], size["width"]), crop=crop_hw, resample=raw["resample"])
+        return None
+
+    @classmethod
     def from_image_processor(cls, processor) -> "PixelSpec":
         """Read the geometry off a transformers image processor."""
         size = dict(processor.size) if processor.do_resize else {}

@@ -150,3 +150,31 @@ def test_each_model_geometry_gets_its_own_pixels_from_one_decode():
     assert both.column(col.CAPTION_PIXELS).equals(blip_only.column(col.PIXELS))
     assert both.column(col.CAPTION_PIXELS).type.byte_width == 24 * 24 * 3
     assert both.column(col.CAPTION_PIXELS).null_count == 1
+
+
+@pytest.mark.parametrize("model", ["tiny_clip_dir", "tiny_blip_captioner_dir", "tiny_blip_itm_dir", "tiny_git_dir",
+                                   "tiny_llava_dir", "tiny_vit_classifier_dir"])
+def test_the_geometry_read_from_the_processor_json_is_the_processor_s(model, request):
+    """The plan reads it without importing transformers; it must be what transformers' processor does."""
+    import json
+
+    from transformers import AutoImageProcessor
+
+    model_dir = request.getfixturevalue(model)
+    raw = json.loads((model_dir / "preprocessor_config.json").read_text())
+    fast = PixelSpec.from_processor_config(raw)
+    assert fast is not None  # saved processors state every part, so the plan never needs transformers for them
+    assert fast == PixelSpec.from_image_processor(AutoImageProcessor.from_pretrained(model_dir))
+    assert PixelSpec.from_processor_config(raw, image_size=96) == PixelSpec(resize=(96, 96), resample=raw["resample"])
+
+
+def test_a_processor_json_that_leaves_a_part_out_is_left_to_transformers():
+    full = {"do_resize": True, "size": {"shortest_edge": 32}, "do_center_crop": True,
+            "crop_size": {"height": 32, "width": 32}, "resample": 3}
+    assert PixelSpec.from_processor_config(full) == PixelSpec(shortest_edge=32, crop=(32, 32), resample=3)
+    for missing in ("resample", "do_center_crop", "size", "crop_size", "do_resize"):
+        assert PixelSpec.from_processor_config({k: v for k, v in full.items() if k != missing}) is None, missing
+    no_crop = {k: v for k, v in full.items() if k not in ("do_center_crop", "crop_size")}  # BLIP's, ViT's
+    assert PixelSpec.from_processor_config(no_crop) == PixelSpec(shortest_edge=32, resample=3)
+    assert PixelSpec.from_processor_config({**full, "size": 224}) is None  # an old-style int size
+    assert PixelSpec.from_processor_config({**full, "auto_map": {"AutoImageProcessor": "x.Y"}}) is None

@@ -139,3 +139,10 @@ def test_extra_columns_can_be_renamed_and_must_stay_distinct():
     assert validate_config(raw).input.extra_pairs == (("status", "download_status"), ("url", "url"))
     with pytest.raises(ConfigError, match="'status' and 'url' would both be written as 'url'"):
         validate_config({**BASE, "input": {"uri": "/data", "extra_columns": {"status": "url", "url": "url"}}})
+
+
+def test_built_in_architectures_are_known_without_importing_transformers():
+    from pipelines.config import _built_in
+
+    assert _built_in("clip") and _built_in("siglip") and _built_in("blip") and _built_in("llava")
+    assert not _built_in("my-own-vlm") and not _built_in(None)
