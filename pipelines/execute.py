@@ -18,7 +18,8 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,28 +314,40 @@ def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str
 PARQUET_BATCH_ROWS = 1024  # rows per block read from a Parquet file: one row group is often the whole file
 
 
-def read_parquet_files(paths: list[str], filesystem: pafs.FileSystem, columns: list[str] | None = None, *,
-                       concurrency: int = 1, with_path: bool = False):
-    """Parquet files vlpipe has listed itself, as a Ray Dataset read in bounded blocks.
+def read_files(paths: list[str], read_file: Callable[[str], Iterator[pa.Table]], name: str, *,
+               concurrency: int = 1, with_path: bool = False):
+    """Files vlpipe has listed itself as a Ray Dataset: a task per file, each yielding bounded tables.
 
-    Ray's ``read_parquet`` lists the given files again in a task of its own: 2-3 s of a small
+    Ray's own readers list the given files again in a task of their own: 2-3 s of a small
     run's wall time on two cores (ListFiles: 2.0-2.8 s wall, 0.1-0.2 s CPU), every run and
     every pass. Reads are storage I/O (``IO_RESOURCES``); the S3 filesystem retries on its own.
+    ``with_path`` adds the file's path to each row (``SHARD_PATH``, as Ray's include_paths does).
     """
     import ray.data
 
-    def read_files(batch: pa.Table):
+    def read(batch: pa.Table) -> Iterator[pa.Table]:
         for path in batch.column(SHARD_PATH).to_pylist():
-            with filesystem.open_input_file(path) as source:
-                for part in pq.ParquetFile(source).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-                    table = pa.Table.from_batches([part])
-                    yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string())) \
-                        if with_path else table
+            for table in read_file(path):
+                yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string())) \
+                    if with_path else table
 
-    read_files.__name__ = read_files.__qualname__ = "ReadParquet"
+    read.__name__ = read.__qualname__ = name
     listing = ray.data.from_items([{SHARD_PATH: path} for path in paths], override_num_blocks=max(1, len(paths)))
-    return listing.map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0,
+    return listing.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0,
                                compute=ray.data.TaskPoolStrategy(size=concurrency))
+
+
+def read_parquet_files(paths: list[str], filesystem: pafs.FileSystem, columns: list[str] | None = None, *,
+                       concurrency: int = 1, with_path: bool = False):
+    """Parquet files vlpipe has listed itself, read in blocks of ``PARQUET_BATCH_ROWS`` rows."""
+    return read_files(paths, partial(parquet_blocks, filesystem, columns), "ReadParquet",
+                      concurrency=concurrency, with_path=with_path)
+
+
+def parquet_blocks(filesystem: pafs.FileSystem, columns: list[str] | None, path: str) -> Iterator[pa.Table]:
+    with filesystem.open_input_file(path) as source:
+        for part in pq.ParquetFile(source).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            yield pa.Table.from_batches([part])
 
 
 STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers like every "_" folder

@@ -19,6 +19,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 
 from operators import schema as col
@@ -27,14 +28,15 @@ from pipelines import hooks, logs
 from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import IO_RESOURCES, execute, read_parquet_files, resource_shortfall, task_concurrency
+from pipelines.execute import (
+    IO_RESOURCES, execute, read_files, read_parquet_files, resource_shortfall, task_concurrency,
+)
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
 from pipelines.runs import RunRecord, append_run_record, read_run_records
-from operators.prepare import SHARD_PATH
 from pipelines.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
-from pipelines.tar_shards import check_tar_shards, tar_reader
+from pipelines.tar_shards import check_tar_shards, tar_blocks
 from pipelines.supersede import Supersede
 
 log = logging.getLogger(__name__)
@@ -193,16 +195,13 @@ def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: s
 
 
 def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck, cluster: dict[str, float]):
-    import ray.data
-
     # Reading a shard is storage I/O: no CPU slot, so the CPU goes to decoding and the models (see
     # IO_RESOURCES).
     concurrency = task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))
     paths = [s.path for s in checked.good]
     if plan.input_format == WEBDATASET:
-        listing = ray.data.from_items([{SHARD_PATH: path} for path in paths], override_num_blocks=len(paths))
-        return listing.map_batches(tar_reader(input_.filesystem, config.input.webdataset, checked.schema),
-                                   batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=concurrency)
+        return read_files(paths, partial(tar_blocks, input_.filesystem, config.input.webdataset, checked.schema),
+                          "ReadTar", concurrency=concurrency, with_path=True)
     return read_parquet_files(paths, input_.filesystem, list(plan.input_columns.read), concurrency=concurrency,
                               with_path=True)
 

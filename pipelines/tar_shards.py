@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.prepare import SHARD_PATH
 from operators.webdataset import (
     WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, json_field_type, read_tar, split_member_name,
 )
@@ -112,15 +111,8 @@ def _sidecar(fs: pafs.FileSystem, tar_path: str) -> pa.Table | None:
     return pq.read_table(path, filesystem=fs, columns=wanted)
 
 
-def tar_reader(fs: pafs.FileSystem, config: WebDatasetConfig, schema: pa.Schema) -> Callable:
-    """The ``map_batches`` function that turns a batch of shard paths into their samples' rows."""
+def tar_blocks(fs: pafs.FileSystem, config: WebDatasetConfig, schema: pa.Schema, path: str) -> Iterator[pa.Table]:
+    """One tar shard's samples as rows (``execute.read_files`` runs it in a task per shard)."""
     extra = pa.schema([f for f in schema if f.name not in (WDS_KEY, WDS_CAPTION, WDS_IMAGE)])
-
-    def read_tar_shards(paths: pa.Table) -> Iterator[pa.Table]:
-        for path in paths.column(SHARD_PATH).to_pylist():
-            with fs.open_input_stream(path) as stream:
-                for table in read_tar(stream, config, extra, partial(_sidecar, fs, path)):
-                    yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string()))
-
-    read_tar_shards.__name__ = read_tar_shards.__qualname__ = "ReadTar"
-    return read_tar_shards
+    with fs.open_input_stream(path) as stream:
+        yield from read_tar(stream, config, extra, partial(_sidecar, fs, path))
