@@ -102,7 +102,7 @@ def test_model_actors_that_leave_no_cpu_for_decoding_fail_before_any_work(
         "input": {"uri": str(local_shards[0])}, "clip": {"model": {"source": str(tiny_clip_dir)}},
         "caption": {"model": {"source": str(tiny_blip_captioner_dir)}}, "output": {"uri": str(tmp_path / "t")},
     })
-    with pytest.raises(ConfigError, match="the model actors hold 2 CPUs and reading/decoding needs 1 more"):
+    with pytest.raises(ConfigError, match="the model actors hold 2 CPUs and decoding needs 0.5 more"):
         run_pipeline(config)
     assert not (tmp_path / "t" / "_delta_log").exists()  # nothing committed, nothing read
     record = read_run_records(str(tmp_path / "t" / "_vlpipe_runs")).to_pylist()[-1]
