@@ -27,10 +27,18 @@ MARKER = "vlpipe_bench_shards.json"
 POOL_SIZE = 256
 
 
-def write_shards(out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, seed: int = 0) -> list[pathlib.Path]:
-    """Write (or reuse) ``n`` rows as Parquet shards under ``out_dir``; returns the shard paths."""
+def write_shards(out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, seed: int = 0,
+                 pool_once_per_shard: bool = False) -> list[pathlib.Path]:
+    """Write (or reuse) ``n`` rows as Parquet shards under ``out_dir``; returns the shard paths.
+
+    ``pool_once_per_shard`` stores the image pool once per shard (a dictionary page of ~12 MB
+    instead of every row's bytes): what a million rows need to fit on a disk. Readers get the
+    same bytes per row either way; Parquet expands the dictionary when it reads.
+    """
     out_dir = pathlib.Path(out_dir)
     recipe = {"n": n, "rows_per_shard": rows_per_shard, "seed": seed, "pool": POOL_SIZE, "version": 1}
+    if pool_once_per_shard:
+        recipe["pool_once_per_shard"] = True
     marker = out_dir / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return sorted(out_dir.glob("*.parquet"))
@@ -49,7 +57,11 @@ def write_shards(out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, se
                                                   f"https://example.com/{key}.jpg", width, height)):
                 rows[name].append(value)
         path = out_dir / f"{start // rows_per_shard:05d}.parquet"
-        pq.write_table(pa.table(rows, schema=SCHEMA), path)
+        if pool_once_per_shard:  # Parquet's default 1 MB dictionary limit would fall back to plain pages
+            pq.write_table(pa.table(rows, schema=SCHEMA), path, use_dictionary=["jpg"],
+                           dictionary_pagesize_limit=1 << 28)
+        else:
+            pq.write_table(pa.table(rows, schema=SCHEMA), path)
         paths.append(path)
     marker.write_text(json.dumps(recipe) + "\n")
     return paths
