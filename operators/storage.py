@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 _REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs")
 
@@ -26,6 +26,10 @@ class StorageOptions(BaseModel):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
+    # Tries per S3 request, for pyarrow (shards, data files) and deltalake (the table, the run
+    # records). None keeps their own: 8 for pyarrow, which absorbs throttling (503 SlowDown) and
+    # resets but takes ~47 s to give up on an endpoint that refuses connections; 11 for deltalake.
+    max_attempts: int | None = Field(None, ge=1, le=50)
 
     def resolved(self) -> "StorageOptions":
         """Fill unset fields from the standard AWS environment variables."""
@@ -42,6 +46,7 @@ class StorageOptions(BaseModel):
             access_key_id=secret(self.access_key_id, "AWS_ACCESS_KEY_ID"),
             secret_access_key=secret(self.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
             session_token=secret(self.session_token, "AWS_SESSION_TOKEN"),
+            max_attempts=self.max_attempts,
         )
 
 
@@ -78,7 +83,7 @@ def filesystem_for(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, 
             if opts.session_token:
                 kwargs["session_token"] = opts.session_token.get_secret_value()
         # Retries absorb the throttling (503 SlowDown) and resets that S3 gives under load.
-        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=opts.max_attempts or 8)
         return pafs.S3FileSystem(**kwargs), parsed.netloc + parsed.path
     if parsed.scheme in ("gs", "gcs"):
         return pafs.GcsFileSystem(), parsed.netloc + parsed.path
@@ -95,6 +100,8 @@ def delta_storage_options(uri: str, options: StorageOptions) -> dict[str, str]:
         return {}
     opts = options.resolved()
     out = {"conditional_put": "etag"}
+    if opts.max_attempts:
+        out["max_retries"] = str(opts.max_attempts - 1)  # deltalake counts retries, not attempts
     if opts.endpoint_url:
         out["AWS_ENDPOINT_URL"] = opts.endpoint_url
         if opts.endpoint_url.startswith("http://"):

@@ -146,8 +146,9 @@ def test_a_run_that_fails_on_storage_does_not_leak_credentials(monkeypatch, tiny
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTED")
     config = validate_config({
         "input": {"uri": "s3://nowhere/crawl/"},
+        # One attempt: the test is about what the failure shows, not about pyarrow's ~47 s of backoff.
         "storage": {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "region": "us-east-1",
-                    "secret_access_key": secret},
+                    "secret_access_key": secret, "max_attempts": 1},
         "clip": {"model": {"source": str(tiny_clip_dir)}},
         "output": {"uri": "s3://nowhere/out"},
     })
