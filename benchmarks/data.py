@@ -31,7 +31,7 @@ def write_shards(out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, se
                  pool_once_per_shard: bool = False) -> list[pathlib.Path]:
     """Write (or reuse) ``n`` rows as Parquet shards under ``out_dir``; returns the shard paths.
 
-    ``pool_once_per_shard`` stores the image pool once per shard (a dictionary page of ~12 MB
+    ``pool_once_per_shard`` stores the image pool once per shard (a dictionary page of ~22 MB
     instead of every row's bytes): what a million rows need to fit on a disk. Readers get the
     same bytes per row either way; Parquet expands the dictionary when it reads.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,15 @@ def test_a_tar_plan_reads_samples_and_a_reference_plan_fetches_before_decoding(t
                       run_date=dt.date(2026, 11, 1), shard_schema=None)
     assert [s.name for s in plan.passes[0].steps[0].stages] == ["prepare", "fetch", "decode"]
     assert col.IMAGE_URI not in plan.output_schema.names and "jpg" not in plan.input_columns.read
+
+
+def test_model_actors_make_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    # Spinning, the tiny CLIP actor used 11.8 CPU-s instead of 3.0 at 10k rows, taken from decoding.
+    from pipelines.execute import quiet_idle_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    quiet_idle_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    quiet_idle_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
