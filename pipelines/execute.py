@@ -8,6 +8,9 @@
   to staging files (never held in memory) and returns each batch's partial; the
   driver combines them; the second reads the staged files back and decides.
 - Internal columns (``_...``) are dropped right after their last reader.
+- vlpipe lists the files itself (``Source``); a pass whose first step is CPU work
+  (decoding) reads them inside that step's tasks, a file per task, so raw bytes
+  never wait in the object store (``reads_inside``).
 """
 
 from __future__ import annotations
@@ -173,12 +176,18 @@ IO_TASKS_CPUS_EACH = 2
 IO_RESOURCES = Resources(num_cpus=0, num_gpus=0)
 
 
-def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, ...] = ()):
-    """``ds`` with one step applied; ``head`` are operators run first (an aggregate's decision)."""
+def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, ...] = (),
+               source: Source | None = None):
+    """``ds`` with one step applied; ``head`` are operators run first (an aggregate's decision).
+
+    With a ``source``, ``ds`` is its listing and each task reads its file itself (``reads_inside``).
+    """
     args = map_batches_args(step, cluster.get("GPU", 0.0), cluster.get("CPU", 1.0))
     if step.anchor.kind == "actor":
         actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
         return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
+    if source is not None:
+        return ds.map_batches(_reading_task_function(step, head, source), **{**args, "batch_size": 1})
     return ds.map_batches(_task_function(step, head), **args)
 
 
@@ -206,6 +215,21 @@ def quiet_idle_threads() -> None:
 def _task_function(step: Step, head: tuple[Callable, ...]) -> Callable[[pa.Table], pa.Table]:
     def run(batch: pa.Table) -> pa.Table:
         return StepRun(step, head, _build_all(step))(batch)
+
+    run.__name__ = run.__qualname__ = step.name
+    return run
+
+
+def _reading_task_function(step: Step, head: tuple[Callable, ...], source: Source) -> Callable:
+    """A task that reads one listed file and runs the step on it, a batch of the step's size at a time."""
+    rows = step.resources.batch_size
+
+    def run(listing: pa.Table) -> Iterator[pa.Table]:
+        step_run = StepRun(step, head, _build_all(step))
+        for path in listing.column(SHARD_PATH).to_pylist():
+            for table in source.tables(path):
+                for offset in range(0, table.num_rows, rows):
+                    yield step_run(table.slice(offset, rows))
 
     run.__name__ = run.__qualname__ = step.name
     return run
@@ -324,34 +348,50 @@ def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str
 PARQUET_BATCH_ROWS = 1024  # rows per block read from a Parquet file: one row group is often the whole file
 
 
-def read_files(paths: list[str], read_file: Callable[[str], Iterator[pa.Table]], name: str, *,
-               concurrency: int = 1, with_path: bool = False):
-    """Files vlpipe has listed itself as a Ray Dataset: a task per file, each yielding bounded tables.
+@dataclass(frozen=True)
+class Source:
+    """Files vlpipe has listed itself, and how to read one of them as bounded tables.
 
     Ray's own readers list the given files again in a task of their own: 2-3 s of a small
     run's wall time on two cores (ListFiles: 2.0-2.8 s wall, 0.1-0.2 s CPU), every run and
-    every pass. Reads are storage I/O (``IO_RESOURCES``); the S3 filesystem retries on its own.
-    ``with_path`` adds the file's path to each row (``SHARD_PATH``, as Ray's include_paths does).
+    every pass. ``with_path`` adds the file's path to each row (``SHARD_PATH``, as Ray's
+    include_paths does). The S3 filesystem retries on its own.
     """
-    import ray.data
 
-    def read(batch: pa.Table) -> Iterator[pa.Table]:
-        for path in batch.column(SHARD_PATH).to_pylist():
-            for table in read_file(path):
-                yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string())) \
-                    if with_path else table
+    paths: tuple[str, ...]
+    read_file: Callable[[str], Iterator[pa.Table]]
+    name: str
+    with_path: bool = False
 
-    read.__name__ = read.__qualname__ = name
-    listing = ray.data.from_items([{SHARD_PATH: path} for path in paths], override_num_blocks=max(1, len(paths)))
-    return listing.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                               compute=ray.data.TaskPoolStrategy(size=concurrency))
+    def tables(self, path: str) -> Iterator[pa.Table]:
+        for table in self.read_file(path):
+            yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string())) \
+                if self.with_path else table
+
+    def listing(self):
+        """One row per file, each in a block of its own: a task per file."""
+        import ray.data
+
+        return ray.data.from_items([{SHARD_PATH: path} for path in self.paths],
+                                   override_num_blocks=max(1, len(self.paths)))
+
+    def dataset(self, concurrency: int = 1):
+        """The files' rows as a step of their own: storage I/O (``IO_RESOURCES``), no CPU slot."""
+        import ray.data
+
+        def read(listing: pa.Table) -> Iterator[pa.Table]:
+            for path in listing.column(SHARD_PATH).to_pylist():
+                yield from self.tables(path)
+
+        read.__name__ = read.__qualname__ = self.name
+        return self.listing().map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                                          compute=ray.data.TaskPoolStrategy(size=concurrency))
 
 
-def read_parquet_files(paths: list[str], filesystem: pafs.FileSystem, columns: list[str] | None = None, *,
-                       concurrency: int = 1, with_path: bool = False):
+def parquet_source(paths: list[str], filesystem: pafs.FileSystem, columns: list[str] | None = None, *,
+                   with_path: bool = False) -> Source:
     """Parquet files vlpipe has listed itself, read in blocks of ``PARQUET_BATCH_ROWS`` rows."""
-    return read_files(paths, partial(parquet_blocks, filesystem, columns), "ReadParquet",
-                      concurrency=concurrency, with_path=with_path)
+    return Source(tuple(paths), partial(parquet_blocks, filesystem, columns), "ReadParquet", with_path)
 
 
 def parquet_blocks(filesystem: pafs.FileSystem, columns: list[str] | None, path: str) -> Iterator[pa.Table]:
@@ -360,29 +400,43 @@ def parquet_blocks(filesystem: pafs.FileSystem, columns: list[str] | None, path:
             yield pa.Table.from_batches([part])
 
 
+def reads_inside(step: Step) -> bool:
+    """Whether a pass's files are read inside its first step's tasks rather than as a step of their own.
+
+    A CPU-bound first step (decoding) reads its own files: a read step runs ~25x faster than
+    decoding, and its blocks of raw bytes queued in the object store up to Ray Data's budget
+    (3.5 GB of 5.3 at a million rows), each also copied through the store once more.
+    """
+    return step.anchor.kind == "task" and step.resources.num_cpus > 0
+
+
 STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers like every "_" folder
 SPILL_ROWS = 8192
 
 
-def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluster: dict[str, float],
+def execute(run_passes: list[Pass], source: Source, table: Location, run_id: str, cluster: dict[str, float],
             decided: list | None = None):
-    """Run every pass; yields the last step's rows (the writer's summaries). Each aggregate's
+    """Run every pass from ``source``; yields the last step's rows (the writer's summaries). Each aggregate's
     ``Decided`` (its state and the seconds its decision took) is appended to ``decided``."""
     staging = table.child(f"{STAGING_DIR}/{run_id}")
-    ds, head = source, ()
+    head: tuple[Callable, ...] = ()
+    io_tasks = task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))
     # Task pools are sized as a ceiling (see task_concurrency); a small run has fewer blocks than
     # that, which Ray reports as a warning on every run although nothing is wrong.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     try:
         for run_pass in run_passes:
+            inside = bool(run_pass.steps) and reads_inside(run_pass.steps[0])
+            ds = source.listing() if inside else source.dataset(io_tasks)
             for index, step in enumerate(run_pass.steps):
-                ds = apply_step(ds, step, cluster, head if index == 0 else ())
+                ds = apply_step(ds, step, cluster, head if index == 0 else (),
+                                source if inside and index == 0 else None)
             if run_pass.steps:
                 head = ()
             if run_pass.aggregate is not None:
                 # Two whole-run stages in a row (dedup, then the top fraction): the pass between them
                 # has no step, so the first one's decision runs inside the second one's spill.
-                ds, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster, head)
+                source, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster, head)
                 if decided is not None:
                     decided.append(outcome)
         yield from ds.iter_rows()
@@ -394,7 +448,8 @@ def execute(run_passes: list[Pass], source, table: Location, run_id: str, cluste
 
 def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[str, float],
                        head: tuple[Callable, ...] = ()):
-    """Spill the rows to staging files while collecting partials; the second pass's source and head."""
+    """Spill the rows to staging files while collecting partials; the second pass's source (the staged
+    files) and head."""
     import ray.data
 
     staging.filesystem.create_dir(staging.path, recursive=True)
@@ -415,8 +470,7 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
     state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows], Staged(paths, staging, cluster))
     seconds = time.perf_counter() - start
     log.info("%s over the whole run (%.2f s): %s", aggregate.name, seconds, state)
-    second = read_parquet_files(paths, staging.filesystem,
-                                concurrency=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0)))
+    second = parquet_source(paths, staging.filesystem)
     return second, (ApplyAggregate(aggregate, state),), Decided(aggregate.name, state, round(seconds, 3))
 
 

@@ -360,16 +360,21 @@ def check_locations(input_: Location, output: Location, runs: Location) -> None:
 
 def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
     """The plan as ``vlpipe plan`` prints it: stages, how they run on Ray, columns, schema."""
-    from pipelines.execute import map_batches_args
+    from pipelines.execute import IO_RESOURCES, map_batches_args, reads_inside, task_concurrency
 
     lines = []
+    cpus = (cluster or {}).get("CPU", 2.0)
     for number, run_pass in enumerate(plan.passes, 1):
         if len(plan.passes) > 1:
             lines.append(f"pass {number}" + (f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
                                              if run_pass.aggregate else " (reads pass 1's staged rows back)"))
-        for step in run_pass.steps:
-            args = map_batches_args(step, (cluster or {}).get("GPU", 0.0), (cluster or {}).get("CPU", 2.0))
-            lines.append(f"  ray step {step.name}: {_how(step, args)}")
+        inside = bool(run_pass.steps) and reads_inside(run_pass.steps[0])
+        if not inside:
+            lines.append(f"  ray step Read: read -- tasks (at most {task_concurrency(IO_RESOURCES, cpus)}, "
+                         "a file each) x 0 CPU")
+        for index, step in enumerate(run_pass.steps):
+            args = map_batches_args(step, (cluster or {}).get("GPU", 0.0), cpus)
+            lines.append(f"  ray step {step.name}: {_how(step, args, reads=inside and index == 0)}")
     lines.append("")
     for stage in plan.stages:
         lines += _describe_stage(stage)
@@ -377,13 +382,14 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _how(step, args: dict) -> str:
-    stages = " + ".join(s.name for s in step.stages)
+def _how(step, args: dict, reads: bool = False) -> str:
+    """``reads``: the step's tasks read the files themselves (``execute.reads_inside``)."""
+    stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
     gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
     if step.anchor.kind == "actor":
         workers = f"{args['compute'].min_size} actor(s)"
     else:
-        workers = f"tasks (at most {args['compute'].size})"
+        workers = f"tasks (at most {args['compute'].size}{', a file each' if reads else ''})"
     return f"{stages} -- {workers} x {args['num_cpus']:g} CPU{gpus}, batch {args['batch_size']}"
 
 

@@ -28,9 +28,7 @@ from pipelines import hooks, logs
 from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import (
-    IO_RESOURCES, execute, read_files, read_parquet_files, resource_shortfall, task_concurrency,
-)
+from pipelines.execute import Source, execute, parquet_source, resource_shortfall
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
@@ -176,7 +174,7 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     summary, decided = WriteSummary(), []
     with run.phase("execute"):
         start = time.perf_counter()
-        source = _source(plan, config, run.input, checked, cluster)
+        source = _source(plan, config, run.input, checked)
         for row in execute(plan.passes, source, run.output, run.run_id, cluster, decided):
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
@@ -194,16 +192,12 @@ def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: s
     return check_shards(fs, shards, config.input.mapping_for(input_format))
 
 
-def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck, cluster: dict[str, float]):
-    # Reading a shard is storage I/O: no CPU slot, so the CPU goes to decoding and the models (see
-    # IO_RESOURCES).
-    concurrency = task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))
+def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck) -> Source:
     paths = [s.path for s in checked.good]
     if plan.input_format == WEBDATASET:
-        return read_files(paths, partial(tar_blocks, input_.filesystem, config.input.webdataset, checked.schema),
-                          "ReadTar", concurrency=concurrency, with_path=True)
-    return read_parquet_files(paths, input_.filesystem, list(plan.input_columns.read), concurrency=concurrency,
-                              with_path=True)
+        return Source(tuple(paths), partial(tar_blocks, input_.filesystem, config.input.webdataset, checked.schema),
+                      "ReadTar", with_path=True)
+    return parquet_source(paths, input_.filesystem, list(plan.input_columns.read), with_path=True)
 
 
 def _commit_metadata(states: list) -> dict[str, str]:
