@@ -138,17 +138,34 @@ def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0)
                             "num_cpus": resources.num_cpus}
     if num_gpus:
         args["num_gpus"] = num_gpus
-    if actor:
-        import ray.data
+    import ray.data
 
+    if actor:
         # One actor per GPU by default; on CPU one actor, leaving cores for decoding.
         size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
         args["compute"] = ray.data.ActorPoolStrategy(size=size)
+    elif is_storage_step(step):
+        args["compute"] = storage_pool(resources, cluster_cpus)
     else:
-        import ray.data
-
         args["compute"] = ray.data.TaskPoolStrategy(size=task_concurrency(resources, cluster_cpus))
     return args
+
+
+def is_storage_step(step: Step) -> bool:
+    """A task step that asks for no CPU: storage I/O (the writer)."""
+    return step.anchor.kind == "task" and step.resources.num_cpus == 0
+
+
+def storage_pool(resources: Resources, cluster_cpus: float):
+    """Long-lived actors for a storage step, as many as its tasks would be.
+
+    As tasks, each write ran in a fresh worker process: Ray ends a worker idle for 1 s, and
+    writes come seconds apart, so every one paid a process start (~1 s of CPU: Python, Ray,
+    pyarrow) taken from decoding; a million rows started a few hundred.
+    """
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=task_concurrency(resources, cluster_cpus))
 
 
 def task_concurrency(resources: Resources, cluster_cpus: float) -> int:
@@ -168,10 +185,10 @@ def task_concurrency(resources: Resources, cluster_cpus: float) -> int:
     return max(1, int(cluster_cpus // max(1.0, resources.num_cpus)))
 
 
-# Storage steps (list, read, write, spill) ask for no CPU, so they never queue behind decoding and
-# the models for a CPU slot (a 0.25-CPU writer did: blocks piled up in front of it, memory grew with
-# the run and Ray started a worker process per slot). Their pools are capped instead: one task per
-# this many cores.
+# Storage steps (read, write, spill) ask for no CPU, so they never queue behind decoding and the
+# models for a CPU slot (a 0.25-CPU writer did: blocks piled up in front of it, memory grew with
+# the run and Ray started a worker process per slot). Their pools are capped instead: one task (or,
+# for write and spill, one actor: ``storage_pool``) per this many cores.
 IO_TASKS_CPUS_EACH = 2
 IO_RESOURCES = Resources(num_cpus=0, num_gpus=0)
 
@@ -183,7 +200,7 @@ def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, 
     With a ``source``, ``ds`` is its listing and each task reads its file itself (``reads_inside``).
     """
     args = map_batches_args(step, cluster.get("GPU", 0.0), cluster.get("CPU", 1.0))
-    if step.anchor.kind == "actor":
+    if step.anchor.kind == "actor" or is_storage_step(step):
         actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
         return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
     if source is not None:
@@ -271,14 +288,18 @@ def _build(stage: Stage):
         raise ModelLoadError(f"{name} could not load its model: {type(err).__name__}: {err}") from err
 
 
-class SpillForAggregate:
-    """First-pass sink of an aggregate: write the batch to a staging file, return its partial."""
+class Spill:
+    """First-pass sink of an aggregate (a storage actor): write the batch to a staging file, return
+    its partial. ``head`` runs first (the decision of an aggregate just before)."""
 
-    def __init__(self, aggregate: Stage, staging: Location):
+    def __init__(self, aggregate: Stage, staging: Location, head: tuple[Callable, ...] = ()):
         self.aggregate = aggregate.build()
         self.staging = staging
+        self.head = head
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        for operator in self.head:
+            batch = operator(batch)
         path = None
         if batch.num_rows:
             file_id = uuid.uuid4()
@@ -450,24 +471,14 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
                        head: tuple[Callable, ...] = ()):
     """Spill the rows to staging files while collecting partials; the second pass's source (the staged
     files) and head."""
-    import ray.data
-
     staging.filesystem.create_dir(staging.path, recursive=True)
-    spill = SpillForAggregate(aggregate, staging)
-
-    def spill_batch(batch: pa.Table) -> pa.Table:
-        for operator in head:
-            batch = operator(batch)
-        return spill(batch)
-
-    spill_batch.__name__ = spill_batch.__qualname__ = "Spill"
-    spilled = ds.map_batches(spill_batch, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
-                             num_cpus=0, compute=ray.data.TaskPoolStrategy(
-                                 size=task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))))
+    spilled = ds.map_batches(Spill, fn_constructor_args=(aggregate, staging, head), batch_size=SPILL_ROWS,
+                             batch_format="pyarrow", zero_copy_batch=True, num_cpus=0,
+                             compute=storage_pool(IO_RESOURCES, cluster.get("CPU", 1.0)))
     rows = list(spilled.iter_rows())
     paths = [r["path"] for r in rows if r["path"]]
     start = time.perf_counter()
-    state = spill.aggregate.combine([read_partial(r["partial"]) for r in rows], Staged(paths, staging, cluster))
+    state = aggregate.build().combine([read_partial(r["partial"]) for r in rows], Staged(paths, staging, cluster))
     seconds = time.perf_counter() - start
     log.info("%s over the whole run (%.2f s): %s", aggregate.name, seconds, state)
     second = parquet_source(paths, staging.filesystem)

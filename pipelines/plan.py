@@ -384,9 +384,11 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
 
 def _how(step, args: dict, reads: bool = False) -> str:
     """``reads``: the step's tasks read the files themselves (``execute.reads_inside``)."""
+    from pipelines.execute import is_storage_step
+
     stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
     gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
-    if step.anchor.kind == "actor":
+    if step.anchor.kind == "actor" or is_storage_step(step):
         workers = f"{args['compute'].min_size} actor(s)"
     else:
         workers = f"tasks (at most {args['compute'].size}{', a file each' if reads else ''})"

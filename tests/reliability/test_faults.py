@@ -78,6 +78,7 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
     # One run takes every fault (runs are the expensive part of this suite): killed workers ...
     (faults / "batch-clip").touch()  # the CLIP actor dies in the middle of a batch
     (faults / "batch-decode").touch()  # and so does one read/decode task
+    (faults / "batch-write").touch()  # and the writer actor, before it writes its file
     s3.upload(shards[1], "flaky/crawl")
     storage_faults = [
         Fault("GET", "reset", count=3, start=2, every=5), Fault("GET", "slowdown", count=3, start=4, every=5),
@@ -93,7 +94,7 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
         record = run_pipeline(config_for("s3://flaky/crawl/", "s3://flaky/enriched", tiny_clip_dir, storage=storage))
     # ... and flaky object storage, on reads and on writes: every fault was injected.
     assert dict(proxy.fired) == {f.name: f.count for f in storage_faults}
-    assert (faults / "batch-clip.fired").exists() and (faults / "batch-decode.fired").exists()
+    assert all((faults / f"batch-{stage}.fired").exists() for stage in ("clip", "decode", "write"))
     assert record.table_version == 0 and not record.failed_shards
     assert outcomes("s3://flaky/enriched", s3.delta_storage_options()) == clean[1]
 
