@@ -128,8 +128,9 @@ def _drops(stages: list[Stage]) -> dict[int, tuple[str, ...]]:
     return {i: tuple(names) for i, names in out.items()}
 
 
-def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0) -> dict[str, Any]:
-    """A step's declared resources as ``map_batches`` arguments."""
+def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0,
+                     rows: int | None = None) -> dict[str, Any]:
+    """A step's declared resources as ``map_batches`` arguments; ``rows``: the run's input rows, if known."""
     resources, actor = step.resources, step.anchor.kind == "actor"
     num_gpus = resources.num_gpus
     if num_gpus is None:
@@ -145,7 +146,7 @@ def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0)
         size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
         args["compute"] = ray.data.ActorPoolStrategy(size=size)
     elif is_storage_step(step):
-        args["compute"] = storage_pool(resources, cluster_cpus)
+        args["compute"] = storage_pool(resources, cluster_cpus, rows)
     else:
         args["compute"] = ray.data.TaskPoolStrategy(size=task_concurrency(resources, cluster_cpus))
     return args
@@ -156,16 +157,21 @@ def is_storage_step(step: Step) -> bool:
     return step.anchor.kind == "task" and step.resources.num_cpus == 0
 
 
-def storage_pool(resources: Resources, cluster_cpus: float):
-    """Long-lived actors for a storage step, as many as its tasks would be.
+def storage_pool(resources: Resources, cluster_cpus: float, rows: int | None):
+    """Long-lived actors for a storage step that runs many times; tasks for one that runs once or twice.
 
-    As tasks, each write ran in a fresh worker process: Ray ends a worker idle for 1 s, and
-    writes come seconds apart, so every one paid a process start (~1 s of CPU: Python, Ray,
-    pyarrow) taken from decoding; a million rows started a few hundred.
+    As tasks, each write of a long run took a fresh worker process: Ray ends a worker idle for
+    1 s, and writes come seconds apart, so every one paid a process start (~1 s of CPU: Python,
+    Ray, pyarrow) taken from decoding (20k rows, tiny CLIP: 1.32-1.35 vs 1.24-1.25 s/1k rows with
+    actors). An actor always starts a process of its own, though, which a short run waits for
+    (the demo's execute: 8.2-8.4 s with a writer actor, 6.5-7.1 s with a task).
     """
     import ray.data
 
-    return ray.data.ActorPoolStrategy(size=task_concurrency(resources, cluster_cpus))
+    size = task_concurrency(resources, cluster_cpus)
+    if rows is not None and rows <= 2 * resources.batch_size:
+        return ray.data.TaskPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(size=size)
 
 
 def task_concurrency(resources: Resources, cluster_cpus: float) -> int:
@@ -194,13 +200,15 @@ IO_RESOURCES = Resources(num_cpus=0, num_gpus=0)
 
 
 def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, ...] = (),
-               source: Source | None = None):
+               source: Source | None = None, rows: int | None = None):
     """``ds`` with one step applied; ``head`` are operators run first (an aggregate's decision).
 
     With a ``source``, ``ds`` is its listing and each task reads its file itself (``reads_inside``).
     """
-    args = map_batches_args(step, cluster.get("GPU", 0.0), cluster.get("CPU", 1.0))
-    if step.anchor.kind == "actor" or is_storage_step(step):
+    import ray.data
+
+    args = map_batches_args(step, cluster.get("GPU", 0.0), cluster.get("CPU", 1.0), rows)
+    if isinstance(args["compute"], ray.data.ActorPoolStrategy):
         actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
         return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
     if source is not None:
@@ -433,12 +441,23 @@ def reads_inside(step: Step) -> bool:
 
 STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers like every "_" folder
 SPILL_ROWS = 8192
+SPILL_RESOURCES = Resources(num_cpus=0, num_gpus=0, batch_size=SPILL_ROWS)
+
+
+def _named(operator: Callable[[pa.Table], pa.Table], name: str) -> Callable[[pa.Table], pa.Table]:
+    """A plain function around ``operator``, named for Ray's progress bars and stats."""
+    def run(batch: pa.Table) -> pa.Table:
+        return operator(batch)
+
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def execute(run_passes: list[Pass], source: Source, table: Location, run_id: str, cluster: dict[str, float],
-            decided: list | None = None):
-    """Run every pass from ``source``; yields the last step's rows (the writer's summaries). Each aggregate's
-    ``Decided`` (its state and the seconds its decision took) is appended to ``decided``."""
+            decided: list | None = None, rows: int | None = None):
+    """Run every pass from ``source`` (of ``rows`` rows, where known); yields the last step's rows (the
+    writer's summaries). Each aggregate's ``Decided`` (its state and the seconds its decision took) is
+    appended to ``decided``."""
     staging = table.child(f"{STAGING_DIR}/{run_id}")
     head: tuple[Callable, ...] = ()
     io_tasks = task_concurrency(IO_RESOURCES, cluster.get("CPU", 1.0))
@@ -451,13 +470,13 @@ def execute(run_passes: list[Pass], source: Source, table: Location, run_id: str
             ds = source.listing() if inside else source.dataset(io_tasks)
             for index, step in enumerate(run_pass.steps):
                 ds = apply_step(ds, step, cluster, head if index == 0 else (),
-                                source if inside and index == 0 else None)
+                                source if inside and index == 0 else None, rows)
             if run_pass.steps:
                 head = ()
             if run_pass.aggregate is not None:
                 # Two whole-run stages in a row (dedup, then the top fraction): the pass between them
                 # has no step, so the first one's decision runs inside the second one's spill.
-                source, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster, head)
+                source, head, outcome = _through_aggregate(ds, run_pass.aggregate, staging, cluster, head, rows)
                 if decided is not None:
                     decided.append(outcome)
         yield from ds.iter_rows()
@@ -468,13 +487,19 @@ def execute(run_passes: list[Pass], source: Source, table: Location, run_id: str
 
 
 def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[str, float],
-                       head: tuple[Callable, ...] = ()):
+                       head: tuple[Callable, ...] = (), rows: int | None = None):
     """Spill the rows to staging files while collecting partials; the second pass's source (the staged
     files) and head."""
+    import ray.data
+
     staging.filesystem.create_dir(staging.path, recursive=True)
-    spilled = ds.map_batches(Spill, fn_constructor_args=(aggregate, staging, head), batch_size=SPILL_ROWS,
-                             batch_format="pyarrow", zero_copy_batch=True, num_cpus=0,
-                             compute=storage_pool(IO_RESOURCES, cluster.get("CPU", 1.0)))
+    compute = storage_pool(SPILL_RESOURCES, cluster.get("CPU", 1.0), rows)
+    if isinstance(compute, ray.data.ActorPoolStrategy):
+        spill, constructor = Spill, {"fn_constructor_args": (aggregate, staging, head)}
+    else:
+        spill, constructor = _named(Spill(aggregate, staging, head), "Spill"), {}
+    spilled = ds.map_batches(spill, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
+                             num_cpus=0, compute=compute, **constructor)
     rows = list(spilled.iter_rows())
     paths = [r["path"] for r in rows if r["path"]]
     start = time.perf_counter()

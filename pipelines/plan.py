@@ -55,6 +55,7 @@ class Plan:
     output_schema: pa.Schema
     input_columns: ColumnMapping | None = None  # what the source reads, and under which names
     input_format: str = PARQUET
+    input_rows: int | None = None  # from the shards' footers; None where unknown (tar shards, no shards read)
 
     @cached_property
     def passes(self) -> list[Pass]:
@@ -97,7 +98,7 @@ def _image_processor(ref: ModelRef, storage: StorageOptions):
 def build_plan(
     config: PipelineConfig, output: Location, *, run_id: str, run_date: dt.date, shard_schema: pa.Schema | None,
     shard_prefix: str = "", shard_count: int | None = None, geometry: Geometry = image_geometry,
-    input_format: str = PARQUET,
+    input_format: str = PARQUET, input_rows: int | None = None,
 ) -> Plan:
     """Every stage of the configured run, read to write, with its columns checked.
 
@@ -120,7 +121,7 @@ def build_plan(
     if config.ask:
         _check_question_columns(config, stages, schema)
     check_columns(stages)
-    return Plan(tuple(stages), schema, columns, input_format)
+    return Plan(tuple(stages), schema, columns, input_format, input_rows)
 
 
 def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input_format: str) -> ColumnMapping:
@@ -373,7 +374,7 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
             lines.append(f"  ray step Read: read -- tasks (at most {task_concurrency(IO_RESOURCES, cpus)}, "
                          "a file each) x 0 CPU")
         for index, step in enumerate(run_pass.steps):
-            args = map_batches_args(step, (cluster or {}).get("GPU", 0.0), cpus)
+            args = map_batches_args(step, (cluster or {}).get("GPU", 0.0), cpus, plan.input_rows)
             lines.append(f"  ray step {step.name}: {_how(step, args, reads=inside and index == 0)}")
     lines.append("")
     for stage in plan.stages:
@@ -384,11 +385,9 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
 
 def _how(step, args: dict, reads: bool = False) -> str:
     """``reads``: the step's tasks read the files themselves (``execute.reads_inside``)."""
-    from pipelines.execute import is_storage_step
-
     stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
     gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
-    if step.anchor.kind == "actor" or is_storage_step(step):
+    if hasattr(args["compute"], "min_size"):  # an actor pool
         workers = f"{args['compute'].min_size} actor(s)"
     else:
         workers = f"tasks (at most {args['compute'].size}{', a file each' if reads else ''})"

@@ -145,9 +145,11 @@ def explain(config: PipelineConfig) -> str:
     checked = check_input(run.input.filesystem, shards, run.config, input_format)
     plan = build_plan(run.config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
                       shard_prefix=shards[0].uri.removesuffix(shards[0].path), shard_count=len(checked.good),
-                      input_format=input_format)
+                      input_format=input_format, input_rows=checked.rows)
     unusable = f", {len(checked.failed)} unusable" if checked.failed else ""
-    return f"plan of a run into {run.output.uri} (run_date={run.run_date}; {len(shards)} shard(s){unusable})\n\n" + describe(plan)
+    rows = f"{checked.rows:,} rows in " if checked.rows is not None else ""
+    return (f"plan of a run into {run.output.uri} (run_date={run.run_date}; {rows}{len(shards)} shard(s)"
+            f"{unusable})\n\n" + describe(plan))
 
 
 def _run(run: Run, only: list[Shard] | None) -> RunRecord:
@@ -167,7 +169,7 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     with run.phase("plan"):
         plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date,
                           shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good),
-                          input_format=input_format)
+                          input_format=input_format, input_rows=checked.rows)
     with run.phase("ray_start"):
         cluster = _start_ray(config, plan)
     log.info("plan:\n%s", describe(plan, cluster))
@@ -175,7 +177,7 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     with run.phase("execute"):
         start = time.perf_counter()
         source = _source(plan, config, run.input, checked)
-        for row in execute(plan.passes, source, run.output, run.run_id, cluster, decided):
+        for row in execute(plan.passes, source, run.output, run.run_id, cluster, decided, plan.input_rows):
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
             summary.add(row)

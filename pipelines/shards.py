@@ -108,6 +108,7 @@ class ShardCheck:
     good: list[Shard]
     failed: list[dict]
     schema: pa.Schema | None
+    rows: int | None = None  # in the good shards, from their footers (None where unknown: tar shards)
 
 
 # Footer reads are one small ranged GET each, so a wide pool hides object-store latency.
@@ -124,19 +125,20 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], columns: ColumnMappin
     """
     names = list(columns.read)
 
-    def types(shard: Shard) -> tuple[str, ...] | str:
+    def types(shard: Shard) -> tuple[tuple[str, ...], int] | str:
         footer = _read_footer(fs, shard, columns)
         # Only the read columns' types are kept: a million full schemas would not fit the driver.
-        return footer if isinstance(footer, str) else tuple(str(footer.field(n).type) for n in names)
+        return footer if isinstance(footer, str) else (tuple(str(footer[0].field(n).type) for n in names), footer[1])
 
     with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(shards)))) as pool:
         found = list(pool.map(types, shards))
-    usual = [Counter(t[i] for t in found if isinstance(t, tuple)).most_common(1) for i in range(len(names))]
-    good, failed = [], []
-    for shard, footer in zip(shards, found):
-        if isinstance(footer, str):
-            failed.append({"uri": shard.uri, "error": footer})
+    usual = [Counter(t[0][i] for t in found if isinstance(t, tuple)).most_common(1) for i in range(len(names))]
+    good, failed, rows = [], [], 0
+    for shard, read in zip(shards, found):
+        if isinstance(read, str):
+            failed.append({"uri": shard.uri, "error": read})
             continue
+        footer, shard_rows = read
         drift = [
             f"column {name!r} is {type_} here but {usual[i][0][0]} in {usual[i][0][1]} other shard(s)"
             for i, (name, type_) in enumerate(zip(names, footer)) if type_ != usual[i][0][0]
@@ -145,14 +147,15 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], columns: ColumnMappin
             failed.append({"uri": shard.uri, "error": "schema drift: " + "; ".join(drift)})
         else:
             good.append(shard)
+            rows += shard_rows
     for bad in failed:
         log.warning("skipping input shard %s: %s", bad["uri"], bad["error"])
     schema = pq.read_schema(good[0].path, filesystem=fs) if good else None
-    return ShardCheck(good, failed, schema)
+    return ShardCheck(good, failed, schema, rows)
 
 
-def _read_footer(fs: pafs.FileSystem, shard: Shard, columns: ColumnMapping) -> pa.Schema | str:
-    """The shard's schema, or why it cannot be processed."""
+def _read_footer(fs: pafs.FileSystem, shard: Shard, columns: ColumnMapping) -> tuple[pa.Schema, int] | str:
+    """The shard's schema and row count, or why it cannot be processed."""
     try:
         with fs.open_input_file(shard.path) as f:
             meta = pq.ParquetFile(f).metadata
@@ -172,7 +175,7 @@ def _read_footer(fs: pafs.FileSystem, shard: Shard, columns: ColumnMapping) -> p
     ):
         if name is not None and not allowed(schema.field(name).type):
             return f"column {name!r} is {schema.field(name).type}, expected {what}"
-    return schema
+    return schema, meta.num_rows
 
 
 def _is_key(t: pa.DataType) -> bool:

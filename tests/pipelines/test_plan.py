@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 
 from jobs.cli import main
 from operators import schema as col
@@ -90,12 +91,18 @@ def test_model_stages_that_fit_a_gpu_alone_but_not_together_are_refused(tmp_path
 @pytest.mark.parametrize("cpus", [2.0, 16.0])
 def test_storage_steps_take_no_cpu_slot_and_run_in_a_capped_pool(tmp_path, tiny_clip_dir, cpus):
     # A writer that needs a CPU slot waits behind decode and the model for the whole run: its
-    # input piles up in memory. With none, it never waits; the cap bounds its processes, and they
-    # live for the whole run (as tasks, every write started a worker process: ~1 s of CPU each).
+    # input piles up in memory. With none, it never waits; the cap bounds its processes. A long
+    # run's writers live for the whole run (as tasks, every write started a worker process, ~1 s
+    # of CPU each); a run that writes once or twice uses a task, not waiting for an actor's process.
     steps = {step.name: step for step in plan_of(tmp_path, tiny_clip_dir).passes[0].steps}
-    write = map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus)
+    long_run = map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus, rows=1_000_000)
+    short_run = map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus, rows=129)
     decode = map_batches_args(steps["Decode"], cluster_gpus=0, cluster_cpus=cpus)
-    assert write["num_cpus"] == 0 and write["compute"].min_size == write["compute"].max_size == cpus // 2
+    assert long_run["num_cpus"] == short_run["num_cpus"] == 0
+    assert long_run["compute"].min_size == long_run["compute"].max_size == short_run["compute"].size == cpus // 2
+    assert isinstance(long_run["compute"], ray.data.ActorPoolStrategy)
+    assert isinstance(short_run["compute"], ray.data.TaskPoolStrategy)
+    assert map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus)["compute"] == long_run["compute"]
     assert decode["compute"].size == cpus  # one decode task per core, never more processes than cores
 
 

@@ -78,7 +78,7 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
     # One run takes every fault (runs are the expensive part of this suite): killed workers ...
     (faults / "batch-clip").touch()  # the CLIP actor dies in the middle of a batch
     (faults / "batch-decode").touch()  # and so does one read/decode task
-    (faults / "batch-write").touch()  # and the writer actor, before it writes its file
+    (faults / "batch-write").touch()  # and a writer actor (3 files: actors), before it writes its file
     s3.upload(shards[1], "flaky/crawl")
     storage_faults = [
         Fault("GET", "reset", count=3, start=2, every=5), Fault("GET", "slowdown", count=3, start=4, every=5),
@@ -91,7 +91,8 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
     with FaultProxy(s3.endpoint_url, storage_faults) as proxy:
         storage = {"endpoint_url": proxy.endpoint_url, "region": s3.region,
                    "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}
-        record = run_pipeline(config_for("s3://flaky/crawl/", "s3://flaky/enriched", tiny_clip_dir, storage=storage))
+        record = run_pipeline(config_for("s3://flaky/crawl/", "s3://flaky/enriched", tiny_clip_dir, storage=storage,
+                                         output={"uri": "s3://flaky/enriched", "rows_per_file": 4}))
     # ... and flaky object storage, on reads and on writes: every fault was injected.
     assert dict(proxy.fired) == {f.name: f.count for f in storage_faults}
     assert all((faults / f"batch-{stage}.fired").exists() for stage in ("clip", "decode", "write"))
