@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 NAIVE_BATCH = naive_clip.NAIVE_BATCH
 SCALE_FIGURES = ("seconds_per_1k_rows", "images_per_s", "peak_pss_mb", "peak_rss_mb", "peak_ray_workers",
-                 "cores_busy", "spilled_mb")
+                 "cores_busy", "spilled_mb", "busy_cpu_s", "cpu_split_s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -595,6 +595,7 @@ def format_report(report: dict) -> str:
                          + (f"  [x{s['time_per_row_vs_first']:.2f} time/row, x{s['peak_pss_vs_first']:.2f} memory]"
                             if "time_per_row_vs_first" in s else "")
                          + (f"  [{s['vlpipe_over_decode_limit']:.2f}x decode limit]" if "vlpipe_over_decode_limit" in s else ""))
+            lines.append(format_cpu_split(s["cpu_split_s"], s["busy_cpu_s"]))
     if report.get("decode_limit"):
         d = report["decode_limit"]
         lines.append(f"  decode limit (bare multiprocessing loop, {d['processes']} processes, {d['images']} rows): "
@@ -605,6 +606,17 @@ def format_report(report: dict) -> str:
     lines += inputs.format_inputs(report.get("inputs"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
+
+
+def format_cpu_split(split: dict[str, float], busy_cpu_s: float, shown: int = 6) -> str:
+    """Where the machine's busy CPU time went, by what each process of the run ran (largest first)."""
+    if not busy_cpu_s:
+        return "             cpu: none measured"
+    parts = [f"{title} {seconds / busy_cpu_s:.0%}" for title, seconds in list(split.items())[:shown]]
+    rest = sum(list(split.values())[shown:])
+    outside = busy_cpu_s - sum(split.values())
+    return ("             cpu: " + ", ".join(parts) + f", other processes of the run {rest / busy_cpu_s:.0%}, "
+            f"not in the run (or missed between samples) {max(outside, 0) / busy_cpu_s:.0%}")
 
 
 def _format_signals(result: dict | None) -> list[str]:

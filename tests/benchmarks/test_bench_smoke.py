@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from benchmarks.bench import format_report, load_rows, main, stage_split
-from benchmarks.measure import sample_tree
+from benchmarks.bench import format_cpu_split, format_report, load_rows, main, stage_split
+from benchmarks.measure import DRIVER, Usage, sample_tree
 from benchmarks.whole import parse_timings
 
 STATS = """Operator 3 MapBatches(PrepareInput)->MapBatches(DecodeImages): 2 tasks executed, 2 blocks produced in 0.09s
@@ -51,6 +51,43 @@ def test_tree_memory_counts_child_processes_and_shared_pages_once():
         subprocess.run(["pkill", "-P", str(child.pid)])
         child.kill()
         child.wait()
+
+
+def test_cpu_split_credits_each_process_by_what_it_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "burn.py"
+    # It then idles a while: a sample must see it after its work (the sampler slows itself to stay cheap).
+    script.write_text("import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\n"
+                      "time.sleep(2)\n")
+    with Usage(interval=0.05) as usage:
+        subprocess.Popen([sys.executable, str(script)]).wait()
+    figures = usage.figures()
+    split = figures["cpu_split_s"]
+    assert split["burn.py"] >= 0.5
+    assert set(split) <= {"burn.py", DRIVER}
+    assert sum(split.values()) <= figures["busy_cpu_s"] + 0.1  # the tree is part of the machine
+
+
+def test_cpu_split_names_actors_by_class_and_idle_workers_by_their_last_task():
+    from benchmarks.measure import TreeSample
+
+    usage = Usage()
+    decode, clip = "ray::MapBatches(Decode)", "ray::MapWorker(MapBatches(Clip))"
+    for cpu in ({1: (DRIVER, 5.0), 2: ("ray::IDLE", 1.0), 3: (clip + ".__init__", 2.0)},  # baseline
+                {1: (DRIVER, 5.5), 2: (decode, 3.0), 3: (clip + ".submit", 4.0), 4: ("ray::IDLE", 0.5)},
+                {1: (DRIVER, 6.0), 2: ("ray::IDLE", 4.0), 3: (clip, 4.5), 4: ("ray::IDLE", 0.7)}):
+        usage.add_sample(TreeSample(0, 0, 0, cpu))
+    assert usage.cpu_split == {DRIVER: 1.0, decode: 3.0, clip: 2.5, "ray::IDLE": 0.7}
+
+
+def test_cpu_split_line_shows_the_largest_shares_of_the_machine():
+    split = {"ray::MapBatches(Decode)": 76.0, "ray::MapWorker(MapBatches(Clip)).submit": 12.0, DRIVER: 3.0,
+             "raylet": 1.0, "gcs_server": 1.0}
+    assert format_cpu_split(split, 100.0, shown=2) == (
+        "             cpu: ray::MapBatches(Decode) 76%, ray::MapWorker(MapBatches(Clip)).submit 12%, "
+        "other processes of the run 5%, not in the run (or missed between samples) 7%")
 
 
 def test_run_timings_are_read_back_from_the_run_log():
@@ -112,10 +149,13 @@ def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_
     [scale] = report["scale"]
     assert scale["rows"] == 16 and scale["seconds_per_1k_rows"] == clip_run["seconds_per_1k_rows"]
     assert scale["peak_pss_mb"] == clip_run["peak_pss_mb"]
+    # At toy size decode tasks end between samples; the CLIP actor lives through the run.
+    assert any("Clip" in t for t in scale["cpu_split_s"]) and DRIVER in scale["cpu_split_s"]
+    assert 0 < sum(scale["cpu_split_s"].values()) <= scale["busy_cpu_s"] + 0.5
     decode = report["decode_limit"]
     assert decode["rows"] == 16 and decode["images_per_s"] > 0
     assert scale["vlpipe_over_decode_limit"] == pytest.approx(scale["images_per_s"] / decode["images_per_s"], rel=0.01)
 
     assert report["signals"]["heads_tags"]["images"] == report["signals"]["classifier"]["images"] == 8
     printed = capsys.readouterr().out
-    assert "v/limit" in printed and "tiny-clip" in printed and str(out) in printed
+    assert "v/limit" in printed and "tiny-clip" in printed and str(out) in printed and "cpu: " in printed
