@@ -205,10 +205,8 @@ def apply_step(ds, step: Step, cluster: dict[str, float], head: tuple[Callable, 
 
     With a ``source``, ``ds`` is its listing and each task reads its file itself (``reads_inside``).
     """
-    import ray.data
-
     args = map_batches_args(step, cluster.get("GPU", 0.0), cluster.get("CPU", 1.0), rows)
-    if isinstance(args["compute"], ray.data.ActorPoolStrategy):
+    if is_actor_pool(args["compute"]):
         actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
         return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
     if source is not None:
@@ -429,14 +427,21 @@ def parquet_blocks(filesystem: pafs.FileSystem, columns: list[str] | None, path:
             yield pa.Table.from_batches([part])
 
 
-def reads_inside(step: Step) -> bool:
+def reads_inside(run_pass: Pass) -> bool:
     """Whether a pass's files are read inside its first step's tasks rather than as a step of their own.
 
     A CPU-bound first step (decoding) reads its own files: a read step runs ~25x faster than
     decoding, and its blocks of raw bytes queued in the object store up to Ray Data's budget
     (3.5 GB of 5.3 at a million rows), each also copied through the store once more.
     """
-    return step.anchor.kind == "task" and step.resources.num_cpus > 0
+    first = run_pass.steps[0] if run_pass.steps else None
+    return first is not None and first.anchor.kind == "task" and first.resources.num_cpus > 0
+
+
+def is_actor_pool(compute) -> bool:
+    import ray.data
+
+    return isinstance(compute, ray.data.ActorPoolStrategy)
 
 
 STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers like every "_" folder
@@ -466,7 +471,7 @@ def execute(run_passes: list[Pass], source: Source, table: Location, run_id: str
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     try:
         for run_pass in run_passes:
-            inside = bool(run_pass.steps) and reads_inside(run_pass.steps[0])
+            inside = reads_inside(run_pass)
             ds = source.listing() if inside else source.dataset(io_tasks)
             for index, step in enumerate(run_pass.steps):
                 ds = apply_step(ds, step, cluster, head if index == 0 else (),
@@ -490,11 +495,9 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
                        head: tuple[Callable, ...] = (), rows: int | None = None):
     """Spill the rows to staging files while collecting partials; the second pass's source (the staged
     files) and head."""
-    import ray.data
-
     staging.filesystem.create_dir(staging.path, recursive=True)
     compute = storage_pool(SPILL_RESOURCES, cluster.get("CPU", 1.0), rows)
-    if isinstance(compute, ray.data.ActorPoolStrategy):
+    if is_actor_pool(compute):
         spill, constructor = Spill, {"fn_constructor_args": (aggregate, staging, head)}
     else:
         spill, constructor = _named(Spill(aggregate, staging, head), "Spill"), {}

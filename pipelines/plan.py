@@ -369,7 +369,7 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
         if len(plan.passes) > 1:
             lines.append(f"pass {number}" + (f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
                                              if run_pass.aggregate else " (reads pass 1's staged rows back)"))
-        inside = bool(run_pass.steps) and reads_inside(run_pass.steps[0])
+        inside = reads_inside(run_pass)
         if not inside:
             lines.append(f"  ray step Read: read -- tasks (at most {task_concurrency(IO_RESOURCES, cpus)}, "
                          "a file each) x 0 CPU")
@@ -387,7 +387,9 @@ def _how(step, args: dict, reads: bool = False) -> str:
     """``reads``: the step's tasks read the files themselves (``execute.reads_inside``)."""
     stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
     gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
-    if hasattr(args["compute"], "min_size"):  # an actor pool
+    from pipelines.execute import is_actor_pool
+
+    if is_actor_pool(args["compute"]):
         workers = f"{args['compute'].min_size} actor(s)"
     else:
         workers = f"tasks (at most {args['compute'].size}{', a file each' if reads else ''})"

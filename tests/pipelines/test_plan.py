@@ -15,7 +15,7 @@ from operators import schema as col
 from operators.storage import Location, StorageOptions
 from pipelines.config import validate_config
 from pipelines.errors import PlanError
-from pipelines.execute import map_batches_args, parquet_source, reads_inside, resource_shortfall
+from pipelines.execute import Pass, map_batches_args, parquet_source, reads_inside, resource_shortfall
 from pipelines.plan import build_plan
 
 DAY = dt.date(2026, 11, 1)
@@ -309,7 +309,9 @@ def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_
     plan = build_plan(config, Location.resolve(config.output.uri, StorageOptions()), run_id="r", run_date=DAY,
                       shard_schema=pq.read_schema(paths[0]))
     first, second = plan.passes[0].steps[0], plan.passes[0].steps[1]
-    assert reads_inside(first) and not reads_inside(second)  # decoding reads; the CLIP actor is fed
+    # Decoding reads; a pass that began at the CLIP actor (or had no step) would be fed by a read step.
+    assert reads_inside(plan.passes[0])
+    assert not reads_inside(Pass((second,), None)) and not reads_inside(Pass((), None))
     source = parquet_source([str(p) for p in paths[:2]], pafs.LocalFileSystem(), list(plan.input_columns.read),
                             with_path=True)
     listing = pa.table({SHARD_PATH: [str(p) for p in paths[:2]]})
