@@ -287,7 +287,7 @@ def vlpipe_run(raw_config: dict, images: int) -> dict:
 
 
 def vlpipe_config(input_uri: str, output_uri: str, clip_dir: pathlib.Path, *, clip_batch: int | None,
-                  caption: dict | None = None, storage: dict | None = None) -> dict:
+                  caption: dict | None = None, storage: dict | None = None, executor: str = "ray") -> dict:
     clip: dict = {"model": {"source": str(clip_dir)}}
     resources: dict = {}
     if clip_batch:
@@ -303,6 +303,7 @@ def vlpipe_config(input_uri: str, output_uri: str, clip_dir: pathlib.Path, *, cl
         "filter": {"min_clip_score": 0.0},
         # Files of a few thousand rows: the writer buffers one file's rows, so memory stays flat with N.
         "output": {"uri": output_uri, "rows_per_file": 2000},
+        "executor": executor,
     }
     if caption:
         raw["caption"] = caption
@@ -401,13 +402,20 @@ def _clip(args, device, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> d
     clip["naive"] = clip_naive(clip_dir, paths, device)
     log.info("CLIP naive: %s", clip["naive"])
     gc.collect()
-    config = vlpipe_config(uri, str(out_root / "clip"), clip_dir, clip_batch=args.clip_batch,
-                           storage=storage)
-    clip["vlpipe"] = vlpipe_run(config, len(table))
-    log.info("CLIP vlpipe: %s", clip["vlpipe"])
-    clip["vlpipe_over_limit"] = _ratio(clip["vlpipe"], clip["limit"])
-    clip["vlpipe_over_naive"] = _ratio(clip["vlpipe"], clip["naive"])
-    return clip
+    for mode, executor in (("vlpipe", "ray"), ("vlpipe_in_process", "in_process")):
+        config = vlpipe_config(uri, str(out_root / "clip"), clip_dir, clip_batch=args.clip_batch,
+                               storage=storage, executor=executor)
+        clip[mode] = vlpipe_run(config, len(table))
+        log.info("CLIP %s: %s", mode, clip[mode])
+    return _with_ratios(clip)
+
+
+def _with_ratios(result: dict) -> dict:
+    """Each vlpipe run (on Ray, in process) over the limit and the naive loop."""
+    for mode in ("vlpipe", "vlpipe_in_process"):
+        result[f"{mode}_over_limit"] = _ratio(result[mode], result["limit"])
+        result[f"{mode}_over_naive"] = _ratio(result[mode], result["naive"])
+    return result
 
 
 def _signals(args, clip_dir: pathlib.Path) -> dict:
@@ -513,13 +521,12 @@ def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib
     gc.collect()
     caption = {"model": {"source": str(caption_dir)}, "max_new_tokens": args.max_new_tokens,
                "resources": {"num_cpus": 0.5, **({"batch_size": args.caption_batch} if args.caption_batch else {})}}
-    config = vlpipe_config(uri, str(out_root / "caption"), scoring_clip, clip_batch=None, caption=caption,
-                           storage=storage)
-    result["vlpipe"] = vlpipe_run(config, len(table))
-    log.info("caption vlpipe: %s", result["vlpipe"])
-    result["vlpipe_over_limit"] = _ratio(result["vlpipe"], result["limit"])
-    result["vlpipe_over_naive"] = _ratio(result["vlpipe"], result["naive"])
-    return result
+    for mode, executor in (("vlpipe", "ray"), ("vlpipe_in_process", "in_process")):
+        config = vlpipe_config(uri, str(out_root / "caption"), scoring_clip, clip_batch=None, caption=caption,
+                               storage=storage, executor=executor)
+        result[mode] = vlpipe_run(config, len(table))
+        log.info("caption %s: %s", mode, result[mode])
+    return _with_ratios(result)
 
 
 def _whole(args, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> dict:
@@ -569,12 +576,14 @@ def format_report(report: dict) -> str:
         r = report.get(name)
         if not r:
             continue
-        lines.append(
-            f"{name:<10} {pathlib.Path(r['model']).name:<24} {r['limit']['images']:>6} "
-            f"{r['limit']['images_per_s']:>9.2f} {r['naive']['images_per_s']:>9.2f} {r['vlpipe']['images_per_s']:>9.2f} "
-            f"{r['vlpipe_over_limit']:>8.2f} {r['vlpipe_over_naive']:>8.2f}"
-        )
-    lines.append("(images/s; vlpipe is end to end: Ray actors start, model load, read, decode, model, filter, commit)")
+        for mode, label in (("vlpipe", name), ("vlpipe_in_process", f"{name}/here")):
+            lines.append(
+                f"{label:<12} {pathlib.Path(r['model']).name:<22} {r['limit']['images']:>6} "
+                f"{r['limit']['images_per_s']:>9.2f} {r['naive']['images_per_s']:>9.2f} {r[mode]['images_per_s']:>9.2f} "
+                f"{r[f'{mode}_over_limit']:>8.2f} {r[f'{mode}_over_naive']:>8.2f}"
+            )
+    lines.append("(images/s; vlpipe is end to end: Ray actors start, model load, read, decode, model, filter, commit;\n"
+                 " '/here' is the same run in the bench's process without Ray, executor: in_process)")
     for name in ("clip", "caption"):
         r = report.get(name)
         if not r:
@@ -582,7 +591,8 @@ def format_report(report: dict) -> str:
         lines += ["", f"{name} vlpipe stages (Ray Data remote time, summed over workers):"]
         for stage, t in r["vlpipe"]["stages"].items():
             lines.append(f"  {stage[:70]:<70} wall {t.get('wall_s', 0):>8.1f}s  cpu {t.get('cpu_s', 0):>8.1f}s")
-        lines.append("  peak PSS: " + ", ".join(f"{k} {r[k]['peak_pss_mb']:.0f} MB" for k in ("limit", "naive", "vlpipe")))
+        lines.append("  peak PSS: " + ", ".join(f"{k} {r[k]['peak_pss_mb']:.0f} MB"
+                                                for k in ("limit", "naive", "vlpipe", "vlpipe_in_process")))
         if r["vlpipe"].get("timings"):
             lines.append("  run phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["vlpipe"]["timings"].items()))
     if report.get("scale"):
@@ -641,19 +651,22 @@ def _format_whole(result: dict | None) -> list[str]:
     if not result:
         return []
     lines = [""]
+    names = [f"vlpipe_{e}" for e in whole.EXECUTORS] + ["naive"]
     if result.get("clip"):
         r = result["clip"]
-        lines.append(f"whole commands, {r['vlpipe']['images']} rows (s, min/median/max of {r['vlpipe']['runs']}):")
-        for name in ("vlpipe", "naive"):
+        lines.append(f"whole commands, {r['naive']['images']} rows (s, min/median/max of {r['naive']['runs']}):")
+        for name in names:
             t = r[name]
-            lines.append(f"  {name:<7} {t['min_s']:>7.1f} {t['median_s']:>7.1f} {t['max_s']:>7.1f}   "
+            lines.append(f"  {name:<13} {t['min_s']:>7.1f} {t['median_s']:>7.1f} {t['max_s']:>7.1f}   "
                          f"{t['images_per_s']:.1f} img/s")
-        lines.append(f"  vlpipe / naive: {r['vlpipe_over_naive']:.2f}")
+        lines.append("  " + ", ".join(f"{n} / naive: {r[f'{n}_over_naive']:.2f}" for n in names[:-1]))
     f = result["fixed_cost"]
-    lines.append(f"fixed cost, `vlpipe run configs/demo.yaml` as a process: median {f['wall']['median_s']:.1f} s "
-                 f"(min {f['wall']['min_s']:.1f}, max {f['wall']['max_s']:.1f}); imports {f['imports_s']:.1f} s, "
-                 f"outside run_pipeline {f['outside_run_s']:.1f} s; phases: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in f["phases_s"].items()))
+    lines.append(f"fixed cost, `vlpipe run configs/demo.yaml` as a process (imports {f['imports_s']:.1f} s):")
+    for executor in whole.EXECUTORS:
+        e = f[executor]
+        lines.append(f"  executor {executor:<5} median {e['wall']['median_s']:.1f} s (min {e['wall']['min_s']:.1f}, "
+                     f"max {e['wall']['max_s']:.1f}); outside run_pipeline {e['outside_run_s']:.1f} s; phases: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in e["phases_s"].items()))
     return lines
 
 

@@ -2,7 +2,8 @@
 (imports, Ray start, model load and exit included), several times each: min / median / max.
 
 Also the fixed cost of a demo-sized run, split into the phases ``run_pipeline`` logs and what
-lies outside them (interpreter start and imports before, Ray's shutdown after).
+lies outside them (interpreter start and imports before, Ray's shutdown after). ``vlpipe run``
+runs both ways: ``executor: auto`` (runs this size in process, without Ray) and ``ray``.
 """
 
 from __future__ import annotations
@@ -46,18 +47,26 @@ def vlpipe_command(config: dict, config_path: pathlib.Path, *, quiet: bool = Tru
     return [sys.executable, "-m", "jobs.cli", *(["-q"] if quiet else []), "run", str(config_path)]
 
 
+EXECUTORS = ("auto", "ray")  # auto: a run of this size goes in process, without Ray
+
+
 def whole_clip(config: dict, work: pathlib.Path, clip_dir: pathlib.Path, paths: list[pathlib.Path],
                images: int, repeats: int) -> dict:
-    """``vlpipe run`` against ``python -m benchmarks.naive_clip``, alternating, ``repeats`` times each."""
-    vlpipe = vlpipe_command(config, work / "whole-clip.yaml")
-    naive = [sys.executable, "-m", "benchmarks.naive_clip", str(clip_dir), str(work / "naive-scores.parquet"),
-             *map(str, paths)]
-    times: dict[str, list[float]] = {"vlpipe": [], "naive": []}
-    for _ in range(repeats):  # alternating, so a noisy minute hurts both alike
-        times["vlpipe"].append(timed(vlpipe)[0])
-        times["naive"].append(timed(naive)[0])
+    """``vlpipe run`` (``executor: auto`` and ``ray``) against ``python -m benchmarks.naive_clip``,
+    taking turns, ``repeats`` times each."""
+    commands = {f"vlpipe_{executor}": vlpipe_command({**config, "executor": executor},
+                                                     work / f"whole-clip-{executor}.yaml")
+                for executor in EXECUTORS}
+    commands["naive"] = [sys.executable, "-m", "benchmarks.naive_clip", str(clip_dir),
+                         str(work / "naive-scores.parquet"), *map(str, paths)]
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):  # taking turns, so a noisy minute hurts all alike
+        for name, command in commands.items():
+            times[name].append(timed(command)[0])
     result = {name: spread(seconds, images) for name, seconds in times.items()}
-    result["vlpipe_over_naive"] = round(result["vlpipe"]["images_per_s"] / result["naive"]["images_per_s"], 3)
+    for executor in EXECUTORS:
+        result[f"vlpipe_{executor}_over_naive"] = round(
+            result[f"vlpipe_{executor}"]["images_per_s"] / result["naive"]["images_per_s"], 3)
     return result
 
 
@@ -73,12 +82,21 @@ def parse_timings(stderr: str) -> dict[str, float]:
 
 
 def fixed_cost(config: dict, work: pathlib.Path, repeats: int) -> dict:
-    """A demo-sized run as a whole process: wall time and where it went (median run of ``repeats``)."""
-    command = vlpipe_command(config, work / "fixed-cost.yaml", quiet=False)
+    """A demo-sized run as a whole process, with each executor: wall time and where it went (the
+    median run of ``repeats``)."""
     imports = [timed([sys.executable, "-c", "import jobs.cli, pipelines.run"])[0] for _ in range(repeats)]
-    runs = sorted((timed(command) for _ in range(repeats)), key=lambda run: run[0])
-    wall, stderr = runs[len(runs) // 2]
-    phases = parse_timings(stderr)
-    inside = sum(v for k, v in phases.items() if k != "execute_until_first_file")
-    return {"wall": seconds_spread([w for w, _ in runs]), "imports_s": round(statistics.median(imports), 3), "phases_s": phases,
-            "outside_run_s": round(wall - inside, 3)}
+    commands = {executor: vlpipe_command({**config, "executor": executor}, work / f"fixed-cost-{executor}.yaml",
+                                         quiet=False) for executor in EXECUTORS}
+    runs: dict[str, list[tuple[float, str]]] = {executor: [] for executor in EXECUTORS}
+    for _ in range(repeats):
+        for executor, command in commands.items():
+            runs[executor].append(timed(command))
+    result: dict = {"imports_s": round(statistics.median(imports), 3)}
+    for executor, done in runs.items():
+        done.sort(key=lambda run: run[0])
+        wall, stderr = done[len(done) // 2]
+        phases = parse_timings(stderr)
+        inside = sum(v for k, v in phases.items() if k != "execute_until_first_file")
+        result[executor] = {"wall": seconds_spread([w for w, _ in done]), "phases_s": phases,
+                            "outside_run_s": round(wall - inside, 3)}
+    return result

@@ -58,7 +58,7 @@ class Staged:
 
     paths: list[str]
     location: Location
-    cluster: dict[str, float]
+    cluster: dict[str, float] | None  # None: the run has no Ray (``pipelines.in_process``)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ from pipelines.errors import ConfigError
 
 # The config sections that each name a model (``<section>.model``).
 MODEL_SECTIONS = ("clip", "caption", "itm", "classifier", "ask")
+# Below this many rows a run goes faster without Ray than Ray takes to start (README "In process").
+IN_PROCESS_MAX_ROWS = 10_000
 
 
 class _Strict(BaseModel):
@@ -155,6 +157,10 @@ class PipelineConfig(_Strict):
     # Only for a Ray that vlpipe starts itself: its dashboard costs start time and a few
     # hundred MB of processes that a batch run rarely looks at.
     ray_dashboard: bool = False
+    # auto: a run of at most in_process_max_rows rows (from the shards' footers) runs in this
+    # process, without Ray, unless a Ray cluster is given or already connected (pipelines.in_process).
+    executor: Literal["auto", "ray", "in_process"] = "auto"
+    in_process_max_rows: int = Field(IN_PROCESS_MAX_ROWS, ge=0)
     report: ReportConfig = ReportConfig()
 
     @field_validator("tags")
@@ -197,7 +203,8 @@ class PipelineConfig(_Strict):
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
         payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address", "ray_resource_timeout_s",
-                                                        "ray_dashboard", "report"})
+                                                        "ray_dashboard", "executor", "in_process_max_rows",
+                                                        "report"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_absolute_paths(self) -> "PipelineConfig":

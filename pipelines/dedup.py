@@ -107,6 +107,9 @@ class Dedup:
             counts, centroids, metadata = self._in_one_task(staged, shards, actions, decisions)
             hooks.reach("dedup:decided")
             return DedupState(decisions, centroids, counts, metadata)
+        if staged.cluster is None:
+            log.info("dedup: %d rows with the history, more than one task decides: Ray Data shuffles them "
+                     "(starting a local Ray)", bound)
         partitions = _partitions(bound)
         with _sort_shuffle():
             def rows(column: str):
@@ -135,15 +138,17 @@ class Dedup:
 
     def _in_one_task(self, staged, shards: set[str], actions: pa.Table | None, decisions: Location):
         """A small decision in one Ray task: the same groups and rules, without the shuffle jobs' start-up."""
-        import ray
-
         columns = [c for c, on in ((col.IMAGE_SHA256, self.config.exact), (col.IMAGE_PHASH, self.config.near),
                                    (col.IMAGE_EMBEDDING, self.config.semantic)) if on]
         history = {c: history_files(self.table, self.run_date, c, actions=actions) if actions else [] for c in columns}
         stored = load_centroids(self.table) if self.config.semantic else None
+        args = (self.config, self.table, staged.paths, staged.location, history, shards, decisions, stored)
+        if staged.cluster is None:  # a run without Ray decides here
+            return decide_in_one_task(*args)
+        import ray
+
         task = ray.remote(num_cpus=0, max_retries=3)(decide_in_one_task)
-        return ray.get(task.remote(self.config, self.table, staged.paths, staged.location, history, shards,
-                                   decisions, stored))
+        return ray.get(task.remote(*args))
 
     def _centroids(self, embeddings) -> tuple[np.ndarray | None, dict[str, str]]:
         """The table's centroids; the first semantic run fits them on a sample of its and earlier rows."""

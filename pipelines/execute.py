@@ -38,7 +38,7 @@ from operators.prepare import SHARD_PATH
 from operators.resources import Resources
 from operators.stage import Stage, Staged
 from pipelines import hooks
-from pipelines.errors import PlanError
+from pipelines.errors import Interrupted, PlanError
 from operators.storage import Location
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class StepActor:
 
     def __init__(self, step: Step, head: tuple[Callable, ...] = ()):
         quiet_idle_threads()
-        self.run = StepRun(step, head, _build_all(step))
+        self.run = StepRun(step, head, build_operators(step))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.run(batch)
@@ -237,7 +237,7 @@ def quiet_idle_threads() -> None:
 
 def _task_function(step: Step, head: tuple[Callable, ...]) -> Callable[[pa.Table], pa.Table]:
     def run(batch: pa.Table) -> pa.Table:
-        return StepRun(step, head, _build_all(step))(batch)
+        return StepRun(step, head, build_operators(step))(batch)
 
     run.__name__ = run.__qualname__ = step.name
     return run
@@ -248,7 +248,7 @@ def _reading_task_function(step: Step, head: tuple[Callable, ...], source: Sourc
     rows = step.resources.batch_size
 
     def run(listing: pa.Table) -> Iterator[pa.Table]:
-        step_run = StepRun(step, head, _build_all(step))
+        step_run = StepRun(step, head, build_operators(step))
         for path in listing.column(SHARD_PATH).to_pylist():
             for table in source.tables(path):
                 for offset in range(0, table.num_rows, rows):
@@ -278,7 +278,7 @@ class StepRun:
         return batch.drop_columns([c for c in self.step.drop if c in batch.column_names])
 
 
-def _build_all(step: Step) -> list:
+def build_operators(step: Step) -> list:
     return [_build(stage) for stage in step.stages]
 
 
@@ -286,7 +286,7 @@ def _build(stage: Stage):
     try:
         return stage.build()
     except Exception as err:
-        if stage.kind != "actor":
+        if stage.kind != "actor" or isinstance(err, Interrupted):  # a run stopped while its model loads (in process)
             raise
         # Ray fails the run on the first actor that dies in its constructor (no restart loop);
         # this puts the model's own error in the last line of the message the user sees.
@@ -488,7 +488,7 @@ def execute(run_passes: list[Pass], source: Source, table: Location, run_id: str
         # Per-stage wall and CPU time of the execution; the benchmark reads it from this log.
         log.debug("Ray Data stats:\n%s", ds.stats())
     finally:
-        _remove(staging)
+        remove_staging(staging)
 
 
 def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[str, float],
@@ -503,10 +503,15 @@ def _through_aggregate(ds, aggregate: Stage, staging: Location, cluster: dict[st
         spill, constructor = _named(Spill(aggregate, staging, head), "Spill"), {}
     spilled = ds.map_batches(spill, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
                              num_cpus=0, compute=compute, **constructor)
-    rows = list(spilled.iter_rows())
-    paths = [r["path"] for r in rows if r["path"]]
+    return decide(aggregate, list(spilled.iter_rows()), staging, cluster)
+
+
+def decide(aggregate: Stage, spilled: list[dict], staging: Location, cluster: dict[str, float] | None):
+    """An aggregate's decision from its spill's rows (``cluster`` None: a run without Ray); the second
+    pass's source, head and the ``Decided``."""
+    paths = [r["path"] for r in spilled if r["path"]]
     start = time.perf_counter()
-    state = aggregate.build().combine([read_partial(r["partial"]) for r in rows], Staged(paths, staging, cluster))
+    state = aggregate.build().combine([read_partial(r["partial"]) for r in spilled], Staged(paths, staging, cluster))
     seconds = time.perf_counter() - start
     log.info("%s over the whole run (%.2f s): %s", aggregate.name, seconds, state)
     second = parquet_source(paths, staging.filesystem)
@@ -522,7 +527,7 @@ class Decided:
     seconds: float
 
 
-def _remove(staging: Location) -> None:
+def remove_staging(staging: Location) -> None:
     try:
         if staging.filesystem.get_file_info(staging.path).type != pafs.FileType.NotFound:
             staging.filesystem.delete_dir(staging.path)

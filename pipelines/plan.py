@@ -359,17 +359,23 @@ def check_locations(input_: Location, output: Location, runs: Location) -> None:
             )
 
 
-def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
-    """The plan as ``vlpipe plan`` prints it: stages, how they run on Ray, columns, schema."""
+def describe(plan: Plan, cluster: dict[str, float] | None = None, in_process: str | None = None) -> str:
+    """The plan as ``vlpipe plan`` prints it: stages, how they run (on Ray, or in this process for
+    the reason ``in_process`` gives), columns, schema."""
     from pipelines.execute import IO_RESOURCES, map_batches_args, reads_inside, task_concurrency
+    from pipelines.in_process import cpu_threads
 
-    lines = []
+    lines = [f"in this process, no Ray ({in_process})"] if in_process else []
     cpus = (cluster or {}).get("CPU", 2.0)
     for number, run_pass in enumerate(plan.passes, 1):
         if len(plan.passes) > 1:
             lines.append(f"pass {number}" + (f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
                                              if run_pass.aggregate else " (reads pass 1's staged rows back)"))
         inside = reads_inside(run_pass)
+        if in_process:
+            lines += [f"  step {step.name}: {_how_in_process(step, cpu_threads(), inside and index == 0)}"
+                      for index, step in enumerate(run_pass.steps)]
+            continue
         if not inside:
             lines.append(f"  ray step Read: read -- tasks (at most {task_concurrency(IO_RESOURCES, cpus)}, "
                          "a file each) x 0 CPU")
@@ -381,6 +387,12 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None) -> str:
         lines += _describe_stage(stage)
     lines += ["", "output schema:"] + [f"  {f.name:<22} {f.type}" for f in plan.output_schema]
     return "\n".join(lines)
+
+
+def _how_in_process(step, threads: int, reads: bool) -> str:
+    stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
+    on_threads = step.anchor.kind == "task" and step.resources.num_cpus > 0
+    return f"{stages} -- {f'{threads} thread(s)' if on_threads else 'this thread'}, batch {step.resources.batch_size}"
 
 
 def _how(step, args: dict, reads: bool = False) -> str:

@@ -29,6 +29,7 @@ from pipelines.commit import WriteSummary, commit_files, table_version
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
 from pipelines.execute import Source, execute, parquet_source, resource_shortfall
+from pipelines.in_process import execute_in_process, gpu_shortfall, in_process_reason
 from pipelines.nightly import NightlyPlan, plan_nightly
 from pipelines.plan import Plan, build_plan, check_locations, describe
 from pipelines.report import write_run_report
@@ -149,7 +150,7 @@ def explain(config: PipelineConfig) -> str:
     unusable = f", {len(checked.failed)} unusable" if checked.failed else ""
     rows = f"{checked.rows:,} rows in " if checked.rows is not None else ""
     return (f"plan of a run into {run.output.uri} (run_date={run.run_date}; {rows}{len(shards)} shard(s)"
-            f"{unusable})\n\n" + describe(plan))
+            f"{unusable})\n\n" + describe(plan, in_process=in_process_reason(run.config, plan.input_rows)))
 
 
 def _run(run: Run, only: list[Shard] | None) -> RunRecord:
@@ -170,14 +171,22 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
         plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date,
                           shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good),
                           input_format=input_format, input_rows=checked.rows)
-    with run.phase("ray_start"):
-        cluster = _start_ray(config, plan)
-    log.info("plan:\n%s", describe(plan, cluster))
+    in_process = in_process_reason(config, plan.input_rows)
+    if in_process:
+        if short := gpu_shortfall(plan.passes, in_process):
+            raise PlanError(short)
+        log.info("plan:\n%s", describe(plan, in_process=in_process))
+        rows = partial(execute_in_process, plan.passes)
+    else:
+        with run.phase("ray_start"):
+            cluster = _start_ray(config, plan)
+        log.info("plan:\n%s", describe(plan, cluster))
+        rows = partial(execute, plan.passes, cluster=cluster, rows=plan.input_rows)
     summary, decided = WriteSummary(), []
     with run.phase("execute"):
         start = time.perf_counter()
         source = _source(plan, config, run.input, checked)
-        for row in execute(plan.passes, source, run.output, run.run_id, cluster, decided, plan.input_rows):
+        for row in rows(source, run.output, run.run_id, decided=decided):
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
             summary.add(row)

@@ -106,14 +106,18 @@ def test_a_signal_stops_the_run_and_records_it_interrupted(local_shards, tiny_cl
                                stderr=subprocess.PIPE, text=True)
     seen = []
     deadline = time.monotonic() + 120
-    for line in process.stderr:  # the plan is logged once Ray runs: stop it mid-run
+    for line in process.stderr:  # the plan is logged as the run starts (in process, at this size): stop it mid-run
         seen.append(line)
         if "plan:" in line or time.monotonic() > deadline:
             break
     time.sleep(3)
     process.send_signal(stop)
     _, rest = process.communicate(timeout=120)
-    assert process.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
+    # A shell sees 130 either way: now and then CPython ends the process by SIGINT at exit after
+    # vlpipe caught the KeyboardInterrupt and recorded it (its unhandled-interrupt flag, set by an
+    # inner frame the signal landed in while the models loaded).
+    exits = (130, -signal.SIGINT) if stop == signal.SIGINT else (130,)
+    assert process.returncode in exits, "".join(seen)[-2000:] + rest[-2000:]
     assert rest.strip().splitlines()[-1] == f"vlpipe: interrupted ({stop.name})"
     (record,) = records(tmp_path)
     assert record["status"] == "interrupted" and record["error"] == f"interrupted ({stop.name})"
