@@ -187,6 +187,10 @@ class ModelOperator:
 
 def load_model(model_class, ref: ModelRef, model_dir: Path, device, dtype):
     """``from_pretrained`` with the trust policy of ``ref`` applied, placed on ``device`` in eval mode."""
+    from transformers.utils import logging as transformers_logging
+
+    # A run in the vlpipe process would print a weights bar per model between its log lines.
+    transformers_logging.disable_progress_bar()
     model = model_class.from_pretrained(
         model_dir,
         dtype=dtype,

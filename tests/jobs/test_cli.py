@@ -152,3 +152,17 @@ def test_convert_head_writes_a_head_directory_and_refuses_what_is_not_a_head(tmp
     assert main(["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "a"),
                  "--arch", "aesthetic-v2"]) == 2
     assert "is not an aesthetic-v2 head: unknown key(s) linear_1.bias" in capsys.readouterr().err
+
+
+def test_quiet_silences_ray_only_once_something_imports_it():
+    import subprocess
+    import sys
+
+    # A small run never imports Ray: --quiet must not import it either, yet must still hold where Ray comes in.
+    script = ("import sys, logging\nfrom jobs.cli import _ray_output\n_ray_output(True)\n"
+              "assert 'ray' not in sys.modules\nimport ray.data\n"
+              "print(ray.data.DataContext.get_current().enable_progress_bars,"
+              " min(h.level for h in logging.getLogger('ray').handlers))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], timeout=120)
+    assert done.stdout.split() == ["False", "30"], done.stderr[-2000:]
