@@ -50,6 +50,16 @@ def vlpipe_command(config: dict, config_path: pathlib.Path, *, quiet: bool = Tru
 EXECUTORS = ("auto", "ray")  # auto: a run of this size goes in process, without Ray
 
 
+def take_turns(commands: dict[str, list[str]], repeats: int) -> dict[str, list[tuple[float, str]]]:
+    """Each command ``repeats`` times, taking turns so that a noisy minute hurts all alike: the wall
+    time and stderr of every run, by name."""
+    runs: dict[str, list[tuple[float, str]]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            runs[name].append(timed(command))
+    return runs
+
+
 def whole_clip(config: dict, work: pathlib.Path, clip_dir: pathlib.Path, paths: list[pathlib.Path],
                images: int, repeats: int) -> dict:
     """``vlpipe run`` (``executor: auto`` and ``ray``) against ``python -m benchmarks.naive_clip``,
@@ -59,11 +69,8 @@ def whole_clip(config: dict, work: pathlib.Path, clip_dir: pathlib.Path, paths: 
                 for executor in EXECUTORS}
     commands["naive"] = [sys.executable, "-m", "benchmarks.naive_clip", str(clip_dir),
                          str(work / "naive-scores.parquet"), *map(str, paths)]
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    for _ in range(repeats):  # taking turns, so a noisy minute hurts all alike
-        for name, command in commands.items():
-            times[name].append(timed(command)[0])
-    result = {name: spread(seconds, images) for name, seconds in times.items()}
+    result = {name: spread([wall for wall, _ in runs], images)
+              for name, runs in take_turns(commands, repeats).items()}
     for executor in EXECUTORS:
         result[f"vlpipe_{executor}_over_naive"] = round(
             result[f"vlpipe_{executor}"]["images_per_s"] / result["naive"]["images_per_s"], 3)
@@ -87,12 +94,8 @@ def fixed_cost(config: dict, work: pathlib.Path, repeats: int) -> dict:
     imports = [timed([sys.executable, "-c", "import jobs.cli, pipelines.run"])[0] for _ in range(repeats)]
     commands = {executor: vlpipe_command({**config, "executor": executor}, work / f"fixed-cost-{executor}.yaml",
                                          quiet=False) for executor in EXECUTORS}
-    runs: dict[str, list[tuple[float, str]]] = {executor: [] for executor in EXECUTORS}
-    for _ in range(repeats):
-        for executor, command in commands.items():
-            runs[executor].append(timed(command))
     result: dict = {"imports_s": round(statistics.median(imports), 3)}
-    for executor, done in runs.items():
+    for executor, done in take_turns(commands, repeats).items():
         done.sort(key=lambda run: run[0])
         wall, stderr = done[len(done) // 2]
         phases = parse_timings(stderr)

@@ -97,9 +97,14 @@ def _apply(batches: Iterable[pa.Table], step: Step, head: tuple[Callable, ...], 
            threads: int) -> Iterator[pa.Table]:
     """The step over ``batches``, re-cut to its batch size: on the pool for CPU work, else here."""
     batches = rebatch(batches, step.resources.batch_size)
-    if step.anchor.kind == "task" and step.resources.num_cpus > 0:
+    if on_pool(step):
         return ordered_map(pool, _per_thread(step, head), batches, ahead=2 * threads)
     return map(StepRun(step, head, build_operators(step)), batches)
+
+
+def on_pool(step: Step) -> bool:
+    """CPU work (read, prepare, decode) runs on the thread pool; models and storage in the main thread."""
+    return step.anchor.kind == "task" and step.resources.num_cpus > 0
 
 
 def _per_thread(step: Step, head: tuple[Callable, ...]) -> Callable[[pa.Table], pa.Table]:

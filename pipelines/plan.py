@@ -389,15 +389,20 @@ def describe(plan: Plan, cluster: dict[str, float] | None = None, in_process: st
     return "\n".join(lines)
 
 
+def _stage_names(step, reads: bool) -> str:
+    return " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
+
+
 def _how_in_process(step, threads: int, reads: bool) -> str:
-    stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
-    on_threads = step.anchor.kind == "task" and step.resources.num_cpus > 0
-    return f"{stages} -- {f'{threads} thread(s)' if on_threads else 'this thread'}, batch {step.resources.batch_size}"
+    from pipelines.in_process import on_pool
+
+    where = f"{threads} thread(s)" if on_pool(step) else "this thread"
+    return f"{_stage_names(step, reads)} -- {where}, batch {step.resources.batch_size}"
 
 
 def _how(step, args: dict, reads: bool = False) -> str:
     """``reads``: the step's tasks read the files themselves (``execute.reads_inside``)."""
-    stages = " + ".join(("read",) * reads + tuple(s.name for s in step.stages))
+    stages = _stage_names(step, reads)
     gpus = f", {args['num_gpus']:g} GPU" if args.get("num_gpus") else ""
     from pipelines.execute import is_actor_pool
 
