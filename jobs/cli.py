@@ -486,6 +486,7 @@ def format_summary(record: RunRecord, report: str | None = None) -> str:
 def entry() -> None:
     """The ``vlpipe`` console script: ``main``, then an exit that skips tearing torch down."""
     code = main()
+    logs.close()  # vlpipe's last line is out: libraries' atexit handlers (torch, Ray) print nothing after it
     if "torch" in sys.modules and "ray" not in sys.modules:
         # Everything is written and committed by now, and libtorch's teardown at exit (static
         # destructors, thread pools) took 0.65 s of a 5 s small run. A run on a local Ray

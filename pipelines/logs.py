@@ -51,7 +51,12 @@ class RunIdFilter(logging.Filter):
 
 
 def configure(verbosity: int = 0) -> None:
-    """Logging for the CLI: -1 quiet (warnings and errors), 0 info, 1 debug for vlpipe's own modules."""
+    """Logging for the CLI: vlpipe's own lines at INFO, every other library at WARNING.
+
+    -1 (quiet): warnings and errors from everyone. 1 (-v): debug for vlpipe's own modules, and
+    INFO from the libraries too. A library that logs at INFO (torch's FakeTensor cache stats at
+    exit, Ray's start-up lines) would otherwise bury vlpipe's lines and print after its last one.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RunIdFilter())
     handler.setFormatter(logging.Formatter(FORMAT))
@@ -59,10 +64,18 @@ def configure(verbosity: int = 0) -> None:
     for old in [h for h in root.handlers if isinstance(h, logging.StreamHandler) and _is_ours(h)]:
         root.removeHandler(old)  # main() may run more than once in one process (tests)
     root.addHandler(handler)
-    root.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
+    root.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    own = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     for name in _OWN_PACKAGES:
-        # Debug only for our modules: Ray's, urllib3's and botocore's debug output would bury them.
-        logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 0 else logging.NOTSET)
+        logging.getLogger(name).setLevel(own)
+    logging.disable(logging.NOTSET)  # a previous main() in this process (tests) may have closed it
+
+
+def close() -> None:
+    """vlpipe has printed its last line: nothing logs after it (libraries' atexit handlers included)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    logging.disable(logging.CRITICAL)
 
 
 def _is_ours(handler: logging.Handler) -> bool:

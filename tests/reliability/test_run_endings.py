@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -95,30 +96,80 @@ def test_an_error_inside_a_stage_is_a_failed_record_with_the_error_and_exits_1(
     assert record["status"] == "failed" and "planted failure at batch:filter" in record["error"]
 
 
+# vlpipe as a process, with what made its last stderr line a library's on another machine: torch's
+# FakeTensor module imported (it logs cache stats at INFO from an atexit handler) and torch's
+# loggers left to the application, as there; plus a library that warns at exit.
+_PRELOADED = """
+import atexit, logging, sys
+import torch._subclasses.fake_tensor
+torch_log = logging.getLogger("torch")
+torch_log.propagate, torch_log.handlers[:] = True, []
+torch_log.setLevel(logging.NOTSET)
+atexit.register(lambda: logging.getLogger("a_library").warning("tearing down"))
+from jobs.cli import entry
+sys.argv[0] = "vlpipe"
+entry()
+"""
+_VLPIPE_LINE = re.compile(r"^(vlpipe: |\S+ \S+ [A-Z]+ +(vlpipe|operators|pipelines|jobs)[\w.]*( run=\S+)?: )")
+
+
+def start_vlpipe(tmp_path: Path, config: str, faults: Path | None = None, *flags: str) -> subprocess.Popen:
+    """``vlpipe run config`` as its own process, with torch's fake_tensor imported and no Ray cluster given."""
+    env = {**os.environ, hooks.ENV: HOOK, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    if faults is not None:
+        env["VLPIPE_FAULTS"] = str(faults)
+    return subprocess.Popen([sys.executable, "-c", _PRELOADED, "run", config, *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_mid_run(process: subprocess.Popen, stop: signal.Signals) -> tuple[str, str]:
+    """Signal ``process`` once its plan is logged (the run has started), then wait for its end."""
+    seen = []
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        seen.append(line)
+        if "plan:" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1)
+    process.send_signal(stop)
+    out, rest = process.communicate(timeout=120)
+    return out, "".join(seen) + rest
+
+
+@pytest.mark.parametrize(("ending", "executor"), [("success", "in_process"), ("failure", "in_process"),
+                                                  ("SIGTERM", "in_process"), ("success", "ray")])
+def test_the_last_line_on_stderr_is_vlpipes_own_however_the_run_ends(
+    local_shards, tiny_clip_dir, tmp_path, ending, executor
+):
+    config = write_config(tmp_path, local_shards[0], tiny_clip_dir, executor=executor)
+    armed = tmp_path / "faults"
+    armed.mkdir()
+    if ending == "failure":
+        (armed / "raise-batch-filter").touch()
+    if ending == "SIGTERM":
+        (armed / "stall-batch-clip").touch()
+        out, err = stop_mid_run(start_vlpipe(tmp_path, config, armed), signal.SIGTERM)
+    else:
+        out, err = start_vlpipe(tmp_path, config, armed).communicate(timeout=240)
+    last = err.strip().splitlines()[-1]
+    assert _VLPIPE_LINE.match(last), err[-3000:]
+    assert "torch" not in err, err[-3000:]  # no library speaks below WARNING without -v
+    (record,) = records(tmp_path)
+    assert record["status"] == {"success": "succeeded", "failure": "failed", "SIGTERM": "interrupted"}[ending]
+    if ending == "success":
+        assert "vlpipe run" in out and "(succeeded)" in out
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_run_and_records_it_interrupted(local_shards, tiny_clip_dir, tmp_path, stop):
     config = write_config(tmp_path, local_shards[0], tiny_clip_dir)
     armed = tmp_path / "faults"
     armed.mkdir()
     (armed / "stall-batch-clip").touch()  # the CLIP stage hangs, as a stuck model would
-    env = {**os.environ, "VLPIPE_FAULTS": str(armed), hooks.ENV: HOOK, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", config], cwd=ROOT, env=env,
-                               stderr=subprocess.PIPE, text=True)
-    seen = []
-    deadline = time.monotonic() + 120
-    for line in process.stderr:  # the plan is logged as the run starts (in process, at this size): stop it mid-run
-        seen.append(line)
-        if "plan:" in line or time.monotonic() > deadline:
-            break
-    time.sleep(3)
-    process.send_signal(stop)
-    _, rest = process.communicate(timeout=120)
-    # A shell sees 130 either way: now and then CPython ends the process by SIGINT at exit after
-    # vlpipe caught the KeyboardInterrupt and recorded it (its unhandled-interrupt flag, set by an
-    # inner frame the signal landed in while the models loaded).
-    exits = (130, -signal.SIGINT) if stop == signal.SIGINT else (130,)
-    assert process.returncode in exits, "".join(seen)[-2000:] + rest[-2000:]
-    assert rest.strip().splitlines()[-1] == f"vlpipe: interrupted ({stop.name})"
+    process = start_vlpipe(tmp_path, config, armed)
+    _, err = stop_mid_run(process, stop)
+    assert process.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"vlpipe: interrupted ({stop.name})"
     (record,) = records(tmp_path)
     assert record["status"] == "interrupted" and record["error"] == f"interrupted ({stop.name})"
 
