@@ -38,9 +38,9 @@ from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
 from operators import schema as col
-from operators.caption import caption_geometry
-from operators.decode import DecodeConfig, DecodeImages, PixelSpec
-from operators.dedup import NearConfig, SemanticConfig
+from operators.models.caption import caption_geometry
+from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec
+from operators.decisions.duplicates import NearConfig, SemanticConfig
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,9 @@ def clip_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int) -> 
     import torch
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    from operators.models import ModelRef, load_model
+    from operators.models.load import load_model
+
+    from operators.refs import ModelRef
     from operators.tensors import DevicePixels
 
     ref = ModelRef(source=str(model_dir))
@@ -225,7 +227,9 @@ def caption_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int, 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from operators.models import ModelRef, load_model
+    from operators.models.load import load_model
+
+    from operators.refs import ModelRef
     from operators.tensors import DevicePixels
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -275,7 +279,7 @@ def vlpipe_run(raw_config: dict, images: int) -> dict:
     shutil.rmtree(raw_config["output"]["uri"], ignore_errors=True)
     config = validate_config(raw_config, source="benchmark config")
     capture = _RunLogCapture()
-    loggers = [logging.getLogger("pipelines.execute"), logging.getLogger("pipelines.run")]
+    loggers = [logging.getLogger("pipelines.execute.ray"), logging.getLogger("pipelines.run")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(capture)
@@ -406,7 +410,7 @@ def run(args: argparse.Namespace) -> dict:
 def _clip(args, device, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> dict:
     paths, uri, storage = _shards(args, args.clip_images, s3)
     table = load_rows(paths)
-    from operators.clip import ClipConfig
+    from operators.models.clip import ClipConfig
 
     clip_batch = args.clip_batch or ClipConfig.model_fields["resources"].default.batch_size
     clip = {"model": str(clip_dir), "batch_size": clip_batch}
@@ -441,9 +445,9 @@ def _signals(args, clip_dir: pathlib.Path) -> dict:
 
 
 def _dedup(args) -> dict:
-    from jobs.demo import DEMO_TRAIN_STEPS
+    from jobs.demo.run import DEMO_TRAIN_STEPS
 
-    from demo import build_tiny_clip
+    from jobs.demo import build_tiny_clip
 
     # The demo's trained tiny CLIP: random weights put distinct images at cosine 0.98.
     clip_dir = args.work_dir / "models" / "tiny-clip-trained"
@@ -496,9 +500,9 @@ def _decode_limit(args, scale_dir: pathlib.Path, scale: list[dict]) -> dict | No
     """The bare decode loop on the largest scale size's first shards; each scale run's ratio to it."""
     if not scale or args.num_cpus == 0:
         return None
-    from operators.models import ModelRef
+    from operators.refs import ModelRef
     from operators.storage import StorageOptions
-    from pipelines.plan import image_geometry
+    from pipelines.plan.build import image_geometry
 
     spec = image_geometry(ModelRef(source=str(scale_dir)), StorageOptions())
     n = max(s["rows"] for s in scale)
@@ -517,7 +521,7 @@ def _decode_limit(args, scale_dir: pathlib.Path, scale: list[dict]) -> dict | No
 
 
 def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib.Path) -> dict:
-    from operators.caption import CaptionConfig
+    from operators.models.caption import CaptionConfig
 
     model_root = args.work_dir / "models"
     caption_dir = pathlib.Path(args.caption_model) if args.caption_model else models.blip_dir(model_root, tiny=args.tiny)
@@ -545,7 +549,7 @@ def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib
 
 def _whole(args, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> dict:
     """Whole-process timings: the CLIP comparison's rows, and the demo's fixed cost."""
-    from jobs.demo import prepare_demo_assets
+    from jobs.demo.run import prepare_demo_assets
 
     result: dict = {}
     work = args.work_dir / "whole"

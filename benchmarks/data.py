@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from demo import PALETTE, SHAPES, caption_for, make_sample_image
+from jobs.demo import PALETTE, SHAPES, caption_for, make_sample_image
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),

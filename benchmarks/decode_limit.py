@@ -14,7 +14,7 @@ from benchmarks.measure import measured
 
 def _decode_shard(job: tuple[str, dict, int]) -> int:
     from operators import schema as col
-    from operators.decode import DecodeConfig, DecodeImages, PixelSpec
+    from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec
 
     path, spec, batch = job
     decode = DecodeImages(DecodeConfig(), PixelSpec(**spec))

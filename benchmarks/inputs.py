@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.data import write_shards
-from operators.prepare import SHARD_PATH, ColumnMapping, PrepareInput
-from operators.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, read_tar
+from operators.input.prepare import SHARD_PATH, ColumnMapping, PrepareInput
+from operators.input.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, read_tar
 
 REPEATS = 3
 

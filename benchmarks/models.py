@@ -25,7 +25,7 @@ from transformers import (
     CLIPProcessor,
 )
 
-from demo import BERT_SPECIALS, build_tiny_blip_captioner, build_tiny_clip, train_tokenizer, wordpiece_vocab
+from jobs.demo import BERT_SPECIALS, build_tiny_blip_captioner, build_tiny_clip, train_tokenizer, wordpiece_vocab
 
 MARKER = "vlpipe_bench.json"
 RECIPE_VERSION = 1

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from operators import schema as col
-from pipelines import vector_index as vi
+from pipelines.search import vectors as vi
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _end_to_end(work_dir: pathlib.Path, data: np.ndarray, text_q: np.ndarray) ->
     """``build_index`` on a Delta table holding the vectors (the other tower: the text-like queries, recycled)."""
     from deltalake import CommitProperties, write_deltalake
 
-    from pipelines.index import IndexRequest, build_index
+    from pipelines.search.index import IndexRequest, build_index
 
     root = work_dir / "retrieval"
     shutil.rmtree(root, ignore_errors=True)

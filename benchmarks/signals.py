@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from benchmarks import models
 from operators import schema as col
-from operators.decode import DecodeConfig, DecodeImages, PixelSpec
-from operators.models import ModelRef
+from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec
+from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from operators.tensors import pixel_rows
 
@@ -29,7 +29,7 @@ HEADS = (("aesthetic", "aesthetic-v2"), ("nsfw", "nsfw"))
 
 
 def _tags() -> dict:
-    from operators.clip import TagConfig
+    from operators.models.clip import TagConfig
 
     # The kind a curation config has: a handful of tags, a few prompts each.
     prompts = {
@@ -52,8 +52,8 @@ def signals(table: pa.Table, model_root: pathlib.Path, clip_dir: pathlib.Path, *
 
 
 def heads_and_tags(table: pa.Table, model_root: pathlib.Path, clip_dir: pathlib.Path, batch: int | None) -> dict:
-    from operators.clip import ClipConfig, ClipScorer, ZeroShotTags
-    from operators.heads import HeadScorer
+    from operators.models.clip import ClipConfig, ClipScorer, ZeroShotTags
+    from operators.models.heads import HeadScorer
 
     config = ClipConfig(model=ModelRef(source=str(clip_dir)))
     batch = batch or config.resources.batch_size
@@ -79,8 +79,8 @@ def heads_and_tags(table: pa.Table, model_root: pathlib.Path, clip_dir: pathlib.
 
 def _heads_config(model_root: pathlib.Path, clip_dir: pathlib.Path, dim: int):
     """Random-weight heads of the released architectures for this CLIP's embedding width, made once."""
-    from demo.heads import build_random_head
-    from operators.heads import HeadRef, HeadsConfig
+    from jobs.demo.heads import build_random_head
+    from operators.models.heads import HeadRef, HeadsConfig
 
     dirs = {name: build_random_head(model_root / f"heads-{dim}" / name, arch, embedding_dim=dim,
                                     clip_model=str(clip_dir)) for name, arch in HEADS}
@@ -131,7 +131,7 @@ def classifier(table: pa.Table, model_dir: pathlib.Path) -> dict:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from operators.classify import ClassifierConfig, ImageClassifier
+    from operators.models.classify import ClassifierConfig, ImageClassifier
 
     config = ClassifierConfig(model=ModelRef(source=str(model_dir)), scores={"watermark": "watermark"})
     operator = ImageClassifier(config, StorageOptions(), col.PIXELS)

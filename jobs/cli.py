@@ -16,7 +16,7 @@ import traceback
 from pipelines import logs
 from pipelines.config import ConfigError, default_run_records_uri, load_config
 from pipelines.errors import PARTIAL_EXIT, Interrupted, UnreachableError, VlpipeError, exit_code_for
-from pipelines.runs import RunRecord
+from pipelines.table.records import RunRecord
 
 log = logging.getLogger("vlpipe")
 
@@ -264,7 +264,7 @@ def _job_stop(args: argparse.Namespace) -> int:
 
 def _runs(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
-    from pipelines.runs import format_runs, read_run_records
+    from pipelines.table.records import format_runs, read_run_records
 
     uri = args.runs_uri or default_run_records_uri(args.output)
     print(format_runs(read_run_records(uri, StorageOptions()), limit=args.limit))
@@ -273,7 +273,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from operators.storage import Location, StorageOptions
-    from pipelines.compact import compact
+    from pipelines.table.compact import compact
 
     for result in compact(Location.resolve(args.output, StorageOptions()), args.run_dates, args.target_size_mb << 20):
         print(result)
@@ -281,21 +281,19 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _dedup_refit(args: argparse.Namespace) -> int:
-    import ray
     from pydantic import ValidationError
 
-    from operators.dedup import SemanticConfig
+    from operators.decisions.duplicates import SemanticConfig
     from operators.storage import Location, StorageOptions
-    from pipelines.dedup import refit
+    from pipelines.dedup.stage import refit
+    from pipelines.execute.ray import RayExecutor
 
     try:
         config = SemanticConfig(clusters=args.clusters, rows_per_cluster=args.rows_per_cluster,
                                 sample_rows=args.sample_rows, seed=args.seed)
     except ValidationError as err:
         raise ConfigError(f"vlpipe dedup refit: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    print(refit(Location.resolve(args.output, StorageOptions()), config))
+    print(refit(Location.resolve(args.output, StorageOptions()), config, RayExecutor.local()))
     return 0
 
 
@@ -303,7 +301,7 @@ def _index(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from operators.storage import StorageOptions
-    from pipelines.index import IndexRequest, build_index, summary
+    from pipelines.search.index import IndexRequest, build_index, summary
 
     try:
         request = IndexRequest(embedding=args.embedding, run_dates=tuple(args.run_dates), version=args.version,
@@ -321,7 +319,7 @@ def _export(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from operators.storage import StorageOptions
-    from pipelines.export import ExportRequest, export, summary
+    from pipelines.export.export import ExportRequest, export, summary
 
     try:
         request = ExportRequest(format=args.format, run_dates=tuple(args.run_dates), version=args.version,
@@ -339,9 +337,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
-    from pipelines.report import write_text
-    from pipelines.search import Searcher, format_results, query_image
-    from pipelines.search_page import results_page
+    from pipelines.report.report import write_text
+    from pipelines.search.query import Searcher, format_results, query_image
+    from pipelines.search.page import results_page
 
     storage = StorageOptions()
     searcher = Searcher(args.index_uri, model=args.model, storage=storage)
@@ -358,7 +356,7 @@ def _search(args: argparse.Namespace) -> int:
 def _convert_head(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from operators.heads import HeadConversionError, convert_head
+    from operators.models.heads import HeadConversionError, convert_head
 
     try:
         spec = convert_head(Path(args.src), Path(args.out_dir), args.arch, args.clip_model)
@@ -369,7 +367,7 @@ def _convert_head(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
+    from jobs.demo.run import run_demo
 
     _ray_output(args.quiet)
     record = run_demo(args.config)
@@ -379,9 +377,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
-    from pipelines.report import write_text
-    from pipelines.report_data import collect
-    from pipelines.report_html import render
+    from pipelines.report.report import write_text
+    from pipelines.report.data import collect
+    from pipelines.report.html import render
 
     uri = args.runs_uri or default_run_records_uri(args.output)
     try:
@@ -438,7 +436,7 @@ def _quiet_ray() -> None:
 
 
 def _report_of(record: RunRecord, config) -> str | None:
-    from pipelines.report import existing_report
+    from pipelines.report.report import existing_report
 
     if not config.report.enabled:
         return None

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from pipelines.config import ConfigError, load_config
 from pipelines.errors import UnreachableError
-from pipelines.plan import check_stages
+from pipelines.plan.build import check_stages
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Never uploaded: environments, caches and outputs of local runs.

@@ -14,7 +14,7 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # 0: never waits for a CPU slot (storage I/O); its pool is then capped, see pipelines.execute.
+    # 0: never waits for a CPU slot (storage I/O); its pool is then capped, see pipelines.execute.ray.
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0)
     concurrency: int | None = Field(None, ge=1)

@@ -82,7 +82,7 @@ KEPT = "kept"
 RUN_ID = "run_id"
 RUN_DATE = "run_date"
 
-# Exports (pipelines.export): the image bytes column of Parquet shards, img2dataset's name for it.
+# Exports (pipelines.export.export): the image bytes column of Parquet shards, img2dataset's name for it.
 EXPORT_IMAGE = "jpg"
 
 # Values of STATUS. Every status but OK is also the reject reason for its row.

@@ -9,21 +9,24 @@ gained the declared columns, so a declaration cannot drift from the code.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 
-from operators.models import ModelRef
+from operators.refs import ModelRef
 from operators.resources import Resources
 from operators.storage import Location
 
-StageKind = Literal["source", "task", "actor", "fused", "aggregate"]
+StageKind = Literal["source", "task", "actor", "io", "fused", "aggregate"]
 """How a stage runs:
 
 - ``source``: reads the input (Ray's read tasks); it has no operator.
 - ``task``: CPU work in stateless Ray tasks (decoding).
 - ``actor``: a model, loaded once per actor in a pool.
+- ``io``: storage I/O (the writer): waits on storage, not on a CPU, so it takes no CPU slot
+  and its pool is capped instead. Declared, never inferred from ``resources.num_cpus``.
 - ``fused``: a cheap per-row step that runs inside the step before it, never as
   tasks of its own: small tasks that each need a CPU starve behind the heavy ones.
 - ``aggregate``: needs the whole run before it can decide a row (a cut-off over
@@ -52,13 +55,26 @@ class Aggregate(Protocol):
         """Decide one batch with the run's state."""
 
 
+class Tasks(Protocol):
+    """What a whole-run stage may ask of the executor that runs it (never which executor it is)."""
+
+    def run_task(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` as one task where the executor runs its work; its return value."""
+
+    def read_parquet(self, paths: list[str], filesystem, columns: list[str], *, include_paths: bool = False):
+        """These Parquet files' rows as a Ray Data dataset, for a decision that shuffles them."""
+
+    def shuffling(self) -> AbstractContextManager:
+        """Around the shuffles of the datasets made inside: the executor's cheapest shuffle for them."""
+
+
 @dataclass(frozen=True)
 class Staged:
     """The first pass's rows, in staging files, each row with its ``schema.ROW_ID``."""
 
     paths: list[str]
     location: Location
-    cluster: dict[str, float] | None  # None: the run has no Ray (``pipelines.in_process``)
+    tasks: Tasks  # the executor: where a decision that needs more than the partials runs its work
 
 
 @dataclass(frozen=True)

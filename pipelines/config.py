@@ -20,20 +20,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from operators.ask import AskConfig
-from operators.caption import CaptionConfig
-from operators.classify import ClassifierConfig
-from operators.clip import ClipConfig, TagConfig, check_tag_names
-from operators.decode import DecodeConfig
-from operators.dedup import DedupConfig
-from operators.filter import FilterConfig
-from operators.heads import HeadsConfig
-from operators.itm import ItmConfig
-from operators.language import LanguageConfig
-from operators.models import ModelLoadError, check_weights
-from operators.fetch import FetchConfig
-from operators.prepare import ColumnMapping, check_extra_names
-from operators.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig
+from operators.models.ask import AskConfig
+from operators.models.caption import CaptionConfig
+from operators.models.classify import ClassifierConfig
+from operators.models.clip import ClipConfig, TagConfig, check_tag_names
+from operators.image.decode import DecodeConfig
+from operators.decisions.duplicates import DedupConfig
+from operators.decisions.filter import FilterConfig
+from operators.models.heads import HeadsConfig
+from operators.models.itm import ItmConfig
+from operators.models.language import LanguageConfig
+from operators.models.load import ModelLoadError, check_weights
+from operators.input.fetch import FetchConfig
+from operators.input.prepare import ColumnMapping, check_extra_names
+from operators.input.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig
 from operators.storage import StorageOptions, is_remote, local_path
 from pipelines.errors import ConfigError
 
@@ -126,7 +126,7 @@ class OutputConfig(_Strict):
 
 
 class ReportConfig(_Strict):
-    """The HTML run report written beside the run records (``pipelines.report``)."""
+    """The HTML run report written beside the run records (``pipelines.report.report``)."""
 
     enabled: bool = True
     samples: int = Field(12, ge=0, le=500)  # gallery rows shown per side (kept, rejected)
@@ -158,7 +158,7 @@ class PipelineConfig(_Strict):
     # hundred MB of processes that a batch run rarely looks at.
     ray_dashboard: bool = False
     # auto: a run of at most in_process_max_rows rows (from the shards' footers) runs in this
-    # process, without Ray, unless a Ray cluster is given or already connected (pipelines.in_process).
+    # process, without Ray, unless a Ray cluster is given or already connected (pipelines.execute.local).
     executor: Literal["auto", "ray", "in_process"] = "auto"
     in_process_max_rows: int = Field(IN_PROCESS_MAX_ROWS, ge=0)
     report: ReportConfig = ReportConfig()

@@ -25,22 +25,24 @@ from importlib import metadata
 from operators import schema as col
 from operators.storage import Location
 from pipelines import hooks, logs
-from pipelines.commit import WriteSummary, commit_files, table_version
+from pipelines.table.commit import commit_files, table_version
+from pipelines.table.write import WriteSummary
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
-from pipelines.execute import Source, execute, parquet_source, resource_shortfall
-from pipelines.in_process import execute_in_process, gpu_shortfall, in_process_reason
-from pipelines.nightly import NightlyPlan, plan_nightly
-from pipelines.plan import Plan, build_plan, check_locations, describe
-from pipelines.report import write_run_report
-from pipelines.runs import RunRecord, append_run_record, read_run_records
-from pipelines.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
-from pipelines.tar_shards import check_tar_shards, tar_blocks
-from pipelines.supersede import Supersede
+from pipelines.execute.executor import Executor, execute
+from pipelines.execute.local import LocalExecutor, gpu_shortfall, in_process_reason
+from pipelines.execute.source import Source, parquet_source
+from pipelines.input.nightly import NightlyPlan, plan_nightly
+from pipelines.plan.build import Plan, build_plan, check_locations
+from pipelines.plan.describe import describe
+from pipelines.report.report import write_run_report
+from pipelines.table.records import RunRecord, append_run_record, read_run_records
+from pipelines.input.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
+from pipelines.input.tars import check_tar_shards, tar_blocks
+from pipelines.table.supersede import Supersede
 
 log = logging.getLogger(__name__)
 
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _VERSIONED = ("vlpipe", "ray", "torch", "transformers", "deltalake", "pyarrow", "pillow")
 # Record statuses; `vlpipe runs` shows them, the CLI's exit code agrees with them.
 SUCCEEDED, PARTIAL, FAILED, INTERRUPTED = "succeeded", "partial", "failed", "interrupted"
@@ -80,7 +82,7 @@ class Run:
 
 
 def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[NightlyPlan, RunRecord | None]:
-    """Process only new or changed shards into the run date's partition (see ``pipelines.nightly``)."""
+    """Process only new or changed shards into the run date's partition (see ``pipelines.input.nightly``)."""
     check_models(config)
     run_date = config.run_date or _now().date()
     config = config.model_copy(update={"run_date": run_date})
@@ -150,7 +152,17 @@ def explain(config: PipelineConfig) -> str:
     unusable = f", {len(checked.failed)} unusable" if checked.failed else ""
     rows = f"{checked.rows:,} rows in " if checked.rows is not None else ""
     return (f"plan of a run into {run.output.uri} (run_date={run.run_date}; {rows}{len(shards)} shard(s)"
-            f"{unusable})\n\n" + describe(plan, in_process=in_process_reason(run.config, plan.input_rows)))
+            f"{unusable})\n\n" + describe(plan, *_planned_executor(run.config, plan)))
+
+
+def _planned_executor(config: PipelineConfig, plan: Plan) -> tuple[Executor, str | None]:
+    """The executor a run would get, without starting it: a Ray not yet started is this machine's local one."""
+    in_process = in_process_reason(config, plan.input_rows)
+    if in_process:
+        return LocalExecutor(), in_process
+    from pipelines.execute.ray import RayExecutor
+
+    return RayExecutor({"CPU": float(os.cpu_count() or 1)}, plan.input_rows), None
 
 
 def _run(run: Run, only: list[Shard] | None) -> RunRecord:
@@ -171,29 +183,21 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
         plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date,
                           shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good),
                           input_format=input_format, input_rows=checked.rows)
-    in_process = in_process_reason(config, plan.input_rows)
-    if in_process:
-        if short := gpu_shortfall(plan.passes, in_process):
-            raise PlanError(short)
-        log.info("plan:\n%s", describe(plan, in_process=in_process))
-        rows = partial(execute_in_process, plan.passes)
-    else:
-        with run.phase("ray_start"):
-            cluster = _start_ray(config, plan)
-        log.info("plan:\n%s", describe(plan, cluster))
-        rows = partial(execute, plan.passes, cluster=cluster, rows=plan.input_rows)
-    summary, decided = WriteSummary(), []
+    executor = _executor(run, plan)
+    summary = WriteSummary()
     with run.phase("execute"):
         start = time.perf_counter()
-        source = _source(plan, config, run.input, checked)
-        for row in rows(source, run.output, run.run_id, decided=decided):
+        execution = execute(executor, list(plan.passes), _source(plan, config, run.input, checked), run.output,
+                            run.run_id)
+        for row in execution.rows:
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
             summary.add(row)
-    for outcome in decided:  # inside execute: the first pass was already running while it read
+    for outcome in execution.decided:  # inside execute: the first pass was already running while it read
         run.timings[f"{outcome.name}_decision"] = outcome.seconds
     with run.phase("commit"):
-        return _commit(run, plan, summary, read_version, checked.good, _commit_metadata([d.state for d in decided]))
+        metadata = _commit_metadata([d.state for d in execution.decided])
+        return _commit(run, plan, summary, read_version, checked.good, metadata)
 
 
 def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: str) -> ShardCheck:
@@ -241,35 +245,22 @@ def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | Non
     )
 
 
-def _start_ray(config: PipelineConfig, plan: Plan) -> dict[str, float]:
-    """Connect to (or start) Ray and wait, as configured, until it can run the plan; returns its resources."""
-    import ray
+def _executor(run: Run, plan: Plan) -> Executor:
+    """In this process where the run is small and no cluster is given, else Ray; the plan is logged."""
+    config = run.config
+    in_process = in_process_reason(config, plan.input_rows)
+    if in_process:
+        if short := gpu_shortfall(list(plan.passes), in_process):
+            raise PlanError(short)
+        executor = LocalExecutor()
+    else:
+        with run.phase("ray_start"):
+            from pipelines.execute.ray import start_ray
 
-    if not ray.is_initialized():
-        # "local" rather than None: a stale /tmp/ray/ray_current_cluster from an earlier
-        # `ray start` must not make a laptop run attach to a dead cluster.
-        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        on_sigterm = signal.getsignal(signal.SIGTERM)
-        # A cluster that exists has its dashboard already; only a local start can choose.
-        dashboard = {"include_dashboard": config.ray_dashboard} if address == "local" else {}
-        if address == "local":
-            # Ray Data re-reads every shard's footer on a pool of 32 actors, one process each; on a
-            # small machine that was 2/3 of a run's worker processes (21 -> 9 at 60k rows, 2 cores).
-            # The local Ray's workers inherit this; a value already set wins.
-            os.environ.setdefault(FOOTER_ACTORS_ENV, str(max(2, min(32, os.cpu_count() or 2))))
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **dashboard)
-        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-            # Ray's core worker takes SIGTERM over (and aborts): keep the caller's handler, which
-            # ends the run like Ctrl-C, so the run is recorded as interrupted.
-            signal.signal(signal.SIGTERM, on_sigterm)
-    deadline = time.monotonic() + config.ray_resource_timeout_s
-    while (short := resource_shortfall(plan.passes, ray.cluster_resources())) is not None:
-        if time.monotonic() >= deadline:
-            waited = f" (waited {config.ray_resource_timeout_s:g} s for the cluster to grow)" if config.ray_resource_timeout_s else ""
-            raise PlanError(short + waited)
-        log.info("waiting for the cluster: %s", short)
-        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-    return {name: float(value) for name, value in ray.cluster_resources().items()}
+            executor = start_ray(config.ray_address, config.ray_dashboard, list(plan.passes),
+                                 config.ray_resource_timeout_s, plan.input_rows)
+    log.info("plan:\n%s", describe(plan, executor, in_process))
+    return executor
 
 
 def _append_record(run: Run, record: RunRecord, attempts: int = 3) -> None:

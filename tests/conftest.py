@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from demo import (
+from jobs.demo import (
     build_random_head,
     build_tiny_blip_captioner,
     build_tiny_blip_itm,
@@ -60,8 +60,8 @@ def tiny_blip_itm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> dict[str, Path]:
     """The demo's trained tiny CLIP and BLIP captioner, trained once per session (~40 s) and shared."""
-    from jobs.demo import DEMO_TRAIN_STEPS
-    from demo import DEMO_CAPTIONER_TRAIN_STEPS
+    from jobs.demo.run import DEMO_TRAIN_STEPS
+    from jobs.demo import DEMO_CAPTIONER_TRAIN_STEPS
 
     root = tmp_path_factory.mktemp("demo-models")
     return {

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from operators.hashes import hamming, phash
+from operators.image.hashes import hamming, phash
 
 ORIGINAL = "original"
 SIMILAR = "similar"
@@ -36,7 +36,7 @@ JPEG_QUALITY = 90
 SHARD_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary())])
 _MAX_ATTEMPTS = 200  # draws per original or distractor before giving up on the separation
 _KEEP_BACKDROP_ATTEMPTS = 20  # a distractor first keeps its original's background; failing that, restyles it too
-# Not demo.shards' palette and outlines: importing the demo package loads transformers (seconds per test run).
+# Not jobs.demo.shards' palette and outlines: importing the demo package loads transformers (seconds per test run).
 PALETTE = {
     "red": (205, 35, 35), "green": (35, 155, 55), "blue": (35, 75, 210), "yellow": (235, 205, 35),
     "purple": (125, 45, 165), "orange": (240, 125, 25), "white": (240, 240, 235), "black": (20, 20, 25),

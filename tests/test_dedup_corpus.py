@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from operators.hashes import hamming, phash
+from operators.image.hashes import hamming, phash
 from tests import dedup_corpus
 from tests.dedup_corpus import ORIGINAL, SIMILAR, TRANSFORMS, planted_corpus, write_corpus_shards
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipelines.read import read_output
+from pipelines.table.read import read_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_a_partial_run_names_its_failed_shards_and_exits_3():
     import datetime as dt
 
     from jobs.cli import exit_code, format_summary
-    from pipelines.runs import RunRecord
+    from pipelines.table.records import RunRecord
 
     now = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
     record = RunRecord(run_id="r1", run_date=now.date(), status="partial", started_at=now, finished_at=now,
@@ -142,7 +142,7 @@ def test_verbose_adds_the_traceback(capsys):
 def test_convert_head_writes_a_head_directory_and_refuses_what_is_not_a_head(tmp_path, capsys):
     import torch
 
-    from tests.operators.test_heads import released
+    from tests.operators.models.test_heads import released
 
     torch.save(released("nsfw", 768).state_dict(), tmp_path / "clip_autokeras_binary_nsfw.pth")
     assert main(["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "nsfw"),

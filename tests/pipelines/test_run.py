@@ -14,8 +14,8 @@ from PIL import Image
 from operators import schema as col
 from pipelines.config import validate_config
 from pipelines.run import run_pipeline
-from pipelines.runs import read_run_records
-from tests.operators.test_clip import reference_scores
+from pipelines.table.records import read_run_records
+from tests.operators.models.test_clip import reference_scores
 from tests.pipelines.conftest import s3_config
 
 pytestmark = pytest.mark.slow
@@ -25,8 +25,8 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, 
                                                                tiny_heads, tiny_vit_classifier_dir):
     """The CLIP run with every quality signal on: heads fetched from S3, tags, language, an image classifier,
     basic and score filters."""
-    from operators.heads import HeadSpec, load_head
-    from tests.operators.test_clip import colour_tags
+    from operators.models.heads import HeadSpec, load_head
+    from tests.operators.models.test_clip import colour_tags
 
     _, paths, manifest, rows = local_shards
     s3.create_bucket("lake")

@@ -11,10 +11,10 @@ from PIL import Image
 
 from operators import schema as col
 from pipelines.run import run_pipeline
-from pipelines.runs import read_run_records
-from tests.operators.test_ask import reference_answers, reference_yes_prob
-from tests.operators.test_caption import reference as reference_captions
-from tests.operators.test_itm import reference as reference_itm
+from pipelines.table.records import read_run_records
+from tests.operators.models.test_ask import reference_answers, reference_yes_prob
+from tests.operators.models.test_caption import reference as reference_captions
+from tests.operators.models.test_itm import reference as reference_itm
 from tests.pipelines.conftest import s3_config
 
 pytestmark = pytest.mark.slow

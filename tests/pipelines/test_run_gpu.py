@@ -18,15 +18,15 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from operators import schema as col
-from operators.caption import CaptionConfig, Captioner
-from operators.clip import ClipConfig, ClipScorer
-from operators.models import ModelRef
+from operators.models.caption import CaptionConfig, Captioner
+from operators.models.clip import ClipConfig, ClipScorer
+from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from pipelines.config import validate_config
 from pipelines.run import run_pipeline
-from tests.operators.test_caption import caption as run_captioner
-from tests.operators.test_clip import run as run_clip
-from tests.operators.test_gpu import (
+from tests.operators.models.test_caption import caption as run_captioner
+from tests.operators.models.test_clip import run as run_clip
+from tests.operators.models.test_gpu import (
     AUTO_DTYPE,
     CLIP_SCORE_ATOL,
     LOGIT_TIE,

@@ -11,8 +11,8 @@ import pytest
 from PIL import ImageFile
 
 from operators import schema as col
-from operators.decode import DecodeConfig, DecodeImages, PixelSpec, decode_captions
-from operators.filter import FilterConfig, ScoreFilter
+from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec, decode_captions
+from operators.decisions.filter import FilterConfig, ScoreFilter
 from tests.reliability.corpus import CAPTION, Case, corpus
 
 CASES = corpus()
@@ -95,7 +95,7 @@ def test_format_errors_say_what_the_bytes_were():
 def test_truncated_images_stay_errors_once_the_model_libraries_are_loaded():
     import transformers.image_utils  # noqa: F401
 
-    import operators.clip  # noqa: F401  (what a worker imports before decoding)
+    import operators.models.clip  # noqa: F401  (what a worker imports before decoding)
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # True would turn half an image into grey "ok" pixels
     out = decode_and_filter([BY_NAME["truncated_jpeg"], BY_NAME["truncated_png"]])
@@ -115,8 +115,8 @@ def test_invalid_utf8_captions_are_repaired_in_binary_and_in_string_columns(tmp_
 
 
 def test_captions_through_clip_are_truncated_or_skipped_never_an_error(tiny_clip_dir):
-    from operators.clip import ClipConfig, ClipScorer
-    from operators.models import ModelRef
+    from operators.models.clip import ClipConfig, ClipScorer
+    from operators.refs import ModelRef
     from operators.storage import StorageOptions
 
     scorer = ClipScorer(ClipConfig(model=ModelRef(source=str(tiny_clip_dir))), StorageOptions())
@@ -140,7 +140,7 @@ def test_captions_through_clip_are_truncated_or_skipped_never_an_error(tiny_clip
 @pytest.mark.slow
 def test_the_corpus_as_a_crawled_shard_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
     from pipelines.config import validate_config
-    from pipelines.read import read_output
+    from pipelines.table.read import read_output
     from pipelines.run import run_pipeline
 
     shard = pa.table({

@@ -10,16 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from demo import write_sample_shards
+from jobs.demo import write_sample_shards
 from operators import schema as col
 from pipelines.config import validate_config
-from pipelines.nightly import plan_nightly
-from pipelines.read import read_output
+from pipelines.input.nightly import plan_nightly
+from pipelines.table.read import read_output
 from pipelines.run import run_nightly, run_pipeline
-from pipelines.runs import read_run_records
+from pipelines.table.records import read_run_records
 from operators.storage import Location
 from pipelines.errors import NoInputError
-from pipelines.shards import check_shards, list_shards
+from pipelines.input.shards import check_shards, list_shards
 from tests.reliability.s3_proxy import Fault, FaultProxy
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from demo import write_sample_shards
+from jobs.demo import write_sample_shards
 from operators import schema as col
 from pipelines.config import validate_config
 from pipelines.run import run_pipeline

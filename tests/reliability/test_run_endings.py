@@ -20,7 +20,7 @@ from deltalake import write_deltalake
 from jobs.cli import main
 from operators import schema as col
 from pipelines import hooks
-from pipelines.runs import read_run_records
+from pipelines.table.records import read_run_records
 from tests.reliability.faults import HOOK
 
 ROOT = Path(__file__).resolve().parents[2]

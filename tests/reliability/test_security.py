@@ -29,9 +29,10 @@ from PIL import (
 
 from jobs.cli import main
 from operators import schema as col
-from operators.clip import ClipConfig, ClipScorer
-from operators.decode import DEFAULT_FORMATS, DecodeConfig, DecodeImages, PixelSpec
-from operators.models import ModelLoadError, ModelRef
+from operators.models.clip import ClipConfig, ClipScorer
+from operators.image.decode import DEFAULT_FORMATS, DecodeConfig, DecodeImages, PixelSpec
+from operators.models.load import ModelLoadError
+from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.reliability import corpus
 
@@ -165,7 +166,7 @@ def test_the_secret_key_of_a_real_run_appears_nowhere_it_leaves_traces(ray_clust
     import ray
 
     from pipelines.run import run_pipeline
-    from pipelines.runs import read_run_records
+    from pipelines.table.records import read_run_records
     from tests.pipelines.conftest import s3_config
 
     secret = s3.secret_access_key

@@ -1,0 +1,382 @@
+"""Config to plan: the whole chain of stages, checked before Ray starts or a shard is read.
+
+``build_plan`` is the one place that turns a config into stages; conditionals on
+the config live here and nowhere else. ``pipelines.execute.steps`` decides how the
+stages group into steps, ``pipelines.execute`` runs them, ``pipelines.run`` runs a whole run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pyarrow as pa
+
+from operators import schema as col
+from operators.models.ask import ask_stage
+from operators.models.caption import caption_geometry, caption_stage
+from operators.models.classify import check_labels, classifier_stage
+from operators.models.clip import clip_stage
+from operators.image.decode import PixelSpec, decode_stage
+from operators.decisions.filter import filter_stage, top_fraction_stage
+from operators.models.heads import HEAD_ARCH, HeadRef, HeadSpec, check_head_dir, heads_stage, read_head_spec
+from operators.models.itm import itm_stage
+from operators.models.language import LanguageConfig, language_stage
+from operators.models.load import ModelLoadError, resolve_model_dir
+from operators.refs import ModelRef
+from operators.input.fetch import fetch_stage
+from operators.input.prepare import SHARD_PATH, ColumnMapping, prepare_stage
+from operators.models.select import select_caption_stage
+from operators.stage import Stage
+from operators.storage import Location, StorageOptions, is_remote
+from pipelines.table.write import write_stage
+from pipelines.config import PipelineConfig
+from pipelines.dedup.stage import dedup_stage
+from pipelines.errors import PlanError
+from pipelines.execute.steps import Pass, passes
+from pipelines.input.shards import PARQUET, WEBDATASET
+
+log = logging.getLogger(__name__)
+
+Geometry = Callable[[ModelRef, StorageOptions, int | None], PixelSpec | None]
+"""A model's input geometry (its processor's, or a square ``image_size``); None where it cannot be read."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stages of one run in order, and the table they write."""
+
+    stages: tuple[Stage, ...]
+    output_schema: pa.Schema
+    input_columns: ColumnMapping | None = None  # what the source reads, and under which names
+    input_format: str = PARQUET
+    input_rows: int | None = None  # from the shards' footers; None where unknown (tar shards, no shards read)
+
+    @cached_property
+    def passes(self) -> list[Pass]:
+        """The stages grouped into steps and passes (``pipelines.execute.steps``), worked out once."""
+        return passes(list(self.stages))
+
+
+def image_geometry(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> PixelSpec:
+    """A model's input geometry, read from its processor config alone (no weights).
+
+    Read from the JSON where it states everything: importing transformers for its processor
+    classes took 3.6-5.8 s of the driver's time before Ray started (the actors import it anyway).
+    """
+    model_dir = resolve_model_dir(ref, storage, config_only=True)
+    try:
+        raw = json.loads((model_dir / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        raw = None
+    spec = PixelSpec.from_processor_config(raw, image_size) if isinstance(raw, dict) else None
+    return spec or caption_geometry(_image_processor(ref, storage), image_size)
+
+
+def geometry_unknown(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> None:
+    """For checking a plan whose models exist only where it runs (``vlpipe submit``)."""
+    return None
+
+
+def _models_readable(geometry: Geometry) -> bool:
+    """Whether the plan can read the models' config files here (not for ``vlpipe submit``)."""
+    return geometry is not geometry_unknown
+
+
+def _image_processor(ref: ModelRef, storage: StorageOptions):
+    from transformers import AutoImageProcessor
+
+    model_dir = resolve_model_dir(ref, storage, config_only=True)
+    return AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
+
+
+def build_plan(
+    config: PipelineConfig, output: Location, *, run_id: str, run_date: dt.date, shard_schema: pa.Schema | None,
+    shard_prefix: str = "", shard_count: int | None = None, geometry: Geometry = image_geometry,
+    input_format: str = PARQUET, input_rows: int | None = None,
+) -> Plan:
+    """Every stage of the configured run, read to write, with its columns checked.
+
+    ``geometry`` reads a model's input size; ``geometry_unknown`` checks a plan
+    whose models exist only on the cluster (each model gets its own pixel column).
+    """
+    schema = col.output_schema(_extra_fields(config, shard_schema), include_image_bytes=config.output.include_image_bytes)
+    columns = _input_columns(config, shard_schema, input_format)
+    model_stages, pixels = _model_stages(config, geometry)
+    stages = [_read_stage(config, columns, shard_count, input_format), prepare_stage(columns, shard_prefix)]
+    if columns.fetch:
+        stages.append(fetch_stage(config.input.fetch, config.storage, columns.image_uri or f"{columns.image}.path"))
+    stages += [_decode_stage(config, pixels), *model_stages, filter_stage(config.filter)]
+    if config.dedup.enabled:  # before the top fraction, so the fraction is of distinct rows
+        stages.append(dedup_stage(config.dedup, output, run_date, config.filter.clip_score_column))
+    if config.filter.keep_top_fraction is not None:
+        stages.append(top_fraction_stage(config.filter))
+    stages.append(write_stage(output, schema, run_id, run_date, kept_only=config.output.kept_only,
+                              rows_per_file=config.output.rows_per_file))
+    if config.ask:
+        _check_question_columns(config, stages, schema)
+    check_columns(stages)
+    check_cpus(stages)
+    return Plan(tuple(stages), schema, columns, input_format, input_rows)
+
+
+def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input_format: str) -> ColumnMapping:
+    columns = config.input.mapping_for(input_format)
+    if input_format == WEBDATASET:
+        if config.input.columns.image_uri:
+            raise PlanError("input.columns.image_uri: tar shards hold their images; image references are read "
+                            "from Parquet input (input.format: parquet)")
+        return columns
+    return columns.for_schema(shard_schema, config.input.columns.download_status, config.input.columns.download_error)
+
+
+def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stage], dict[str, PixelSpec | None]]:
+    """The model stages in order, and the pixel column each distinct input geometry gets.
+
+    Models that share a geometry share one pixel column, so an image is resized
+    once per distinct geometry.
+    """
+    storage = config.storage
+    clip_geometry = geometry(config.clip.model, storage, None)
+    pixels: dict[str, PixelSpec | None] = {col.PIXELS: clip_geometry}
+    stages = []
+
+    def column_for(spec: PixelSpec | None, own: str) -> str:
+        """The column of an earlier model with the same geometry, else ``own`` (now decoded too)."""
+        for name, other in pixels.items():
+            if spec is not None and other == spec:
+                return name
+        pixels[own] = spec
+        return own
+
+    if config.caption:
+        spec = geometry(config.caption.model, storage, config.caption.image_size)
+        column = column_for(spec, col.CAPTION_PIXELS)
+        stages.append(caption_stage(config.caption, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    stages.append(clip_stage(config.clip, storage, captions_generated=config.caption is not None,
+                             geometry=_describe_geometry(clip_geometry), tags=config.tags))
+    if config.caption:
+        stages.append(select_caption_stage())
+    if config.heads.configured():
+        stages.append(heads_stage(config.heads, storage, _check_heads(config, _models_readable(geometry))))
+    if config.language_on:
+        stages.append(language_stage(config.language or LanguageConfig(), config.filter.caption_column))
+    if config.itm:
+        spec = geometry(config.itm.model, storage, None)
+        column = column_for(spec, col.ITM_PIXELS)
+        stages.append(itm_stage(config.itm, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    if config.classifier:
+        if _models_readable(geometry):
+            _check_classifier_labels(config)
+        spec = geometry(config.classifier.model, storage, None)
+        column = column_for(spec, col.CLASSIFIER_PIXELS)
+        stages.append(classifier_stage(config.classifier, storage, pixels_column=column,
+                                       geometry=_describe_geometry(spec)))
+    if config.ask:  # last, so its questions can name any column the other models add
+        spec = geometry(config.ask.model, storage, config.ask.image_size)
+        column = column_for(spec, col.ASK_PIXELS)
+        stages.append(ask_stage(config.ask, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+    return stages, pixels
+
+
+def _check_question_columns(config: PipelineConfig, stages: list[Stage], schema: pa.Schema) -> None:
+    """Each column a question is made from is an output column that a stage before ``ask`` adds.
+
+    Stricter than ``check_columns``: a shard's own column names (before ``input.columns`` renames
+    them) and internal columns are gone by then.
+    """
+    index = next(i for i, stage in enumerate(stages) if stage.name == "ask")
+    before = [c for c in schema.names if any(c in stage.adds for stage in stages[:index])]
+    field = "template" if config.ask.template is not None else "question_column"
+    for name in config.ask.columns:
+        if name in before:
+            continue
+        if name in _PRODUCED_BY and name not in stages[index].adds:
+            hint = f"; {name} needs {_PRODUCED_BY[name]}"
+        else:
+            hint = "".join(f" (did you mean {close!r}?)" for close in difflib.get_close_matches(name, before, n=1))
+        shown = f"{{{name}}}" if field == "template" else repr(name)
+        raise PlanError(f"ask.{field}: {shown} is not a column of the rows the ask stage sees{hint}; "
+                        f"they have {', '.join(before)}")
+
+
+def _check_classifier_labels(config: PipelineConfig) -> None:
+    """Every configured score names a label the classifier has (its config.json's id2label)."""
+    ref = config.classifier.model
+    try:
+        raw = _model_config(ref, config.storage)
+    except (OSError, ValueError, ModelLoadError) as err:
+        raise PlanError(f"classifier.model: cannot read {ref.source}/config.json: {err}") from None
+    try:
+        check_labels(config.classifier, raw.get("id2label") or {})
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+
+
+def _check_heads(config: PipelineConfig, readable: bool) -> tuple[str, ...]:
+    """Each head against the CLIP model, before Ray starts: a dimension mismatch fails, another CLIP model warns.
+
+    Returns what ``vlpipe plan`` prints about the heads. Where the models exist only on
+    the cluster (``vlpipe submit``), the actors check the same when they load.
+    """
+    details = []
+    clip_source = config.clip.model.source
+    clip_dim = _embedding_dim(config.clip.model, config.storage) if readable else None
+    for name, ref in config.heads.configured().items():
+        spec = _head_spec(name, ref, config.storage) if readable else None
+        if spec is None:
+            details.append(f"{HEAD_ARCH[name]} from {ref.source} (checked where it runs)")
+            continue
+        if clip_dim is not None and spec.embedding_dim != clip_dim:
+            raise PlanError(f"heads.{name}: {ref.source} takes {spec.embedding_dim}-value embeddings (trained on "
+                            f"{spec.clip_model}), but clip.model {clip_source} makes {clip_dim}-value embeddings")
+        line = f"{spec.arch} from {ref.source} ({spec.embedding_dim}-d, trained on {spec.clip_model})"
+        if not _same_model(spec.clip_model, clip_source):
+            warning = (f"heads.{name} was trained on CLIP model {spec.clip_model}, but clip.model is {clip_source}: "
+                       "its scores are only meaningful on the embeddings it was trained on")
+            log.warning(warning)
+            line += f"; WARNING: {warning}"
+        details.append(line)
+    return tuple(details)
+
+
+def _model_config(ref: ModelRef, storage: StorageOptions) -> dict:
+    """A model's config.json, fetched without its weights."""
+    return json.loads((resolve_model_dir(ref, storage, config_only=True) / "config.json").read_text())
+
+
+def _head_spec(name: str, ref: HeadRef, storage: StorageOptions) -> HeadSpec:
+    """A head's config.json; a local head's weights are checked too (remote ones where they are fetched)."""
+    try:
+        if not is_remote(ref.source):
+            path = Path(ref.source.removeprefix("file://")).expanduser()
+            if path.exists() or ref.source.startswith(("/", ".", "~", "file://")):
+                return check_head_dir(path, name, ref.source)
+        return read_head_spec(resolve_model_dir(ref.model_ref(), storage, config_only=True), name, ref.source)
+    except ModelLoadError as err:
+        raise PlanError(str(err)) from None
+
+
+def _embedding_dim(ref: ModelRef, storage: StorageOptions) -> int | None:
+    """Width of a CLIP-family model's image embedding, from its config.json alone."""
+    try:
+        raw = _model_config(ref, storage)
+    except (OSError, ValueError, ModelLoadError):
+        return None  # the CLIP stage reports its own model problems
+    dim = raw.get("projection_dim") or raw.get("vision_config", {}).get("hidden_size")
+    return int(dim) if dim else None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Model names match by their last path part: ``openai/clip-vit-large-patch14`` is ``/models/clip-vit-large-patch14``."""
+    def tail(name: str) -> str:
+        return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return tail(a) == tail(b)
+
+
+def _read_stage(config: PipelineConfig, columns: ColumnMapping, shard_count: int | None, input_format: str) -> Stage:
+    shards = "the" if shard_count is None else f"{shard_count}"
+    if input_format == WEBDATASET:
+        wds = config.input.webdataset
+        caption = f"json field {wds.caption_field!r}" if wds.caption_field else f".{wds.caption_extension}"
+        details = (f"{shards} WebDataset tar shard(s) from {config.input.uri}",
+                   f"image .{'/.'.join(wds.image_extensions)}, caption {caption}, members grouped by key")
+    else:
+        details = (f"{shards} Parquet shard(s) from {config.input.uri}",
+                   f"columns {', '.join(columns.read)} (projection pushdown)")
+    adds = (*columns.read, SHARD_PATH) + ((col.INPUT_STATUS, col.INPUT_ERROR) if input_format == WEBDATASET else ())
+    return Stage(name="read", kind="source", reads=(), adds=adds, details=details)
+
+
+def _decode_stage(config: PipelineConfig, pixels: dict[str, PixelSpec | None]) -> Stage:
+    keep_bytes = config.decode.keep_image_bytes or config.output.include_image_bytes
+    phash = config.decode.perceptual_hash or config.dedup.near is not None
+    decode = config.decode.model_copy(update={"keep_image_bytes": keep_bytes, "perceptual_hash": phash})
+    extra = {name: spec for name, spec in pixels.items() if name != col.PIXELS}
+    described = {name: _describe_geometry(spec) for name, spec in pixels.items()}
+    return decode_stage(decode, pixels[col.PIXELS], extra, described)
+
+
+def _describe_geometry(spec: PixelSpec | None) -> str:
+    if spec is None:
+        return "(read from the model where it runs)"
+    height, width = spec.out_size
+    how = f"shortest edge {spec.shortest_edge}" if spec.shortest_edge else f"resize {spec.resize[0]}x{spec.resize[1]}"
+    return f"{height}x{width} uint8 ({how}{', centre crop' if spec.crop else ''})"
+
+
+def _extra_fields(config: PipelineConfig, shard_schema: pa.Schema | None) -> list[pa.Field]:
+    pairs = config.input.extra_pairs
+    if shard_schema is None:
+        return [pa.field(name, pa.null()) for _, name in pairs]
+    missing = [source for source, _ in pairs if source not in shard_schema.names]
+    if missing:
+        raise PlanError(f"input.extra_columns not found in the shards: {', '.join(missing)}")
+    return [shard_schema.field(source).with_name(name) for source, name in pairs]
+
+
+# What to turn on when a stage reads a column that nothing before it adds.
+_PRODUCED_BY = {
+    col.ITM_SCORE: "an itm: section (an ITM model)",
+    col.AESTHETIC_SCORE: "heads.aesthetic (an aesthetic-v2 head directory)",
+    col.NSFW_SCORE: "heads.nsfw (an nsfw head directory)",
+    col.TAG_SCORES: "a tags: section",
+    col.CLASSIFIER_SCORES: "a classifier: section (an image classification model)",
+    col.CAPTION_BEST: "a caption: section (a captioning model)",
+    col.CLIP_SCORE_BEST: "a caption: section (a captioning model)",
+    col.CAPTION_GENERATED: "a caption: section (a captioning model)",
+    col.ANSWER_YES_PROB: "an ask: section with yes_no: true (a chat VLM)",
+}
+
+
+def check_cpus(stages: list[Stage]) -> None:
+    """A CPU task (decoding) asks for a share of a CPU: ``num_cpus: 0`` is refused, naming the key.
+
+    A step's role is its declared kind, never its CPU number: storage steps (``io``) are the ones
+    that take no CPU slot. A CPU task with none would run as many tasks as Ray likes, beside the
+    models, with nothing to bound it. A model actor may take no CPU (on a GPU it mostly waits).
+    """
+    for stage in stages:
+        if stage.kind == "task" and stage.resources is not None and stage.resources.num_cpus == 0:
+            key = stage.config_key or stage.name
+            raise PlanError(f"{key}.resources.num_cpus is 0, but {stage.name} is CPU work (a task per batch): "
+                            f"give it a share of a CPU, e.g. {key}.resources.num_cpus=0.5")
+
+
+def check_columns(stages: list[Stage]) -> None:
+    """Each stage's inputs must come from the stages before it; the error names both."""
+    available: set[str] = set()
+    for index, stage in enumerate(stages):
+        missing = [c for c in stage.reads if c not in available]
+        if missing:
+            before = ", ".join(s.name for s in stages[:index]) or "none"
+            hint = "; ".join(f"{c} needs {_PRODUCED_BY[c]}" for c in missing if c in _PRODUCED_BY)
+            raise PlanError(
+                f"stage {stage.name!r} reads column(s) {', '.join(missing)}, which no earlier stage adds "
+                f"(stages before it: {before})" + (f": {hint}" if hint else "")
+            )
+        available.update(stage.adds)
+
+
+def check_locations(input_: Location, output: Location, runs: Location) -> None:
+    """Refuse an output inside the input: the next run would list the table's own files as shards."""
+    for name, where in (("output.uri", output), ("output.runs_uri", runs)):
+        if input_.contains(where):
+            raise PlanError(
+                f"{name} {where.uri} is inside input.uri {input_.uri}: every later run would read the table's "
+                "data files as input shards (and fail them); put the output outside the input"
+            )
+
+
+def check_stages(config: PipelineConfig) -> None:
+    """The plan's column checks alone, reading no model and no shard: for configs that run elsewhere."""
+    output = Location.resolve(config.output.uri, config.storage)
+    build_plan(config, output, run_id="<check>", run_date=config.run_date or dt.date.today(), shard_schema=None,
+               geometry=geometry_unknown, input_format=config.input.format or PARQUET)
