@@ -285,7 +285,7 @@ def _dedup_refit(args: argparse.Namespace) -> int:
 
     from operators.decisions.duplicates import SemanticConfig
     from operators.storage import Location, StorageOptions
-    from pipelines.dedup.stage import refit
+    from pipelines.dedup.refit import refit
     from pipelines.execute.ray import RayExecutor
 
     try:

@@ -16,7 +16,7 @@ from operators import schema as col
 from operators.storage import Location, StorageOptions
 from pipelines import hooks
 from pipelines.config import validate_config
-from pipelines.dedup.stage import CENTROIDS_KEY, load_centroids
+from pipelines.dedup.history import CENTROIDS_KEY, load_centroids
 from pipelines.run import run_pipeline
 from pipelines.table.records import read_run_records
 from tests.dedup_corpus import ORIGINAL, SIMILAR, planted_corpus, write_corpus_shards

@@ -9,7 +9,7 @@ from deltalake import write_deltalake
 
 from operators import schema as col
 from operators.storage import Location, StorageOptions
-from pipelines.dedup.stage import history_files
+from pipelines.dedup.history import history_files
 
 D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 
