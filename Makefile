@@ -26,7 +26,7 @@ test-quick: $(VENV)/.installed-test
 browser:
 	@sh tests/install_browser.sh
 
-# Throughput against the bare model loop and a naive transformers loop (README "Performance").
+# Throughput against the bare model loop and a naive transformers loop (docs/performance.md).
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 

@@ -581,7 +581,7 @@ def _object_store(args):
 
 
 def format_report(report: dict) -> str:
-    """The table the README quotes."""
+    """The table docs/performance.md quotes."""
     m = report["machine"]
     lines = [
         f"machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, device {m['device']}"

@@ -23,10 +23,10 @@ log = logging.getLogger("vlpipe")
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlpipe`` console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.quiet and args.verbose:
-        parser.error("--quiet and --verbose contradict each other")
+        cli.error("--quiet and --verbose contradict each other")
     logs.configure(-1 if args.quiet else 1 if args.verbose else 0)
     previous = _stop_on_sigterm()
     try:
@@ -75,31 +75,43 @@ def _restore(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlpipe", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages from vlpipe's own modules")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``vlpipe`` command line: global options, then one verb (the docs' CLI reference is made from it)."""
+    top = argparse.ArgumentParser(prog="vlpipe", description=__doc__)
+    top.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug messages from vlpipe's own modules")
+    sub = top.add_subparsers(dest="command", required=True)
+    for add in (_run_verbs, _job_verbs, _table_verbs, _dedup_verbs, _index_verbs, _export_verb, _search_verb,
+                _tool_verbs):
+        add(sub)
+    return top
 
-    plan = sub.add_parser("plan", help="print the plan of a config without running it (stages, resources, columns, schema)")
-    plan.add_argument("config", help="YAML config file")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    plan.set_defaults(handler=_plan)
 
-    run = sub.add_parser("run", help="run a pipeline config once and commit its output")
-    run.add_argument("config", help="YAML config file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set filter.min_clip_score=0.25")
-    run.add_argument("--run-date", type=dt.date.fromisoformat, help="partition date (default: today, UTC)")
-    run.set_defaults(handler=_run)
+_OUTPUT = "the output table URI (output.uri of the config)"
+_RUNS_URI = "run-record table, if not the default <output>/_vlpipe_runs"
+_DATE = dt.date.fromisoformat
 
-    nightly = sub.add_parser("nightly", help="process only new or changed shards into a date's partition")
-    nightly.add_argument("config", help="YAML config file")
-    nightly.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    nightly.add_argument("--date", type=dt.date.fromisoformat, help="partition date (default: today, UTC)")
+
+def _config_verb(sub, name: str, text: str, handler) -> argparse.ArgumentParser:
+    verb = sub.add_parser(name, help=text)
+    verb.add_argument("config", help="YAML config file")
+    verb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set filter.min_clip_score=0.25")
+    verb.set_defaults(handler=handler)
+    return verb
+
+
+def _run_verbs(sub) -> None:
+    _config_verb(sub, "plan", "print the plan of a config without running it (stages, resources, columns, schema)",
+                 _plan)
+    run = _config_verb(sub, "run", "run a pipeline config once and commit its output", _run)
+    run.add_argument("--run-date", type=_DATE, help="partition date (default: today, UTC)")
+    nightly = _config_verb(sub, "nightly", "process only new or changed shards into a date's partition", _nightly)
+    nightly.add_argument("--date", type=_DATE, help="partition date (default: today, UTC)")
     nightly.add_argument("--force", action="store_true", help="recompute the date even if it is up to date")
-    nightly.set_defaults(handler=_nightly)
 
+
+def _job_verbs(sub) -> None:
     submit = sub.add_parser("submit", help="run a config as a Ray job on a cluster and stream its logs")
     submit.add_argument("config", help="YAML config file, inside the working directory that ships with the job")
     submit.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS)")
@@ -110,7 +122,6 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting")
     submit.set_defaults(handler=_submit)
-
     for name, handler, text in (("status", _job_status, "show a submitted job's status"),
                                 ("stop", _job_stop, "stop a submitted job")):
         job = sub.add_parser(name, help=text)
@@ -118,42 +129,48 @@ def _parser() -> argparse.ArgumentParser:
         job.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
         job.set_defaults(handler=handler)
 
-    runs = sub.add_parser("runs", help="print the latest runs recorded for an output table")
-    runs.add_argument("output", help="the output table URI (output.uri of the config)")
-    runs.add_argument("--limit", type=int, default=10)
-    runs.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
-    runs.set_defaults(handler=_runs)
 
+def _table_verbs(sub) -> None:
+    runs = sub.add_parser("runs", help="print the latest runs recorded for an output table")
+    runs.add_argument("output", help=_OUTPUT)
+    runs.add_argument("--limit", type=int, default=10)
+    runs.add_argument("--runs-uri", help=_RUNS_URI)
+    runs.set_defaults(handler=_runs)
     report = sub.add_parser("report", help="write a run's HTML report (summary, score histograms, sample rows)")
-    report.add_argument("output", help="the output table URI (output.uri of the config)")
+    report.add_argument("output", help=_OUTPUT)
     report.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
-    report.add_argument("--out", help="where to write it, a path or object-store URI (default: vlpipe-report-<run id>.html)")
-    report.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    report.add_argument("--out", help="where to write it, a path or object-store URI "
+                                      "(default: vlpipe-report-<run id>.html)")
+    report.add_argument("--runs-uri", help=_RUNS_URI)
     report.add_argument("--samples", type=int, default=12, help="sample rows shown per side, kept and rejected")
     report.set_defaults(handler=_report)
-
     compact = sub.add_parser("compact", help="rewrite a partition's small data files into large ones, in one commit")
-    compact.add_argument("output", help="the output table URI (output.uri of the config)")
-    compact.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],
+    compact.add_argument("output", help=_OUTPUT)
+    compact.add_argument("--run-date", dest="run_dates", action="append", type=_DATE, default=[],
                          help="partition to compact (repeatable; default: every partition)")
     compact.add_argument("--target-size-mb", type=int, default=256, help="size of the rewritten files")
     compact.set_defaults(handler=_compact)
 
+
+def _dedup_verbs(sub) -> None:
     dedup = sub.add_parser("dedup", help="semantic dedup's k-means centroids")
     dedup_sub = dedup.add_subparsers(dest="dedup_command", required=True)
     refit = dedup_sub.add_parser("refit", help="fit new centroids on a sample of the table's kept rows and commit them")
-    refit.add_argument("output", help="the output table URI (output.uri of the config)")
+    refit.add_argument("output", help=_OUTPUT)
     refit.add_argument("--clusters", type=int, help="number of clusters (default: one per --rows-per-cluster rows)")
     refit.add_argument("--rows-per-cluster", type=int, default=1000)
-    refit.add_argument("--sample-rows", type=int, default=100_000, help="kept rows to fit on (those whose key hashes lowest)")
+    refit.add_argument("--sample-rows", type=int, default=100_000,
+                       help="kept rows to fit on (those whose key hashes lowest)")
     refit.add_argument("--seed", type=int, default=0)
     refit.set_defaults(handler=_dedup_refit)
 
+
+def _index_verbs(sub) -> None:
     index = sub.add_parser("index", help="build a vector index (faiss) over the kept rows' embeddings of the table")
-    index.add_argument("output", help="the output table URI (output.uri of the config)")
+    index.add_argument("output", help=_OUTPUT)
     index.add_argument("--to", dest="index_uri", required=True, metavar="INDEX_URI",
                        help="where the index goes: a folder or object-store prefix (replaced atomically)")
-    index.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],
+    index.add_argument("--run-date", dest="run_dates", action="append", type=_DATE, default=[],
                        help="partition to index (repeatable; default: every partition)")
     index.add_argument("--embedding", choices=["image", "text"], default="image", help="which tower's embeddings")
     index.add_argument("--version", type=int, help="table version to index (default: the latest)")
@@ -162,25 +179,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest index kept uncompressed; above it vectors are product-quantised (default 16)")
     index.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
                        help="where blocks are read and encoded (auto: Ray above 200k rows)")
-    index.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    index.add_argument("--runs-uri", help=_RUNS_URI)
     index.set_defaults(handler=_index)
 
+
+def _export_verb(sub) -> None:
     export = sub.add_parser("export", help="write one version of the table as training shards (WebDataset or Parquet)")
-    export.add_argument("output", help="the output table URI (output.uri of the config)")
+    export.add_argument("output", help=_OUTPUT)
     export.add_argument("--to", dest="to_uri", required=True, metavar="URI",
                         help="where the shards go: a folder or object-store prefix (replacing an export there)")
     export.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset",
                         help="tar shards as img2dataset writes them (default), or Parquet shards with the image bytes")
-    export.add_argument("--run-date", dest="run_dates", action="append", type=dt.date.fromisoformat, default=[],
+    export.add_argument("--run-date", dest="run_dates", action="append", type=_DATE, default=[],
                         help="partition to export (repeatable; default: every partition)")
     export.add_argument("--version", type=int, help="table version to export (default: the latest)")
     export.add_argument("--all-rows", action="store_true", help="rejected rows too (default: only keep = true)")
     export.add_argument("--samples-per-shard", type=int, default=10_000, help="rows per shard (default 10000)")
     export.add_argument("--embeddings", action="store_true",
                         help="also img_emb/, text_emb/ .npy and metadata/ Parquet per shard (clip-retrieval's layout)")
-    export.add_argument("--runs-uri", help="run-record table, if not the default <output>/_vlpipe_runs")
+    export.add_argument("--runs-uri", help=_RUNS_URI)
     export.set_defaults(handler=_export)
 
+
+def _search_verb(sub) -> None:
     search = sub.add_parser("search", help="the rows of an index nearest to a text or an image")
     search.add_argument("index_uri", help="an index written by `vlpipe index`")
     query = search.add_mutually_exclusive_group(required=True)
@@ -192,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "directory); it must embed as the index's model did")
     search.set_defaults(handler=_search)
 
+
+def _tool_verbs(sub) -> None:
     convert = sub.add_parser("convert-head", help="turn a released head (.pth state dict) into a head directory")
     convert.add_argument("src", help="the released .pth file (read with torch.load(weights_only=True))")
     convert.add_argument("out_dir", help="new directory for config.json + model.safetensors")
@@ -199,11 +222,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
                          help="the CLIP model the head was trained on (default: openai/clip-vit-large-patch14)")
     convert.set_defaults(handler=_convert_head)
-
     demo = sub.add_parser("demo", help="generate sample data and tiny models, then run the demo config")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.set_defaults(handler=_demo)
-    return parser
 
 
 def _plan(args: argparse.Namespace) -> int:

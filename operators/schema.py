@@ -1,7 +1,7 @@
 """Column names, statuses, reject reasons and the output Arrow schema.
 
-This is the one module that names columns; operators, pipelines and the README
-table all follow it. Columns starting with ``_`` are internal and never written.
+This is the one module that names columns; operators, pipelines and the
+docs' column reference (generated from it) all follow it. Columns starting with ``_`` are internal and never written.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from pipelines.errors import ConfigError
 
 # The config sections that each name a model (``<section>.model``).
 MODEL_SECTIONS = ("clip", "caption", "itm", "classifier", "ask")
-# Below this many rows a run goes faster without Ray than Ray takes to start (README "In process").
+# Below this many rows a run goes faster without Ray than Ray takes to start (docs/guide/running.md#in-process).
 IN_PROCESS_MAX_ROWS = 10_000
 
 

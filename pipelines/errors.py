@@ -1,18 +1,17 @@
-"""Every way a run or a command can end, and the exit code each one gets: one table.
-
-| code | meaning |
-|------|---------|
-| 0    | succeeded |
-| 1    | anything else (a model that cannot load, a Ray failure, a bug) |
-| 2    | bad config or usage (the message names the field) |
-| 3    | partial: some input shards failed; the good ones were committed |
-| 4    | no usable input: nothing matched input.uri, or no shard could be read |
-| 5    | another run committed this run's partition first; nothing was committed |
-| 6    | storage or the Ray cluster cannot be reached, or refuses access |
-| 130  | interrupted (SIGINT or SIGTERM) |
-"""
+"""Every way a run or a command can end, and the exit code each one gets: one table, ``EXIT_CODES``."""
 
 from __future__ import annotations
+
+EXIT_CODES = {
+    0: "succeeded",
+    1: "anything else (a model that cannot load, a Ray failure, a bug)",
+    2: "bad config or usage (the message names the field)",
+    3: "partial: some input shards failed; the good ones were committed",
+    4: "no usable input: nothing matched input.uri, or no shard could be read",
+    5: "another run committed this run's partition first; nothing was committed",
+    6: "storage or the Ray cluster cannot be reached, or refuses access",
+    130: "interrupted (SIGINT or SIGTERM)",
+}
 
 
 class VlpipeError(Exception):

@@ -6,8 +6,8 @@ from the four modules that define what they describe, so they cannot drift from 
 - ``reference/columns.md``: ``operators.schema`` (``output_schema``, ``COLUMN_DOCS``,
   ``IMAGE_STATUSES``, ``REJECT_REASONS``);
 - ``reference/config.md``: ``pipelines.config.PipelineConfig`` and its nested models;
-- ``reference/cli.md``: ``jobs.cli._parser()``;
-- ``reference/exit-codes.md``: the table in ``pipelines.errors`` and its exception classes.
+- ``reference/cli.md``: ``jobs.cli.parser()``;
+- ``reference/exit-codes.md``: ``pipelines.errors.EXIT_CODES`` and its exception classes.
 
 Each ``*_page()`` function returns the page's Markdown; the docs tests call them directly.
 """
@@ -336,9 +336,9 @@ def _command_section(parser: argparse.ArgumentParser, summary: str, level: int) 
 
 
 def cli_page() -> str:
-    from jobs.cli import _parser
+    from jobs.cli import parser
 
-    parser = _parser()
+    cli = parser()
     lines = [
         "# Command line", "", GENERATED,
         "Every command is a verb of `vlpipe`. The global options go before the verb "
@@ -346,12 +346,12 @@ def cli_page() -> str:
         "[Exit codes](exit-codes.md).", "",
         "| verb | what it does |", "|---|---|",
     ]
-    subs = list(_subcommands(parser))
+    subs = list(_subcommands(cli))
     for sub, text in subs:
         verb = sub.prog.removeprefix("vlpipe ")
         lines.append(f"| [`{verb}`](#{verb}) | {_cell(text)} |")
-    lines += ["", "## Global options {#global}", "", "```text", _usage(parser), "```", "",
-              "| argument | meaning | notes |", "|---|---|---|", *_argument_rows(parser), ""]
+    lines += ["", "## Global options {#global}", "", "```text", _usage(cli), "```", "",
+              "| argument | meaning | notes |", "|---|---|---|", *_argument_rows(cli), ""]
     for sub, text in subs:
         lines += _command_section(sub, text, 2)
     return "\n".join(lines)
@@ -360,11 +360,10 @@ def cli_page() -> str:
 # --- exit codes -------------------------------------------------------------------------------
 
 def exit_code_table() -> list[tuple[int, str]]:
-    """(code, meaning) from the table in ``pipelines.errors``'s docstring."""
-    from pipelines import errors
+    """(code, meaning) from ``pipelines.errors.EXIT_CODES``."""
+    from pipelines.errors import EXIT_CODES
 
-    rows = re.findall(r"^\|\s*(\d+)\s*\|\s*(.+?)\s*\|\s*$", errors.__doc__ or "", flags=re.M)
-    return [(int(code), meaning) for code, meaning in rows]
+    return sorted(EXIT_CODES.items())
 
 
 def _error_classes() -> list[type]:

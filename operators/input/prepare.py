@@ -61,7 +61,7 @@ def check_extra_names(pairs: list[tuple[str, str]]) -> None:
         if name in own:
             renamed = f"{source!r} -> {name!r}" if source != name else repr(name)
             raise ValueError(f"extra column {renamed} collides with vlpipe's output column {name!r} "
-                             f"({col.COLUMN_DOCS.get(name, 'see the README')}); rename it on the way in, e.g. "
+                             f"({col.COLUMN_DOCS.get(name, 'see the output columns in the reference')}); rename it on the way in, e.g. "
                              f"extra_columns: {{{source}: input_{name}}}")
         if name.startswith("_"):
             raise ValueError(f"extra column {name!r}: names starting with '_' are vlpipe's internal columns")

@@ -6,7 +6,7 @@ implementation's key names. ``convert_head`` makes one from a released ``.pth``
 state dict, read with ``torch.load(weights_only=True)``: never unrestricted pickle.
 
 The heads run fused into the CLIP step, on its device: no second image pass, and
-the embeddings never leave the actor (see the README, "Heads", for the measurement).
+the embeddings never leave the actor (docs/guide/models.md#heads has the measurement).
 """
 
 from __future__ import annotations

@@ -66,9 +66,8 @@ class RayExecutor:
 
     @classmethod
     def local(cls) -> RayExecutor:
-        """On this process's Ray, started here (a local one) if there is none yet."""
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+        """On this process's Ray (``connect``)."""
+        connect()
         return cls(_resources())
 
     @property
@@ -138,6 +137,12 @@ class RayExecutor:
         if source is not None:
             return ds.map_batches(_reading_task_function(step, head, source), **{**args, "batch_size": 1})
         return ds.map_batches(_task_function(step, head), **args)
+
+
+def connect() -> None:
+    """This process's Ray: the one it is connected to, else ``RAY_ADDRESS``'s, else a local one started here."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
 
 
 def start_ray(address: str | None, dashboard: bool, run_passes: list[Pass], timeout_s: float,

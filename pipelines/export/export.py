@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import time
 from importlib import metadata as package_metadata
 from typing import Literal
@@ -122,8 +121,9 @@ def run_jobs(context: ExportContext, jobs: list[ShardJob], progress: bool) -> li
     from ray.exceptions import RayTaskError
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    from pipelines.execute.ray import connect
+
+    connect()
     task = ray.remote(num_cpus=1)(write_shard)
     shared = ray.put(context)
     pending = [task.remote(shared, job) for job in jobs]

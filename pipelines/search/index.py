@@ -22,7 +22,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -449,10 +448,9 @@ def _one_model(run_ids: set[str], sources: dict[str, RunSource]) -> ModelRecord:
 def _uses_ray(executor: str, chosen: TableSlice) -> bool:
     use = executor == "ray" or (executor == "auto" and (chosen.rows is None or chosen.rows > LOCAL_MAX_ROWS))
     if use:
-        import ray
+        from pipelines.execute.ray import connect
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+        connect()
     return use
 
 

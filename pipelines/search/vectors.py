@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FLAT_MAX_ROWS = 50_000  # below this a query's full scan takes a few ms (README, "Searching the output")
+FLAT_MAX_ROWS = 50_000  # below this a query's full scan takes a few ms (docs/guide/search.md#which-index)
 DEFAULT_MAX_INDEX_BYTES = 16 << 30  # largest uncompressed IVF before product quantisation
 HNSW_QUANTIZER_MIN_LISTS = 16_384  # from here scanning the centroids costs more than a graph walk
 TRAIN_ROWS_PER_LIST = 50  # faiss warns below 39 training points per centroid

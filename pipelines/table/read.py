@@ -1,7 +1,7 @@
 """Reading a vlpipe table back: for downstream jobs that want vlpipe's conventions.
 
 Nothing here is required: the table is plain Delta Lake, and DuckDB, Polars,
-Spark or pandas read it directly (see the README).
+Spark or pandas read it directly (docs/guide/output.md#reading).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import _parser
+from jobs.cli import parser
 from pipelines.config import load_config, validate_config
 from pipelines.errors import ConfigError
 from tests.docs import DOCS, README, ROOT, fenced_blocks, markdown_files, reference
@@ -130,7 +130,7 @@ def test_every_yaml_snippet_is_a_valid_config(snippet):
 def test_every_command_line_parses(line, capsys):
     argv = shlex.split(line, comments=True)[1:]
     try:
-        args = _parser().parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit:
         pytest.fail(f"vlpipe {' '.join(argv)}: {capsys.readouterr().err.strip()}")
     config = getattr(args, "config", None)
@@ -179,8 +179,8 @@ def test_the_reference_covers_every_config_key_and_command():
     config_page, cli_page = reference().config_page(), reference().cli_page()
     for key, *_ in reference().config_rows():
         assert f"| `{key}` |" in config_page
-    parser = _parser()
-    for sub, _ in reference()._subcommands(parser):
+    cli = parser()
+    for sub, _ in reference()._subcommands(cli):
         assert f"## `{sub.prog}`" in cli_page
 
 
