@@ -117,56 +117,60 @@ def write_sample_shards(
     if broken_per_shard + 1 + n_mismatched > rows_per_shard:
         raise ValueError("rows_per_shard too small for the requested broken, empty-caption and mismatched rows")
     out_dir.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("caption", pa.string()),
-            ("jpg", pa.binary()),
-            ("url", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-        ]
-    )
     manifest: dict[str, list] = {"mismatched_keys": [], "broken_keys": [], "empty_caption_keys": [],
                                  "duplicate_pairs": []}
     paths = []
     for shard in range(num_shards):
         rng = np.random.default_rng([seed, shard])
-        roles = np.full(rows_per_shard, "ok", dtype=object)
-        order = rng.permutation(rows_per_shard)
-        roles[order[:broken_per_shard]] = "broken"
-        roles[order[broken_per_shard]] = "empty"
-        roles[order[broken_per_shard + 1 : broken_per_shard + 1 + n_mismatched]] = "mismatched"
-        rows: dict[str, list] = {name: [] for name in schema.names}
+        roles = _roles(rng, rows_per_shard, broken_per_shard, n_mismatched)
+        rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         for i, role in enumerate(roles):
-            key = f"{shard * rows_per_shard + i:09d}"
-            shape, color = SHAPES[int(rng.integers(len(SHAPES)))], list(PALETTE)[int(rng.integers(len(PALETTE)))]
-            image = make_sample_image(shape, color, size=int(rng.integers(48, 321)), rng=rng)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=int(rng.integers(75, 96)))
-            jpeg = buffer.getvalue()
-            caption = caption_for(shape, color, rng)
-            if role == "mismatched":
-                # Both attributes differ so the pair is unambiguously wrong, not merely a near miss.
-                other_shape = str(rng.choice([s for s in SHAPES if s != shape]))
-                other_color = str(rng.choice([c for c in PALETTE if c != color]))
-                caption = caption_for(other_shape, other_color, rng)
-            elif role == "empty":
-                caption = ""
-            elif role == "broken":
-                jpeg = _broken_bytes(len(manifest["broken_keys"]) % 3, jpeg, rng)
-            if role != "ok":
-                manifest[{"mismatched": "mismatched_keys", "broken": "broken_keys", "empty": "empty_caption_keys"}[role]].append(key)
-            for name, value in zip(
-                schema.names, (key, caption, jpeg, f"https://example.com/images/{key}.jpg", *image.size)
-            ):
+            row = _sample_row(f"{shard * rows_per_shard + i:09d}", role, rng, manifest)
+            for name, value in zip(SHARD_SCHEMA.names, row):
                 rows[name].append(value)
         _plant_duplicates(rows, roles, duplicates_per_shard, manifest["duplicate_pairs"])
         path = out_dir / f"{shard:05d}.parquet"
-        pq.write_table(pa.table(rows, schema=schema), path)
+        pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), path)
         paths.append(path)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return paths
+
+
+SHARD_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
+                          ("url", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
+_MANIFEST_KEYS = {"mismatched": "mismatched_keys", "broken": "broken_keys", "empty": "empty_caption_keys"}
+
+
+def _roles(rng: np.random.Generator, rows: int, broken: int, mismatched: int) -> np.ndarray:
+    """Which rows of a shard are planted: ``broken`` bad images, one empty caption, ``mismatched`` captions."""
+    roles = np.full(rows, "ok", dtype=object)
+    order = rng.permutation(rows)
+    roles[order[:broken]] = "broken"
+    roles[order[broken]] = "empty"
+    roles[order[broken + 1 : broken + 1 + mismatched]] = "mismatched"
+    return roles
+
+
+def _sample_row(key: str, role: str, rng: np.random.Generator, manifest: dict[str, list]) -> tuple:
+    """One img2dataset-style row (key, caption, jpg, url, width, height) playing ``role``."""
+    shape, color = SHAPES[int(rng.integers(len(SHAPES)))], list(PALETTE)[int(rng.integers(len(PALETTE)))]
+    image = make_sample_image(shape, color, size=int(rng.integers(48, 321)), rng=rng)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(rng.integers(75, 96)))
+    jpeg = buffer.getvalue()
+    caption = caption_for(shape, color, rng)
+    if role == "mismatched":
+        # Both attributes differ so the pair is unambiguously wrong, not merely a near miss.
+        other_shape = str(rng.choice([s for s in SHAPES if s != shape]))
+        other_color = str(rng.choice([c for c in PALETTE if c != color]))
+        caption = caption_for(other_shape, other_color, rng)
+    elif role == "empty":
+        caption = ""
+    elif role == "broken":
+        jpeg = _broken_bytes(len(manifest["broken_keys"]) % 3, jpeg, rng)
+    if role != "ok":
+        manifest[_MANIFEST_KEYS[role]].append(key)
+    return (key, caption, jpeg, f"https://example.com/images/{key}.jpg", *image.size)
 
 
 def _plant_duplicates(rows: dict[str, list], roles: np.ndarray, count: int, pairs: list) -> None:

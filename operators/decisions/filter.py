@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators import schema as col
@@ -131,13 +130,18 @@ class ScoreFilter:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        c = self.config
         status = np.array(batch.column(col.STATUS).to_pylist(), dtype=object)
         reason = np.where(status == col.OK, None, status).astype(object)
 
         def reject(failed: np.ndarray, why: str) -> None:
             reason[(reason == None) & failed] = why  # noqa: E711 (elementwise)
 
+        for checks in (self._image_checks, self._caption_checks, self._score_checks):  # in FILTER_REASONS order
+            checks(batch, reject)
+        return _with_decision(batch, reason)
+
+    def _image_checks(self, batch: pa.Table, reject: Callable[[np.ndarray, str], None]) -> None:
+        c = self.config
         if c.min_image_side or c.max_aspect_ratio:
             width, height = (_scores(batch, name) for name in (col.IMAGE_WIDTH, col.IMAGE_HEIGHT))
             short, long = np.fmin(width, height), np.fmax(width, height)
@@ -146,6 +150,9 @@ class ScoreFilter:
             if c.max_aspect_ratio:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     reject(long / short > c.max_aspect_ratio, col.EXTREME_ASPECT_RATIO)
+
+    def _caption_checks(self, batch: pa.Table, reject: Callable[[np.ndarray, str], None]) -> None:
+        c = self.config
         caption = pc.utf8_trim_whitespace(batch.column(c.caption_column).cast(pa.string()))
         empty = pc.fill_null(pc.equal(pc.utf8_length(caption), 0), True).to_numpy(zero_copy_only=False)
         reject(empty, col.EMPTY_CAPTION)
@@ -159,6 +166,9 @@ class ScoreFilter:
             language = batch.column(col.CAPTION_LANGUAGE)
             matches = pc.fill_null(pc.is_in(language, pa.array(c.caption_languages, pa.string())), False)
             reject(~matches.to_numpy(zero_copy_only=False), col.WRONG_LANGUAGE)
+
+    def _score_checks(self, batch: pa.Table, reject: Callable[[np.ndarray, str], None]) -> None:
+        c = self.config
         if col.IMAGE_EMBEDDING in batch.column_names:  # always, after a CLIP stage
             reject(_non_finite(batch.column(col.IMAGE_EMBEDDING)), col.INVALID_EMBEDDING)
         for threshold, score_column, why in (
@@ -182,7 +192,6 @@ class ScoreFilter:
                         reject(~(scores >= value) if bound == "min" else ~(scores <= value), why)
         if c.min_answer_yes_prob is not None:
             reject(~(_scores(batch, col.ANSWER_YES_PROB) >= c.min_answer_yes_prob), col.LOW_ANSWER_YES_PROB)
-        return _with_decision(batch, reason)
 
 
 class TopFraction:

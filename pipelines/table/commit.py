@@ -10,13 +10,11 @@ the rows a rewritten shard supersedes in the same commit (``pipelines.table.supe
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Schema
 from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
@@ -62,61 +60,89 @@ def commit_files(
     (``ConcurrentRunError``) rather than mixing two runs' rows. Commits to other dates
     in the meantime are fine; the commit is planned again on top of them.
     """
-    table_uri, options = table.uri, table.delta_options
-    day = run_date.isoformat()
     now_ms = int(time.time() * 1000)
-    adds = [AddAction(f["path"], f["size"], {col.RUN_DATE: day}, now_ms, True, f["stats"]) for f in summary.files]
-    # No blind retries inside delta-rs: it would rebase a commit onto a concurrent one it was planned without.
-    properties = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
-    before = _files_at(table_uri, options, read_version)
-    started_with = {f.path for f in before if f.partition == day}
+    day = run_date.isoformat()
+    before = _files_at(table.uri, table.delta_options, read_version)
     run_id = metadata["vlpipe.run_id"]
-    superseder = Superseder(table, supersede or Supersede(frozenset(), frozenset()), run_id)
+    attempt = _Attempt(
+        table, schema, run_date, mode, read_version, now_ms, before={f.path for f in before},
+        started_with={f.path for f in before if f.partition == day},
+        adds=[AddAction(f["path"], f["size"], {col.RUN_DATE: day}, now_ms, True, f["stats"]) for f in summary.files],
+        # No blind retries inside delta-rs: it would rebase a commit onto a concurrent one it was planned without.
+        properties=CommitProperties(custom_metadata=metadata, max_commit_retries=0),
+        superseder=Superseder(table, supersede or Supersede(frozenset(), frozenset()), run_id),
+    )
     lost: OSError | None = None
-    planned: list[Change] = []
     for _ in range(_COMMIT_ATTEMPTS):
         if lost is not None:
             # The commit request or its answer was lost (reset, timeout): delta-rs does not retry a
             # conditional put, so look whether it landed before trying again.
-            landed = _committed_version(table_uri, options, run_id)
+            landed = _committed_version(table.uri, table.delta_options, run_id)
             if landed is not None:
-                return _result(landed, planned, superseder)
-        if not DeltaTable.is_deltatable(table_uri, storage_options=options):
-            try:
-                create_table_with_add_actions(
-                    table_uri, Schema.from_arrow(schema), adds, mode="append", partition_by=[col.RUN_DATE],
-                    storage_options=options, commit_properties=properties,
-                )
-                return Commit(0)
-            except OSError as err:
-                lost = err
-                continue
-            except DeltaError:
-                if not DeltaTable.is_deltatable(table_uri, storage_options=options):
-                    raise
-                continue  # another run created the table first: check it like any concurrent commit
-        delta = DeltaTable(table_uri, storage_options=options)
+                return _result(landed, attempt.planned, attempt.superseder)
         try:
-            if _add_missing_columns(delta, schema, run_id):
-                continue  # look at the table again, with its new schema
-            files = table_files(delta)
-            own = _replaced_partition(files, run_date, mode, started_with, table_uri, (read_version, delta.version()))
-            planned = superseder.changes(files, day, {f.path for f in before})
-            replaced = _replacing(own, planned, now_ms)
-            hooks.reach("commit:planned")
-            # Append mode: overwrite mode refuses explicit removes, so this commit states the
-            # partition's removals itself, from the very version it is committed on top of.
-            delta.create_write_transaction(adds + replaced, mode="append", schema=schema,
-                                           partition_by=[col.RUN_DATE], commit_properties=properties)
-        except CommitFailedError:
-            continue  # someone committed first; look again at what they changed
+            first = not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options)
+            done = attempt.create() if first else attempt.on_top()
         except OSError as err:
             lost = err
             continue
-        return _result(_version_of(table_uri, options, run_id), planned, superseder)
+        if done is not None:
+            return done
     if lost is not None:
         raise lost
-    raise ConcurrentRunError(f"could not commit to {table_uri}: {_COMMIT_ATTEMPTS} attempts lost to concurrent commits")
+    raise ConcurrentRunError(f"could not commit to {table.uri}: {_COMMIT_ATTEMPTS} attempts lost to concurrent commits")
+
+
+@dataclass
+class _Attempt:
+    """One try at the commit: as the table's first, or on top of the table as it is now (None: try again)."""
+
+    table: Location
+    schema: pa.Schema
+    run_date: dt.date
+    mode: str
+    read_version: int | None
+    now_ms: int
+    before: set[str]  # the table's files at read_version
+    started_with: set[str]  # of those, the run date's partition
+    adds: list[AddAction]
+    properties: CommitProperties
+    superseder: Superseder
+    planned: list[Change] = field(default_factory=list)
+
+    def create(self) -> Commit | None:
+        try:
+            create_table_with_add_actions(
+                self.table.uri, Schema.from_arrow(self.schema), self.adds, mode="append",
+                partition_by=[col.RUN_DATE], storage_options=self.table.delta_options,
+                commit_properties=self.properties,
+            )
+            return Commit(0)
+        except DeltaError:
+            if not DeltaTable.is_deltatable(self.table.uri, storage_options=self.table.delta_options):
+                raise
+            return None  # another run created the table first: check it like any concurrent commit
+
+    def on_top(self) -> Commit | None:
+        uri, options = self.table.uri, self.table.delta_options
+        delta = DeltaTable(uri, storage_options=options)
+        run_id = self.superseder.run_id
+        try:
+            if _add_missing_columns(delta, self.schema, run_id):
+                return None  # look at the table again, with its new schema
+            files = table_files(delta)
+            own = _replaced_partition(files, self.run_date, self.mode, self.started_with, uri,
+                                      (self.read_version, delta.version()))
+            self.planned = self.superseder.changes(files, self.run_date.isoformat(), self.before)
+            replaced = _replacing(own, self.planned, self.now_ms)
+            hooks.reach("commit:planned")
+            # Append mode: overwrite mode refuses explicit removes, so this commit states the
+            # partition's removals itself, from the very version it is committed on top of.
+            delta.create_write_transaction(self.adds + replaced, mode="append", schema=self.schema,
+                                           partition_by=[col.RUN_DATE], commit_properties=self.properties)
+        except CommitFailedError:
+            return None  # someone committed first; look again at what they changed
+        return _result(_version_of(uri, options, run_id), self.planned, self.superseder)
 
 
 _COMMIT_ATTEMPTS = 20
