@@ -38,61 +38,133 @@ from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
 from operators import schema as col
-from operators.models.caption import caption_geometry
-from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec
 from operators.decisions.duplicates import NearConfig, SemanticConfig
+from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec
+from operators.models.caption import caption_geometry
 
 log = logging.getLogger(__name__)
 
 NAIVE_BATCH = naive_clip.NAIVE_BATCH
-SCALE_FIGURES = ("seconds_per_1k_rows", "images_per_s", "peak_pss_mb", "peak_rss_mb", "peak_ray_workers",
-                 "cores_busy", "spilled_mb", "busy_cpu_s", "cpu_split_s")
+SCALE_FIGURES = (
+    "seconds_per_1k_rows",
+    "images_per_s",
+    "peak_pss_mb",
+    "peak_rss_mb",
+    "peak_ray_workers",
+    "cores_busy",
+    "spilled_mb",
+    "busy_cpu_s",
+    "cpu_split_s",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--clip-images", type=int, default=512, help="rows for the CLIP comparison (0: skip)")
     parser.add_argument("--caption-images", type=int, default=32, help="rows for the captioning comparison (0: skip)")
-    parser.add_argument("--scale-images", type=int, nargs="*", default=[512, 2048],
-                        help="row counts for the vlpipe scale check (none: skip)")
-    parser.add_argument("--scale-model", default=None,
-                        help="CLIP directory for the scale check, or 'tiny' so decoding and I/O set the pace "
-                             "(default: the --clip-model)")
-    parser.add_argument("--scale-executor", choices=("ray", "in_process"), default="ray",
-                        help="executor of the scale check (default: ray, as for large runs)")
-    parser.add_argument("--signals-images", type=int, default=256,
-                        help="rows for the cost of heads + tags on CLIP and of the classifier, without Ray (0: skip)")
-    parser.add_argument("--dedup", action="store_true", help="dedup quality on the planted corpus and its cost (tiny CLIP)")
-    parser.add_argument("--dedup-originals", type=int, default=40, help="originals in the planted corpus (x9 rows; 0: skip the quality runs)")
-    parser.add_argument("--dedup-images", type=int, nargs="*", default=[10_000, 100_000],
-                        help="rows for the dedup cost, with and without dedup; the last is the history for a night "
-                             "of the first size")
-    parser.add_argument("--retrieval", action="store_true",
-                        help="vector index: recall@10 of the approximate index against exact search, build time, "
-                             "query latency, and `build_index` on a Delta table (synthetic vectors, no model)")
+    parser.add_argument(
+        "--scale-images",
+        type=int,
+        nargs="*",
+        default=[512, 2048],
+        help="row counts for the vlpipe scale check (none: skip)",
+    )
+    parser.add_argument(
+        "--scale-model",
+        default=None,
+        help="CLIP directory for the scale check, or 'tiny' so decoding and I/O set the pace "
+        "(default: the --clip-model)",
+    )
+    parser.add_argument(
+        "--scale-executor",
+        choices=("ray", "in_process"),
+        default="ray",
+        help="executor of the scale check (default: ray, as for large runs)",
+    )
+    parser.add_argument(
+        "--signals-images",
+        type=int,
+        default=256,
+        help="rows for the cost of heads + tags on CLIP and of the classifier, without Ray (0: skip)",
+    )
+    parser.add_argument(
+        "--dedup", action="store_true", help="dedup quality on the planted corpus and its cost (tiny CLIP)"
+    )
+    parser.add_argument(
+        "--dedup-originals",
+        type=int,
+        default=40,
+        help="originals in the planted corpus (x9 rows; 0: skip the quality runs)",
+    )
+    parser.add_argument(
+        "--dedup-images",
+        type=int,
+        nargs="*",
+        default=[10_000, 100_000],
+        help="rows for the dedup cost, with and without dedup; the last is the history for a night of the first size",
+    )
+    parser.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="vector index: recall@10 of the approximate index against exact search, build time, "
+        "query latency, and `build_index` on a Delta table (synthetic vectors, no model)",
+    )
     parser.add_argument("--retrieval-rows", type=int, default=100_000, help="vectors for --retrieval")
-    parser.add_argument("--inputs", type=int, default=0, metavar="ROWS",
-                        help="rows for the input readers' comparison: WebDataset tars against Parquet (0: skip)")
+    parser.add_argument(
+        "--inputs",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="rows for the input readers' comparison: WebDataset tars against Parquet (0: skip)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
-    parser.add_argument("--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)")
-    parser.add_argument("--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)")
-    parser.add_argument("--clip-model", default=None, help="CLIP directory (default: random-weight ViT-B/32, built once)")
-    parser.add_argument("--clip-arch", choices=tuple(models.CLIP_ARCHS), default="vit-b32",
-                        help="architecture of the random-weight CLIP built when --clip-model is not given")
+    parser.add_argument(
+        "--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)"
+    )
+    parser.add_argument(
+        "--caption-batch", type=int, default=None, help="vlpipe and limit caption batch (default: the operator's)"
+    )
+    parser.add_argument(
+        "--clip-model", default=None, help="CLIP directory (default: random-weight ViT-B/32, built once)"
+    )
+    parser.add_argument(
+        "--clip-arch",
+        choices=tuple(models.CLIP_ARCHS),
+        default="vit-b32",
+        help="architecture of the random-weight CLIP built when --clip-model is not given",
+    )
     parser.add_argument("--caption-model", default=None, help="captioner directory (default: random-weight BLIP-base)")
-    parser.add_argument("--tiny", action="store_true", help="tiny 2-layer architectures instead of real sizes (smoke test)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the limit and naive loops run; vlpipe actors use a GPU when Ray has one")
-    parser.add_argument("--storage", choices=("local", "seaweedfs"), default="local",
-                        help="shards on local disk or on a SeaweedFS S3 server started for the run")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny 2-layer architectures instead of real sizes (smoke test)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the limit and naive loops run; vlpipe actors use a GPU when Ray has one",
+    )
+    parser.add_argument(
+        "--storage",
+        choices=("local", "seaweedfs"),
+        default="local",
+        help="shards on local disk or on a SeaweedFS S3 server started for the run",
+    )
     parser.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path(".cache/bench"))
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
-    parser.add_argument("--whole-repeats", type=int, default=3,
-                        help="time `vlpipe run` and the naive script as whole processes this many times each, "
-                             "and the demo-sized run's fixed cost (0: skip)")
-    parser.add_argument("--num-gpus", type=int, default=None,
-                        help="GPUs for the local Ray (default: all); on a CPU-only machine a logical GPU "
-                             "checks the GPU scheduling, the models then run on the CPU")
+    parser.add_argument(
+        "--whole-repeats",
+        type=int,
+        default=3,
+        help="time `vlpipe run` and the naive script as whole processes this many times each, "
+        "and the demo-sized run's fixed cost (0: skip)",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="GPUs for the local Ray (default: all); on a CPU-only machine a logical GPU "
+        "checks the GPU scheduling, the models then run on the CPU",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench/bench.json"))
     return parser.parse_args(argv)
 
@@ -125,7 +197,7 @@ def stage_split(stats: str) -> dict[str, dict[str, float]]:
     split = {}
     headers = list(_OPERATOR.finditer(stats))
     for header, following in zip(headers, [*headers[1:], None]):
-        body = stats[header.end(): following.start() if following else len(stats)]
+        body = stats[header.end() : following.start() if following else len(stats)]
         entry = {}
         for key, label in (("wall_s", "Remote wall time"), ("cpu_s", "Remote cpu time")):
             found = re.search(label + r":.*?" + _SECONDS + r" total", body)
@@ -187,7 +259,6 @@ def clip_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int) -> 
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     from operators.models.load import load_model
-
     from operators.refs import ModelRef
     from operators.tensors import DevicePixels
 
@@ -200,8 +271,10 @@ def clip_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int) -> 
     captions = table.column("caption").to_pylist()
     batches = []
     for start in range(0, len(rows), batch):
-        tokens = tokenizer(captions[start:start + batch], padding=True, truncation=True, return_tensors="pt").to(device)
-        batches.append((to_device(rows[start:start + batch]), tokens))
+        tokens = tokenizer(captions[start : start + batch], padding=True, truncation=True, return_tensors="pt").to(
+            device
+        )
+        batches.append((to_device(rows[start : start + batch]), tokens))
     result: dict = {}
     with torch.inference_mode():
         pixels, tokens = batches[0]
@@ -228,7 +301,6 @@ def caption_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int, 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from operators.models.load import load_model
-
     from operators.refs import ModelRef
     from operators.tensors import DevicePixels
 
@@ -236,11 +308,12 @@ def caption_limit(model_dir: pathlib.Path, table: pa.Table, device, batch: int, 
     model = load_model(AutoModelForImageTextToText, ModelRef(source=str(model_dir)), model_dir, device, _dtype(device))
     rows = decoded_pixels(table, caption_geometry(processor.image_processor, None))
     to_device = DevicePixels(processor.image_processor, device, _dtype(device))
-    batches = [to_device(rows[s:s + batch]) for s in range(0, len(rows), batch)]
+    batches = [to_device(rows[s : s + batch]) for s in range(0, len(rows), batch)]
     result: dict = {}
     with torch.inference_mode():
-        model.generate(pixel_values=batches[0][:WARM_UP_ROWS], max_new_tokens=max_new_tokens, num_beams=1,
-                       do_sample=False)
+        model.generate(
+            pixel_values=batches[0][:WARM_UP_ROWS], max_new_tokens=max_new_tokens, num_beams=1, do_sample=False
+        )
         with measured(result, len(rows), _sync(device)):
             for pixels in batches:
                 model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
@@ -262,8 +335,12 @@ def caption_naive(model_dir: pathlib.Path, paths: list[pathlib.Path], device, ma
                 images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk.column("jpg").to_pylist()]
                 inputs = processor(images=images, return_tensors="pt").to(device)
                 with torch.no_grad():
-                    out = model.generate(pixel_values=inputs["pixel_values"].to(_dtype(device)),
-                                         max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+                    out = model.generate(
+                        pixel_values=inputs["pixel_values"].to(_dtype(device)),
+                        max_new_tokens=max_new_tokens,
+                        num_beams=1,
+                        do_sample=False,
+                    )
                 processor.batch_decode(out, skip_special_tokens=True)
     return result
 
@@ -303,8 +380,16 @@ def vlpipe_run(raw_config: dict, images: int) -> dict:
     return result
 
 
-def vlpipe_config(input_uri: str, output_uri: str, clip_dir: pathlib.Path, *, clip_batch: int | None,
-                  caption: dict | None = None, storage: dict | None = None, executor: str = "ray") -> dict:
+def vlpipe_config(
+    input_uri: str,
+    output_uri: str,
+    clip_dir: pathlib.Path,
+    *,
+    clip_batch: int | None,
+    caption: dict | None = None,
+    storage: dict | None = None,
+    executor: str = "ray",
+) -> dict:
     clip: dict = {"model": {"source": str(clip_dir)}}
     resources: dict = {}
     if clip_batch:
@@ -351,13 +436,17 @@ def _shards(args, n: int, s3) -> tuple[list[pathlib.Path], str, dict | None]:
         return paths, str(folder.resolve()) + "/", None
     bucket = "bench"
     s3.upload(paths, f"{bucket}/n{n}")
-    storage = {"endpoint_url": s3.endpoint_url, "region": s3.region,
-               "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}
+    storage = {
+        "endpoint_url": s3.endpoint_url,
+        "region": s3.region,
+        "access_key_id": s3.access_key_id,
+        "secret_access_key": s3.secret_access_key,
+    }
     return paths, f"s3://{bucket}/n{n}/", storage
 
 
 def _ratio(a: dict, b: dict) -> float:
-    return float(f'{a["images_per_s"] / b["images_per_s"]:.4g}')
+    return float(f"{a['images_per_s'] / b['images_per_s']:.4g}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -366,18 +455,32 @@ def run(args: argparse.Namespace) -> dict:
 
     device = _device(args.device)
     model_root = args.work_dir / "models"
-    clip_dir = pathlib.Path(args.clip_model) if args.clip_model else models.clip_dir(model_root, tiny=args.tiny, arch=args.clip_arch)
+    clip_dir = (
+        pathlib.Path(args.clip_model)
+        if args.clip_model
+        else models.clip_dir(model_root, tiny=args.tiny, arch=args.clip_arch)
+    )
     report: dict = {
         "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": args.device,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device": args.device,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "load_average_start": [round(x, 2) for x in os.getloadavg()],
         },
         "settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
     }
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     report["machine"]["ray_cpus"] = ray.cluster_resources().get("CPU")
     report["machine"]["ray_gpus"] = ray.cluster_resources().get("GPU", 0)
@@ -420,8 +523,9 @@ def _clip(args, device, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> d
     log.info("CLIP naive: %s", clip["naive"])
     gc.collect()
     for mode, executor in (("vlpipe", "ray"), ("vlpipe_in_process", "in_process")):
-        config = vlpipe_config(uri, str(out_root / "clip"), clip_dir, clip_batch=args.clip_batch,
-                               storage=storage, executor=executor)
+        config = vlpipe_config(
+            uri, str(out_root / "clip"), clip_dir, clip_batch=args.clip_batch, storage=storage, executor=executor
+        )
         clip[mode] = vlpipe_run(config, len(table))
         log.info("CLIP %s: %s", mode, clip[mode])
     return _with_ratios(clip)
@@ -438,16 +542,16 @@ def _with_ratios(result: dict) -> dict:
 def _signals(args, clip_dir: pathlib.Path) -> dict:
     # The operators run without Ray on local rows, so the shards stay local whatever --storage says.
     paths, _, _ = _shards(args, args.signals_images, None)
-    result = signals.signals(load_rows(paths), args.work_dir / "models", clip_dir, tiny=args.tiny,
-                             clip_batch=args.clip_batch)
+    result = signals.signals(
+        load_rows(paths), args.work_dir / "models", clip_dir, tiny=args.tiny, clip_batch=args.clip_batch
+    )
     log.info("signals: %s", result)
     return result
 
 
 def _dedup(args) -> dict:
-    from jobs.demo.run import DEMO_TRAIN_STEPS
-
     from jobs.demo import build_tiny_clip
+    from jobs.demo.run import DEMO_TRAIN_STEPS
 
     # The demo's trained tiny CLIP: random weights put distinct images at cosine 0.98.
     clip_dir = args.work_dir / "models" / "tiny-clip-trained"
@@ -477,19 +581,38 @@ def _scale(args, s3, clip_dir: pathlib.Path, clip: dict | None, out_root: pathli
             result = clip["vlpipe" if args.scale_executor == "ray" else "vlpipe_in_process"]
         else:
             _, uri_n, storage = _shards(args, n, s3)
-            result = vlpipe_run(vlpipe_config(uri_n, str(out_root / f"scale-{n}"), scale_dir,
-                                              clip_batch=args.clip_batch, storage=storage,
-                                              executor=args.scale_executor), n)
-        scale.append({"rows": n, "model": str(scale_dir), "executor": args.scale_executor,
-                      **{k: result[k] for k in SCALE_FIGURES}})
+            result = vlpipe_run(
+                vlpipe_config(
+                    uri_n,
+                    str(out_root / f"scale-{n}"),
+                    scale_dir,
+                    clip_batch=args.clip_batch,
+                    storage=storage,
+                    executor=args.scale_executor,
+                ),
+                n,
+            )
+        scale.append(
+            {
+                "rows": n,
+                "model": str(scale_dir),
+                "executor": args.scale_executor,
+                **{k: result[k] for k in SCALE_FIGURES},
+            }
+        )
     if len(scale) > 1:
         # Targets of a run that streams: the same cost per row and the same memory at any size.
         first, last = scale[0], scale[-1]
         for entry in scale[1:]:
             entry["time_per_row_vs_first"] = round(entry["seconds_per_1k_rows"] / first["seconds_per_1k_rows"], 3)
             entry["peak_pss_vs_first"] = round(entry["peak_pss_mb"] / first["peak_pss_mb"], 3)
-        log.info("scale %d -> %d rows: time per row x%.2f, peak PSS x%.2f", first["rows"], last["rows"],
-                 last["time_per_row_vs_first"], last["peak_pss_vs_first"])
+        log.info(
+            "scale %d -> %d rows: time per row x%.2f, peak PSS x%.2f",
+            first["rows"],
+            last["rows"],
+            last["time_per_row_vs_first"],
+            last["peak_pss_vs_first"],
+        )
     return scale
 
 
@@ -524,24 +647,40 @@ def _caption(args, device, s3, tiny_clip: pathlib.Path | None, out_root: pathlib
     from operators.models.caption import CaptionConfig
 
     model_root = args.work_dir / "models"
-    caption_dir = pathlib.Path(args.caption_model) if args.caption_model else models.blip_dir(model_root, tiny=args.tiny)
+    caption_dir = (
+        pathlib.Path(args.caption_model) if args.caption_model else models.blip_dir(model_root, tiny=args.tiny)
+    )
     # The run needs a CLIP stage; the tiny one costs next to nothing beside a captioner.
     scoring_clip = tiny_clip or models.clip_dir(model_root, tiny=True)
     paths, uri, storage = _shards(args, args.caption_images, s3)
     table = load_rows(paths)
     batch = args.caption_batch or CaptionConfig.model_fields["resources"].default.batch_size
-    result = {"model": str(caption_dir), "scoring_clip": str(scoring_clip), "batch_size": batch,
-              "max_new_tokens": args.max_new_tokens}
+    result = {
+        "model": str(caption_dir),
+        "scoring_clip": str(scoring_clip),
+        "batch_size": batch,
+        "max_new_tokens": args.max_new_tokens,
+    }
     result["limit"] = caption_limit(caption_dir, table, device, batch, args.max_new_tokens)
     log.info("caption limit: %s", result["limit"])
     result["naive"] = caption_naive(caption_dir, paths, device, args.max_new_tokens)
     log.info("caption naive: %s", result["naive"])
     gc.collect()
-    caption = {"model": {"source": str(caption_dir)}, "max_new_tokens": args.max_new_tokens,
-               "resources": {"num_cpus": 0.5, **({"batch_size": args.caption_batch} if args.caption_batch else {})}}
+    caption = {
+        "model": {"source": str(caption_dir)},
+        "max_new_tokens": args.max_new_tokens,
+        "resources": {"num_cpus": 0.5, **({"batch_size": args.caption_batch} if args.caption_batch else {})},
+    }
     for mode, executor in (("vlpipe", "ray"), ("vlpipe_in_process", "in_process")):
-        config = vlpipe_config(uri, str(out_root / "caption"), scoring_clip, clip_batch=None, caption=caption,
-                               storage=storage, executor=executor)
+        config = vlpipe_config(
+            uri,
+            str(out_root / "caption"),
+            scoring_clip,
+            clip_batch=None,
+            caption=caption,
+            storage=storage,
+            executor=executor,
+        )
         result[mode] = vlpipe_run(config, len(table))
         log.info("caption %s: %s", mode, result[mode])
     return _with_ratios(result)
@@ -555,10 +694,10 @@ def _whole(args, s3, clip_dir: pathlib.Path, out_root: pathlib.Path) -> dict:
     work = args.work_dir / "whole"
     if args.clip_images:
         paths, uri, storage = _shards(args, args.clip_images, s3)
-        config = vlpipe_config(uri, str(out_root / "whole-clip"), clip_dir.resolve(), clip_batch=args.clip_batch,
-                               storage=storage)
-        result["clip"] = whole.whole_clip(config, work, clip_dir.resolve(), paths, args.clip_images,
-                                          args.whole_repeats)
+        config = vlpipe_config(
+            uri, str(out_root / "whole-clip"), clip_dir.resolve(), clip_batch=args.clip_batch, storage=storage
+        )
+        result["clip"] = whole.whole_clip(config, work, clip_dir.resolve(), paths, args.clip_images, args.whole_repeats)
         log.info("whole commands, CLIP: %s", result["clip"])
     prepare_demo_assets()
     demo = yaml.safe_load(pathlib.Path("configs/demo.yaml").read_text())
@@ -588,7 +727,8 @@ def format_report(report: dict) -> str:
         + (f" ({m['gpu']})" if m.get("gpu") else ""),
         f"load average: start {m['load_average_start']}, end {m.get('load_average_end')}",
         "",
-        f"{'workload':<10} {'model':<24} {'N':>6} {'limit':>9} {'naive':>9} {'vlpipe':>9} {'v/limit':>8} {'v/naive':>8}",
+        f"{'workload':<10} {'model':<24} {'N':>6} {'limit':>9} {'naive':>9} {'vlpipe':>9} "
+        f"{'v/limit':>8} {'v/naive':>8}",
     ]
     for name in ("clip", "caption"):
         r = report.get(name)
@@ -597,11 +737,14 @@ def format_report(report: dict) -> str:
         for mode, label in (("vlpipe", name), ("vlpipe_in_process", f"{name}/here")):
             lines.append(
                 f"{label:<12} {pathlib.Path(r['model']).name:<22} {r['limit']['images']:>6} "
-                f"{r['limit']['images_per_s']:>9.2f} {r['naive']['images_per_s']:>9.2f} {r[mode]['images_per_s']:>9.2f} "
+                f"{r['limit']['images_per_s']:>9.2f} {r['naive']['images_per_s']:>9.2f} "
+                f"{r[mode]['images_per_s']:>9.2f} "
                 f"{r[f'{mode}_over_limit']:>8.2f} {r[f'{mode}_over_naive']:>8.2f}"
             )
-    lines.append("(images/s; vlpipe is end to end: Ray actors start, model load, read, decode, model, filter, commit;\n"
-                 " '/here' is the same run in the bench's process without Ray, executor: in_process)")
+    lines.append(
+        "(images/s; vlpipe is end to end: Ray actors start, model load, read, decode, model, filter, commit;\n"
+        " '/here' is the same run in the bench's process without Ray, executor: in_process)"
+    )
     for name in ("clip", "caption"):
         r = report.get(name)
         if not r:
@@ -609,26 +752,38 @@ def format_report(report: dict) -> str:
         lines += ["", f"{name} vlpipe stages (Ray Data remote time, summed over workers):"]
         for stage, t in r["vlpipe"]["stages"].items():
             lines.append(f"  {stage[:70]:<70} wall {t.get('wall_s', 0):>8.1f}s  cpu {t.get('cpu_s', 0):>8.1f}s")
-        lines.append("  peak PSS: " + ", ".join(f"{k} {r[k]['peak_pss_mb']:.0f} MB"
-                                                for k in ("limit", "naive", "vlpipe", "vlpipe_in_process")))
+        lines.append(
+            "  peak PSS: "
+            + ", ".join(f"{k} {r[k]['peak_pss_mb']:.0f} MB" for k in ("limit", "naive", "vlpipe", "vlpipe_in_process"))
+        )
         if r["vlpipe"].get("timings"):
             lines.append("  run phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["vlpipe"]["timings"].items()))
     if report.get("scale"):
-        lines += ["", f"scale (vlpipe CLIP, {pathlib.Path(report['scale'][0]['model']).name}, "
-                      f"executor {report['scale'][0].get('executor', 'ray')}; memory is the "
-                      "process tree's PSS, shared pages counted once):"]
+        lines += [
+            "",
+            f"scale (vlpipe CLIP, {pathlib.Path(report['scale'][0]['model']).name}, "
+            f"executor {report['scale'][0].get('executor', 'ray')}; memory is the "
+            "process tree's PSS, shared pages counted once):",
+        ]
         for s in report["scale"]:
-            lines.append(f"  {s['rows']:>7} rows: {s['seconds_per_1k_rows']:>6.2f} s/1k rows, peak PSS "
-                         f"{s['peak_pss_mb']:>6.0f} MB (RSS {s['peak_rss_mb']:.0f}), {s['peak_ray_workers']} Ray "
-                         f"workers, cores busy {s['cores_busy']:.0%}, spilled {s['spilled_mb']} MB"
-                         + (f"  [x{s['time_per_row_vs_first']:.2f} time/row, x{s['peak_pss_vs_first']:.2f} memory]"
-                            if "time_per_row_vs_first" in s else "")
-                         + (f"  [{s['vlpipe_over_decode_limit']:.2f}x decode limit]" if "vlpipe_over_decode_limit" in s else ""))
+            lines.append(
+                f"  {s['rows']:>7} rows: {s['seconds_per_1k_rows']:>6.2f} s/1k rows, peak PSS "
+                f"{s['peak_pss_mb']:>6.0f} MB (RSS {s['peak_rss_mb']:.0f}), {s['peak_ray_workers']} Ray "
+                f"workers, cores busy {s['cores_busy']:.0%}, spilled {s['spilled_mb']} MB"
+                + (
+                    f"  [x{s['time_per_row_vs_first']:.2f} time/row, x{s['peak_pss_vs_first']:.2f} memory]"
+                    if "time_per_row_vs_first" in s
+                    else ""
+                )
+                + (f"  [{s['vlpipe_over_decode_limit']:.2f}x decode limit]" if "vlpipe_over_decode_limit" in s else "")
+            )
             lines.append(format_cpu_split(s["cpu_split_s"], s["busy_cpu_s"]))
     if report.get("decode_limit"):
         d = report["decode_limit"]
-        lines.append(f"  decode limit (bare multiprocessing loop, {d['processes']} processes, {d['images']} rows): "
-                     f"{d['images_per_s']:.0f} img/s")
+        lines.append(
+            f"  decode limit (bare multiprocessing loop, {d['processes']} processes, {d['images']} rows): "
+            f"{d['images_per_s']:.0f} img/s"
+        )
     lines += _format_signals(report.get("signals"))
     lines += dedup_bench.format_dedup(report.get("dedup"))
     lines += retrieval.format_retrieval(report.get("retrieval"))
@@ -644,8 +799,10 @@ def format_cpu_split(split: dict[str, float], busy_cpu_s: float, shown: int = 6)
     parts = [f"{title} {seconds / busy_cpu_s:.0%}" for title, seconds in list(split.items())[:shown]]
     rest = sum(list(split.values())[shown:])
     outside = busy_cpu_s - sum(split.values())
-    return ("             cpu: " + ", ".join(parts) + f", other processes of the run {rest / busy_cpu_s:.0%}, "
-            f"not in the run (or missed between samples) {max(outside, 0) / busy_cpu_s:.0%}")
+    return (
+        "             cpu: " + ", ".join(parts) + f", other processes of the run {rest / busy_cpu_s:.0%}, "
+        f"not in the run (or missed between samples) {max(outside, 0) / busy_cpu_s:.0%}"
+    )
 
 
 def _format_signals(result: dict | None) -> list[str]:
@@ -653,7 +810,8 @@ def _format_signals(result: dict | None) -> list[str]:
         return []
     h, c = result["heads_tags"], result["classifier"]
     return [
-        "", f"signals, {h['images']} rows without Ray (each pair run alternately, batch by batch):",
+        "",
+        f"signals, {h['images']} rows without Ray (each pair run alternately, batch by batch):",
         f"  heads ({' + '.join(h['heads'])}) + {h['tags']} tags ({h['prompts']} prompts) on CLIP "
         f"{pathlib.Path(h['model']).name}, batch {h['batch_size']}: {h['with_signals_s']:.2f} s vs "
         f"{h['clip_s']:.2f} s, x{h['ratio']:.3f} (target <= 1.05)",
@@ -676,16 +834,20 @@ def _format_whole(result: dict | None) -> list[str]:
         lines.append(f"whole commands, {r['naive']['images']} rows (s, min/median/max of {r['naive']['runs']}):")
         for name in names:
             t = r[name]
-            lines.append(f"  {name:<13} {t['min_s']:>7.1f} {t['median_s']:>7.1f} {t['max_s']:>7.1f}   "
-                         f"{t['images_per_s']:.1f} img/s")
+            lines.append(
+                f"  {name:<13} {t['min_s']:>7.1f} {t['median_s']:>7.1f} {t['max_s']:>7.1f}   "
+                f"{t['images_per_s']:.1f} img/s"
+            )
         lines.append("  " + ", ".join(f"{n} / naive: {r[f'{n}_over_naive']:.2f}" for n in names[:-1]))
     f = result["fixed_cost"]
     lines.append(f"fixed cost, `vlpipe run configs/demo.yaml` as a process (imports {f['imports_s']:.1f} s):")
     for executor in whole.EXECUTORS:
         e = f[executor]
-        lines.append(f"  executor {executor:<5} median {e['wall']['median_s']:.1f} s (min {e['wall']['min_s']:.1f}, "
-                     f"max {e['wall']['max_s']:.1f}); outside run_pipeline {e['outside_run_s']:.1f} s; phases: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in e["phases_s"].items()))
+        lines.append(
+            f"  executor {executor:<5} median {e['wall']['median_s']:.1f} s (min {e['wall']['min_s']:.1f}, "
+            f"max {e['wall']['max_s']:.1f}); outside run_pipeline {e['outside_run_s']:.1f} s; phases: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in e["phases_s"].items())
+        )
     return lines
 
 

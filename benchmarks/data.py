@@ -19,16 +19,23 @@ import pyarrow.parquet as pq
 
 from jobs.demo import PALETTE, SHAPES, caption_for, make_sample_image
 
-SCHEMA = pa.schema([
-    ("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
-    ("url", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-])
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("jpg", pa.binary()),
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
 MARKER = "vlpipe_bench_shards.json"
 POOL_SIZE = 256
 
 
-def write_shards(out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, seed: int = 0,
-                 pool_once_per_shard: bool = False) -> list[pathlib.Path]:
+def write_shards(
+    out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, seed: int = 0, pool_once_per_shard: bool = False
+) -> list[pathlib.Path]:
     """Write (or reuse) ``n`` rows as Parquet shards under ``out_dir``; returns the shard paths.
 
     ``pool_once_per_shard`` stores the image pool once per shard (a dictionary page of ~22 MB
@@ -53,13 +60,16 @@ def write_shards(out_dir: pathlib.Path, n: int, *, rows_per_shard: int = 500, se
         for i in range(start, min(n, start + rows_per_shard)):
             jpeg, (width, height), shape, color = pool[i % len(pool)]
             key = f"{i:09d}"
-            for name, value in zip(SCHEMA.names, (key, caption_for(shape, color, rng), jpeg,
-                                                  f"https://example.com/{key}.jpg", width, height)):
+            for name, value in zip(
+                SCHEMA.names,
+                (key, caption_for(shape, color, rng), jpeg, f"https://example.com/{key}.jpg", width, height),
+            ):
                 rows[name].append(value)
         path = out_dir / f"{start // rows_per_shard:05d}.parquet"
         if pool_once_per_shard:  # Parquet's default 1 MB dictionary limit would fall back to plain pages
-            pq.write_table(pa.table(rows, schema=SCHEMA), path, use_dictionary=["jpg"],
-                           dictionary_pagesize_limit=1 << 28)
+            pq.write_table(
+                pa.table(rows, schema=SCHEMA), path, use_dictionary=["jpg"], dictionary_pagesize_limit=1 << 28
+            )
         else:
             pq.write_table(pa.table(rows, schema=SCHEMA), path)
         paths.append(path)

@@ -34,14 +34,22 @@ EPS_SWEEP = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 def dedup_section(method: str, max_distance: int, eps: float) -> dict:
-    return {"exact": {"exact": True}, "near": {"near": {"max_distance": max_distance}},
-            "semantic": {"semantic": {"eps": eps}}}[method]
+    return {
+        "exact": {"exact": True},
+        "near": {"near": {"max_distance": max_distance}},
+        "semantic": {"semantic": {"eps": eps}},
+    }[method]
 
 
 def _config(inputs: pathlib.Path, output: pathlib.Path, clip_dir: pathlib.Path, run_date: dt.date, dedup: dict) -> dict:
-    return {"input": {"uri": str(inputs.resolve()) + "/"}, "clip": {"model": {"source": str(clip_dir)}},
-            "output": {"uri": str(output.resolve()), "rows_per_file": 2000}, "run_date": run_date.isoformat(),
-            "report": {"enabled": False}, "dedup": dedup}
+    return {
+        "input": {"uri": str(inputs.resolve()) + "/"},
+        "clip": {"model": {"source": str(clip_dir)}},
+        "output": {"uri": str(output.resolve()), "rows_per_file": 2000},
+        "run_date": run_date.isoformat(),
+        "report": {"enabled": False},
+        "dedup": dedup,
+    }
 
 
 class _Timings(logging.Handler):
@@ -74,6 +82,7 @@ def _run(raw: dict):
 
 def quality(work_dir: pathlib.Path, clip_dir: pathlib.Path, originals: int, max_distance: int, eps: float) -> dict:
     from deltalake import DeltaTable
+
     from tests.dedup_corpus import ORIGINAL, SIMILAR, planted_corpus, write_corpus_shards
 
     items = planted_corpus(originals, seed=1)
@@ -115,8 +124,12 @@ def _scores(table: pa.Table, truth: dict) -> dict:
         wrong += not right
         if right:
             caught[item.transform] += 1
-    return {"recall": {t: round(caught[t] / total[t], 3) for t in sorted(total)}, "marked": marked,
-            "false_positives": wrong, "precision": round((marked - wrong) / marked, 3) if marked else None}
+    return {
+        "recall": {t: round(caught[t] / total[t], 3) for t in sorted(total)},
+        "marked": marked,
+        "false_positives": wrong,
+        "precision": round((marked - wrong) / marked, 3) if marked else None,
+    }
 
 
 def _sweep(near: pa.Table, semantic: pa.Table, truth: dict) -> dict:
@@ -125,11 +138,11 @@ def _sweep(near: pa.Table, semantic: pa.Table, truth: dict) -> dict:
     A copy counts as caught at a threshold when it is within it of its original; a false
     positive is a row within it of a better-ranked row of another group (brute force: small corpus).
     """
+
     def closest(table: pa.Table, distance) -> tuple[dict, list[float]]:
         rows = table.filter(pc.equal(table[col.STATUS], col.OK)).to_pylist()
         by_key = {r[col.KEY]: r for r in rows}
-        to_original = {k: distance(r, by_key[truth[k].group]) for k, r in by_key.items()
-                       if truth[k].group in by_key}
+        to_original = {k: distance(r, by_key[truth[k].group]) for k, r in by_key.items() if truth[k].group in by_key}
         others = []
         for key, row in by_key.items():
             group = _group(truth[key])
@@ -143,15 +156,22 @@ def _sweep(near: pa.Table, semantic: pa.Table, truth: dict) -> dict:
         return 1.0 - float(np.dot(a[col.IMAGE_EMBEDDING], b[col.IMAGE_EMBEDDING]))
 
     out = {}
-    for name, table, distance, thresholds in (("near", near, hamming, NEAR_SWEEP),
-                                              ("semantic", semantic, cosine_distance, EPS_SWEEP)):
+    for name, table, distance, thresholds in (
+        ("near", near, hamming, NEAR_SWEEP),
+        ("semantic", semantic, cosine_distance, EPS_SWEEP),
+    ):
         to_original, others = closest(table, distance)
         by_transform = defaultdict(list)
         for key, d in to_original.items():
             by_transform[truth[key].transform].append(d)
-        out[name] = [{"threshold": t, "false_positive_rows": int(sum(d <= t for d in others)),
-                      "recall": {tr: round(float(np.mean(np.array(ds) <= t)), 3) for tr, ds in sorted(by_transform.items())}}
-                     for t in thresholds]
+        out[name] = [
+            {
+                "threshold": t,
+                "false_positive_rows": int(sum(d <= t for d in others)),
+                "recall": {tr: round(float(np.mean(np.array(ds) <= t)), 3) for tr, ds in sorted(by_transform.items())},
+            }
+            for t in thresholds
+        ]
     return out
 
 
@@ -195,15 +215,21 @@ def cost(work_dir: pathlib.Path, clip_dir: pathlib.Path, sizes: list[int], max_d
                 start = time.perf_counter()
                 record, timings = _run(_config(shards, output, clip_dir, D1, dedup))
                 seconds = time.perf_counter() - start
-            entry[label] = {"seconds": round(seconds, 2), "driver_peak_rss_mb": round(peak.peak / 2**20),
-                            "rows_kept": record.rows_kept, "rejected": dict(record.rejected_by_reason),
-                            "timings": timings}
+            entry[label] = {
+                "seconds": round(seconds, 2),
+                "driver_peak_rss_mb": round(peak.peak / 2**20),
+                "rows_kept": record.rows_kept,
+                "rejected": dict(record.rejected_by_reason),
+                "timings": timings,
+            }
         entry["decision_s_per_1k_rows"] = round(entry["with"]["timings"]["dedup_decision"] * 1000 / n, 3)
         entry["run_s_per_1k_rows_added"] = round((entry["with"]["seconds"] - entry["without"]["seconds"]) * 1000 / n, 3)
         rows.append(entry)
         last_table = (work_dir / "dedup" / f"cost-{n}-with", n)
     if len(rows) > 1:
-        rows[-1]["decision_per_row_vs_first"] = round(rows[-1]["decision_s_per_1k_rows"] / rows[0]["decision_s_per_1k_rows"], 3)
+        rows[-1]["decision_per_row_vs_first"] = round(
+            rows[-1]["decision_s_per_1k_rows"] / rows[0]["decision_s_per_1k_rows"], 3
+        )
         # decision = fixed + per_row * rows, through the smallest and the largest size
         (n0, t0), (n1, t1) = [(r["rows"], r["with"]["timings"]["dedup_decision"]) for r in (rows[0], rows[-1])]
         per_1k = (t1 - t0) * 1000 / (n1 - n0)
@@ -211,8 +237,9 @@ def cost(work_dir: pathlib.Path, clip_dir: pathlib.Path, sizes: list[int], max_d
     return {"sizes": rows, "history": _history_night(work_dir, clip_dir, last_table, sizes[0], everything)}
 
 
-def _history_night(work_dir: pathlib.Path, clip_dir: pathlib.Path, table: tuple[pathlib.Path, int], night_rows: int,
-                   dedup: dict) -> dict:
+def _history_night(
+    work_dir: pathlib.Path, clip_dir: pathlib.Path, table: tuple[pathlib.Path, int], night_rows: int, dedup: dict
+) -> dict:
     from benchmarks.data import write_shards
 
     output, table_rows = table
@@ -221,8 +248,14 @@ def _history_night(work_dir: pathlib.Path, clip_dir: pathlib.Path, table: tuple[
     read = _bytes_read(output)
     start = time.perf_counter()
     record, timings = _run(_config(night, output, clip_dir, D2, dedup))
-    return {"table_rows": table_rows, "night_rows": night_rows, "seconds": round(time.perf_counter() - start, 2),
-            "decision_s": timings["dedup_decision"], "rejected": dict(record.rejected_by_reason), **read}
+    return {
+        "table_rows": table_rows,
+        "night_rows": night_rows,
+        "seconds": round(time.perf_counter() - start, 2),
+        "decision_s": timings["dedup_decision"],
+        "rejected": dict(record.rejected_by_reason),
+        **read,
+    }
 
 
 def _bytes_read(output: pathlib.Path) -> dict:
@@ -252,17 +285,26 @@ def format_dedup(result: dict | None) -> list[str]:
 
 def _format_quality(q: dict) -> list[str]:
     transforms = sorted(next(iter(q["methods"].values()))["recall"])
-    lines = ["", f"dedup quality, planted corpus: {q['originals']} originals, {q['rows']} rows "
-                 f"(near max_distance {q['max_distance']}, semantic eps {q['eps']}); recall per transform:",
-             f"  {'method':<9}" + "".join(f"{t:>13}" for t in transforms) + f"{'precision':>11}{'false pos':>10}"]
+    lines = [
+        "",
+        f"dedup quality, planted corpus: {q['originals']} originals, {q['rows']} rows "
+        f"(near max_distance {q['max_distance']}, semantic eps {q['eps']}); recall per transform:",
+        f"  {'method':<9}" + "".join(f"{t:>13}" for t in transforms) + f"{'precision':>11}{'false pos':>10}",
+    ]
     for method, s in q["methods"].items():
-        lines.append(f"  {method:<9}" + "".join(f"{s['recall'][t]:>13.2f}" for t in transforms)
-                     + f"{s['precision'] if s['precision'] is not None else float('nan'):>11.3f}{s['false_positives']:>10}")
+        lines.append(
+            f"  {method:<9}"
+            + "".join(f"{s['recall'][t]:>13.2f}" for t in transforms)
+            + f"{s['precision'] if s['precision'] is not None else float('nan'):>11.3f}{s['false_positives']:>10}"
+        )
     for name, label in (("near", "max_distance"), ("semantic", "eps")):
         lines.append(f"  sweep {name} ({label}: recall per transform, rows within it of another group)")
         for point in q["sweep"][name]:
-            lines.append(f"    {point['threshold']:>6g}" + "".join(f"{point['recall'].get(t, 0):>13.2f}" for t in transforms)
-                         + f"{point['false_positive_rows']:>10}")
+            lines.append(
+                f"    {point['threshold']:>6g}"
+                + "".join(f"{point['recall'].get(t, 0):>13.2f}" for t in transforms)
+                + f"{point['false_positive_rows']:>10}"
+            )
     return lines
 
 
@@ -271,17 +313,27 @@ def _format_cost(c: dict | None) -> list[str]:
     if c:
         lines.append("dedup cost (exact + near + semantic, tiny CLIP), same shards with and without:")
         for s in c["sizes"]:
-            lines.append(f"  {s['rows']:>7} rows: decision {s['decision_s_per_1k_rows']:.3f} s/1k rows, run "
-                         f"{s['without']['seconds']:.1f} -> {s['with']['seconds']:.1f} s "
-                         f"(+{s['run_s_per_1k_rows_added']:.3f} s/1k), driver peak RSS "
-                         f"{s['without']['driver_peak_rss_mb']} -> {s['with']['driver_peak_rss_mb']} MB"
-                         + (f"  [x{s['decision_per_row_vs_first']:.2f} decision time/row]" if "decision_per_row_vs_first" in s else ""))
+            lines.append(
+                f"  {s['rows']:>7} rows: decision {s['decision_s_per_1k_rows']:.3f} s/1k rows, run "
+                f"{s['without']['seconds']:.1f} -> {s['with']['seconds']:.1f} s "
+                f"(+{s['run_s_per_1k_rows_added']:.3f} s/1k), driver peak RSS "
+                f"{s['without']['driver_peak_rss_mb']} -> {s['with']['driver_peak_rss_mb']} MB"
+                + (
+                    f"  [x{s['decision_per_row_vs_first']:.2f} decision time/row]"
+                    if "decision_per_row_vs_first" in s
+                    else ""
+                )
+            )
         fit = c["sizes"][-1].get("decision_fit")
         if fit:
-            lines.append(f"  decision time = {fit['fixed_s']:.1f} s fixed + {fit['per_1k_rows_s']:.3f} s per 1k rows "
-                         "(through the smallest and largest size)")
+            lines.append(
+                f"  decision time = {fit['fixed_s']:.1f} s fixed + {fit['per_1k_rows_s']:.3f} s per 1k rows "
+                "(through the smallest and largest size)"
+            )
         h = c["history"]
-        lines.append(f"  a {h['night_rows']}-row night against the {h['table_rows']}-row table: run {h['seconds']:.1f} s, "
-                     f"decision {h['decision_s']:.2f} s; history columns read {h['history_bytes_read_mb']} MB of the "
-                     f"table's {h['table_bytes_mb']} MB (no image bytes)")
+        lines.append(
+            f"  a {h['night_rows']}-row night against the {h['table_rows']}-row table: run {h['seconds']:.1f} s, "
+            f"decision {h['decision_s']:.2f} s; history columns read {h['history_bytes_read_mb']} MB of the "
+            f"table's {h['table_bytes_mb']} MB (no image bytes)"
+        )
     return lines

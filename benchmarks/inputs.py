@@ -31,10 +31,16 @@ def inputs(work_dir: pathlib.Path, rows: int, rows_per_shard: int = 1000) -> dic
     pooled = write_shards(work_dir / "inputs-pool", rows, rows_per_shard=rows_per_shard)
     shards = _without_dictionary(pooled, work_dir / "inputs-parquet")
     tars = _as_tars(shards, work_dir / "inputs-tar")
-    readers = {"parquet": lambda: _parquet(shards), "vlpipe_tar": lambda: _vlpipe_tar(tars),
-               "webdataset_lib": lambda: _webdataset_lib(tars)}
-    result = {"rows": rows, "rows_per_shard": rows_per_shard,
-              "bytes": {"parquet": sum(p.stat().st_size for p in shards), "tar": sum(p.stat().st_size for p in tars)}}
+    readers = {
+        "parquet": lambda: _parquet(shards),
+        "vlpipe_tar": lambda: _vlpipe_tar(tars),
+        "webdataset_lib": lambda: _webdataset_lib(tars),
+    }
+    result = {
+        "rows": rows,
+        "rows_per_shard": rows_per_shard,
+        "bytes": {"parquet": sum(p.stat().st_size for p in shards), "tar": sum(p.stat().st_size for p in tars)},
+    }
     for name, read in readers.items():
         best = None
         for _ in range(REPEATS):
@@ -110,8 +116,11 @@ def _webdataset_lib(tars: list[pathlib.Path]) -> int:
 def format_inputs(result: dict | None) -> list[str]:
     if not result:
         return []
-    lines = ["", f"Reading rows, one core ({result['rows']:,} rows, {result['rows_per_shard']:,} per shard; "
-                 f"Parquet {result['bytes']['parquet'] / 1e6:.1f} MB, tars {result['bytes']['tar'] / 1e6:.1f} MB):"]
+    lines = [
+        "",
+        f"Reading rows, one core ({result['rows']:,} rows, {result['rows_per_shard']:,} per shard; "
+        f"Parquet {result['bytes']['parquet'] / 1e6:.1f} MB, tars {result['bytes']['tar'] / 1e6:.1f} MB):",
+    ]
     for name in ("parquet", "vlpipe_tar", "webdataset_lib"):
         entry = result[name]
         ratio = f"  ({entry['vs_parquet']:.2f}x Parquet)" if "vs_parquet" in entry else ""

@@ -183,10 +183,14 @@ class Usage:
         self.busy_cpu_s = busy / _HZ
 
     def figures(self) -> dict:
-        return {"peak_pss_mb": round(self.peak_pss / 2**20, 1), "peak_rss_mb": round(self.peak_rss / 2**20, 1),
-                "peak_ray_workers": self.peak_workers, "cores_busy": round(self.cores_busy, 3),
-                "busy_cpu_s": round(self.busy_cpu_s, 2),
-                "cpu_split_s": {title: round(s, 2) for title, s in self.cpu_split.most_common() if s >= 0.01}}
+        return {
+            "peak_pss_mb": round(self.peak_pss / 2**20, 1),
+            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "peak_ray_workers": self.peak_workers,
+            "cores_busy": round(self.cores_busy, 3),
+            "busy_cpu_s": round(self.busy_cpu_s, 2),
+            "cpu_split_s": {title: round(s, 2) for title, s in self.cpu_split.most_common() if s >= 0.01},
+        }
 
 
 def spilled_mib() -> int:
@@ -209,5 +213,6 @@ def measured(result: dict, images: int, sync=lambda: None):
         yield
         sync()
         seconds = time.perf_counter() - start
-    result.update(images=images, seconds=round(seconds, 6), images_per_s=float(f"{images / seconds:.4g}"),
-                  **usage.figures())
+    result.update(
+        images=images, seconds=round(seconds, 6), images_per_s=float(f"{images / seconds:.4g}"), **usage.figures()
+    )

@@ -35,8 +35,13 @@ CLIP_ARCHS = {
     "vit-b32": {},
     "vit-l14": {
         "projection_dim": 768,
-        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                          "num_attention_heads": 16, "patch_size": 14},
+        "vision_config": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "patch_size": 14,
+        },
         "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
     },
 }

@@ -28,8 +28,13 @@ def score_shards(model_dir: pathlib.Path, paths: list[pathlib.Path], device, dty
     for path in paths:
         for chunk in pq.ParquetFile(path).iter_batches(batch_size=NAIVE_BATCH, columns=["key", "caption", "jpg"]):
             images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk.column("jpg").to_pylist()]
-            inputs = processor(images=images, text=chunk.column("caption").to_pylist(), padding=True,
-                               truncation=True, return_tensors="pt").to(device)
+            inputs = processor(
+                images=images,
+                text=chunk.column("caption").to_pylist(),
+                padding=True,
+                truncation=True,
+                return_tensors="pt",
+            ).to(device)
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             with torch.no_grad():
                 out = model(**inputs)
@@ -44,8 +49,10 @@ def main(argv: list[str]) -> None:
     import torch
 
     model_dir, out, *shards = argv
-    pq.write_table(score_shards(pathlib.Path(model_dir), [pathlib.Path(s) for s in shards],
-                                torch.device("cpu"), torch.float32), out)
+    pq.write_table(
+        score_shards(pathlib.Path(model_dir), [pathlib.Path(s) for s in shards], torch.device("cpu"), torch.float32),
+        out,
+    )
 
 
 if __name__ == "__main__":

@@ -50,15 +50,28 @@ def retrieval(work_dir: pathlib.Path, rows: int = 100_000, *, dim: int = DIM, en
     exact.add(data)
     truth = {kind: exact.search(q, vi.RECALL_K)[1] for kind, q in (("image", image_q), ("text", text_q))}
     index = build.pop("index")
-    recall = {kind: vi.recall_at_k(index.search(q, vi.RECALL_K)[1], truth[kind])
-              for kind, q in (("image", image_q), ("text", text_q))}
+    recall = {
+        kind: vi.recall_at_k(index.search(q, vi.RECALL_K)[1], truth[kind])
+        for kind, q in (("image", image_q), ("text", text_q))
+    }
     flat_small = faiss.IndexFlatIP(dim)
     flat_small.add(data[: vi.FLAT_MAX_ROWS])
-    latency = {f"exact {vi.FLAT_MAX_ROWS}": _latency(flat_small, text_q), f"exact {rows}": _latency(exact, text_q),
-               choice.key: _latency(index, text_q)}
-    result = {"rows": rows, "dim": dim, "index": choice.key, "reason": choice.reason, "params": build["params"],
-              "tuned_recall": build["tuned_recall"], "recall_at_10": recall, "build": build["seconds"],
-              "latency_ms": latency}
+    latency = {
+        f"exact {vi.FLAT_MAX_ROWS}": _latency(flat_small, text_q),
+        f"exact {rows}": _latency(exact, text_q),
+        choice.key: _latency(index, text_q),
+    }
+    result = {
+        "rows": rows,
+        "dim": dim,
+        "index": choice.key,
+        "reason": choice.reason,
+        "params": build["params"],
+        "tuned_recall": build["tuned_recall"],
+        "recall_at_10": recall,
+        "build": build["seconds"],
+        "latency_ms": latency,
+    }
     if end_to_end:
         result["end_to_end"] = _end_to_end(work_dir, data, text_q)
     return result
@@ -97,8 +110,13 @@ def _build(choice: vi.IndexChoice, data: np.ndarray, image_tune: np.ndarray, tex
     seconds["tune"] = time.perf_counter() - start
     seconds = {k: round(v, 2) for k, v in seconds.items()}
     seconds["total"] = round(sum(seconds.values()), 2)
-    return {"index": assembler.index, "params": tuning.params if tuning else {},
-            "tuned_recall": tuning.recall if tuning else None, "seconds": seconds, "train_rows": choice.train_rows}
+    return {
+        "index": assembler.index,
+        "params": tuning.params if tuning else {},
+        "tuned_recall": tuning.recall if tuning else None,
+        "seconds": seconds,
+        "train_rows": choice.train_rows,
+    }
 
 
 def _latency(index, queries: np.ndarray) -> dict[str, float]:
@@ -130,29 +148,47 @@ def _end_to_end(work_dir: pathlib.Path, data: np.ndarray, text_q: np.ndarray) ->
     models = json.dumps({"clip": {"source": "bench/random-vectors", "revision": None}})
     for day, part in zip((dt.date(2026, 11, 1), dt.date(2026, 11, 2)), np.array_split(np.arange(len(data)), 2)):
         run_id = f"bench-{day}"
-        write_deltalake(str(table), _rows(data, text_q, part, day, run_id), mode="append", partition_by=[col.RUN_DATE],
-                        target_file_size=32 << 20, commit_properties=CommitProperties(
-                            custom_metadata={"vlpipe.run_id": run_id, "vlpipe.models": models}))
+        write_deltalake(
+            str(table),
+            _rows(data, text_q, part, day, run_id),
+            mode="append",
+            partition_by=[col.RUN_DATE],
+            target_file_size=32 << 20,
+            commit_properties=CommitProperties(custom_metadata={"vlpipe.run_id": run_id, "vlpipe.models": models}),
+        )
     out = {}
     for executor in ("local", "ray"):
         start = time.perf_counter()
         manifest = build_index(str(table), str(root / f"index-{executor}"), IndexRequest(executor=executor))
-        out[executor] = {"seconds": round(time.perf_counter() - start, 2), "index": manifest.index_type,
-                         "params": manifest.params, "count": manifest.count}
+        out[executor] = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "index": manifest.index_type,
+            "params": manifest.params,
+            "count": manifest.count,
+        }
         log.info("retrieval: build_index %s: %s", executor, out[executor])
     return out
 
 
 def _rows(data: np.ndarray, other: np.ndarray, rows: np.ndarray, day: dt.date, run_id: str) -> pa.Table:
     n, dim, schema = len(rows), data.shape[1], col.output_schema()
-    vectors = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * dim),
-                                       pa.array(data[rows].reshape(-1), pa.float32()))
-    texts = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * dim),
-                                     pa.array(other[rows % len(other)].reshape(-1), pa.float32()))
-    given = {col.KEY: pa.array([f"{i:07d}" for i in rows]), col.CAPTION: pa.array([f"caption {i}" for i in rows]),
-             col.SOURCE_SHARD: pa.array(["bench"] * n), col.STATUS: pa.array([col.OK] * n),
-             col.IMAGE_EMBEDDING: vectors, col.TEXT_EMBEDDING: texts, col.KEEP: pa.array(np.ones(n, bool)),
-             col.RUN_ID: pa.array([run_id] * n), col.RUN_DATE: pa.array([day] * n, pa.date32())}
+    vectors = pa.ListArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32) * dim), pa.array(data[rows].reshape(-1), pa.float32())
+    )
+    texts = pa.ListArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32) * dim), pa.array(other[rows % len(other)].reshape(-1), pa.float32())
+    )
+    given = {
+        col.KEY: pa.array([f"{i:07d}" for i in rows]),
+        col.CAPTION: pa.array([f"caption {i}" for i in rows]),
+        col.SOURCE_SHARD: pa.array(["bench"] * n),
+        col.STATUS: pa.array([col.OK] * n),
+        col.IMAGE_EMBEDDING: vectors,
+        col.TEXT_EMBEDDING: texts,
+        col.KEEP: pa.array(np.ones(n, bool)),
+        col.RUN_ID: pa.array([run_id] * n),
+        col.RUN_DATE: pa.array([day] * n, pa.date32()),
+    }
     return pa.table({f.name: given.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
 
 
@@ -171,16 +207,18 @@ def format_retrieval(result: dict | None) -> list[str]:
 
     params = ", ".join(f"{k}={v}" for k, v in result["params"].items())
     lines = [
-        "", f"retrieval, {result['rows']} clustered unit vectors of {result['dim']} values:",
+        "",
+        f"retrieval, {result['rows']} clustered unit vectors of {result['dim']} values:",
         f"  index {result['index']} ({result['reason']}), {params} "
         f"(tuned on 128 queries per kind: {figures(result['tuned_recall'])})",
         f"  recall@10 vs exact on held-out queries: {figures(result['recall_at_10'])} (target >= 0.95)",
         f"  build without I/O: {b['total']:.1f} s (train {b['train']:.1f}, "
         f"encode + assemble {b['encode_and_assemble']:.1f}, tune {b['tune']:.1f})",
-        "  query latency, one thread: " + "; ".join(f"{k} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms"
-                                                   for k, v in result["latency_ms"].items()),
+        "  query latency, one thread: "
+        + "; ".join(f"{k} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms" for k, v in result["latency_ms"].items()),
     ]
     for executor, e in (result.get("end_to_end") or {}).items():
-        lines.append(f"  build_index on a Delta table ({e['count']} rows), {executor}: {e['seconds']:.1f} s "
-                     f"({e['index']})")
+        lines.append(
+            f"  build_index on a Delta table ({e['count']} rows), {executor}: {e['seconds']:.1f} s ({e['index']})"
+        )
     return lines

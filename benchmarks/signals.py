@@ -41,11 +41,14 @@ def _tags() -> dict:
     return {name: TagConfig(positives=p, negatives=n) for name, (p, n) in prompts.items()}
 
 
-def signals(table: pa.Table, model_root: pathlib.Path, clip_dir: pathlib.Path, *, tiny: bool,
-            clip_batch: int | None = None) -> dict:
+def signals(
+    table: pa.Table, model_root: pathlib.Path, clip_dir: pathlib.Path, *, tiny: bool, clip_batch: int | None = None
+) -> dict:
     """Both comparisons on the rows of ``table`` (``key``, ``caption``, ``jpg``)."""
-    return {"heads_tags": heads_and_tags(table, model_root, clip_dir, clip_batch),
-            "classifier": classifier(table, classifier_dir(model_root, tiny=tiny))}
+    return {
+        "heads_tags": heads_and_tags(table, model_root, clip_dir, clip_batch),
+        "classifier": classifier(table, classifier_dir(model_root, tiny=tiny)),
+    }
 
 
 # ---------------------------------------------------------------- heads + tags
@@ -70,11 +73,21 @@ def heads_and_tags(table: pa.Table, model_root: pathlib.Path, clip_dir: pathlib.
     pairs = [(b, b) for b in batches]
     clip_s, with_s, outputs = paired(plain, lambda b: heads(tagged(b)), pairs, _sync(plain.device))
     heads_s, tags_s = _parts(heads, tagged.tags, outputs, dim)
-    return {"model": str(clip_dir), "images": len(table), "batch_size": batch, "heads": [n for n, _ in HEADS],
-            "tags": len(tags), "prompts": sum(len(t.positives) + len(t.negatives) for t in tags.values()),
-            "clip_s": round(clip_s, 6), "with_signals_s": round(with_s, 6), "ratio": _round(with_s / clip_s),
-            "heads_s": round(heads_s, 6), "tags_s": round(tags_s, 6),
-            "ratio_from_parts": _round((clip_s + heads_s + tags_s) / clip_s), **setup}
+    return {
+        "model": str(clip_dir),
+        "images": len(table),
+        "batch_size": batch,
+        "heads": [n for n, _ in HEADS],
+        "tags": len(tags),
+        "prompts": sum(len(t.positives) + len(t.negatives) for t in tags.values()),
+        "clip_s": round(clip_s, 6),
+        "with_signals_s": round(with_s, 6),
+        "ratio": _round(with_s / clip_s),
+        "heads_s": round(heads_s, 6),
+        "tags_s": round(tags_s, 6),
+        "ratio_from_parts": _round((clip_s + heads_s + tags_s) / clip_s),
+        **setup,
+    }
 
 
 def _heads_config(model_root: pathlib.Path, clip_dir: pathlib.Path, dim: int):
@@ -82,8 +95,10 @@ def _heads_config(model_root: pathlib.Path, clip_dir: pathlib.Path, dim: int):
     from jobs.demo.heads import build_random_head
     from operators.models.heads import HeadRef, HeadsConfig
 
-    dirs = {name: build_random_head(model_root / f"heads-{dim}" / name, arch, embedding_dim=dim,
-                                    clip_model=str(clip_dir)) for name, arch in HEADS}
+    dirs = {
+        name: build_random_head(model_root / f"heads-{dim}" / name, arch, embedding_dim=dim, clip_model=str(clip_dir))
+        for name, arch in HEADS
+    }
     return HeadsConfig(**{name: HeadRef(source=str(d)) for name, d in dirs.items()})
 
 
@@ -119,8 +134,18 @@ def _build_vit(out_dir: pathlib.Path, *, tiny: bool) -> None:
     labels = {0: "clean", 1: "watermark"}
     # Throughput depends on the architecture only: ViTConfig() is ViT-base/16 at 224 px, the size of the
     # public watermark and NSFW classifiers; the tiny one is the test suite's.
-    size = dict(image_size=24, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64) if tiny else {}
+    size = (
+        dict(
+            image_size=24,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+        if tiny
+        else {}
+    )
     config = ViTConfig(**size, id2label=labels, label2id={v: k for k, v in labels.items()})
     ViTForImageClassification(config).eval().save_pretrained(out_dir)
     pixels = {"height": config.image_size, "width": config.image_size}
@@ -147,11 +172,18 @@ def classifier(table: pa.Table, model_dir: pathlib.Path) -> dict:
 
     operator_s, bare_s, _ = paired(operator, bare, list(zip(batches, tensors)), _sync(operator.device))
     n = len(table)
-    return {"model": str(model_dir), "images": n, "batch_size": batch, "device": str(operator.device),
-            "dtype": str(operator.dtype).removeprefix("torch."),
-            "operator_s": round(operator_s, 6), "bare_s": round(bare_s, 6),
-            "operator_images_per_s": _round(n / operator_s), "bare_images_per_s": _round(n / bare_s),
-            "ratio": _round(bare_s / operator_s)}
+    return {
+        "model": str(model_dir),
+        "images": n,
+        "batch_size": batch,
+        "device": str(operator.device),
+        "dtype": str(operator.dtype).removeprefix("torch."),
+        "operator_s": round(operator_s, 6),
+        "bare_s": round(bare_s, 6),
+        "operator_images_per_s": _round(n / operator_s),
+        "bare_images_per_s": _round(n / bare_s),
+        "ratio": _round(bare_s / operator_s),
+    }
 
 
 # ---------------------------------------------------------------- helpers
@@ -175,7 +207,7 @@ def paired(a, b, inputs: list[tuple], sync) -> tuple[float, float, list]:
     sync()
     seconds, outputs = [0.0, 0.0], []
     for i, pair in enumerate(inputs):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
             start = time.perf_counter()
             out = (a, b)[side](pair[side])
             sync()

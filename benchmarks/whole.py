@@ -31,13 +31,19 @@ def timed(argv: list[str], cwd: pathlib.Path | None = None) -> tuple[float, str]
 
 
 def seconds_spread(seconds: list[float]) -> dict:
-    return {"runs": len(seconds), "min_s": round(min(seconds), 3), "median_s": round(statistics.median(seconds), 3),
-            "max_s": round(max(seconds), 3)}
+    return {
+        "runs": len(seconds),
+        "min_s": round(min(seconds), 3),
+        "median_s": round(statistics.median(seconds), 3),
+        "max_s": round(max(seconds), 3),
+    }
 
 
 def spread(seconds: list[float], images: int) -> dict:
-    return seconds_spread(seconds) | {"images": images,
-                                      "images_per_s": float(f"{images / statistics.median(seconds):.4g}")}
+    return seconds_spread(seconds) | {
+        "images": images,
+        "images_per_s": float(f"{images / statistics.median(seconds):.4g}"),
+    }
 
 
 def vlpipe_command(config: dict, config_path: pathlib.Path, *, quiet: bool = True) -> list[str]:
@@ -60,20 +66,28 @@ def take_turns(commands: dict[str, list[str]], repeats: int) -> dict[str, list[t
     return runs
 
 
-def whole_clip(config: dict, work: pathlib.Path, clip_dir: pathlib.Path, paths: list[pathlib.Path],
-               images: int, repeats: int) -> dict:
+def whole_clip(
+    config: dict, work: pathlib.Path, clip_dir: pathlib.Path, paths: list[pathlib.Path], images: int, repeats: int
+) -> dict:
     """``vlpipe run`` (``executor: auto`` and ``ray``) against ``python -m benchmarks.naive_clip``,
     taking turns, ``repeats`` times each."""
-    commands = {f"vlpipe_{executor}": vlpipe_command({**config, "executor": executor},
-                                                     work / f"whole-clip-{executor}.yaml")
-                for executor in EXECUTORS}
-    commands["naive"] = [sys.executable, "-m", "benchmarks.naive_clip", str(clip_dir),
-                         str(work / "naive-scores.parquet"), *map(str, paths)]
-    result = {name: spread([wall for wall, _ in runs], images)
-              for name, runs in take_turns(commands, repeats).items()}
+    commands = {
+        f"vlpipe_{executor}": vlpipe_command({**config, "executor": executor}, work / f"whole-clip-{executor}.yaml")
+        for executor in EXECUTORS
+    }
+    commands["naive"] = [
+        sys.executable,
+        "-m",
+        "benchmarks.naive_clip",
+        str(clip_dir),
+        str(work / "naive-scores.parquet"),
+        *map(str, paths),
+    ]
+    result = {name: spread([wall for wall, _ in runs], images) for name, runs in take_turns(commands, repeats).items()}
     for executor in EXECUTORS:
         result[f"vlpipe_{executor}_over_naive"] = round(
-            result[f"vlpipe_{executor}"]["images_per_s"] / result["naive"]["images_per_s"], 3)
+            result[f"vlpipe_{executor}"]["images_per_s"] / result["naive"]["images_per_s"], 3
+        )
     return result
 
 
@@ -92,14 +106,19 @@ def fixed_cost(config: dict, work: pathlib.Path, repeats: int) -> dict:
     """A demo-sized run as a whole process, with each executor: wall time and where it went (the
     median run of ``repeats``)."""
     imports = [timed([sys.executable, "-c", "import jobs.cli, pipelines.run"])[0] for _ in range(repeats)]
-    commands = {executor: vlpipe_command({**config, "executor": executor}, work / f"fixed-cost-{executor}.yaml",
-                                         quiet=False) for executor in EXECUTORS}
+    commands = {
+        executor: vlpipe_command({**config, "executor": executor}, work / f"fixed-cost-{executor}.yaml", quiet=False)
+        for executor in EXECUTORS
+    }
     result: dict = {"imports_s": round(statistics.median(imports), 3)}
     for executor, done in take_turns(commands, repeats).items():
         done.sort(key=lambda run: run[0])
         wall, stderr = done[len(done) // 2]
         phases = parse_timings(stderr)
         inside = sum(v for k, v in phases.items() if k != "execute_until_first_file")
-        result[executor] = {"wall": seconds_spread([w for w, _ in done]), "phases_s": phases,
-                            "outside_run_s": round(wall - inside, 3)}
+        result[executor] = {
+            "wall": seconds_spread([w for w, _ in done]),
+            "phases_s": phases,
+            "outside_run_s": round(wall - inside, 3),
+        }
     return result

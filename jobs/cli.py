@@ -61,6 +61,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 def _stop_on_sigterm():
     """SIGTERM (a scheduler stopping the job) ends a run like Ctrl-C: recorded as interrupted."""
+
     def stop(signum, frame):
         raise Interrupted(f"interrupted ({signal.Signals(signum).name})")
 
@@ -81,8 +82,16 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
     top.add_argument("-v", "--verbose", action="store_true", help="debug messages from vlpipe's own modules")
     sub = top.add_subparsers(dest="command", required=True)
-    for add in (_run_verbs, _job_verbs, _table_verbs, _dedup_verbs, _index_verbs, _export_verb, _search_verb,
-                _tool_verbs):
+    for add in (
+        _run_verbs,
+        _job_verbs,
+        _table_verbs,
+        _dedup_verbs,
+        _index_verbs,
+        _export_verb,
+        _search_verb,
+        _tool_verbs,
+    ):
         add(sub)
     return top
 
@@ -95,15 +104,22 @@ _DATE = dt.date.fromisoformat
 def _config_verb(sub, name: str, text: str, handler) -> argparse.ArgumentParser:
     verb = sub.add_parser(name, help=text)
     verb.add_argument("config", help="YAML config file")
-    verb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value, e.g. --set filter.min_clip_score=0.25")
+    verb.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set filter.min_clip_score=0.25",
+    )
     verb.set_defaults(handler=handler)
     return verb
 
 
 def _run_verbs(sub) -> None:
-    _config_verb(sub, "plan", "print the plan of a config without running it (stages, resources, columns, schema)",
-                 _plan)
+    _config_verb(
+        sub, "plan", "print the plan of a config without running it (stages, resources, columns, schema)", _plan
+    )
     run = _config_verb(sub, "run", "run a pipeline config once and commit its output", _run)
     run.add_argument("--run-date", type=_DATE, help="partition date (default: today, UTC)")
     nightly = _config_verb(sub, "nightly", "process only new or changed shards into a date's partition", _nightly)
@@ -122,8 +138,10 @@ def _job_verbs(sub) -> None:
     submit.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting")
     submit.set_defaults(handler=_submit)
-    for name, handler, text in (("status", _job_status, "show a submitted job's status"),
-                                ("stop", _job_stop, "stop a submitted job")):
+    for name, handler, text in (
+        ("status", _job_status, "show a submitted job's status"),
+        ("stop", _job_stop, "stop a submitted job"),
+    ):
         job = sub.add_parser(name, help=text)
         job.add_argument("job_id")
         job.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
@@ -139,15 +157,22 @@ def _table_verbs(sub) -> None:
     report = sub.add_parser("report", help="write a run's HTML report (summary, score histograms, sample rows)")
     report.add_argument("output", help=_OUTPUT)
     report.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
-    report.add_argument("--out", help="where to write it, a path or object-store URI "
-                                      "(default: vlpipe-report-<run id>.html)")
+    report.add_argument(
+        "--out", help="where to write it, a path or object-store URI (default: vlpipe-report-<run id>.html)"
+    )
     report.add_argument("--runs-uri", help=_RUNS_URI)
     report.add_argument("--samples", type=int, default=12, help="sample rows shown per side, kept and rejected")
     report.set_defaults(handler=_report)
     compact = sub.add_parser("compact", help="rewrite a partition's small data files into large ones, in one commit")
     compact.add_argument("output", help=_OUTPUT)
-    compact.add_argument("--run-date", dest="run_dates", action="append", type=_DATE, default=[],
-                         help="partition to compact (repeatable; default: every partition)")
+    compact.add_argument(
+        "--run-date",
+        dest="run_dates",
+        action="append",
+        type=_DATE,
+        default=[],
+        help="partition to compact (repeatable; default: every partition)",
+    )
     compact.add_argument("--target-size-mb", type=int, default=256, help="size of the rewritten files")
     compact.set_defaults(handler=_compact)
 
@@ -159,8 +184,9 @@ def _dedup_verbs(sub) -> None:
     refit.add_argument("output", help=_OUTPUT)
     refit.add_argument("--clusters", type=int, help="number of clusters (default: one per --rows-per-cluster rows)")
     refit.add_argument("--rows-per-cluster", type=int, default=1000)
-    refit.add_argument("--sample-rows", type=int, default=100_000,
-                       help="kept rows to fit on (those whose key hashes lowest)")
+    refit.add_argument(
+        "--sample-rows", type=int, default=100_000, help="kept rows to fit on (those whose key hashes lowest)"
+    )
     refit.add_argument("--seed", type=int, default=0)
     refit.set_defaults(handler=_dedup_refit)
 
@@ -168,17 +194,36 @@ def _dedup_verbs(sub) -> None:
 def _index_verbs(sub) -> None:
     index = sub.add_parser("index", help="build a vector index (faiss) over the kept rows' embeddings of the table")
     index.add_argument("output", help=_OUTPUT)
-    index.add_argument("--to", dest="index_uri", required=True, metavar="INDEX_URI",
-                       help="where the index goes: a folder or object-store prefix (replaced atomically)")
-    index.add_argument("--run-date", dest="run_dates", action="append", type=_DATE, default=[],
-                       help="partition to index (repeatable; default: every partition)")
+    index.add_argument(
+        "--to",
+        dest="index_uri",
+        required=True,
+        metavar="INDEX_URI",
+        help="where the index goes: a folder or object-store prefix (replaced atomically)",
+    )
+    index.add_argument(
+        "--run-date",
+        dest="run_dates",
+        action="append",
+        type=_DATE,
+        default=[],
+        help="partition to index (repeatable; default: every partition)",
+    )
     index.add_argument("--embedding", choices=["image", "text"], default="image", help="which tower's embeddings")
     index.add_argument("--version", type=int, help="table version to index (default: the latest)")
     index.add_argument("--index-key", help="a faiss index_factory key instead of the choice by size, e.g. IVF1024,Flat")
-    index.add_argument("--max-index-gb", type=float, default=16.0,
-                       help="largest index kept uncompressed; above it vectors are product-quantised (default 16)")
-    index.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
-                       help="where blocks are read and encoded (auto: Ray above 200k rows)")
+    index.add_argument(
+        "--max-index-gb",
+        type=float,
+        default=16.0,
+        help="largest index kept uncompressed; above it vectors are product-quantised (default 16)",
+    )
+    index.add_argument(
+        "--executor",
+        choices=["auto", "local", "ray"],
+        default="auto",
+        help="where blocks are read and encoded (auto: Ray above 200k rows)",
+    )
     index.add_argument("--runs-uri", help=_RUNS_URI)
     index.set_defaults(handler=_index)
 
@@ -186,17 +231,35 @@ def _index_verbs(sub) -> None:
 def _export_verb(sub) -> None:
     export = sub.add_parser("export", help="write one version of the table as training shards (WebDataset or Parquet)")
     export.add_argument("output", help=_OUTPUT)
-    export.add_argument("--to", dest="to_uri", required=True, metavar="URI",
-                        help="where the shards go: a folder or object-store prefix (replacing an export there)")
-    export.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset",
-                        help="tar shards as img2dataset writes them (default), or Parquet shards with the image bytes")
-    export.add_argument("--run-date", dest="run_dates", action="append", type=_DATE, default=[],
-                        help="partition to export (repeatable; default: every partition)")
+    export.add_argument(
+        "--to",
+        dest="to_uri",
+        required=True,
+        metavar="URI",
+        help="where the shards go: a folder or object-store prefix (replacing an export there)",
+    )
+    export.add_argument(
+        "--format",
+        choices=["webdataset", "parquet"],
+        default="webdataset",
+        help="tar shards as img2dataset writes them (default), or Parquet shards with the image bytes",
+    )
+    export.add_argument(
+        "--run-date",
+        dest="run_dates",
+        action="append",
+        type=_DATE,
+        default=[],
+        help="partition to export (repeatable; default: every partition)",
+    )
     export.add_argument("--version", type=int, help="table version to export (default: the latest)")
     export.add_argument("--all-rows", action="store_true", help="rejected rows too (default: only keep = true)")
     export.add_argument("--samples-per-shard", type=int, default=10_000, help="rows per shard (default 10000)")
-    export.add_argument("--embeddings", action="store_true",
-                        help="also img_emb/, text_emb/ .npy and metadata/ Parquet per shard (clip-retrieval's layout)")
+    export.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also img_emb/, text_emb/ .npy and metadata/ Parquet per shard (clip-retrieval's layout)",
+    )
     export.add_argument("--runs-uri", help=_RUNS_URI)
     export.set_defaults(handler=_export)
 
@@ -206,11 +269,16 @@ def _search_verb(sub) -> None:
     search.add_argument("index_uri", help="an index written by `vlpipe index`")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query, embedded by the index's CLIP text tower")
-    query.add_argument("--image", metavar="PATH_OR_URI", help="an image query, decoded and embedded as the pipeline does")
+    query.add_argument(
+        "--image", metavar="PATH_OR_URI", help="an image query, decoded and embedded as the pipeline does"
+    )
     search.add_argument("-k", type=int, default=20, help="how many hits (default 20)")
     search.add_argument("--html", metavar="OUT", help="also write the hits with thumbnails as a page (path or URI)")
-    search.add_argument("--model", help="the model to embed the query with, if not where the index says (a moved "
-                                        "directory); it must embed as the index's model did")
+    search.add_argument(
+        "--model",
+        help="the model to embed the query with, if not where the index says (a moved "
+        "directory); it must embed as the index's model did",
+    )
     search.set_defaults(handler=_search)
 
 
@@ -219,8 +287,11 @@ def _tool_verbs(sub) -> None:
     convert.add_argument("src", help="the released .pth file (read with torch.load(weights_only=True))")
     convert.add_argument("out_dir", help="new directory for config.json + model.safetensors")
     convert.add_argument("--arch", required=True, choices=["aesthetic-v2", "nsfw"])
-    convert.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
-                         help="the CLIP model the head was trained on (default: openai/clip-vit-large-patch14)")
+    convert.add_argument(
+        "--clip-model",
+        default="openai/clip-vit-large-patch14",
+        help="the CLIP model the head was trained on (default: openai/clip-vit-large-patch14)",
+    )
     convert.set_defaults(handler=_convert_head)
     demo = sub.add_parser("demo", help="generate sample data and tiny models, then run the demo config")
     demo.add_argument("--config", default="configs/demo.yaml")
@@ -267,8 +338,16 @@ def _submit(args: argparse.Namespace) -> int:
 
     if args.force and not args.nightly:
         raise ConfigError("--force only applies with --nightly")
-    return submit(args.config, address=args.address, nightly=args.nightly, run_date=args.date,
-                  overrides=args.overrides, force=args.force, working_dir=args.working_dir, wait=not args.no_wait)
+    return submit(
+        args.config,
+        address=args.address,
+        nightly=args.nightly,
+        run_date=args.date,
+        overrides=args.overrides,
+        force=args.force,
+        working_dir=args.working_dir,
+        wait=not args.no_wait,
+    )
 
 
 def _job_status(args: argparse.Namespace) -> int:
@@ -310,8 +389,9 @@ def _dedup_refit(args: argparse.Namespace) -> int:
     from pipelines.execute.ray import RayExecutor
 
     try:
-        config = SemanticConfig(clusters=args.clusters, rows_per_cluster=args.rows_per_cluster,
-                                sample_rows=args.sample_rows, seed=args.seed)
+        config = SemanticConfig(
+            clusters=args.clusters, rows_per_cluster=args.rows_per_cluster, sample_rows=args.sample_rows, seed=args.seed
+        )
     except ValidationError as err:
         raise ConfigError(f"vlpipe dedup refit: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
     print(refit(Location.resolve(args.output, StorageOptions()), config, RayExecutor.local()))
@@ -325,14 +405,25 @@ def _index(args: argparse.Namespace) -> int:
     from pipelines.search.index import IndexRequest, build_index, summary
 
     try:
-        request = IndexRequest(embedding=args.embedding, run_dates=tuple(args.run_dates), version=args.version,
-                               index_key=args.index_key, max_index_gb=args.max_index_gb, executor=args.executor)
+        request = IndexRequest(
+            embedding=args.embedding,
+            run_dates=tuple(args.run_dates),
+            version=args.version,
+            index_key=args.index_key,
+            max_index_gb=args.max_index_gb,
+            executor=args.executor,
+        )
     except ValidationError as err:
-        raise ConfigError(f"vlpipe index: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: "
-                          f"{err.errors()[0]['msg']}") from None
+        raise ConfigError(
+            f"vlpipe index: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: {err.errors()[0]['msg']}"
+        ) from None
     _ray_output(args.quiet)
-    print(summary(build_index(args.output, args.index_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri),
-                  args.index_uri))
+    print(
+        summary(
+            build_index(args.output, args.index_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri),
+            args.index_uri,
+        )
+    )
     return 0
 
 
@@ -343,15 +434,22 @@ def _export(args: argparse.Namespace) -> int:
     from pipelines.export.export import ExportRequest, export, summary
 
     try:
-        request = ExportRequest(format=args.format, run_dates=tuple(args.run_dates), version=args.version,
-                                all_rows=args.all_rows, samples_per_shard=args.samples_per_shard,
-                                embeddings=args.embeddings)
+        request = ExportRequest(
+            format=args.format,
+            run_dates=tuple(args.run_dates),
+            version=args.version,
+            all_rows=args.all_rows,
+            samples_per_shard=args.samples_per_shard,
+            embeddings=args.embeddings,
+        )
     except ValidationError as err:
-        raise ConfigError(f"vlpipe export: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: "
-                          f"{err.errors()[0]['msg']}") from None
+        raise ConfigError(
+            f"vlpipe export: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: {err.errors()[0]['msg']}"
+        ) from None
     _ray_output(args.quiet)
-    manifest = export(args.output, args.to_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri,
-                      progress=not args.quiet)
+    manifest = export(
+        args.output, args.to_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri, progress=not args.quiet
+    )
     print(summary(manifest, args.to_uri))
     return 0
 
@@ -359,8 +457,8 @@ def _export(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
     from pipelines.report.report import write_text
-    from pipelines.search.query import Searcher, format_results, query_image
     from pipelines.search.page import results_page
+    from pipelines.search.query import Searcher, format_results, query_image
 
     storage = StorageOptions()
     searcher = Searcher(args.index_uri, model=args.model, storage=storage)
@@ -398,9 +496,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from operators.storage import StorageOptions
-    from pipelines.report.report import write_text
     from pipelines.report.data import collect
     from pipelines.report.html import render
+    from pipelines.report.report import write_text
 
     uri = args.runs_uri or default_run_records_uri(args.output)
     try:
@@ -489,9 +587,12 @@ def format_summary(record: RunRecord, report: str | None = None) -> str:
         if len(record.failed_shards) > 10:
             lines.append(f"    ... and {len(record.failed_shards) - 10} more in `vlpipe runs` / the run record")
     if record.rows_superseded:
-        lines.append(f"  superseded   {record.rows_superseded:>8}  (earlier rows of these shards, removed from other dates)")
+        lines.append(
+            f"  superseded   {record.rows_superseded:>8}  (earlier rows of these shards, removed from other dates)"
+        )
     lines += [
-        f"  output       {record.output_uri} (Delta version {record.table_version}, partition run_date={record.run_date})",
+        f"  output       {record.output_uri} "
+        f"(Delta version {record.table_version}, partition run_date={record.run_date})",
         *([f"  report       {report}"] if report else []),
         "",
         "Read it:",

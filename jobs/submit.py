@@ -54,8 +54,15 @@ def entrypoint(config_path: str, *, nightly: bool, run_date: str | None, overrid
 
 
 def submit(
-    config_path: str, *, address: str | None, nightly: bool = False, run_date: str | None = None,
-    overrides: list[str] = (), force: bool = False, working_dir: str = ".", wait: bool = True,
+    config_path: str,
+    *,
+    address: str | None,
+    nightly: bool = False,
+    run_date: str | None = None,
+    overrides: list[str] = (),
+    force: bool = False,
+    working_dir: str = ".",
+    wait: bool = True,
     out: TextIO = sys.stdout,
 ) -> int:
     """Validate locally, submit, stream the logs and return the exit code of the job's outcome."""
@@ -70,11 +77,15 @@ def submit(
     try:
         relative = Path(config_path).resolve().relative_to(root)
     except ValueError:
-        raise ConfigError(f"{config_path} is outside the working directory {root}, so it would not ship with the job")
+        raise ConfigError(
+            f"{config_path} is outside the working directory {root}, so it would not ship with the job"
+        ) from None
     client = job_client(address)
     job_id = f"vlpipe-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     client.submit_job(
-        entrypoint=entrypoint(str(relative), nightly=nightly, run_date=run_date, overrides=list(overrides), force=force),
+        entrypoint=entrypoint(
+            str(relative), nightly=nightly, run_date=run_date, overrides=list(overrides), force=force
+        ),
         submission_id=job_id,
         runtime_env={"working_dir": str(root), "excludes": EXCLUDES},
         metadata={"vlpipe.config": str(relative), "vlpipe.config_hash": config.hash()},
@@ -97,8 +108,11 @@ def follow(client, job_id: str, out: TextIO) -> int:
     while (status := client.get_job_status(job_id).value) not in TERMINAL:
         time.sleep(1)
     info = client.get_job_info(job_id)
-    print(f"job {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""),
-          file=out, flush=True)
+    print(
+        f"job {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""),
+        file=out,
+        flush=True,
+    )
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -112,4 +126,3 @@ def stop(job_id: str, address: str | None, out: TextIO = sys.stdout) -> int:
     stopped = job_client(address).stop_job(job_id)
     print(f"{job_id} {'stopping' if stopped else 'was not running'}", file=out)
     return 0
-

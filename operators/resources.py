@@ -20,6 +20,6 @@ class Resources(BaseModel):
     concurrency: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
 
-    def with_(self, **changes: object) -> "Resources":
+    def with_(self, **changes: object) -> Resources:
         """A copy with some fields replaced (validated like the original)."""
         return Resources.model_validate({**self.model_dump(), **changes})

@@ -96,8 +96,16 @@ FETCH_ERROR = "fetch_error"  # input.columns.image_uri could not be fetched (404
 INVALID_SAMPLE = "invalid_sample"  # a tar sample vlpipe cannot read as one row (e.g. two image members)
 # Statuses of rows whose input has no image bytes at all (nothing to read back for an export).
 NO_IMAGE_STATUSES = (MISSING_IMAGE, DOWNLOAD_FAILED, FETCH_ERROR, INVALID_SAMPLE)
-IMAGE_STATUSES = (OK, MISSING_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE, DECODE_ERROR, DOWNLOAD_FAILED, FETCH_ERROR,
-                  INVALID_SAMPLE)
+IMAGE_STATUSES = (
+    OK,
+    MISSING_IMAGE,
+    UNSUPPORTED_FORMAT,
+    IMAGE_TOO_LARGE,
+    DECODE_ERROR,
+    DOWNLOAD_FAILED,
+    FETCH_ERROR,
+    INVALID_SAMPLE,
+)
 
 # Reject reasons that come from the filter rather than from decoding, in the order the
 # filter checks them (the first failing check names the row's reason): what the image and
@@ -124,9 +132,23 @@ DUPLICATE_SEMANTIC = "duplicate_semantic"
 DUPLICATE_REASONS = (DUPLICATE_EXACT, DUPLICATE_NEAR, DUPLICATE_SEMANTIC)  # also the order methods are checked in
 BELOW_TOP_FRACTION = "below_top_fraction"
 FILTER_REASONS = (
-    IMAGE_TOO_SMALL, EXTREME_ASPECT_RATIO, EMPTY_CAPTION, CAPTION_TOO_FEW_WORDS, CAPTION_TOO_SHORT, WRONG_LANGUAGE,
-    INVALID_EMBEDDING, LOW_CLIP_SCORE, LOW_ITM_SCORE, LOW_AESTHETIC_SCORE, HIGH_NSFW_SCORE, LOW_TAG_SCORE,
-    HIGH_TAG_SCORE, LOW_CLASSIFIER_SCORE, HIGH_CLASSIFIER_SCORE, LOW_ANSWER_YES_PROB, *DUPLICATE_REASONS,
+    IMAGE_TOO_SMALL,
+    EXTREME_ASPECT_RATIO,
+    EMPTY_CAPTION,
+    CAPTION_TOO_FEW_WORDS,
+    CAPTION_TOO_SHORT,
+    WRONG_LANGUAGE,
+    INVALID_EMBEDDING,
+    LOW_CLIP_SCORE,
+    LOW_ITM_SCORE,
+    LOW_AESTHETIC_SCORE,
+    HIGH_NSFW_SCORE,
+    LOW_TAG_SCORE,
+    HIGH_TAG_SCORE,
+    LOW_CLASSIFIER_SCORE,
+    HIGH_CLASSIFIER_SCORE,
+    LOW_ANSWER_YES_PROB,
+    *DUPLICATE_REASONS,
     BELOW_TOP_FRACTION,
 )
 REJECT_REASONS = (*IMAGE_STATUSES[1:], *FILTER_REASONS)
@@ -185,32 +207,35 @@ COLUMN_DOCS = {
     IMAGE_HEIGHT: "Height of the decoded image, upright.",
     IMAGE_BYTES: "Original encoded image (only with output.include_image_bytes).",
     IMAGE_SHA256: "SHA-256 of the image bytes as the input holds them, lowercase hex; null without bytes. "
-                  "(img2dataset's own `sha256` is of what it downloaded, before it re-encodes.)",
+    "(img2dataset's own `sha256` is of what it downloaded, before it re-encodes.)",
     IMAGE_PHASH: "64-bit DCT perceptual hash (imagededup's PHash; hex: `format(h & (2**64 - 1), '016x')`), "
-                 "null unless dedup.near is on or if the image failed.",
+    "null unless dedup.near is on or if the image failed.",
     IMAGE_EMBEDDING: "L2-normalised image embedding, float32 (null if the image failed).",
     TEXT_EMBEDDING: "L2-normalised caption embedding, float32 (null if the caption is empty).",
     CLIP_SCORE: "Cosine similarity of the two embeddings, float32 (null if either is missing).",
     CAPTION_GENERATED: "Caption written by the captioning model (null if captioning is off or the image failed).",
     CLIP_SCORE_GENERATED: "CLIP score of the generated caption against the image.",
     CAPTION_BEST: "The original or the generated caption, whichever has the higher CLIP score (original on ties).",
-    CAPTION_SOURCE: f"Where caption_best came from: {SOURCE_ORIGINAL} or {SOURCE_GENERATED} (null when neither scored).",
+    CAPTION_SOURCE: f"Where caption_best came from: {SOURCE_ORIGINAL} or {SOURCE_GENERATED} "
+    "(null when neither scored).",
     CLIP_SCORE_BEST: "CLIP score of caption_best: the larger of clip_score and clip_score_generated.",
-    ITM_SCORE: "Probability of \"match\" from the BLIP image-text matching head (null if ITM is off).",
+    ITM_SCORE: 'Probability of "match" from the BLIP image-text matching head (null if ITM is off).',
     AESTHETIC_SCORE: "LAION aesthetic predictor v2 on the image embedding, about 1-10 (null without the head, "
-                     "an embedding, or with a non-finite one).",
+    "an embedding, or with a non-finite one).",
     NSFW_SCORE: "LAION CLIP-based NSFW detector on the image embedding, 0-1 (null like aesthetic_score).",
-    TAG_SCORES: "Zero-shot tag -> summed softmax probability of its positive prompts (null without tags or an embedding).",
-    CAPTION_LANGUAGE: "ISO 639-1 code of the caption's language (null if off, empty, or no language found, e.g. emoji only).",
+    TAG_SCORES: "Zero-shot tag -> summed softmax probability of its positive prompts "
+    "(null without tags or an embedding).",
+    CAPTION_LANGUAGE: "ISO 639-1 code of the caption's language "
+    "(null if off, empty, or no language found, e.g. emoji only).",
     CAPTION_LANGUAGE_SCORE: "Confidence of caption_language, 0-1, relative to the candidate languages.",
     CLASSIFIER_SCORES: "Image classifier score name -> softmax probability of its label (null without a classifier "
-                       "or an image).",
+    "or an image).",
     ANSWER: "The chat VLM's answer to the row's ask: question (null if ask is off, the image failed or the "
-            "question could not be formed); \"yes\"/\"no\" with ask.yes_no and no generation.",
-    ANSWER_YES_PROB: "P(yes) from the first answer token: softmax over the logits of the first tokens of \"Yes\" "
-                     "and \"No\" (null unless ask.yes_no, or like answer).",
+    'question could not be formed); "yes"/"no" with ask.yes_no and no generation.',
+    ANSWER_YES_PROB: 'P(yes) from the first answer token: softmax over the logits of the first tokens of "Yes" '
+    'and "No" (null unless ask.yes_no, or like answer).',
     SEMANTIC_CLUSTER: "Nearest k-means centroid of image_embedding under the table's centroids when the row was "
-                      "written (null unless dedup.semantic is on).",
+    "written (null unless dedup.semantic is on).",
     DUPLICATE_OF: "For a duplicate: the key and run_date of the row it duplicates (null otherwise).",
     KEEP: "Whether the row passed every filter.",
     REJECT_REASON: "First reason the row was rejected: " + ", ".join(REJECT_REASONS) + "; null if kept.",

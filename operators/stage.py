@@ -44,7 +44,7 @@ class Aggregate(Protocol):
     def partial(self, batch: pa.Table) -> pa.Table:
         """A small summary of one batch (e.g. its scores)."""
 
-    def combine(self, partials: list[pa.Table], staged: "Staged") -> object:
+    def combine(self, partials: list[pa.Table], staged: Staged) -> object:
         """The run's state from every batch's summary (e.g. a cut-off); ``staged`` are the run's rows,
         for a decision that needs more than a summary (dedup reads columns of them back on Ray).
 

@@ -31,7 +31,7 @@ class StorageOptions(BaseModel):
     # resets but takes ~47 s to give up on an endpoint that refuses connections; 11 for deltalake.
     max_attempts: int | None = Field(None, ge=1, le=50)
 
-    def resolved(self) -> "StorageOptions":
+    def resolved(self) -> StorageOptions:
         """Fill unset fields from the standard AWS environment variables."""
         env = os.environ
 
@@ -130,17 +130,18 @@ class Location:
     delta_options: dict[str, str]
 
     @classmethod
-    def resolve(cls, uri: str, storage: StorageOptions) -> "Location":
+    def resolve(cls, uri: str, storage: StorageOptions) -> Location:
         resolved = storage.resolved()
         filesystem, path = filesystem_for(uri, resolved)
         return cls(uri, filesystem, path, delta_storage_options(uri, resolved))
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         """The location ``name`` below this one, on the same filesystem."""
-        return Location(f"{self.uri.rstrip('/')}/{name}", self.filesystem, f"{self.path.rstrip('/')}/{name}",
-                        self.delta_options)
+        return Location(
+            f"{self.uri.rstrip('/')}/{name}", self.filesystem, f"{self.path.rstrip('/')}/{name}", self.delta_options
+        )
 
-    def contains(self, other: "Location") -> bool:
+    def contains(self, other: Location) -> bool:
         """Whether ``other`` is this location or lies below it."""
         if type(self.filesystem) is not type(other.filesystem):
             return False

@@ -64,7 +64,9 @@ def embedding_rows(column: pa.Array | pa.ChunkedArray, dim: int, reader: str) ->
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if values.size != int(valid.sum()) * dim:
         widths = sorted(set(pc.list_value_length(column).drop_null().to_pylist()))
-        raise ValueError(f"{reader} expects {dim}-value embeddings, but image_embedding has "
-                         f"{', '.join(map(str, widths))} values per row")
+        raise ValueError(
+            f"{reader} expects {dim}-value embeddings, but image_embedding has "
+            f"{', '.join(map(str, widths))} values per row"
+        )
     rows[valid] = values.reshape(-1, dim)
     return rows, valid & np.isfinite(rows).all(axis=1)

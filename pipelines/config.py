@@ -13,30 +13,29 @@ import hashlib
 import importlib.util
 import json
 import typing
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from operators.decisions.duplicates import DedupConfig
+from operators.decisions.filter import FilterConfig
+from operators.image.decode import DecodeConfig
+from operators.input.fetch import FetchConfig
+from operators.input.prepare import ColumnMapping, check_extra_names
+from operators.input.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig
 from operators.models.ask import AskConfig
 from operators.models.caption import CaptionConfig
 from operators.models.classify import ClassifierConfig
 from operators.models.clip import ClipConfig, TagConfig, check_tag_names
-from operators.image.decode import DecodeConfig
-from operators.decisions.duplicates import DedupConfig
-from operators.decisions.filter import FilterConfig
 from operators.models.heads import HeadsConfig
 from operators.models.itm import ItmConfig
 from operators.models.language import LanguageConfig
 from operators.models.load import ModelLoadError, check_weights
-from operators.input.fetch import FetchConfig
-from operators.input.prepare import ColumnMapping, check_extra_names
-from operators.input.webdataset import WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig
 from operators.storage import StorageOptions, is_remote, local_path
 from pipelines.errors import ConfigError
-
 
 # The config sections that each name a model (``<section>.model``).
 MODEL_SECTIONS = ("clip", "caption", "itm", "classifier", "ask")
@@ -94,8 +93,13 @@ class InputConfig(_Strict):
         if format_ == "webdataset":
             return ColumnMapping(WDS_KEY, WDS_CAPTION, WDS_IMAGE, self.extra_pairs)
         columns = self.columns
-        return ColumnMapping(columns.key, columns.caption, None if columns.image_uri else columns.image,
-                             self.extra_pairs, image_uri=columns.image_uri)
+        return ColumnMapping(
+            columns.key,
+            columns.caption,
+            None if columns.image_uri else columns.image,
+            self.extra_pairs,
+            image_uri=columns.image_uri,
+        )
 
     @property
     def mapping(self) -> ColumnMapping:
@@ -169,22 +173,28 @@ class PipelineConfig(_Strict):
         return check_tag_names(tags)
 
     @model_validator(mode="after")
-    def _filters_name_what_exists(self) -> "PipelineConfig":
+    def _filters_name_what_exists(self) -> PipelineConfig:
         unknown = [t for t in self.filter.tags if t not in self.tags]
         if unknown:
-            raise ValueError(f"filter.tags: no tag {', '.join(map(repr, unknown))} in tags: "
-                             f"({', '.join(self.tags) or 'none configured'})")
+            raise ValueError(
+                f"filter.tags: no tag {', '.join(map(repr, unknown))} in tags: "
+                f"({', '.join(self.tags) or 'none configured'})"
+            )
         scores = self.classifier.scores if self.classifier else {}
         unknown = [name for name in self.filter.classifier_scores if name not in scores]
         if unknown:
-            raise ValueError(f"filter.classifier_scores: no score {', '.join(map(repr, unknown))} in classifier.scores: "
-                             f"({', '.join(scores) or 'no classifier configured'})")
+            raise ValueError(
+                f"filter.classifier_scores: no score {', '.join(map(repr, unknown))} in classifier.scores: "
+                f"({', '.join(scores) or 'no classifier configured'})"
+            )
         candidates = self.language.candidates if self.language else None
         if candidates and self.filter.caption_languages:
             outside = [c for c in self.filter.caption_languages if c not in candidates]
             if outside:
-                raise ValueError(f"filter.caption_languages {', '.join(outside)} not in language.candidates "
-                                 f"({', '.join(candidates)}): no caption could ever match")
+                raise ValueError(
+                    f"filter.caption_languages {', '.join(outside)} not in language.candidates "
+                    f"({', '.join(candidates)}): no caption could ever match"
+                )
         return self
 
     @property
@@ -202,12 +212,22 @@ class PipelineConfig(_Strict):
 
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
-        payload = self.model_dump(mode="json", exclude={"storage", "run_date", "ray_address", "ray_resource_timeout_s",
-                                                        "ray_dashboard", "executor", "in_process_max_rows",
-                                                        "report"})
+        payload = self.model_dump(
+            mode="json",
+            exclude={
+                "storage",
+                "run_date",
+                "ray_address",
+                "ray_resource_timeout_s",
+                "ray_dashboard",
+                "executor",
+                "in_process_max_rows",
+                "report",
+            },
+        )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_absolute_paths(self) -> "PipelineConfig":
+    def with_absolute_paths(self) -> PipelineConfig:
         """Local paths resolved against the driver's working directory.
 
         Ray workers run in their own directories (on other nodes, too), so a
@@ -215,10 +235,12 @@ class PipelineConfig(_Strict):
         """
         update = {
             "input": self.input.model_copy(update={"uri": _absolute(self.input.uri)}),
-            "output": self.output.model_copy(update={
-                "uri": _absolute(self.output.uri),
-                "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
-            }),
+            "output": self.output.model_copy(
+                update={
+                    "uri": _absolute(self.output.uri),
+                    "runs_uri": self.output.runs_uri and _absolute(self.output.runs_uri),
+                }
+            ),
         }
         for name in MODEL_SECTIONS:
             stage = getattr(self, name)

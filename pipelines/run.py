@@ -13,8 +13,6 @@ import datetime as dt
 import json
 import logging
 import os
-import signal
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -25,21 +23,21 @@ from importlib import metadata
 from operators import schema as col
 from operators.storage import Location
 from pipelines import hooks, logs
-from pipelines.table.commit import commit_files, table_version
-from pipelines.table.write import WriteSummary
 from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
 from pipelines.execute.executor import Executor, execute
 from pipelines.execute.local import LocalExecutor, gpu_shortfall, in_process_reason
 from pipelines.execute.source import Source, parquet_source
 from pipelines.input.nightly import NightlyPlan, plan_nightly
+from pipelines.input.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
+from pipelines.input.tars import check_tar_shards, tar_blocks
 from pipelines.plan.build import Plan, build_plan, check_locations
 from pipelines.plan.describe import describe
 from pipelines.report.report import write_run_report
+from pipelines.table.commit import commit_files, table_version
 from pipelines.table.records import RunRecord, append_run_record, read_run_records
-from pipelines.input.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
-from pipelines.input.tars import check_tar_shards, tar_blocks
 from pipelines.table.supersede import Supersede
+from pipelines.table.write import WriteSummary
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +72,17 @@ class Run:
 
     def record(self, status: str, **fields) -> RunRecord:
         return RunRecord(
-            run_id=self.run_id, run_date=self.run_date, status=status, started_at=self.started, finished_at=_now(),
-            config_hash=self.config_hash, config_json=json.dumps(self.config.public_dump(), sort_keys=True),
-            output_uri=self.output.uri, input_shards=[_shard_row(s) for s in self.shards],
-            failed_shards=self.failed_shards, **fields,
+            run_id=self.run_id,
+            run_date=self.run_date,
+            status=status,
+            started_at=self.started,
+            finished_at=_now(),
+            config_hash=self.config_hash,
+            config_json=json.dumps(self.config.public_dump(), sort_keys=True),
+            output_uri=self.output.uri,
+            input_shards=[_shard_row(s) for s in self.shards],
+            failed_shards=self.failed_shards,
+            **fields,
         )
 
 
@@ -106,9 +111,13 @@ def start_run(config: PipelineConfig, run_id: str | None = None) -> Run:
     check_models(config)
     storage = config.storage
     run = Run(
-        config=config, config_hash=config_hash, run_id=run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
-        run_date=config.run_date or started.date(), started=started,
-        input=Location.resolve(config.input.uri, storage), output=Location.resolve(config.output.uri, storage),
+        config=config,
+        config_hash=config_hash,
+        run_id=run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+        run_date=config.run_date or started.date(),
+        started=started,
+        input=Location.resolve(config.input.uri, storage),
+        output=Location.resolve(config.output.uri, storage),
         runs=Location.resolve(config.output.run_records_uri, storage),
     )
     check_locations(run.input, run.output, run.runs)
@@ -133,8 +142,11 @@ def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: l
     with run.phase("record_and_report"):
         _append_record(run, record)
         write_run_report(run.config, record)  # logs a warning and carries on if it cannot
-    log.info("timings: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run.timings.items()),
-             extra={"timings": dict(run.timings)})
+    log.info(
+        "timings: %s",
+        ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run.timings.items()),
+        extra={"timings": dict(run.timings)},
+    )
     log.info("committed version %d: %d rows in, %d kept", record.table_version, record.rows_in, record.rows_kept)
     return record
 
@@ -146,13 +158,23 @@ def explain(config: PipelineConfig) -> str:
     if not shards:
         raise NoInputError(_no_shards_message(config.input.uri))
     checked = check_input(run.input.filesystem, shards, run.config, input_format)
-    plan = build_plan(run.config, run.output, run_id=run.run_id, run_date=run.run_date, shard_schema=checked.schema,
-                      shard_prefix=shards[0].uri.removesuffix(shards[0].path), shard_count=len(checked.good),
-                      input_format=input_format, input_rows=checked.rows)
+    plan = build_plan(
+        run.config,
+        run.output,
+        run_id=run.run_id,
+        run_date=run.run_date,
+        shard_schema=checked.schema,
+        shard_prefix=shards[0].uri.removesuffix(shards[0].path),
+        shard_count=len(checked.good),
+        input_format=input_format,
+        input_rows=checked.rows,
+    )
     unusable = f", {len(checked.failed)} unusable" if checked.failed else ""
     rows = f"{checked.rows:,} rows in " if checked.rows is not None else ""
-    return (f"plan of a run into {run.output.uri} (run_date={run.run_date}; {rows}{len(shards)} shard(s)"
-            f"{unusable})\n\n" + describe(plan, *_planned_executor(run.config, plan)))
+    return (
+        f"plan of a run into {run.output.uri} (run_date={run.run_date}; {rows}{len(shards)} shard(s)"
+        f"{unusable})\n\n" + describe(plan, *_planned_executor(run.config, plan))
+    )
 
 
 def _planned_executor(config: PipelineConfig, plan: Plan) -> tuple[Executor, str | None]:
@@ -180,15 +202,24 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
         raise NoInputError(_unreadable_message(run.shards, checked.failed))
     prefix = run.shards[0].uri.removesuffix(run.shards[0].path)
     with run.phase("plan"):
-        plan = build_plan(config, run.output, run_id=run.run_id, run_date=run.run_date,
-                          shard_schema=checked.schema, shard_prefix=prefix, shard_count=len(checked.good),
-                          input_format=input_format, input_rows=checked.rows)
+        plan = build_plan(
+            config,
+            run.output,
+            run_id=run.run_id,
+            run_date=run.run_date,
+            shard_schema=checked.schema,
+            shard_prefix=prefix,
+            shard_count=len(checked.good),
+            input_format=input_format,
+            input_rows=checked.rows,
+        )
     executor = _executor(run, plan)
     summary = WriteSummary()
     with run.phase("execute"):
         start = time.perf_counter()
-        execution = execute(executor, list(plan.passes), _source(plan, config, run.input, checked), run.output,
-                            run.run_id)
+        execution = execute(
+            executor, list(plan.passes), _source(plan, config, run.input, checked), run.output, run.run_id
+        )
         for row in execution.rows:
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
@@ -210,8 +241,12 @@ def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: s
 def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck) -> Source:
     paths = [s.path for s in checked.good]
     if plan.input_format == WEBDATASET:
-        return Source(tuple(paths), partial(tar_blocks, input_.filesystem, config.input.webdataset, checked.schema),
-                      "ReadTar", with_path=True)
+        return Source(
+            tuple(paths),
+            partial(tar_blocks, input_.filesystem, config.input.webdataset, checked.schema),
+            "ReadTar",
+            with_path=True,
+        )
     return parquet_source(paths, input_.filesystem, list(plan.input_columns.read), with_path=True)
 
 
@@ -223,25 +258,45 @@ def _commit_metadata(states: list) -> dict[str, str]:
     return metadata
 
 
-def _commit(run: Run, plan: Plan, summary: WriteSummary, read_version: int | None, processed: list[Shard],
-            extra_metadata: dict[str, str]) -> RunRecord:
+def _commit(
+    run: Run,
+    plan: Plan,
+    summary: WriteSummary,
+    read_version: int | None,
+    processed: list[Shard],
+    extra_metadata: dict[str, str],
+) -> RunRecord:
     config, models, versions = run.config, run.config.models(), _versions()
     hooks.reach("commit")
     # Read now, not at the start: a run of another date that processed the same shards meanwhile is in them.
     supersede = Supersede.from_records(processed, read_run_records(run.runs), run.run_date)
     commit = commit_files(
-        run.output, plan.output_schema, summary, run.run_date, config.output.mode, read_version=read_version,
-        supersede=supersede, metadata={
-            "vlpipe.run_id": run.run_id, "vlpipe.config_hash": run.config_hash,
-            "vlpipe.models": json.dumps(models), "vlpipe.version": versions.get("vlpipe", "unknown"),
+        run.output,
+        plan.output_schema,
+        summary,
+        run.run_date,
+        config.output.mode,
+        read_version=read_version,
+        supersede=supersede,
+        metadata={
+            "vlpipe.run_id": run.run_id,
+            "vlpipe.config_hash": run.config_hash,
+            "vlpipe.models": json.dumps(models),
+            "vlpipe.version": versions.get("vlpipe", "unknown"),
             **extra_metadata,
         },
     )
     outcomes = dict(summary.outcomes)
     return run.record(
-        PARTIAL if run.failed_shards else SUCCEEDED, table_version=commit.version, rows_in=summary.rows_in,
-        rows_kept=outcomes.pop(col.KEPT, 0), rejected_by_reason=outcomes, rows_written=summary.rows_written,
-        rows_superseded=commit.rows_superseded, models=models, versions=versions,
+        PARTIAL if run.failed_shards else SUCCEEDED,
+        table_version=commit.version,
+        rows_in=summary.rows_in,
+        rows_kept=outcomes.pop(col.KEPT, 0),
+        rejected_by_reason=outcomes,
+        rows_written=summary.rows_written,
+        rows_superseded=commit.rows_superseded,
+        models=models,
+        versions=versions,
     )
 
 
@@ -257,8 +312,13 @@ def _executor(run: Run, plan: Plan) -> Executor:
         with run.phase("ray_start"):
             from pipelines.execute.ray import start_ray
 
-            executor = start_ray(config.ray_address, config.ray_dashboard, list(plan.passes),
-                                 config.ray_resource_timeout_s, plan.input_rows)
+            executor = start_ray(
+                config.ray_address,
+                config.ray_dashboard,
+                list(plan.passes),
+                config.ray_resource_timeout_s,
+                plan.input_rows,
+            )
     log.info("plan:\n%s", describe(plan, executor, in_process))
     return executor
 
@@ -291,8 +351,10 @@ def _error_text(err: BaseException) -> str:
 
 
 def _no_shards_message(uri: str) -> str:
-    return (f"no Parquet shards found at input.uri {uri!r}: the prefix, directory or glob matches no "
-            "*.parquet or *.tar file (names starting with '_' or '.' are skipped)")
+    return (
+        f"no Parquet shards found at input.uri {uri!r}: the prefix, directory or glob matches no "
+        "*.parquet or *.tar file (names starting with '_' or '.' are skipped)"
+    )
 
 
 def _unreadable_message(shards: list[Shard], failed: list[dict]) -> str:

@@ -60,8 +60,8 @@ def tiny_blip_itm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> dict[str, Path]:
     """The demo's trained tiny CLIP and BLIP captioner, trained once per session (~40 s) and shared."""
-    from jobs.demo.run import DEMO_TRAIN_STEPS
     from jobs.demo import DEMO_CAPTIONER_TRAIN_STEPS
+    from jobs.demo.run import DEMO_TRAIN_STEPS
 
     root = tmp_path_factory.mktemp("demo-models")
     return {
@@ -74,24 +74,36 @@ def demo_models(tmp_path_factory) -> dict[str, Path]:
 def tiny_heads(tmp_path_factory) -> dict[str, Path]:
     """Random-weight aesthetic and NSFW heads for the tiny CLIP's 32-value embeddings, converted from .pth files."""
     root = tmp_path_factory.mktemp("heads")
-    return {name: build_random_head(root / name, arch, embedding_dim=32, clip_model="tiny-clip", seed=i)
-            for i, (name, arch) in enumerate((("aesthetic", "aesthetic-v2"), ("nsfw", "nsfw")))}
+    return {
+        name: build_random_head(root / name, arch, embedding_dim=32, clip_model="tiny-clip", seed=i)
+        for i, (name, arch) in enumerate((("aesthetic", "aesthetic-v2"), ("nsfw", "nsfw")))
+    }
 
 
 @pytest.fixture(scope="session")
 def tiny_vit_classifier_dir(tmp_path_factory) -> Path:
-    """A tiny ViT image classifier (random weights, labels clean/watermark/text) with its own 24x24 bilinear geometry."""
+    """A tiny ViT image classifier (random weights, labels clean/watermark/text) with its own 24x24 bilinear
+    geometry."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     out = tmp_path_factory.mktemp("models") / "tiny-vit-watermark"
     labels = {0: "clean", 1: "watermark", 2: "text"}
-    config = ViTConfig(image_size=24, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = ViTConfig(
+        image_size=24,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
     torch.manual_seed(0)
     ViTForImageClassification(config).eval().save_pretrained(out)
-    ViTImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]
-                      ).save_pretrained(out)
+    ViTImageProcessor(
+        size={"height": 24, "width": 24}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]
+    ).save_pretrained(out)
     return out
 
 

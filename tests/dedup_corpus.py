@@ -38,8 +38,14 @@ _MAX_ATTEMPTS = 200  # draws per original or distractor before giving up on the 
 _KEEP_BACKDROP_ATTEMPTS = 20  # a distractor first keeps its original's background; failing that, restyles it too
 # Not jobs.demo.shards' palette and outlines: importing the demo package loads transformers (seconds per test run).
 PALETTE = {
-    "red": (205, 35, 35), "green": (35, 155, 55), "blue": (35, 75, 210), "yellow": (235, 205, 35),
-    "purple": (125, 45, 165), "orange": (240, 125, 25), "white": (240, 240, 235), "black": (20, 20, 25),
+    "red": (205, 35, 35),
+    "green": (35, 155, 55),
+    "blue": (35, 75, 210),
+    "yellow": (235, 205, 35),
+    "purple": (125, 45, 165),
+    "orange": (240, 125, 25),
+    "white": (240, 240, 235),
+    "black": (20, 20, 25),
 }
 SIDES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}
 SHAPES = ("circle", "star", *SIDES)
@@ -77,8 +83,15 @@ class _Scene:
         return f"a photo of {', '.join(names[:-1])} and {names[-1]}"
 
 
-def planted_corpus(n_originals: int, seed: int = 0, *, similar_per_original: int = 1, separation: int = 10,
-                   transforms: Sequence[str] = TRANSFORMS, shuffle: bool = True) -> list[PlantedImage]:
+def planted_corpus(
+    n_originals: int,
+    seed: int = 0,
+    *,
+    similar_per_original: int = 1,
+    separation: int = 10,
+    transforms: Sequence[str] = TRANSFORMS,
+    shuffle: bool = True,
+) -> list[PlantedImage]:
     """Originals, their transformed copies and similar distractors, keyed in (shuffled) row order."""
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
@@ -87,13 +100,15 @@ def planted_corpus(n_originals: int, seed: int = 0, *, similar_per_original: int
     taken = _Hashes()
     rows = []  # (origin index, transform, bytes, caption)
     for origin in range(n_originals):
-        scene, (original, *copies) = _draw_apart(lambda _: _with_copies(_random_scene(rng), transforms, rng),
-                                                 taken, separation)
+        scene, (original, *copies) = _draw_apart(
+            lambda _: _with_copies(_random_scene(rng), transforms, rng), taken, separation
+        )
         rows.append((origin, ORIGINAL, original, scene.caption()))
         rows += [(origin, name, data, scene.caption()) for name, data in zip(transforms, copies)]
         for _ in range(similar_per_original):
-            other, (similar,) = _draw_apart(lambda attempt: _with_copies(_similar(scene, attempt, rng), (), rng),
-                                            taken, separation)
+            other, (similar,) = _draw_apart(
+                lambda attempt, scene=scene: _with_copies(_similar(scene, attempt, rng), (), rng), taken, separation
+            )
             rows.append((origin, SIMILAR, similar, other.caption()))
     order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
     return _keyed([rows[position] for position in order])
@@ -104,23 +119,31 @@ def _keyed(rows: list[tuple[int, str, bytes, str]]) -> list[PlantedImage]:
     keys = [f"{rank:09d}" for rank in range(len(rows))]
     original_key = {origin: key for key, (origin, transform, _, _) in zip(keys, rows) if transform == ORIGINAL}
     return [
-        PlantedImage(key, data, caption, transform=transform,
-                     group=None if transform in (ORIGINAL, SIMILAR) else original_key[origin],
-                     similar_to=original_key[origin] if transform == SIMILAR else None)
+        PlantedImage(
+            key,
+            data,
+            caption,
+            transform=transform,
+            group=None if transform in (ORIGINAL, SIMILAR) else original_key[origin],
+            similar_to=original_key[origin] if transform == SIMILAR else None,
+        )
         for key, (origin, transform, data, caption) in zip(keys, rows)
     ]
 
 
-def write_corpus_shards(items: Sequence[PlantedImage], out_dir: pathlib.Path, *,
-                        rows_per_shard: int = 1000) -> list[pathlib.Path]:
+def write_corpus_shards(
+    items: Sequence[PlantedImage], out_dir: pathlib.Path, *, rows_per_shard: int = 1000
+) -> list[pathlib.Path]:
     """img2dataset-style Parquet shards (key, caption, jpg) and a manifest.json of who copies whom."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for shard, start in enumerate(range(0, len(items), rows_per_shard)):
         chunk = items[start : start + rows_per_shard]
-        table = pa.table({"key": [i.key for i in chunk], "caption": [i.caption for i in chunk],
-                          "jpg": [i.image for i in chunk]}, schema=SHARD_SCHEMA)
+        table = pa.table(
+            {"key": [i.key for i in chunk], "caption": [i.caption for i in chunk], "jpg": [i.image for i in chunk]},
+            schema=SHARD_SCHEMA,
+        )
         path = out_dir / f"{shard:05d}.parquet"
         pq.write_table(table, path)
         paths.append(path)
@@ -148,8 +171,9 @@ class _Hashes:
         self._size += len(hashes)
 
 
-def _draw_apart(draw: Callable[[int], tuple[_Scene, list[bytes]]], taken: _Hashes,
-                separation: int) -> tuple[_Scene, list[bytes]]:
+def _draw_apart(
+    draw: Callable[[int], tuple[_Scene, list[bytes]]], taken: _Hashes, separation: int
+) -> tuple[_Scene, list[bytes]]:
     """A group from ``draw(attempt)`` whose every image is more than ``separation`` bits from all of ``taken``."""
     for attempt in range(_MAX_ATTEMPTS):
         scene, images = draw(attempt)
@@ -157,8 +181,10 @@ def _draw_apart(draw: Callable[[int], tuple[_Scene, list[bytes]]], taken: _Hashe
         if taken.all_farther_than(separation, hashes):
             taken.add(hashes)
             return scene, images
-    raise RuntimeError(f"no group of images more than {separation} bits from the other groups' in {_MAX_ATTEMPTS} "
-                       "draws; lower the separation or the corpus size")
+    raise RuntimeError(
+        f"no group of images more than {separation} bits from the other groups' in {_MAX_ATTEMPTS} "
+        "draws; lower the separation or the corpus size"
+    )
 
 
 def _with_copies(scene: _Scene, transforms: Sequence[str], rng: np.random.Generator) -> tuple[_Scene, list[bytes]]:
@@ -173,16 +199,23 @@ def _random_scene(rng: np.random.Generator) -> _Scene:
     slots = []
     for _ in range(int(rng.integers(3, 6))):
         radius = short * rng.uniform(0.1, 0.28)
-        slots.append((rng.uniform(radius, width - radius), rng.uniform(radius, height - radius), radius,
-                      rng.uniform(0, 2 * math.pi)))
+        slots.append(
+            (
+                rng.uniform(radius, width - radius),
+                rng.uniform(radius, height - radius),
+                radius,
+                rng.uniform(0, 2 * math.pi),
+            )
+        )
     return _styled(_Layout(width, height, rng.uniform(0, 2 * math.pi), tuple(slots)), rng)
 
 
 def _styled(layout: _Layout, rng: np.random.Generator) -> _Scene:
     """Colours, shapes and texture for a layout: a distractor is its original's layout styled again."""
     background = (tuple(rng.uniform(20, 235, size=3)), tuple(rng.uniform(20, 235, size=3)))
-    texture = tuple((rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 2 * math.pi), rng.uniform(10, 35))
-                    for _ in range(3))
+    texture = tuple(
+        (rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 2 * math.pi), rng.uniform(10, 35)) for _ in range(3)
+    )
     shapes = tuple((str(rng.choice(SHAPES)), str(rng.choice(list(PALETTE)))) for _ in layout.shapes)
     return _Scene(layout, background, texture, shapes)
 
@@ -211,8 +244,10 @@ def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
         if shape == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
         elif shape == "star":
-            points = [(cx + r * math.cos(rotation + k * math.pi / 5), cy + r * math.sin(rotation + k * math.pi / 5))
-                      for k, r in enumerate([radius, 0.45 * radius] * 5)]
+            points = [
+                (cx + r * math.cos(rotation + k * math.pi / 5), cy + r * math.sin(rotation + k * math.pi / 5))
+                for k, r in enumerate([radius, 0.45 * radius] * 5)
+            ]
             draw.polygon(points, fill=fill)
         else:
             draw.regular_polygon((cx, cy, radius), SIDES[shape], rotation=math.degrees(rotation), fill=fill)
@@ -252,8 +287,14 @@ def _crop_centre(data: bytes, keep: float = 0.9) -> bytes:
 def _text_overlay(data: bytes, text: str = "www.example.com  ·  all rights reserved") -> bytes:
     image = _decoded(data)
     font = ImageFont.load_default(size=max(10, image.height // 14))
-    ImageDraw.Draw(image).text((image.width // 20, image.height * 4 // 5), text, font=font, fill=(255, 255, 255),
-                               stroke_width=1, stroke_fill=(0, 0, 0))
+    ImageDraw.Draw(image).text(
+        (image.width // 20, image.height * 4 // 5),
+        text,
+        font=font,
+        fill=(255, 255, 255),
+        stroke_width=1,
+        stroke_fill=(0, 0, 0),
+    )
     return _jpeg(image)
 
 

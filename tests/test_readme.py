@@ -28,5 +28,6 @@ def test_every_status_and_reason_is_explained_in_the_guide():
 
 
 def test_ci_runs_the_readme_test_command():
-    commands = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    lines = (ROOT / ".ci/run").read_text().splitlines()
+    commands = [line for line in lines if line and not line.startswith(("#", "set ", "cd "))]
     assert commands == ["make test"] and "make test " in README

@@ -107,9 +107,8 @@ def test_requests_must_be_signed(s3: S3Server) -> None:
     with pytest.raises(OSError):
         bad_fs.get_file_info(pafs.FileSelector(BUCKET))
     unknown_fs = S3Server(s3.endpoint_url, "AKNOBODY", "whatever", s3.region).filesystem()
-    with pytest.raises(OSError):
-        with unknown_fs.open_output_stream(f"{BUCKET}/should-not-exist") as f:
-            f.write(b"x")
+    with pytest.raises(OSError), unknown_fs.open_output_stream(f"{BUCKET}/should-not-exist") as f:
+        f.write(b"x")
     assert s3.filesystem().get_file_info(f"{BUCKET}/should-not-exist").type == pafs.FileType.NotFound
 
 
@@ -187,9 +186,7 @@ def test_delta_write_append_overwrite_partition(s3: S3Server) -> None:
     for f in dt_.file_uris():
         assert fs.get_file_info(f.removeprefix("s3://")).type == pafs.FileType.File
     log = fs.get_file_info(pafs.FileSelector(f"{table_path}/_delta_log"))
-    assert {i.base_name for i in log if i.base_name.endswith(".json")} == {
-        f"{v:020d}.json" for v in range(3)
-    }
+    assert {i.base_name for i in log if i.base_name.endswith(".json")} == {f"{v:020d}.json" for v in range(3)}
 
 
 def _append_concurrently(
@@ -215,7 +212,7 @@ def _append_concurrently(
                 write_deltalake(uri, t, mode="append", storage_options=so, commit_properties=props)
                 with lock:
                     ok.append(rows)
-            except Exception as e:  # noqa: BLE001 - recorded and checked below
+            except Exception as e:
                 with lock:
                     failed.append(e)
 

@@ -26,9 +26,11 @@ import time
 log = logging.getLogger(__name__)
 
 # What benchmarks.bench logs at the end of each measured phase, with the phase's figures.
-PHASE_LOGS = {f"{label} {mode}: %s": (workload, mode)
-              for label, workload in (("CLIP", "clip"), ("caption", "caption"))
-              for mode in ("limit", "naive", "vlpipe")}
+PHASE_LOGS = {
+    f"{label} {mode}: %s": (workload, mode)
+    for label, workload in (("CLIP", "clip"), ("caption", "caption"))
+    for mode in ("limit", "naive", "vlpipe")
+}
 
 
 class GpuMonitor:
@@ -50,12 +52,16 @@ class GpuMonitor:
         nvml, handle = self._nvml, self._handle
         while not self._stop.is_set():
             rates = nvml.nvmlDeviceGetUtilizationRates(handle)
-            self.samples.append({
-                "t": time.time(), "gpu_util": rates.gpu, "mem_util": rates.memory,
-                "mem_used_mib": nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20,
-                "power_w": nvml.nvmlDeviceGetPowerUsage(handle) / 1000,
-                "sm_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
-            })
+            self.samples.append(
+                {
+                    "t": time.time(),
+                    "gpu_util": rates.gpu,
+                    "mem_util": rates.memory,
+                    "mem_used_mib": nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20,
+                    "power_w": nvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                    "sm_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                }
+            )
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -118,11 +124,21 @@ def bench(args: argparse.Namespace) -> None:
         report = harness.main(argv)
     finished = time.time()
     shutil.rmtree(raw_out.parent, ignore_errors=True)  # its figures are in the file written below
-    gpu = {"source": "NVML (nvidia-ml-py), GPU 0", "interval_s": args.interval, "unavailable": monitor.unavailable,
-           "whole_run": summarise(monitor.samples, started, finished),
-           "phases": phase_windows(report, phases.ends, monitor.samples)}
-    result = {"label": args.label, "bench_args": argv[:-2], "started": started, "finished": finished,
-              "bench": report, "gpu": gpu}
+    gpu = {
+        "source": "NVML (nvidia-ml-py), GPU 0",
+        "interval_s": args.interval,
+        "unavailable": monitor.unavailable,
+        "whole_run": summarise(monitor.samples, started, finished),
+        "phases": phase_windows(report, phases.ends, monitor.samples),
+    }
+    result = {
+        "label": args.label,
+        "bench_args": argv[:-2],
+        "started": started,
+        "finished": finished,
+        "bench": report,
+        "gpu": gpu,
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {args.out}")
 
@@ -141,26 +157,51 @@ def prepare(args: argparse.Namespace) -> None:
         built.append(models.blip_dir(root, tiny=True))
     for n in sorted(set(args.rows)):
         write_shards(args.work_dir / "shards" / f"n{n}", n)  # where benchmarks.bench looks for them
-    print(f"prepared {[p.name for p in built]} and shards {sorted(set(args.rows))} in "
-          f"{time.perf_counter() - started:.1f}s")
+    print(
+        f"prepared {[p.name for p in built]} and shards {sorted(set(args.rows))} in "
+        f"{time.perf_counter() - started:.1f}s"
+    )
 
 
 def env(args: argparse.Namespace) -> None:
     import torch
 
     facts = {
-        "python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
         "torch_cuda": torch.version.cuda,
-        "packages": {name: _version(name) for name in (
-            "transformers", "tokenizers", "safetensors", "torchvision", "pillow", "numpy", "pyarrow", "pandas",
-            "ray", "deltalake", "pydantic", "nvidia-ml-py", "pytest")},
+        "packages": {
+            name: _version(name)
+            for name in (
+                "transformers",
+                "tokenizers",
+                "safetensors",
+                "torchvision",
+                "pillow",
+                "numpy",
+                "pyarrow",
+                "pandas",
+                "ray",
+                "deltalake",
+                "pydantic",
+                "nvidia-ml-py",
+                "pytest",
+            )
+        },
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        facts["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                        "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
-                        "bf16": torch.cuda.is_bf16_supported()}
+        facts["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "bf16": torch.cuda.is_bf16_supported(),
+        }
     facts["nvidia_smi"] = _nvidia_smi()
     args.out.write_text(json.dumps({"env": facts}, indent=2) + "\n")
     print(json.dumps(facts, indent=2))
@@ -177,8 +218,12 @@ def _version(name: str) -> str | None:
 
 def _nvidia_smi() -> str | None:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                               "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -198,9 +243,11 @@ def summary(args: argparse.Namespace) -> None:
             lines.append(f"GPU utilisation: not sampled ({gpu['unavailable']})")
         for name, w in {"whole run": gpu["whole_run"], **gpu["phases"]}.items():
             if w.get("samples"):
-                lines.append(f"  GPU {name:<16} {w['seconds']:>8.1f}s  util mean {w['gpu_util_mean']:>5.1f}% "
-                             f"max {w['gpu_util_max']:>3}%  memory max {w['mem_used_mib_max']:>6} MiB  "
-                             f"power mean {w['power_w_mean']:.0f} W")
+                lines.append(
+                    f"  GPU {name:<16} {w['seconds']:>8.1f}s  util mean {w['gpu_util_mean']:>5.1f}% "
+                    f"max {w['gpu_util_max']:>3}%  memory max {w['mem_used_mib_max']:>6} MiB  "
+                    f"power mean {w['power_w_mean']:.0f} W"
+                )
         lines.append("")
     steps = [dict(zip(("step", "rc", "seconds"), line.split("\t"))) for line in args.steps.read_text().splitlines()]
     lines.append("steps: " + ", ".join(f"{s['step']} rc={s['rc']} {s['seconds']}s" for s in steps))

@@ -24,11 +24,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 import zipfile
 from collections import deque
 from importlib import metadata
 
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -36,12 +36,25 @@ from packaging.version import Version
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEVICE_PACKAGES = pathlib.Path(__file__).with_name("device-packages.txt")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 # The device's interpreter, for evaluating environment markers (python3 there is 3.12.3).
-TARGET_ENV = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
-              "implementation_name": "cpython", "platform_python_implementation": "CPython",
-              "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"}
+TARGET_ENV = {
+    **default_environment(),
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+}
 # Ray's `default` extra is the dashboard and job-submission server; local runs start neither
 # (include_dashboard=False), and its dependencies would cost another call's worth of wheels.
 EXTRAS_ON_DEVICE = {"ray": {"data"}}
@@ -104,9 +117,26 @@ def download(name: str, version: str, dest: pathlib.Path) -> pathlib.Path:
     if found:
         return found
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(dest),
-                    f"{name}=={version}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(dest),
+            f"{name}=={version}",
+        ],
+        check=True,
+    )
     found = _local_wheel(name, version, dest)
     if not found:
         raise SystemExit(f"pip downloaded no wheel for {name}=={version}")
@@ -215,10 +245,15 @@ def fetch(args: argparse.Namespace) -> None:
     total = sum(e["bytes"] for e in manifest["carried"].values())
     for name, entry in manifest["carried"].items():
         print(f"  carry {name}=={entry['version']:<12} {entry['bytes'] / 2**20:7.2f} MiB  {entry['wheel']}")
-    print(f"{len(manifest['carried'])} wheels, {total / 2**20:.1f} MiB, in {len(parts)} part(s): "
-          + ", ".join(f"{p.relative_to(dest.parent)} {sum(f.stat().st_size for f in p.iterdir()) / 2**20:.1f} MiB"
-                      for p in parts))
-    print(f"{len(manifest['needs_from_image'])} requirements left to the image's own packages (checked there by verify)")
+    print(
+        f"{len(manifest['carried'])} wheels, {total / 2**20:.1f} MiB, in {len(parts)} part(s): "
+        + ", ".join(
+            f"{p.relative_to(dest.parent)} {sum(f.stat().st_size for f in p.iterdir()) / 2**20:.1f} MiB" for p in parts
+        )
+    )
+    print(
+        f"{len(manifest['needs_from_image'])} requirements left to the image's own packages (checked there by verify)"
+    )
 
 
 def verify(args: argparse.Namespace) -> None:
@@ -240,8 +275,10 @@ def verify(args: argparse.Namespace) -> None:
             problems.append(f"{name}: carried {entry['version']} but {installed} is imported first")
     for line in problems:
         print(f"verify: {line}")
-    print(f"verify: {len(manifest['carried'])} carried, {len(manifest['needs_from_image'])} requirements on the image, "
-          f"{len(problems)} problem(s)")
+    print(
+        f"verify: {len(manifest['carried'])} carried, {len(manifest['needs_from_image'])} requirements on the image, "
+        f"{len(problems)} problem(s)"
+    )
     if problems:
         raise SystemExit(1)
 

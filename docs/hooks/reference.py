@@ -53,6 +53,7 @@ def _paragraphs(doc: str | None) -> str:
 
 # --- output columns ---------------------------------------------------------------------------
 
+
 def _arrow_type(t) -> str:
     import pyarrow as pa
 
@@ -74,38 +75,52 @@ def columns_page() -> str:
 
     fields = list(schema.output_schema(include_image_bytes=True))
     lines = [
-        "# Output columns", "", GENERATED,
+        "# Output columns",
+        "",
+        GENERATED,
         "Every run commits these columns, in this order, whatever stages it ran: a stage that is off "
         "leaves its columns null, so the table's schema never changes from one run to the next. "
         "Pass-through columns (`input.extra_columns`) come right after `source_shard`, with their input "
-        "types; `image_bytes` is written only with `output.include_image_bytes`.", "",
-        "| column | Arrow type | nullable | meaning |", "|---|---|---|---|",
+        "types; `image_bytes` is written only with `output.include_image_bytes`.",
+        "",
+        "| column | Arrow type | nullable | meaning |",
+        "|---|---|---|---|",
     ]
     for field in fields:
         doc = schema.COLUMN_DOCS.get(field.name, "")
-        lines.append(f"| `{field.name}` | `{_arrow_type(field.type)}` | {'yes' if field.nullable else 'no'} "
-                     f"| {_cell(doc)} |")
+        lines.append(
+            f"| `{field.name}` | `{_arrow_type(field.type)}` | {'yes' if field.nullable else 'no'} | {_cell(doc)} |"
+        )
     lines += [
-        "", "## Image statuses {#statuses}", "",
+        "",
+        "## Image statuses {#statuses}",
+        "",
         "`status` says what became of the row's image. Every status but `ok` is also the row's "
-        "`reject_reason`, and `error` says why (null exactly when `status` is `ok`).", "",
-        "| `status` | reject reason |", "|---|---|",
+        "`reject_reason`, and `error` says why (null exactly when `status` is `ok`).",
+        "",
+        "| `status` | reject reason |",
+        "|---|---|",
     ]
     for status in schema.IMAGE_STATUSES:
         reason = "null (or a filter's reason)" if status == schema.IMAGE_STATUSES[0] else f"`{status}`"
         lines.append(f"| `{status}` | {reason} |")
     lines += [
-        "", "## Reject reasons {#reject-reasons}", "",
+        "",
+        "## Reject reasons {#reject-reasons}",
+        "",
         "A rejected row has `keep = false` and the first reason that applies, in this order: the image "
         "status, then the filter's checks, then deduplication, then the whole-run cut-off. The run record "
-        "counts rows by reason, and `rows_in = rows_kept + rows_rejected` always holds.", "",
-        "| # | `reject_reason` |", "|---:|---|",
+        "counts rows by reason, and `rows_in = rows_kept + rows_rejected` always holds.",
+        "",
+        "| # | `reject_reason` |",
+        "|---:|---|",
     ]
     lines += [f"| {i} | `{reason}` |" for i, reason in enumerate(schema.REJECT_REASONS, 1)]
     return "\n".join(lines) + "\n"
 
 
 # --- config keys ------------------------------------------------------------------------------
+
 
 def _is_model(t) -> bool:
     from pydantic import BaseModel
@@ -205,8 +220,9 @@ def config_rows(model=None, prefix: str = "", defaults=None) -> list[tuple[str, 
 
     A nested key's default is what its parent's default holds (``clip.resources`` defaults to
     ``batch_size: 128``, not the 64 of a bare ``Resources``)."""
-    from pipelines.config import PipelineConfig
     from pydantic_core import PydanticUndefined
+
+    from pipelines.config import PipelineConfig
 
     model = model or PipelineConfig
     rows = []
@@ -217,9 +233,15 @@ def config_rows(model=None, prefix: str = "", defaults=None) -> list[tuple[str, 
             required = False
         else:
             required = field.is_required()
-            default = None if required else (field.get_default(call_default_factory=True)
-                                             if field.default is not PydanticUndefined or field.default_factory
-                                             else None)
+            default = (
+                None
+                if required
+                else (
+                    field.get_default(call_default_factory=True)
+                    if field.default is not PydanticUndefined or field.default_factory
+                    else None
+                )
+            )
         nested = _models_in(field.annotation)
         description = field.description or (_first_paragraph(nested[0].__doc__) if nested else "")
         shown = "required" if required else ("see below" if _is_model(type(default)) else _yaml(default))
@@ -235,13 +257,21 @@ def config_rows(model=None, prefix: str = "", defaults=None) -> list[tuple[str, 
 
 # Where the guide explains each section (a section missing here simply gets no link).
 GUIDE = {
-    "input": "../guide/inputs.md", "storage": "../guide/config.md#object-storage",
-    "clip": "../guide/config.md", "decode": "../guide/config.md", "output": "../guide/output.md",
-    "caption": "../guide/models.md#captioning", "itm": "../guide/models.md#itm",
-    "ask": "../guide/models.md#asking-questions", "classifier": "../guide/models.md#image-classifier",
-    "heads": "../guide/models.md#heads", "tags": "../guide/models.md#zero-shot-tags",
-    "language": "../guide/models.md#caption-language", "filter": "../guide/config.md#filters",
-    "dedup": "../guide/dedup.md", "report": "../guide/report.md",
+    "input": "../guide/inputs.md",
+    "storage": "../guide/config.md#object-storage",
+    "clip": "../guide/config.md",
+    "decode": "../guide/config.md",
+    "output": "../guide/output.md",
+    "caption": "../guide/models.md#captioning",
+    "itm": "../guide/models.md#itm",
+    "ask": "../guide/models.md#asking-questions",
+    "classifier": "../guide/models.md#image-classifier",
+    "heads": "../guide/models.md#heads",
+    "tags": "../guide/models.md#zero-shot-tags",
+    "language": "../guide/models.md#caption-language",
+    "filter": "../guide/config.md#filters",
+    "dedup": "../guide/dedup.md",
+    "report": "../guide/report.md",
 }
 
 
@@ -252,13 +282,17 @@ def config_page() -> str:
     sections = [name for name, f in PipelineConfig.model_fields.items() if _models_in(f.annotation)]
     top = [r for r in rows if "." not in r[0] and r[0] not in sections]
     lines = [
-        "# Config keys", "", GENERATED,
+        "# Config keys",
+        "",
+        GENERATED,
         _paragraphs(PipelineConfig.__doc__) + " A run's config is a YAML file with these keys; every key "
         "below a section is written as its dotted path, which is also what `--set` takes "
         "(`--set filter.min_clip_score=0.25`). An unknown key fails before any work, naming its path. "
         "`<name>` stands for a name you choose (a tag, a classifier score). The [configuration guide]"
-        "(../guide/config.md) explains what the keys do.", "",
-        "Sections: " + ", ".join(f"[`{s}`](#{s})" for s in sections) + ", and the [top-level keys](#top-level).", "",
+        "(../guide/config.md) explains what the keys do.",
+        "",
+        "Sections: " + ", ".join(f"[`{s}`](#{s})" for s in sections) + ", and the [top-level keys](#top-level).",
+        "",
     ]
 
     def table(selected):
@@ -273,13 +307,19 @@ def config_page() -> str:
         optional = _is_union(field.annotation) and type(None) in _args(field.annotation)
         status = "required" if required else ("optional: the stage is off without it" if optional else "optional")
         guide = f" [Guide]({GUIDE[section]})." if section in GUIDE else ""
-        lines += [f"## `{section}` {{#{section}}}", "", f"*{status.capitalize()}.* " + _paragraphs(model.__doc__) + guide, ""]
+        lines += [
+            f"## `{section}` {{#{section}}}",
+            "",
+            f"*{status.capitalize()}.* " + _paragraphs(model.__doc__) + guide,
+            "",
+        ]
         lines += table([r for r in rows if r[0] == section or r[0].startswith(section + ".")]) + [""]
     lines += ["## Top-level keys {#top-level}", ""] + table(top) + [""]
     return "\n".join(lines)
 
 
 # --- CLI --------------------------------------------------------------------------------------
+
 
 def _subcommands(parser: argparse.ArgumentParser):
     """(sub-parser, help) of each verb, in the parser's order."""
@@ -340,24 +380,40 @@ def cli_page() -> str:
 
     cli = parser()
     lines = [
-        "# Command line", "", GENERATED,
+        "# Command line",
+        "",
+        GENERATED,
         "Every command is a verb of `vlpipe`. The global options go before the verb "
         "(`vlpipe -v run ...`); `-h` after any verb prints its help. How a command ends is in "
-        "[Exit codes](exit-codes.md).", "",
-        "| verb | what it does |", "|---|---|",
+        "[Exit codes](exit-codes.md).",
+        "",
+        "| verb | what it does |",
+        "|---|---|",
     ]
     subs = list(_subcommands(cli))
     for sub, text in subs:
         verb = sub.prog.removeprefix("vlpipe ")
         lines.append(f"| [`{verb}`](#{verb}) | {_cell(text)} |")
-    lines += ["", "## Global options {#global}", "", "```text", _usage(cli), "```", "",
-              "| argument | meaning | notes |", "|---|---|---|", *_argument_rows(cli), ""]
+    lines += [
+        "",
+        "## Global options {#global}",
+        "",
+        "```text",
+        _usage(cli),
+        "```",
+        "",
+        "| argument | meaning | notes |",
+        "|---|---|---|",
+        *_argument_rows(cli),
+        "",
+    ]
     for sub, text in subs:
         lines += _command_section(sub, text, 2)
     return "\n".join(lines)
 
 
 # --- exit codes -------------------------------------------------------------------------------
+
 
 def exit_code_table() -> list[tuple[int, str]]:
     """(code, meaning) from ``pipelines.errors.EXIT_CODES``."""
@@ -383,24 +439,38 @@ def exit_codes_page() -> str:
 
     classes = _error_classes()
     lines = [
-        "# Exit codes", "", GENERATED,
+        "# Exit codes",
+        "",
+        GENERATED,
         "Every `vlpipe` command ends with one of these codes. An expected failure prints one line, "
         "`vlpipe: <what> <where>: <cause>`, and no traceback (`-v` adds it). A run writes its run record "
         "whatever ends it, with a status that agrees with the code "
-        "(see [Exit codes and run records](../guide/running.md#exit-codes-and-run-records)).", "",
-        "| code | meaning | raised as |", "|---:|---|---|",
+        "(see [Exit codes and run records](../guide/running.md#exit-codes-and-run-records)).",
+        "",
+        "| code | meaning | raised as |",
+        "|---:|---|---|",
     ]
     for code, meaning in exit_code_table():
         raised = ", ".join(f"`{c.__name__}`" for c in classes if c.exit_code == code)
         lines.append(f"| {code} | {_cell(meaning)} | {raised} |")
-    lines += ["", "## Error classes {#error-classes}", "",
-              "Code that embeds vlpipe can catch these; each carries its `exit_code`.", "",
-              "| class | exit code | when |", "|---|---:|---|"]
+    lines += [
+        "",
+        "## Error classes {#error-classes}",
+        "",
+        "Code that embeds vlpipe can catch these; each carries its `exit_code`.",
+        "",
+        "| class | exit code | when |",
+        "|---|---:|---|",
+    ]
     for cls in classes:
         lines.append(f"| `{cls.__name__}` | {cls.exit_code} | {_cell(_first_paragraph(cls.__doc__))} |")
-    lines += ["", f"Exceptions that are not `{errors.VlpipeError.__name__}`s (a bug, a Ray failure) end "
-              f"with code {errors.exit_code_for(RuntimeError())}; Ctrl-C ends with "
-              f"{errors.exit_code_for(KeyboardInterrupt())}.", ""]
+    lines += [
+        "",
+        f"Exceptions that are not `{errors.VlpipeError.__name__}`s (a bug, a Ray failure) end "
+        f"with code {errors.exit_code_for(RuntimeError())}; Ctrl-C ends with "
+        f"{errors.exit_code_for(KeyboardInterrupt())}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

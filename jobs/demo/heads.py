@@ -10,8 +10,9 @@ from operators.models.head_models import build
 from operators.models.heads import HeadArch, convert_head
 
 
-def build_random_head(out_dir: pathlib.Path, arch: HeadArch, *, embedding_dim: int, clip_model: str,
-                      seed: int = 0) -> pathlib.Path:
+def build_random_head(
+    out_dir: pathlib.Path, arch: HeadArch, *, embedding_dim: int, clip_model: str, seed: int = 0
+) -> pathlib.Path:
     """A head directory made the way a user makes one: a ``.pth`` state dict, then ``convert_head``.
 
     The weights are random (seeded), so the scores exercise the real architecture and

@@ -1,4 +1,5 @@
-"""``vlpipe demo``: sample shards, a tiny trained CLIP and BLIP captioner, random heads, then a real run of the demo config."""
+"""``vlpipe demo``: sample shards, a tiny trained CLIP and BLIP captioner, random heads, then a real run
+of the demo config."""
 
 from __future__ import annotations
 

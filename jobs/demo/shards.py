@@ -46,7 +46,20 @@ def _outline(shape: str) -> list[tuple[float, float]]:
     """Return the unit-radius polygon for `shape`."""
     if shape == "cross":
         a = 0.33
-        return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+        return [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ]
     n, start, radii = {
         "circle": (48, 0.0, (1.0,)),
         "square": (4, 45.0, (1.0,)),
@@ -117,8 +130,12 @@ def write_sample_shards(
     if broken_per_shard + 1 + n_mismatched > rows_per_shard:
         raise ValueError("rows_per_shard too small for the requested broken, empty-caption and mismatched rows")
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, list] = {"mismatched_keys": [], "broken_keys": [], "empty_caption_keys": [],
-                                 "duplicate_pairs": []}
+    manifest: dict[str, list] = {
+        "mismatched_keys": [],
+        "broken_keys": [],
+        "empty_caption_keys": [],
+        "duplicate_pairs": [],
+    }
     paths = []
     for shard in range(num_shards):
         rng = np.random.default_rng([seed, shard])
@@ -136,8 +153,16 @@ def write_sample_shards(
     return paths
 
 
-SHARD_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
-                          ("url", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("jpg", pa.binary()),
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
 _MANIFEST_KEYS = {"mismatched": "mismatched_keys", "broken": "broken_keys", "empty": "empty_caption_keys"}
 
 
@@ -185,8 +210,9 @@ def _plant_duplicates(rows: dict[str, list], roles: np.ndarray, count: int, pair
             image = image.resize((max(1, image.width // 2), max(1, image.height // 2)), Image.Resampling.LANCZOS)
             data = _jpeg(image, quality=90)
         key = f"{rows['key'][i]}-copy"
-        for name, value in zip(rows, (key, rows["caption"][i], data, f"https://example.com/images/{key}.jpg",
-                                      *image.size)):
+        for name, value in zip(
+            rows, (key, rows["caption"][i], data, f"https://example.com/images/{key}.jpg", *image.size)
+        ):
             rows[name].append(value)
         pairs.append([key, rows["key"][i]])
 

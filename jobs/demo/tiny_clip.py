@@ -42,7 +42,9 @@ def _contrastive_train(model: CLIPModel, processor: CLIPProcessor, steps: int, s
     rng = np.random.default_rng([seed, 1])
     pairs = [(s, c) for s in SHAPES for c in PALETTE]
     per_pair = 12
-    images = [make_sample_image(s, c, size=int(rng.integers(40, 128)), rng=rng) for s, c in pairs for _ in range(per_pair)]
+    images = [
+        make_sample_image(s, c, size=int(rng.integers(40, 128)), rng=rng) for s, c in pairs for _ in range(per_pair)
+    ]
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     pixels = pixels.view(len(pairs), per_pair, 3, IMAGE_SIZE, IMAGE_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -130,7 +130,9 @@ class _ImagePool:
     def __init__(self, image_processor, per_pair: int, rng: np.random.Generator):
         self.pairs = [(s, c) for s in SHAPES for c in PALETTE]
         images = [
-            make_sample_image(s, c, size=int(rng.integers(32, 72)), rng=rng) for s, c in self.pairs for _ in range(per_pair)
+            make_sample_image(s, c, size=int(rng.integers(32, 72)), rng=rng)
+            for s, c in self.pairs
+            for _ in range(per_pair)
         ]
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
         self.pixels = pixels.view(len(self.pairs), per_pair, *pixels.shape[1:])
@@ -325,7 +327,12 @@ def build_tiny_llava(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
             chat_template=CHAT_TEMPLATE,
         )
         config = LlavaConfig(
-            vision_config={"model_type": "clip_vision_model", **TOWER, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE},
+            vision_config={
+                "model_type": "clip_vision_model",
+                **TOWER,
+                "image_size": IMAGE_SIZE,
+                "patch_size": PATCH_SIZE,
+            },
             text_config={
                 "model_type": "llama",
                 **TOWER,

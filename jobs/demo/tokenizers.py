@@ -55,7 +55,8 @@ def train_tokenizer() -> CLIPTokenizer:
     bpe.train_from_iterator(_shape_captions() + GENERIC_TEXT.split("\n"), trainer)
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
 
-    # CLIP vocab layout: every byte symbol, bare and word-final, so no input ever maps to unk; then merges; then specials.
+    # CLIP vocab layout: every byte symbol, bare and word-final, so no input ever maps to unk; then merges;
+    # then specials.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {token: i for i, token in enumerate(tokens)}

@@ -29,10 +29,17 @@ TONIGHT = "_tonight"
 METHOD = "method"
 DISTANCE = "distance"  # Hamming bits (exact: 0), or 1 - cosine
 DUP_KEY, DUP_DATE, DUP_TONIGHT, DUP_SCORE = "dup_key", "dup_date", "dup_tonight", "dup_score"
-CANDIDATE_SCHEMA = pa.schema([
-    (ROW_ID, pa.int64()), (METHOD, pa.string()), (DISTANCE, pa.float64()), (DUP_KEY, pa.string()),
-    (DUP_DATE, pa.date32()), (DUP_TONIGHT, pa.bool_()), (DUP_SCORE, pa.float64()),
-])
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        (ROW_ID, pa.int64()),
+        (METHOD, pa.string()),
+        (DISTANCE, pa.float64()),
+        (DUP_KEY, pa.string()),
+        (DUP_DATE, pa.date32()),
+        (DUP_TONIGHT, pa.bool_()),
+        (DUP_SCORE, pa.float64()),
+    ]
+)
 KEEP_BY_COLUMNS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE)
 
 
@@ -117,6 +124,7 @@ def near_candidates(table: pa.Table, max_distance: int, groups: Groups = None) -
 
 def semantic_candidates(table: pa.Table, embeddings: np.ndarray, eps: float, groups: Groups = None) -> pa.Table:
     """Rows of one cluster (``embeddings`` row-aligned with ``table``): cosine against every better row."""
+
     def distances(rows: np.ndarray, better: np.ndarray) -> np.ndarray:
         return 1.0 - (embeddings[rows] @ embeddings[better].T).astype(np.float64)
 
@@ -136,8 +144,8 @@ def _closest_better(table: pa.Table, groups: Groups, distances, threshold: float
         positions = positions[positions > 0]
         chunk = max(1, _MATRIX_CELLS // len(members))
         for start in range(0, len(positions), chunk):
-            at = positions[start:start + chunk]
-            matrix = distances(members[at], members[:at[-1]])
+            at = positions[start : start + chunk]
+            matrix = distances(members[at], members[: at[-1]])
             matrix[np.arange(matrix.shape[1])[None, :] >= at[:, None]] = np.inf  # only rows ranked before
             closest = np.argmin(matrix, axis=1)  # the first minimum: the better of equally close rows
             best = matrix[np.arange(len(at)), closest]
@@ -168,13 +176,18 @@ def _joined(parts: list[np.ndarray], dtype=np.int64) -> np.ndarray:
 
 def _candidates(table: pa.Table, rows: np.ndarray, dups: np.ndarray, distance: np.ndarray, method: str) -> pa.Table:
     dup = table.take(pa.array(dups, pa.int64()))
-    return pa.table({
-        ROW_ID: table.column(ROW_ID).take(pa.array(rows, pa.int64())),
-        METHOD: pa.array([method] * len(rows), pa.string()),
-        DISTANCE: pa.array(distance, pa.float64()),
-        DUP_KEY: dup.column(col.KEY), DUP_DATE: dup.column(col.RUN_DATE),
-        DUP_TONIGHT: dup.column(TONIGHT), DUP_SCORE: dup.column(SCORE).cast(pa.float64()),
-    }, schema=CANDIDATE_SCHEMA)
+    return pa.table(
+        {
+            ROW_ID: table.column(ROW_ID).take(pa.array(rows, pa.int64())),
+            METHOD: pa.array([method] * len(rows), pa.string()),
+            DISTANCE: pa.array(distance, pa.float64()),
+            DUP_KEY: dup.column(col.KEY),
+            DUP_DATE: dup.column(col.RUN_DATE),
+            DUP_TONIGHT: dup.column(TONIGHT),
+            DUP_SCORE: dup.column(SCORE).cast(pa.float64()),
+        },
+        schema=CANDIDATE_SCHEMA,
+    )
 
 
 def pick_decisions(candidates: pa.Table) -> pa.Table:
@@ -207,8 +220,16 @@ def fit_centroids(embeddings: np.ndarray, clusters: int, iterations: int, seed: 
 
     sample = np.ascontiguousarray(embeddings, dtype=np.float32)
     clusters = max(1, min(clusters, len(sample)))
-    kmeans = faiss.Kmeans(sample.shape[1], clusters, niter=iterations, spherical=True, seed=seed, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=max(256, len(sample) // clusters + 1))
+    kmeans = faiss.Kmeans(
+        sample.shape[1],
+        clusters,
+        niter=iterations,
+        spherical=True,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, len(sample) // clusters + 1),
+    )
     kmeans.train(sample)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
@@ -217,5 +238,5 @@ def assign_clusters(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray
     """The nearest centroid (highest cosine) of each row, int32."""
     out = np.empty(len(embeddings), np.int32)
     for start in range(0, len(embeddings), 4096):
-        out[start:start + 4096] = np.argmax(embeddings[start:start + 4096] @ centroids.T, axis=1)
+        out[start : start + 4096] = np.argmax(embeddings[start : start + 4096] @ centroids.T, axis=1)
     return out

@@ -26,7 +26,7 @@ class TagThreshold(BaseModel):
     max: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _a_bound(self) -> "TagThreshold":
+    def _a_bound(self) -> TagThreshold:
         if self.min is None and self.max is None:
             raise ValueError("set min, max or both")
         return self
@@ -73,23 +73,34 @@ class FilterConfig(BaseModel):
 def filter_stage(config: FilterConfig) -> Stage:
     """The filter's contract: it reads the caption and every score it has a threshold for."""
     checks = [
-        ("min(image_width, image_height) >=", config.min_image_side), ("aspect ratio <=", config.max_aspect_ratio),
-        ("caption words >=", config.min_caption_words), ("caption characters >=", config.min_caption_chars),
-        (f"{config.clip_score_column} >=", config.min_clip_score), (f"{col.ITM_SCORE} >=", config.min_itm_score),
-        (f"{col.AESTHETIC_SCORE} >=", config.min_aesthetic_score), (f"{col.NSFW_SCORE} <=", config.max_nsfw_score),
+        ("min(image_width, image_height) >=", config.min_image_side),
+        ("aspect ratio <=", config.max_aspect_ratio),
+        ("caption words >=", config.min_caption_words),
+        ("caption characters >=", config.min_caption_chars),
+        (f"{config.clip_score_column} >=", config.min_clip_score),
+        (f"{col.ITM_SCORE} >=", config.min_itm_score),
+        (f"{col.AESTHETIC_SCORE} >=", config.min_aesthetic_score),
+        (f"{col.NSFW_SCORE} <=", config.max_nsfw_score),
     ]
     thresholds = [f"{name} {value:g}" for name, value in checks if value is not None]
     if config.caption_languages:
         thresholds.append(f"{col.CAPTION_LANGUAGE} in {', '.join(config.caption_languages)}")
     for kind, entries in (("tag", config.tags), ("classifier score", config.classifier_scores)):
         for name, bounds in entries.items():
-            thresholds += [f"{kind} {name} {op} {value:g}" for op, value in ((">=", bounds.min), ("<=", bounds.max))
-                           if value is not None]
+            thresholds += [
+                f"{kind} {name} {op} {value:g}"
+                for op, value in ((">=", bounds.min), ("<=", bounds.max))
+                if value is not None
+            ]
     if config.min_answer_yes_prob is not None:
         thresholds.append(f"{col.ANSWER_YES_PROB} >= {config.min_answer_yes_prob:g}")
     return Stage(
-        name="filter", kind="fused", build=partial(ScoreFilter, config),
-        reads=ScoreFilter(config).input_columns, adds=(col.KEEP, col.REJECT_REASON), optional=(col.IMAGE_EMBEDDING,),
+        name="filter",
+        kind="fused",
+        build=partial(ScoreFilter, config),
+        reads=ScoreFilter(config).input_columns,
+        adds=(col.KEEP, col.REJECT_REASON),
+        optional=(col.IMAGE_EMBEDDING,),
         details=(f"caption {config.caption_column}", *(thresholds or ["no score threshold"])),
     )
 
@@ -97,10 +108,15 @@ def filter_stage(config: FilterConfig) -> Stage:
 def top_fraction_stage(config: FilterConfig) -> Stage:
     """The whole-run cut-off's contract (only when ``keep_top_fraction`` is set)."""
     return Stage(
-        name="top_fraction", kind="aggregate", build=partial(TopFraction, config.keep_top_fraction, config.clip_score_column),
-        reads=(config.clip_score_column, col.KEEP, col.REJECT_REASON), adds=(),
-        details=(f"keep the best {config.keep_top_fraction:g} of rows by {config.clip_score_column}",
-                 "exact cut-off from every score (4 bytes a row to the driver)"),
+        name="top_fraction",
+        kind="aggregate",
+        build=partial(TopFraction, config.keep_top_fraction, config.clip_score_column),
+        reads=(config.clip_score_column, col.KEEP, col.REJECT_REASON),
+        adds=(),
+        details=(
+            f"keep the best {config.keep_top_fraction:g} of rows by {config.clip_score_column}",
+            "exact cut-off from every score (4 bytes a row to the driver)",
+        ),
     )
 
 
@@ -118,7 +134,9 @@ class ScoreFilter:
         self.config = config
         c = config
         self.input_columns = (
-            col.STATUS, c.caption_column, c.clip_score_column,
+            col.STATUS,
+            c.caption_column,
+            c.clip_score_column,
             *((col.IMAGE_WIDTH, col.IMAGE_HEIGHT) if c.min_image_side or c.max_aspect_ratio else ()),
             *((col.CAPTION_LANGUAGE,) if c.caption_languages else ()),
             *((col.ITM_SCORE,) if c.min_itm_score is not None else ()),

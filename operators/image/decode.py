@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from operators.image import hashes
 from operators import schema as col
+from operators.image import hashes
 from operators.resources import Resources
 from operators.stage import Stage
 
@@ -64,7 +64,7 @@ class PixelSpec(BaseModel):
         raise ValueError("a shortest-edge resize without a crop has no fixed output size")
 
     @classmethod
-    def from_processor_config(cls, raw: dict, image_size: int | None = None) -> "PixelSpec | None":
+    def from_processor_config(cls, raw: dict, image_size: int | None = None) -> PixelSpec | None:
         """The geometry from a saved ``preprocessor_config.json``, or None unless it states every part of it.
 
         ``save_pretrained`` writes every attribute a processor has: one that crops writes both
@@ -91,7 +91,7 @@ class PixelSpec(BaseModel):
         return None
 
     @classmethod
-    def from_image_processor(cls, processor) -> "PixelSpec":
+    def from_image_processor(cls, processor) -> PixelSpec:
         """Read the geometry off a transformers image processor."""
         size = dict(processor.size) if processor.do_resize else {}
         crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
@@ -149,14 +149,19 @@ class DecodeFailure(Exception):
         self.status = status
 
 
-def decode_stage(config: DecodeConfig, pixels: PixelSpec, extra_pixels: Mapping[str, PixelSpec],
-                 geometries: Mapping[str, str]) -> Stage:
+def decode_stage(
+    config: DecodeConfig, pixels: PixelSpec, extra_pixels: Mapping[str, PixelSpec], geometries: Mapping[str, str]
+) -> Stage:
     """The decode stage's contract: one pixel column per distinct model geometry."""
     adds = (col.STATUS, col.ERROR, col.IMAGE_WIDTH, col.IMAGE_HEIGHT, col.IMAGE_SHA256, col.PIXELS, *extra_pixels)
     adds += (col.IMAGE_PHASH,) if config.perceptual_hash else ()
     return Stage(
-        name="decode", kind="task", config_key="decode", resources=config.resources,
-        reads=(col.IMAGE, col.INPUT_STATUS, col.INPUT_ERROR), adds=adds + ((col.IMAGE_BYTES,) if config.keep_image_bytes else ()),
+        name="decode",
+        kind="task",
+        config_key="decode",
+        resources=config.resources,
+        reads=(col.IMAGE, col.INPUT_STATUS, col.INPUT_ERROR),
+        adds=adds + ((col.IMAGE_BYTES,) if config.keep_image_bytes else ()),
         build=partial(DecodeImages, config, pixels, extra_pixels=dict(extra_pixels)),
         details=tuple(f"{name} {text}" for name, text in geometries.items())
         + (f"formats {', '.join(config.formats)}", f"max_pixels {config.max_pixels:,}"),
@@ -345,7 +350,9 @@ def decode_captions(column: pa.ChunkedArray) -> pa.ChunkedArray:
         return column.cast(pa.string())
     except pa.ArrowInvalid:
         raw = column.cast(pa.large_binary()).to_pylist()
-        return pa.chunked_array([pa.array([b if b is None else b.decode("utf-8", "replace") for b in raw], pa.string())])
+        return pa.chunked_array(
+            [pa.array([b if b is None else b.decode("utf-8", "replace") for b in raw], pa.string())]
+        )
 
 
 def _input_failures(batch: pa.Table) -> dict[int, tuple[str, str | None]]:
@@ -370,4 +377,3 @@ def _as_binary(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_struct(column.type):
         column = pc.struct_field(column, "bytes")
     return column.cast(pa.binary())
-

@@ -55,11 +55,16 @@ class FetchFailure(Exception):
 def fetch_stage(config: FetchConfig, storage: StorageOptions, source: str) -> Stage:
     """The fetch stage's contract: fused into the decode tasks, before decode."""
     return Stage(
-        name="fetch", kind="fused", config_key="input.fetch", build=partial(FetchImages, config, storage),
+        name="fetch",
+        kind="fused",
+        config_key="input.fetch",
+        build=partial(FetchImages, config, storage),
         reads=(col.IMAGE, col.IMAGE_URI, col.INPUT_STATUS, col.INPUT_ERROR),
         adds=(col.IMAGE, col.INPUT_STATUS, col.INPUT_ERROR),
-        details=(f"images from {source}" + (f" (relative to {config.base})" if config.base else ""),
-                 f"{config.concurrency} in flight per task, {config.retries} retries, {config.timeout_s:g} s timeout"),
+        details=(
+            f"images from {source}" + (f" (relative to {config.base})" if config.base else ""),
+            f"{config.concurrency} in flight per task, {config.retries} retries, {config.timeout_s:g} s timeout",
+        ),
     )
 
 
@@ -86,8 +91,9 @@ class FetchImages:
         # also carry a path) passes through without its bytes being copied into Python.
         image = batch.column(col.IMAGE)
         empty = pc.or_kleene(pc.is_null(image), pc.equal(pc.binary_length(image), 0))
-        wanted = pc.and_kleene(pc.and_kleene(empty, pc.is_valid(batch.column(col.IMAGE_URI))),
-                               pc.is_null(batch.column(col.INPUT_STATUS)))
+        wanted = pc.and_kleene(
+            pc.and_kleene(empty, pc.is_valid(batch.column(col.IMAGE_URI))), pc.is_null(batch.column(col.INPUT_STATUS))
+        )
         todo = np.flatnonzero(pc.fill_null(wanted, False).to_numpy(zero_copy_only=False))
         if not len(todo):
             return batch
@@ -99,11 +105,13 @@ class FetchImages:
                 images[i] = data
                 if error is not None:
                     statuses[i], errors[i] = col.FETCH_ERROR, error
-        return (batch.set_column(batch.schema.get_field_index(col.IMAGE), col.IMAGE, pa.array(images, pa.binary()))
-                .set_column(batch.schema.get_field_index(col.INPUT_STATUS), col.INPUT_STATUS,
-                            pa.array(statuses, pa.string()))
-                .set_column(batch.schema.get_field_index(col.INPUT_ERROR), col.INPUT_ERROR,
-                            pa.array(errors, pa.string())))
+        return (
+            batch.set_column(batch.schema.get_field_index(col.IMAGE), col.IMAGE, pa.array(images, pa.binary()))
+            .set_column(
+                batch.schema.get_field_index(col.INPUT_STATUS), col.INPUT_STATUS, pa.array(statuses, pa.string())
+            )
+            .set_column(batch.schema.get_field_index(col.INPUT_ERROR), col.INPUT_ERROR, pa.array(errors, pa.string()))
+        )
 
     def fetch(self, reference: str) -> tuple[bytes | None, str | None]:
         """(bytes, None) or (None, why), after the configured retries."""
@@ -118,7 +126,7 @@ class FetchImages:
                 if failure.final or attempt == self.config.retries:
                     tries = f" (after {attempt + 1} tries)" if attempt else ""
                     return None, f"{reference}: {failure}{tries}"
-            time.sleep(min(0.2 * 2 ** attempt, 2.0))
+            time.sleep(min(0.2 * 2**attempt, 2.0))
         raise AssertionError("unreachable")
 
     def _fetch_once(self, uri: str) -> bytes:

@@ -36,21 +36,36 @@ class ColumnMapping:
     def read(self) -> tuple[str, ...]:
         """The only columns read from the shards (projection pushdown)."""
         optional = self.download_status or ()
-        return tuple(dict.fromkeys(c for c in [self.key, self.caption, self.image, self.image_uri,
-                                               *(source for source, _ in self.extra), *optional] if c))
+        return tuple(
+            dict.fromkeys(
+                c
+                for c in [
+                    self.key,
+                    self.caption,
+                    self.image,
+                    self.image_uri,
+                    *(source for source, _ in self.extra),
+                    *optional,
+                ]
+                if c
+            )
+        )
 
     @property
     def extra_names(self) -> tuple[str, ...]:
         return tuple(name for _, name in self.extra)
 
-    def for_schema(self, schema: pa.Schema | None, status: str | None, error: str) -> "ColumnMapping":
+    def for_schema(self, schema: pa.Schema | None, status: str | None, error: str) -> ColumnMapping:
         """The mapping once the shard schema is known: the download-status columns it has, whether to fetch."""
         names = schema.names if schema is not None else []
         has_status = status is not None and status in names and self.image is not None
         image_type = schema.field(self.image).type if self.image in names else None
         hf_paths = image_type is not None and pa.types.is_struct(image_type) and image_type.get_field_index("path") >= 0
-        return replace(self, download_status=(status, error) if has_status and error in names else
-                       (status, "") if has_status else None, fetch=self.image_uri is not None or hf_paths)
+        return replace(
+            self,
+            download_status=(status, error) if has_status and error in names else (status, "") if has_status else None,
+            fetch=self.image_uri is not None or hf_paths,
+        )
 
 
 def check_extra_names(pairs: list[tuple[str, str]]) -> None:
@@ -60,9 +75,12 @@ def check_extra_names(pairs: list[tuple[str, str]]) -> None:
     for source, name in pairs:
         if name in own:
             renamed = f"{source!r} -> {name!r}" if source != name else repr(name)
-            raise ValueError(f"extra column {renamed} collides with vlpipe's output column {name!r} "
-                             f"({col.COLUMN_DOCS.get(name, 'see the output columns in the reference')}); rename it on the way in, e.g. "
-                             f"extra_columns: {{{source}: input_{name}}}")
+            raise ValueError(
+                f"extra column {renamed} collides with vlpipe's output column {name!r} "
+                f"({col.COLUMN_DOCS.get(name, 'see the output columns in the reference')}); "
+                "rename it on the way in, e.g. "
+                f"extra_columns: {{{source}: input_{name}}}"
+            )
         if name.startswith("_"):
             raise ValueError(f"extra column {name!r}: names starting with '_' are vlpipe's internal columns")
         if name in seen:
@@ -74,13 +92,29 @@ def prepare_stage(columns: ColumnMapping, shard_prefix: str) -> Stage:
     """The prepare stage's contract; it runs fused into the decode tasks."""
     image = columns.image or f"(fetched from {columns.image_uri})"
     return Stage(
-        name="prepare", kind="fused", build=partial(PrepareInput, columns, shard_prefix),
+        name="prepare",
+        kind="fused",
+        build=partial(PrepareInput, columns, shard_prefix),
         reads=(*columns.read, SHARD_PATH),
-        adds=(col.KEY, col.CAPTION, col.SOURCE_SHARD, col.IMAGE, *columns.extra_names, col.INPUT_STATUS,
-              col.INPUT_ERROR) + ((col.IMAGE_URI,) if columns.fetch else ()),
+        adds=(
+            col.KEY,
+            col.CAPTION,
+            col.SOURCE_SHARD,
+            col.IMAGE,
+            *columns.extra_names,
+            col.INPUT_STATUS,
+            col.INPUT_ERROR,
+        )
+        + ((col.IMAGE_URI,) if columns.fetch else ()),
         details=(f"key <- {columns.key}, caption <- {columns.caption}, image <- {image}",)
-        + ((f"download status <- {columns.download_status[0]} (not {DOWNLOAD_SUCCESS!r} and no image: "
-            f"{col.DOWNLOAD_FAILED})",) if columns.download_status else ()),
+        + (
+            (
+                f"download status <- {columns.download_status[0]} (not {DOWNLOAD_SUCCESS!r} and no image: "
+                f"{col.DOWNLOAD_FAILED})",
+            )
+            if columns.download_status
+            else ()
+        ),
     )
 
 
@@ -132,9 +166,11 @@ class PrepareInput:
         status = batch.column(status_name).cast(pa.string())
         no_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.binary_length(image), 0))
         failed = pc.and_(pc.fill_null(pc.not_equal(status, DOWNLOAD_SUCCESS), False), no_image)
-        error = (batch.column(error_name).cast(pa.string()) if error_name
-                 else pa.nulls(n, pa.string()))
-        described = pc.binary_join_element_wise(pa.scalar(f"{status_name}="), status, pa.scalar(": "),
-                                                pc.fill_null(error, ""), "")
-        return (pc.if_else(failed, pa.scalar(col.DOWNLOAD_FAILED), pa.scalar(None, pa.string())),
-                pc.if_else(failed, described, pa.scalar(None, pa.string())))
+        error = batch.column(error_name).cast(pa.string()) if error_name else pa.nulls(n, pa.string())
+        described = pc.binary_join_element_wise(
+            pa.scalar(f"{status_name}="), status, pa.scalar(": "), pc.fill_null(error, ""), ""
+        )
+        return (
+            pc.if_else(failed, pa.scalar(col.DOWNLOAD_FAILED), pa.scalar(None, pa.string())),
+            pc.if_else(failed, described, pa.scalar(None, pa.string())),
+        )

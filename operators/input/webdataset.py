@@ -64,8 +64,9 @@ def group_samples(tar: tarfile.TarFile) -> dict[str, dict[str, list[bytes]]]:
     return samples
 
 
-def read_tar(stream: IO[bytes], config: WebDatasetConfig, extra: pa.Schema,
-             sidecar: Callable[[], pa.Table | None] = lambda: None) -> Iterator[pa.Table]:
+def read_tar(
+    stream: IO[bytes], config: WebDatasetConfig, extra: pa.Schema, sidecar: Callable[[], pa.Table | None] = lambda: None
+) -> Iterator[pa.Table]:
     """A tar shard's samples as tables of at most ``TAR_BATCH_ROWS`` rows.
 
     Columns: ``WDS_KEY``, ``WDS_CAPTION``, ``WDS_IMAGE``, the ``extra`` fields (read from each
@@ -121,10 +122,16 @@ def failed_download_rows(sidecar: pa.Table, seen: set[str], config: WebDatasetCo
         if sample["status"] == "success" or sample["key"] in seen:
             continue
         caption = sample.get(config.caption_field or "caption")
-        rows.append({WDS_KEY: str(sample["key"]), WDS_CAPTION: caption if isinstance(caption, str) else None,
-                     WDS_IMAGE: None, **{name: sample.get(name) for name in extra.names},
-                     col.INPUT_STATUS: col.DOWNLOAD_FAILED,
-                     col.INPUT_ERROR: f"status={sample['status']}: {sample.get('error_message') or ''}"})
+        rows.append(
+            {
+                WDS_KEY: str(sample["key"]),
+                WDS_CAPTION: caption if isinstance(caption, str) else None,
+                WDS_IMAGE: None,
+                **{name: sample.get(name) for name in extra.names},
+                col.INPUT_STATUS: col.DOWNLOAD_FAILED,
+                col.INPUT_ERROR: f"status={sample['status']}: {sample.get('error_message') or ''}",
+            }
+        )
     return rows
 
 

@@ -58,7 +58,7 @@ class AskConfig(BaseModel):
     resources: Resources = Resources(num_cpus=1, num_gpus=None, batch_size=32)
 
     @model_validator(mode="after")
-    def _one_question_and_a_way_to_answer(self) -> "AskConfig":
+    def _one_question_and_a_way_to_answer(self) -> AskConfig:
         given = [name for name in QUESTION_SOURCES if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"set exactly one of {', '.join(QUESTION_SOURCES)} (got {', '.join(given) or 'none'})")
@@ -88,8 +88,11 @@ class AskConfig(BaseModel):
 def template_columns(template: str) -> tuple[str, ...]:
     """The columns a question template names, in order; a ``ValueError`` for anything but plain ``{column}``."""
     try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError as err:
         raise ValueError(f"template: {err} (a literal brace is written {{{{ or }}}})") from None
     for name, spec, conversion in fields:
@@ -106,18 +109,34 @@ def ask_stage(config: AskConfig, storage: StorageOptions, *, pixels_column: str,
     """The visual-question stage's contract: it reads its pixels and the columns its questions are made from."""
     if config.generates:
         decoding = f"generate up to {config.max_new_tokens} tokens, " + (
-            "greedy" if config.num_beams == 1 else f"beams {config.num_beams}")
+            "greedy" if config.num_beams == 1 else f"beams {config.num_beams}"
+        )
     else:
         decoding = "one forward pass, no generation: answer yes or no, whichever is likelier"
-    yes_no = (f"answer_yes_prob = P({config.yes_no_words[0]!r} | {config.yes_no_words[0]!r} or "
-              f"{config.yes_no_words[1]!r}) at the first answer token",) if config.yes_no else ()
+    yes_no = (
+        (
+            f"answer_yes_prob = P({config.yes_no_words[0]!r} | {config.yes_no_words[0]!r} or "
+            f"{config.yes_no_words[1]!r}) at the first answer token",
+        )
+        if config.yes_no
+        else ()
+    )
     return Stage(
-        name="ask", kind="actor", config_key="ask", resources=config.resources, model=config.model,
+        name="ask",
+        kind="actor",
+        config_key="ask",
+        resources=config.resources,
+        model=config.model,
         reads=(pixels_column, *config.columns),
         adds=(col.ANSWER, col.ANSWER_YES_PROB) if config.yes_no else (col.ANSWER,),
         build=partial(VisualQuestions, config, storage, pixels_column),
-        details=(f"input {geometry}", f"asks {_describe_question(config)}", decoding, *yes_no,
-                 f"precision {config.precision}"),
+        details=(
+            f"input {geometry}",
+            f"asks {_describe_question(config)}",
+            decoding,
+            *yes_no,
+            f"precision {config.precision}",
+        ),
     )
 
 
@@ -149,8 +168,9 @@ class VisualQuestions(ModelOperator):
         # Every row's answer starts right after its own last prompt token.
         self.tokenizer.padding_side = "left"
         self.geometry = caption_geometry(self.processor.image_processor, config.image_size)
-        self.answer_tokens = (answer_tokens(self.processor, config.yes_no_words, config.model.source)
-                              if config.yes_no else None)
+        self.answer_tokens = (
+            answer_tokens(self.processor, config.yes_no_words, config.model.source) if config.yes_no else None
+        )
         self._torch = torch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -205,15 +225,20 @@ class VisualQuestions(ModelOperator):
         # Without generation one step is the forward pass; generate still prepares it (padding-aware
         # positions, a model's own rope indices) exactly as it would the first step of an answer.
         beams = c.num_beams if c.generates else 1
-        settings = {"max_new_tokens": c.max_new_tokens if c.generates else 1, "num_beams": beams, "do_sample": False,
-                    "return_dict_in_generate": True, "output_logits": c.yes_no}
+        settings = {
+            "max_new_tokens": c.max_new_tokens if c.generates else 1,
+            "num_beams": beams,
+            "do_sample": False,
+            "return_dict_in_generate": True,
+            "output_logits": c.yes_no,
+        }
         with torch.inference_mode():
             out = self.model.generate(**inputs, **settings)
         yes = self._yes_probability(out.logits[0][::beams]) if c.yes_no else None
         if not c.generates:
             return [YES if p >= 0.5 else NO for p in yes], yes
         # The prompt is the question, not part of the answer.
-        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)], yes
 
     def _yes_probability(self, first_logits) -> np.ndarray:
@@ -243,12 +268,15 @@ def first_reply_token(processor, word: str, source: str) -> int:
     tokenizer = processor.tokenizer
     user = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
     reply = [*user, {"role": "assistant", "content": [{"type": "text", "text": word}]}]
-    prompt_ids = tokenizer(processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False),
-                           add_special_tokens=False).input_ids
+    prompt_ids = tokenizer(
+        processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    ).input_ids
     reply_ids = tokenizer(processor.apply_chat_template(reply, tokenize=False), add_special_tokens=False).input_ids
     if len(reply_ids) <= len(prompt_ids) or reply_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"the chat template of {source} writes a reply that does not continue its generation prompt, "
-                         "so the first token of an answer is unknown")
+        raise ValueError(
+            f"the chat template of {source} writes a reply that does not continue its generation prompt, "
+            "so the first token of an answer is unknown"
+        )
     token = reply_ids[len(prompt_ids)]
     if token == tokenizer.unk_token_id:
         raise ValueError(f"ask.yes_no_words: {source}'s tokenizer has no token for {word!r}")

@@ -45,7 +45,7 @@ class CaptionConfig(BaseModel):
     resources: Resources = Resources(num_cpus=1, num_gpus=None, batch_size=32)
 
     @model_validator(mode="after")
-    def _sampling_settings_need_sampling(self) -> "CaptionConfig":
+    def _sampling_settings_need_sampling(self) -> CaptionConfig:
         if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
             raise ValueError("temperature and top_p only apply with do_sample: true")
         return self
@@ -63,18 +63,28 @@ def caption_geometry(image_processor, image_size: int | None) -> PixelSpec:
     try:
         return PixelSpec.from_image_processor(image_processor)
     except ValueError as err:
-        raise ValueError(f"{err}: for a captioner whose processor picks a size per image, set caption.image_size") from None
+        raise ValueError(
+            f"{err}: for a captioner whose processor picks a size per image, set caption.image_size"
+        ) from None
 
 
 def caption_stage(config: CaptionConfig, storage: StorageOptions, *, pixels_column: str, geometry: str) -> Stage:
     """The captioning stage's contract."""
     decoding = f"beams {config.num_beams}" + (f", sampling (seed {config.seed})" if config.do_sample else ", greedy")
     return Stage(
-        name="caption", kind="actor", config_key="caption", resources=config.resources, model=config.model,
-        reads=(pixels_column,), adds=(col.CAPTION_GENERATED,),
+        name="caption",
+        kind="actor",
+        config_key="caption",
+        resources=config.resources,
+        model=config.model,
+        reads=(pixels_column,),
+        adds=(col.CAPTION_GENERATED,),
         build=partial(Captioner, config, storage, pixels_column),
-        details=(f"input {geometry}", f"max_new_tokens {config.max_new_tokens}, {decoding}",
-                 f"precision {config.precision}"),
+        details=(
+            f"input {geometry}",
+            f"max_new_tokens {config.max_new_tokens}, {decoding}",
+            f"precision {config.precision}",
+        ),
     )
 
 
@@ -119,8 +129,11 @@ class Captioner(ModelOperator):
         """Captions for an (n, H, W, 3) uint8 array."""
         torch = self._torch
         inputs = self._chat_inputs(rows) if self.chat else self._prefix_inputs(rows)
-        settings = {"max_new_tokens": self.config.max_new_tokens, "num_beams": self.config.num_beams,
-                    "do_sample": self.config.do_sample}
+        settings = {
+            "max_new_tokens": self.config.max_new_tokens,
+            "num_beams": self.config.num_beams,
+            "do_sample": self.config.do_sample,
+        }
         if self.config.do_sample:
             settings.update(temperature=self.config.temperature, top_p=self.config.top_p)
         # Seeded per batch: sampled captions are reproducible for the same batch size.
@@ -163,4 +176,3 @@ def chat_inputs(processor, rows: np.ndarray, prompts: list[str], device, dtype) 
     """
     inputs = processor(images=list(rows), text=prompts, return_tensors="pt", padding=True)
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators import schema as col
-from operators.models.load import ModelOperator, Precision
+from operators.models.load import ModelLoadError, ModelOperator, Precision, model_config
 from operators.refs import ModelRef
 from operators.resources import Resources
 from operators.stage import Stage
@@ -52,17 +52,33 @@ def check_labels(config: ClassifierConfig, id2label: Mapping) -> dict[str, int]:
     unknown = {name: label for name, label in config.scores.items() if label not in index}
     if unknown:
         name, label = next(iter(unknown.items()))
-        raise ValueError(f"classifier.scores.{name}: {config.model.source} has no label {label!r}; its labels are "
-                         f"{', '.join(sorted(index, key=index.get))}")
+        raise ValueError(
+            f"classifier.scores.{name}: {config.model.source} has no label {label!r}; its labels are "
+            f"{', '.join(sorted(index, key=index.get))}"
+        )
     return {name: index[label] for name, label in config.scores.items()}
+
+
+def check_classifier_labels(config: ClassifierConfig, storage: StorageOptions) -> None:
+    """Before any work: every configured score names a label the classifier has (its config.json's id2label)."""
+    try:
+        raw = model_config(config.model, storage)
+    except (OSError, ValueError, ModelLoadError) as err:
+        raise ValueError(f"classifier.model: cannot read {config.model.source}/config.json: {err}") from None
+    check_labels(config, raw.get("id2label") or {})
 
 
 def classifier_stage(config: ClassifierConfig, storage: StorageOptions, *, pixels_column: str, geometry: str) -> Stage:
     """The classifier stage's contract."""
     scores = ", ".join(f"{name} = P({label})" for name, label in config.scores.items())
     return Stage(
-        name="classifier", kind="actor", config_key="classifier", resources=config.resources, model=config.model,
-        reads=(pixels_column,), adds=(col.CLASSIFIER_SCORES,),
+        name="classifier",
+        kind="actor",
+        config_key="classifier",
+        resources=config.resources,
+        model=config.model,
+        reads=(pixels_column,),
+        adds=(col.CLASSIFIER_SCORES,),
         build=partial(ImageClassifier, config, storage, pixels_column),
         details=(f"input {geometry}", f"scores {scores}", f"precision {config.precision}"),
     )
@@ -91,8 +107,13 @@ class ImageClassifier(ModelOperator):
         offsets = np.zeros(len(valid) + 1, np.int32)
         offsets[1:] = np.cumsum(valid.astype(np.int32) * k)
         keys = pa.array(list(self.labels) * int(valid.sum()), pa.string())
-        scores = pa.MapArray.from_arrays(pa.array(offsets), keys, pa.array(probabilities.reshape(-1), pa.float32()),
-                                         type=col.CLASSIFIER_SCORES_TYPE, mask=pa.array(~valid))
+        scores = pa.MapArray.from_arrays(
+            pa.array(offsets),
+            keys,
+            pa.array(probabilities.reshape(-1), pa.float32()),
+            type=col.CLASSIFIER_SCORES_TYPE,
+            mask=pa.array(~valid),
+        )
         return batch.append_column(col.CLASSIFIER_SCORES, scores)
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:

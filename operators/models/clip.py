@@ -58,18 +58,36 @@ def check_tag_names(tags: Mapping[str, TagConfig]) -> Mapping[str, TagConfig]:
     return tags
 
 
-def clip_stage(config: ClipConfig, storage: StorageOptions, *, captions_generated: bool, geometry: str,
-               tags: Mapping[str, TagConfig] = {}) -> Stage:
+def clip_stage(
+    config: ClipConfig,
+    storage: StorageOptions,
+    *,
+    captions_generated: bool,
+    geometry: str,
+    tags: Mapping[str, TagConfig] = {},
+) -> Stage:
     """The CLIP stage's contract; ``captions_generated`` when a captioner runs before it, ``tags`` when configured."""
     prompts = sum(len(t.positives) + len(t.negatives) for t in tags.values())
     return Stage(
-        name="clip", kind="actor", config_key="clip", resources=config.resources, model=config.model,
+        name="clip",
+        kind="actor",
+        config_key="clip",
+        resources=config.resources,
+        model=config.model,
         reads=(col.PIXELS, col.CAPTION, *((col.CAPTION_GENERATED,) if captions_generated else ())),
-        adds=(col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING, col.CLIP_SCORE,
-              *((col.CLIP_SCORE_GENERATED,) if captions_generated else ()), *((col.TAG_SCORES,) if tags else ())),
+        adds=(
+            col.IMAGE_EMBEDDING,
+            col.TEXT_EMBEDDING,
+            col.CLIP_SCORE,
+            *((col.CLIP_SCORE_GENERATED,) if captions_generated else ()),
+            *((col.TAG_SCORES,) if tags else ()),
+        ),
         build=partial(ClipScorer, config, storage, dict(tags)),
-        details=(f"input {geometry}", f"precision {config.precision}",
-                 *([f"zero-shot tags {', '.join(tags)} ({prompts} prompts, embedded once per actor)"] if tags else [])),
+        details=(
+            f"input {geometry}",
+            f"precision {config.precision}",
+            *([f"zero-shot tags {', '.join(tags)} ({prompts} prompts, embedded once per actor)"] if tags else []),
+        ),
     )
 
 
@@ -104,7 +122,9 @@ class ClipScorer(ModelOperator):
         has_image = pc.is_valid(pixels).to_numpy(zero_copy_only=False)
         captions = batch.column(col.CAPTION).to_pylist()
         has_text = _has_text(captions)
-        generated = batch.column(col.CAPTION_GENERATED).to_pylist() if col.CAPTION_GENERATED in batch.column_names else None
+        generated = (
+            batch.column(col.CAPTION_GENERATED).to_pylist() if col.CAPTION_GENERATED in batch.column_names else None
+        )
         has_generated = _has_text(generated) if generated is not None else np.zeros(batch.num_rows, bool)
 
         image_emb = _scatter(self.embed_images(rows[has_image]), has_image)
@@ -124,7 +144,9 @@ class ClipScorer(ModelOperator):
             gen_scores = _cosine(image_emb, generated_emb, has_image & has_generated)
             out = out.append_column(col.CLIP_SCORE_GENERATED, _score_column(gen_scores, has_image & has_generated))
         if self.tags is not None:
-            out = out.append_column(col.TAG_SCORES, self.tags(image_emb, has_image & np.isfinite(image_emb).all(axis=1)))
+            out = out.append_column(
+                col.TAG_SCORES, self.tags(image_emb, has_image & np.isfinite(image_emb).all(axis=1))
+            )
         return out
 
     def embed_images(self, rows: np.ndarray) -> np.ndarray:
@@ -192,8 +214,9 @@ class ZeroShotTags:
         offsets = np.zeros(n + 1, np.int32)
         offsets[1:] = np.cumsum(valid.astype(np.int32) * k)
         keys = pa.array(self.names * int(valid.sum()), pa.string())
-        return pa.MapArray.from_arrays(pa.array(offsets), keys, pa.array(values, pa.float32()),
-                                       type=col.TAG_SCORES_TYPE, mask=pa.array(~valid))
+        return pa.MapArray.from_arrays(
+            pa.array(offsets), keys, pa.array(values, pa.float32()), type=col.TAG_SCORES_TYPE, mask=pa.array(~valid)
+        )
 
 
 def _has_text(texts: list[str | None]) -> np.ndarray:

@@ -38,8 +38,13 @@ class ItmConfig(BaseModel):
 def itm_stage(config: ItmConfig, storage: StorageOptions, *, pixels_column: str, geometry: str) -> Stage:
     """The ITM stage's contract."""
     return Stage(
-        name="itm", kind="actor", config_key="itm", resources=config.resources, model=config.model,
-        reads=(pixels_column, config.text), adds=(col.ITM_SCORE,),
+        name="itm",
+        kind="actor",
+        config_key="itm",
+        resources=config.resources,
+        model=config.model,
+        reads=(pixels_column, config.text),
+        adds=(col.ITM_SCORE,),
         build=partial(ItmScorer, config, storage, pixels_column),
         details=(f"input {geometry}", f"judges {config.text}", f"precision {config.precision}"),
     )
@@ -81,8 +86,10 @@ class ItmScorer(ModelOperator):
         ).to(self.device)
         with torch.inference_mode():
             out = self.model(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                pixel_values=self.to_device(rows), use_itm_head=True,
+                input_ids=tokens["input_ids"],
+                attention_mask=tokens["attention_mask"],
+                pixel_values=self.to_device(rows),
+                use_itm_head=True,
             )
             # Softmax in fp32: in bf16 probabilities near 0 or 1 lose their resolution.
             return torch.softmax(out.itm_score.float(), dim=-1)[:, 1].cpu().numpy()

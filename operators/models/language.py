@@ -36,8 +36,9 @@ def check_language_codes(codes: tuple[str, ...] | None) -> tuple[str, ...] | Non
     lowered = tuple(c.lower() for c in codes)
     unknown = [c for c in lowered if c not in language_codes()]
     if unknown:
-        raise ValueError(f"unknown ISO 639-1 language code(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(sorted(language_codes()))}")
+        raise ValueError(
+            f"unknown ISO 639-1 language code(s) {', '.join(unknown)}; known: {', '.join(sorted(language_codes()))}"
+        )
     return lowered
 
 
@@ -65,7 +66,10 @@ def language_stage(config: LanguageConfig, text_column: str) -> Stage:
     """The language stage's contract: it reads the caption the filter judges."""
     languages = ", ".join(config.candidates) if config.candidates else f"all {len(language_codes())} languages"
     return Stage(
-        name="language", kind="fused", reads=(text_column,), adds=(col.CAPTION_LANGUAGE, col.CAPTION_LANGUAGE_SCORE),
+        name="language",
+        kind="fused",
+        reads=(text_column,),
+        adds=(col.CAPTION_LANGUAGE, col.CAPTION_LANGUAGE_SCORE),
         build=partial(CaptionLanguage, config, text_column),
         details=(f"of {text_column}, Lingua {config.accuracy} accuracy, {languages}",),
     )
@@ -82,7 +86,8 @@ class CaptionLanguage:
 
         if config.candidates:
             builder = LanguageDetectorBuilder.from_iso_codes_639_1(
-                *(getattr(IsoCode639_1, code.upper()) for code in config.candidates))
+                *(getattr(IsoCode639_1, code.upper()) for code in config.candidates)
+            )
         else:
             builder = LanguageDetectorBuilder.from_all_languages()
         if config.accuracy == "low":
@@ -102,4 +107,5 @@ class CaptionLanguage:
                 codes[i] = values[0].language.iso_code_639_1.name.lower()
                 scores[i] = values[0].value
         return batch.append_column(col.CAPTION_LANGUAGE, pa.array(codes, pa.string())).append_column(
-            col.CAPTION_LANGUAGE_SCORE, pa.array(scores, pa.float32(), mask=np.isnan(scores)))
+            col.CAPTION_LANGUAGE_SCORE, pa.array(scores, pa.float32(), mask=np.isnan(scores))
+        )

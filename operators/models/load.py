@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow.fs as pafs
+
 from operators.image.decode import PixelSpec
 from operators.refs import ModelRef
 from operators.storage import StorageOptions, filesystem_for, is_remote
@@ -192,3 +194,8 @@ def load_model(model_class, ref: ModelRef, model_dir: Path, device, dtype):
 def load_preprocessor(preprocessor_class, ref: ModelRef, model_dir: Path):
     """A tokenizer, image processor or processor under the same remote-code policy as the model."""
     return preprocessor_class.from_pretrained(model_dir, trust_remote_code=ref.trust_remote_code)
+
+
+def model_config(ref: ModelRef, storage: StorageOptions) -> dict:
+    """A model's config.json, fetched without its weights."""
+    return json.loads((resolve_model_dir(ref, storage, config_only=True) / "config.json").read_text())

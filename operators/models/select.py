@@ -17,7 +17,9 @@ from operators.stage import Stage
 def select_caption_stage() -> Stage:
     """The caption-selection stage's contract."""
     return Stage(
-        name="select_caption", kind="fused", build=SelectCaption,
+        name="select_caption",
+        kind="fused",
+        build=SelectCaption,
         reads=(col.CAPTION, col.CAPTION_GENERATED, col.CLIP_SCORE, col.CLIP_SCORE_GENERATED),
         adds=(col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST),
     )
@@ -41,8 +43,10 @@ class SelectCaption:
         return (
             batch.append_column(col.CAPTION_BEST, _masked(best, any_scored))
             .append_column(col.CAPTION_SOURCE, pa.array(source.tolist(), pa.string(), mask=~any_scored))
-            .append_column(col.CLIP_SCORE_BEST, pa.array(
-                np.where(use_generated, generated_scores, scores), pa.float32(), mask=~any_scored))
+            .append_column(
+                col.CLIP_SCORE_BEST,
+                pa.array(np.where(use_generated, generated_scores, scores), pa.float32(), mask=~any_scored),
+            )
         )
 
 

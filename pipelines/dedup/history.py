@@ -28,8 +28,9 @@ def add_actions(table: Location) -> pa.Table | None:
     return pa.table(DeltaTable(table.uri, storage_options=table.delta_options).get_add_actions(flatten=True))
 
 
-def history_files(table: Location, run_date: dt.date, column: str | None = None, *,
-                  actions: pa.Table | None = None) -> list[tuple[str, dt.date]]:
+def history_files(
+    table: Location, run_date: dt.date, column: str | None = None, *, actions: pa.Table | None = None
+) -> list[tuple[str, dt.date]]:
     """The table's data files outside ``run_date``'s partition (a re-run never sees its own first try).
 
     With ``column``, only files whose statistics show a value in it: files written before a
@@ -47,11 +48,15 @@ def history_files(table: Location, run_date: dt.date, column: str | None = None,
         nulls = actions.column(nulls_name).to_pylist() if nulls_name in actions.column_names else [None] * len(dates)
         # The embedding was always written; a hash column only by runs that had it on (and then with stats).
         always_there = column == col.IMAGE_EMBEDDING
-        usable = [(n is None and always_there) or (n is not None and n < rows)
-                  for n, rows in zip(nulls, actions.column("num_records").to_pylist())]
-    return [(f"{root}/{path}", dt.date.fromisoformat(day))
-            for path, day, ok in zip(actions.column("path").to_pylist(), dates, usable)
-            if ok and day != run_date.isoformat()]
+        usable = [
+            (n is None and always_there) or (n is not None and n < rows)
+            for n, rows in zip(nulls, actions.column("num_records").to_pylist())
+        ]
+    return [
+        (f"{root}/{path}", dt.date.fromisoformat(day))
+        for path, day, ok in zip(actions.column("path").to_pylist(), dates, usable)
+        if ok and day != run_date.isoformat()
+    ]
 
 
 def save_centroids(table: Location, centroids: np.ndarray, name: str) -> str:

@@ -26,8 +26,10 @@ class Refit:
     version: int
 
     def __str__(self) -> str:
-        return (f"fitted {self.clusters} clusters on {self.sample_rows} kept rows -> {self.path} "
-                f"(table version {self.version}); later runs cluster their rows with these")
+        return (
+            f"fitted {self.clusters} clusters on {self.sample_rows} kept rows -> {self.path} "
+            f"(table version {self.version}); later runs cluster their rows with these"
+        )
 
 
 def refit(table: Location, config: SemanticConfig, tasks: Tasks) -> Refit:
@@ -53,6 +55,12 @@ def refit(table: Location, config: SemanticConfig, tasks: Tasks) -> Refit:
         raise ValueError(f"{table.uri} has no kept rows with an image_embedding to fit centroids on")
     centroids, path = fit_and_save(table, sample, config, "refit")
     delta = DeltaTable(table.uri, storage_options=table.delta_options)
-    delta.create_write_transaction([], mode="append", schema=delta.schema(), commit_properties=CommitProperties(
-        custom_metadata={CENTROIDS_KEY: path, "vlpipe.operation": "dedup-refit"}))
-    return Refit(path, len(centroids), len(sample), DeltaTable(table.uri, storage_options=table.delta_options).version())
+    delta.create_write_transaction(
+        [],
+        mode="append",
+        schema=delta.schema(),
+        commit_properties=CommitProperties(custom_metadata={CENTROIDS_KEY: path, "vlpipe.operation": "dedup-refit"}),
+    )
+    return Refit(
+        path, len(centroids), len(sample), DeltaTable(table.uri, storage_options=table.delta_options).version()
+    )

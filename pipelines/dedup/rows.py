@@ -35,19 +35,36 @@ CLUSTER = "_cluster"  # internal column of semantic dedup: the row's k-means clu
 def tonight_rows(batch: pa.Table, column: str, score: str) -> pa.Table:
     batch = batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(column)))
     n = batch.num_rows
-    return pa.table({col.KEY: batch.column(col.KEY), column: batch.column(column), ROW_ID: batch.column(ROW_ID),
-                     col.RUN_DATE: pa.nulls(n, pa.date32()), SCORE: batch.column(score).cast(pa.float64()),
-                     TONIGHT: pa.array(np.ones(n, bool))})
+    return pa.table(
+        {
+            col.KEY: batch.column(col.KEY),
+            column: batch.column(column),
+            ROW_ID: batch.column(ROW_ID),
+            col.RUN_DATE: pa.nulls(n, pa.date32()),
+            SCORE: batch.column(score).cast(pa.float64()),
+            TONIGHT: pa.array(np.ones(n, bool)),
+        }
+    )
 
 
 def history_rows(batch: pa.Table, column: str, dates: dict[str, dt.date], superseded: list[str]) -> pa.Table:
-    batch = batch.filter(pc.field(col.KEEP) & pc.is_valid(pc.field(column))
-                         & ~pc.field(col.SOURCE_SHARD).isin(pa.array(superseded, pa.string())))
+    batch = batch.filter(
+        pc.field(col.KEEP)
+        & pc.is_valid(pc.field(column))
+        & ~pc.field(col.SOURCE_SHARD).isin(pa.array(superseded, pa.string()))
+    )
     n = batch.num_rows
     run_dates = pa.array([dates[p] for p in batch.column("path").to_pylist()], pa.date32())
-    return pa.table({col.KEY: batch.column(col.KEY), column: batch.column(column),
-                     ROW_ID: pa.array(np.full(n, -1, np.int64)), col.RUN_DATE: run_dates,
-                     SCORE: pa.nulls(n, pa.float64()), TONIGHT: pa.array(np.zeros(n, bool))})
+    return pa.table(
+        {
+            col.KEY: batch.column(col.KEY),
+            column: batch.column(column),
+            ROW_ID: pa.array(np.full(n, -1, np.int64)),
+            col.RUN_DATE: run_dates,
+            SCORE: pa.nulls(n, pa.float64()),
+            TONIGHT: pa.array(np.zeros(n, bool)),
+        }
+    )
 
 
 def groups(table: pa.Table, key_columns: list[str]):
@@ -71,8 +88,9 @@ def band_rows(batch: pa.Table, max_distance: int) -> pa.Table:
     bands = values.shape[1]
     repeated = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), bands), pa.int64()))
     band = np.tile(np.arange(bands, dtype=np.int8), batch.num_rows)
-    return (repeated.append_column(BAND, pa.array(band, pa.int8()))
-            .append_column(BAND_VALUE, pa.array(values.reshape(-1).astype(np.int64), pa.int64())))
+    return repeated.append_column(BAND, pa.array(band, pa.int8())).append_column(
+        BAND_VALUE, pa.array(values.reshape(-1).astype(np.int64), pa.int64())
+    )
 
 
 def decide_near(bucket: pa.Table, groups: list[np.ndarray], max_distance: int) -> pa.Table:
@@ -113,13 +131,17 @@ def lowest_hashed(batch: pa.Table, limit: int) -> pa.Table:
     """The batch's ``limit`` usable embeddings whose keys hash lowest, with those hashes."""
     vectors, usable = embeddings_of(batch)
     keys = batch.column(col.KEY).to_pylist()
-    order = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") >> 1
-                      for k in keys], np.int64)
+    order = np.array(
+        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") >> 1 for k in keys], np.int64
+    )
     kept = np.flatnonzero(usable)
     kept = kept[np.argsort(order[kept], kind="stable")][:limit]
-    return pa.table({"order": pa.array(order[kept], pa.int64()),
-                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[kept].reshape(-1)),
-                                                                 max(vectors.shape[1], 1))})
+    return pa.table(
+        {
+            "order": pa.array(order[kept], pa.int64()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[kept].reshape(-1)), max(vectors.shape[1], 1)),
+        }
+    )
 
 
 def merge_samples(parts: list[pa.Table], limit: int) -> np.ndarray | None:

@@ -116,8 +116,9 @@ def _history(column: str, files: list[tuple[str, dt.date]], tonight_shards: set[
     """Kept rows of the table's other partitions that have ``column``, except tonight's shards' (superseded)."""
     signature = partial(history_rows, column=column, dates=dict(files), superseded=sorted(tonight_shards))
     signature.__name__ = signature.__qualname__ = "History"
-    ds = tasks.read_parquet([path for path, _ in files], table.filesystem,
-                            [col.KEY, column, col.KEEP, col.SOURCE_SHARD], include_paths=True)
+    ds = tasks.read_parquet(
+        [path for path, _ in files], table.filesystem, [col.KEY, column, col.KEEP, col.SOURCE_SHARD], include_paths=True
+    )
     return ds.map_batches(signature, batch_format="pyarrow", batch_size=None)
 
 
@@ -128,6 +129,7 @@ def _shuffled(rows, key_columns: list[str], partitions: int, decide):
     task per distinct key (Ray's ``map_groups`` calls its function once per group) cost 10.6 s
     for 10k random pHashes' 50k band rows, nearly all groups of one row.
     """
+
     def with_bucket(batch: pa.Table) -> pa.Table:
         keys = [_hashable(batch.column(name)) for name in key_columns]
         mixed = np.zeros(batch.num_rows, np.uint64)
@@ -146,8 +148,10 @@ def _shuffled(rows, key_columns: list[str], partitions: int, decide):
 def _hashable(column: pa.ChunkedArray) -> np.ndarray:
     """A key column as uint64 values equal exactly where the keys are equal (strings: by their hash)."""
     if pa.types.is_string(column.type):
-        return np.array([int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big")
-                         for v in column.to_pylist()], np.uint64)
+        return np.array(
+            [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big") for v in column.to_pylist()],
+            np.uint64,
+        )
     return column.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
 
 
@@ -172,6 +176,7 @@ def write_candidates(found, decisions: Location) -> int:
     three apart (22-28 s vs 2-5 s each, 400 rows, 2 cores). Which candidate wins
     for a row is decided where the row is marked (``mark_duplicates``), so no further shuffle.
     """
+
     def write(batch: pa.Table) -> pa.Table:
         return pa.table({"rows": [write_candidate_files(batch, decisions)]})
 

@@ -37,7 +37,7 @@ from operators.stage import Stage, Staged
 from operators.storage import Location
 from pipelines import hooks
 from pipelines.dedup.history import add_actions, history_files, load_centroids
-from pipelines.dedup.one_task import decide_in_one_task
+from pipelines.dedup.one_task import OneTask, decide_in_one_task
 from pipelines.dedup.rows import embeddings_of
 from pipelines.dedup.shuffle import ShuffledRun
 from pipelines.execute.staging import ROW_BITS, SPILL_ROWS
@@ -55,17 +55,22 @@ def dedup_stage(config: DedupConfig, table: Location, run_date: dt.date, default
         methods.append("exact: same SHA-256 of the image bytes")
     if config.near:
         reads.append(col.IMAGE_PHASH)
-        methods.append(f"near: pHash within {config.near.max_distance} bits "
-                       f"({config.near.max_distance + 1} bands)")
+        methods.append(f"near: pHash within {config.near.max_distance} bits ({config.near.max_distance + 1} bands)")
     if config.semantic:
         reads.append(col.IMAGE_EMBEDDING)
         methods.append(f"semantic: cosine >= {1 - config.semantic.eps:g} within a k-means cluster")
     against = "this run and every earlier run_date in the table" if config.history else "this run only"
     return Stage(
-        name="dedup", kind="aggregate", reads=tuple(reads), adds=(col.SEMANTIC_CLUSTER, col.DUPLICATE_OF),
+        name="dedup",
+        kind="aggregate",
+        reads=tuple(reads),
+        adds=(col.SEMANTIC_CLUSTER, col.DUPLICATE_OF),
         build=partial(Dedup, config, table, run_date),
-        details=(*methods, f"against {against}; ties to the higher {config.keep_by}, then the key",
-                 "distributed shuffles; no image bytes read from the table"),
+        details=(
+            *methods,
+            f"against {against}; ties to the higher {config.keep_by}, then the key",
+            "distributed shuffles; no image bytes read from the table",
+        ),
     )
 
 
@@ -116,12 +121,19 @@ class Dedup:
 
     def _in_one_task(self, staged, shards: set[str], actions: pa.Table | None, decisions: Location):
         """A small decision in one Ray task: the same groups and rules, without the shuffle jobs' start-up."""
-        columns = [c for c, on in ((col.IMAGE_SHA256, self.config.exact), (col.IMAGE_PHASH, self.config.near),
-                                   (col.IMAGE_EMBEDDING, self.config.semantic)) if on]
+        columns = [
+            c
+            for c, on in (
+                (col.IMAGE_SHA256, self.config.exact),
+                (col.IMAGE_PHASH, self.config.near),
+                (col.IMAGE_EMBEDDING, self.config.semantic),
+            )
+            if on
+        ]
         history = {c: history_files(self.table, self.run_date, c, actions=actions) if actions else [] for c in columns}
         stored = load_centroids(self.table) if self.config.semantic else None
-        args = (self.config, self.table, staged.paths, staged.location, history, shards, decisions, stored)
-        return staged.tasks.run_task(decide_in_one_task, *args)
+        task = OneTask(self.config, self.table, staged.paths, staged.location, history, shards, decisions, stored)
+        return staged.tasks.run_task(decide_in_one_task, task)
 
 
 ONE_TASK_ROWS = 200_000  # up to this many rows (tonight's staged and the history's), one task decides
@@ -136,22 +148,30 @@ def mark_duplicates(batch: pa.Table, state: DedupState, run_date: dt.date) -> pa
     dup_keys, dup_dates = [None] * n, [None] * n
     if decisions.num_rows:
         position = {row_id: i for i, row_id in enumerate(batch.column(ROW_ID).to_pylist())}
-        for row_id, method, key, day in zip(decisions.column(ROW_ID).to_pylist(), decisions.column(METHOD).to_pylist(),
-                                            decisions.column(DUP_KEY).to_pylist(), decisions.column(DUP_DATE).to_pylist()):
+        for row_id, method, key, day in zip(
+            decisions.column(ROW_ID).to_pylist(),
+            decisions.column(METHOD).to_pylist(),
+            decisions.column(DUP_KEY).to_pylist(),
+            decisions.column(DUP_DATE).to_pylist(),
+        ):
             i = position.get(row_id)
             if i is None or not keep[i]:
                 continue
             keep[i], reasons[i] = False, method
             dup_keys[i], dup_dates[i] = key, day or run_date
     duplicate_of = pa.StructArray.from_arrays(
-        [pa.array(dup_keys, pa.string()), pa.array(dup_dates, pa.date32())], fields=list(col.DUPLICATE_OF_TYPE),
-        mask=pa.array([k is None for k in dup_keys]))
-    out = batch.drop_columns([c for c in (col.KEEP, col.REJECT_REASON, col.SEMANTIC_CLUSTER, col.DUPLICATE_OF)
-                              if c in batch.column_names])
+        [pa.array(dup_keys, pa.string()), pa.array(dup_dates, pa.date32())],
+        fields=list(col.DUPLICATE_OF_TYPE),
+        mask=pa.array([k is None for k in dup_keys]),
+    )
+    out = batch.drop_columns(
+        [c for c in (col.KEEP, col.REJECT_REASON, col.SEMANTIC_CLUSTER, col.DUPLICATE_OF) if c in batch.column_names]
+    )
     out = out.append_column(col.SEMANTIC_CLUSTER, _clusters(batch, state.centroids))
     out = out.append_column(col.DUPLICATE_OF, duplicate_of)
     return out.append_column(col.KEEP, pa.array(keep, pa.bool_())).append_column(
-        col.REJECT_REASON, pa.array(reasons.tolist(), pa.string()))
+        col.REJECT_REASON, pa.array(reasons.tolist(), pa.string())
+    )
 
 
 def _clusters(batch: pa.Table, centroids: np.ndarray | None) -> pa.Array:
@@ -169,6 +189,8 @@ def _decisions_for(row_ids: pa.ChunkedArray, decisions: Location) -> pa.Table:
 
     tables = []
     for file_id in np.unique(pc.shift_right(row_ids, ROW_BITS).to_numpy()):
-        found = decisions.filesystem.get_file_info(pafs.FileSelector(f"{decisions.path}/{file_id}", allow_not_found=True))
+        found = decisions.filesystem.get_file_info(
+            pafs.FileSelector(f"{decisions.path}/{file_id}", allow_not_found=True)
+        )
         tables += [pq.read_table(f.path, filesystem=decisions.filesystem) for f in found if f.path.endswith(".parquet")]
     return pick_decisions(pa.concat_tables(tables)) if tables else CANDIDATE_SCHEMA.empty_table()

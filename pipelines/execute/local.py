@@ -50,8 +50,9 @@ def in_process_reason(config: PipelineConfig, rows: int | None) -> str | None:
 
 def gpu_shortfall(run_passes: list[Pass], reason: str) -> str | None:
     """Why this machine cannot run the model steps' GPU requests in process, naming the config key."""
-    asks = [step for run_pass in run_passes for step in run_pass.steps
-            if step.kind == "actor" and step.resources.num_gpus]
+    asks = [
+        step for run_pass in run_passes for step in run_pass.steps if step.kind == "actor" and step.resources.num_gpus
+    ]
     if not asks:
         return None
     import torch
@@ -59,8 +60,10 @@ def gpu_shortfall(run_passes: list[Pass], reason: str) -> str | None:
     have = torch.cuda.device_count()
     for step in asks:
         if step.resources.num_gpus > have:
-            return (f"{step.anchor.config_key or step.anchor.name}.resources asks for {step.resources.num_gpus:g} "
-                    f"GPU(s), but this machine has {have} (the run is in this process: {reason})")
+            return (
+                f"{step.anchor.config_key or step.anchor.name}.resources asks for {step.resources.num_gpus:g} "
+                f"GPU(s), but this machine has {have} (the run is in this process: {reason})"
+            )
     return None
 
 

@@ -86,8 +86,15 @@ class RayExecutor:
             spill, constructor = Spill, {"fn_constructor_args": (aggregate, staging, head)}
         else:
             spill, constructor = _named(Spill(aggregate, staging, head), "Spill"), {}
-        spilled = stream.map_batches(spill, batch_size=SPILL_ROWS, batch_format="pyarrow", zero_copy_batch=True,
-                                     num_cpus=0, compute=compute, **constructor)
+        spilled = stream.map_batches(
+            spill,
+            batch_size=SPILL_ROWS,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            num_cpus=0,
+            compute=compute,
+            **constructor,
+        )
         return list(spilled.iter_rows())
 
     def rows(self, stream) -> Iterator[dict]:
@@ -118,8 +125,10 @@ class RayExecutor:
     def describe(self, run_pass: Pass, rows: int | None) -> list[str]:
         lines = []
         if not run_pass.reads_inside:
-            lines.append(f"  ray step Read: read -- tasks (at most {task_concurrency(IO_RESOURCES, self.cpus, io=True)}, "
-                         "a file each) x 0 CPU")
+            lines.append(
+                f"  ray step Read: read -- tasks (at most {task_concurrency(IO_RESOURCES, self.cpus, io=True)}, "
+                "a file each) x 0 CPU"
+            )
         for index, step in enumerate(run_pass.steps):
             args = map_batches_args(step, self.cluster.get("GPU", 0.0), self.cpus, rows)
             lines.append(f"  ray step {step.name}: {_how(step, args, reads=run_pass.reads_inside and index == 0)}")
@@ -145,8 +154,9 @@ def connect() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
 
 
-def start_ray(address: str | None, dashboard: bool, run_passes: list[Pass], timeout_s: float,
-              rows: int | None) -> RayExecutor:
+def start_ray(
+    address: str | None, dashboard: bool, run_passes: list[Pass], timeout_s: float, rows: int | None
+) -> RayExecutor:
     """Connect to (or start) Ray and wait up to ``timeout_s`` until it can run the passes."""
     if not ray.is_initialized():
         # "local" rather than None: a stale /tmp/ray/ray_current_cluster from an earlier
@@ -179,15 +189,20 @@ def _resources() -> dict[str, float]:
     return {name: float(value) for name, value in ray.cluster_resources().items()}
 
 
-def map_batches_args(step: Step, cluster_gpus: float, cluster_cpus: float = 2.0,
-                     rows: int | None = None) -> dict[str, Any]:
+def map_batches_args(
+    step: Step, cluster_gpus: float, cluster_cpus: float = 2.0, rows: int | None = None
+) -> dict[str, Any]:
     """A step's declared resources as ``map_batches`` arguments; ``rows``: the run's input rows, if known."""
     resources, actor = step.resources, step.kind == "actor"
     num_gpus = resources.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if actor and cluster_gpus >= 1 else 0.0
-    args: dict[str, Any] = {"batch_size": resources.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True,
-                            "num_cpus": resources.num_cpus}
+    args: dict[str, Any] = {
+        "batch_size": resources.batch_size,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+        "num_cpus": resources.num_cpus,
+    }
     if num_gpus:
         args["num_gpus"] = num_gpus
     if actor:
@@ -241,20 +256,26 @@ def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str
     for step, args in actors:
         need = args.get("num_gpus", 0) * args["compute"].min_size
         if need > gpus:
-            return (f"{_key(step)}.resources asks for {need:g} GPU(s) ({args['compute'].min_size} actor(s) x "
-                    f"{args['num_gpus']:g}), but the Ray cluster has {gpus:g}")
+            return (
+                f"{_key(step)}.resources asks for {need:g} GPU(s) ({args['compute'].min_size} actor(s) x "
+                f"{args['num_gpus']:g}), but the Ray cluster has {gpus:g}"
+            )
     gpu_actors = [(step, args) for step, args in actors if args.get("num_gpus")]
     together = sum(args["num_gpus"] * args["compute"].min_size for _, args in gpu_actors)
     if together > gpus:  # each fits alone, but all model actors run at once: else some would wait forever
         asks = ", ".join(f"{_key(step)} {args['compute'].min_size} x {args['num_gpus']:g}" for step, args in gpu_actors)
-        return (f"the model actors together ask for {together:g} GPU(s) ({asks}), but the Ray cluster has "
-                f"{gpus:g}: set each stage's resources.concurrency (or a smaller num_gpus)")
+        return (
+            f"the model actors together ask for {together:g} GPU(s) ({asks}), but the Ray cluster has "
+            f"{gpus:g}: set each stage's resources.concurrency (or a smaller num_gpus)"
+        )
     held = sum(args["num_cpus"] * args["compute"].min_size for _, args in actors)
     tasks = max([0.0] + [step.resources.num_cpus for step in steps if step.kind != "actor"])
     if held + tasks > cpus:
         keys = "/".join(dict.fromkeys(_key(step) for step, _ in actors)) or "model"
-        return (f"the model actors hold {held:g} CPUs and decoding needs {tasks:g} more, but the Ray "
-                f"cluster has {cpus:g}: lower {keys}.resources.num_cpus or concurrency (fractions are fine)")
+        return (
+            f"the model actors hold {held:g} CPUs and decoding needs {tasks:g} more, but the Ray "
+            f"cluster has {cpus:g}: lower {keys}.resources.num_cpus or concurrency (fractions are fine)"
+        )
     return None
 
 
@@ -309,6 +330,7 @@ def _reading_task_function(step: Step, head: Head, source: Source) -> Callable:
 
 def _named(operator: Callable[[pa.Table], pa.Table], name: str) -> Callable[[pa.Table], pa.Table]:
     """A plain function around ``operator``, named for Ray's progress bars and stats."""
+
     def run(batch: pa.Table) -> pa.Table:
         return operator(batch)
 
@@ -318,16 +340,19 @@ def _named(operator: Callable[[pa.Table], pa.Table], name: str) -> Callable[[pa.
 
 def _listing(source: Source):
     """One row per file, each in a block of its own: a task per file."""
-    return ray.data.from_items([{SHARD_PATH: path} for path in source.paths],
-                               override_num_blocks=max(1, len(source.paths)))
+    return ray.data.from_items(
+        [{SHARD_PATH: path} for path in source.paths], override_num_blocks=max(1, len(source.paths))
+    )
 
 
 def _dataset(source: Source, concurrency: int = 1):
     """The files' rows as a step of their own: storage I/O (``IO_RESOURCES``), no CPU slot."""
+
     def read(listing: pa.Table) -> Iterator[pa.Table]:
         for path in listing.column(SHARD_PATH).to_pylist():
             yield from source.tables(path)
 
     read.__name__ = read.__qualname__ = source.name
-    return _listing(source).map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                                        compute=ray.data.TaskPoolStrategy(size=concurrency))
+    return _listing(source).map_batches(
+        read, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=concurrency)
+    )

@@ -32,16 +32,20 @@ class Source:
 
     def tables(self, path: str) -> Iterator[pa.Table]:
         for table in self.read_file(path):
-            yield table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string())) \
-                if self.with_path else table
+            yield (
+                table.append_column(SHARD_PATH, pa.array([path] * table.num_rows, pa.string()))
+                if self.with_path
+                else table
+            )
 
     def all_tables(self) -> Iterator[pa.Table]:
         for path in self.paths:
             yield from self.tables(path)
 
 
-def parquet_source(paths: list[str], filesystem: pafs.FileSystem, columns: list[str] | None = None, *,
-                   with_path: bool = False) -> Source:
+def parquet_source(
+    paths: list[str], filesystem: pafs.FileSystem, columns: list[str] | None = None, *, with_path: bool = False
+) -> Source:
     """Parquet files vlpipe has listed itself, read in blocks of ``PARQUET_BATCH_ROWS`` rows."""
     return Source(tuple(paths), partial(parquet_blocks, filesystem, columns), "ReadParquet", with_path)
 

@@ -62,7 +62,8 @@ def with_row_ids(batch: pa.Table, file_id: int) -> pa.Table:
         raise ValueError(f"a staged file holds at most {1 << ROW_BITS} rows")
     rows = ((file_id & ((1 << 42) - 1)) << ROW_BITS) + np.arange(batch.num_rows, dtype=np.int64)
     return batch.drop_columns([c for c in (col.ROW_ID,) if c in batch.column_names]).append_column(
-        col.ROW_ID, pa.array(rows, pa.int64()))
+        col.ROW_ID, pa.array(rows, pa.int64())
+    )
 
 
 def read_partial(data: bytes) -> pa.Table:
@@ -89,8 +90,9 @@ class Decided:
     seconds: float
 
 
-def decide(aggregate: Stage, spilled: list[dict], staging: Location,
-           tasks: Tasks) -> tuple[Source, tuple[ApplyAggregate], Decided]:
+def decide(
+    aggregate: Stage, spilled: list[dict], staging: Location, tasks: Tasks
+) -> tuple[Source, tuple[ApplyAggregate], Decided]:
     """An aggregate's decision from its spill's rows; the second pass's source, head and the ``Decided``.
 
     ``tasks`` is the executor, for a decision that needs more than the partials (dedup reads

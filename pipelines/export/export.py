@@ -27,19 +27,32 @@ from operators import schema as col
 from operators.storage import Location, StorageOptions, is_remote, local_path
 from pipelines import hooks
 from pipelines.config import default_run_records_uri
-from pipelines.input.images import ImageSource
 from pipelines.errors import ConfigError, NoInputError, VlpipeError
-from pipelines.export.files import (ExportedShard, ExportManifest, clear_manifest, embedding_files, publish,
-                                    remove_stale, shard_name, stats)
+from pipelines.export.files import (
+    ExportedShard,
+    ExportManifest,
+    clear_manifest,
+    embedding_files,
+    publish,
+    remove_stale,
+    shard_name,
+    stats,
+)
 from pipelines.export.samples import occurrences, sample_name, scalar_fields
 from pipelines.export.shards import FILE, NAME, ROW, ExportContext, ShardJob, write_shard
+from pipelines.input.images import ImageSource
 from pipelines.search.index import TableSlice
 from pipelines.table.read import delta_dataset
 
 log = logging.getLogger(__name__)
 
-ORDER = [(col.RUN_DATE, "ascending"), (col.SOURCE_SHARD, "ascending"), (col.KEY, "ascending"),
-         (FILE, "ascending"), (ROW, "ascending")]
+ORDER = [
+    (col.RUN_DATE, "ascending"),
+    (col.SOURCE_SHARD, "ascending"),
+    (col.KEY, "ascending"),
+    (FILE, "ascending"),
+    (ROW, "ascending"),
+]
 _INDEX_COLUMNS = [col.KEY, col.SOURCE_SHARD, col.RUN_ID, col.STATUS, col.KEEP]
 
 
@@ -56,9 +69,15 @@ class ExportRequest(BaseModel):
     embeddings: bool = False  # also img_emb/, text_emb/, metadata/ (clip-retrieval's layout)
 
 
-def export(table_uri: str, to_uri: str, request: ExportRequest = ExportRequest(), *,
-           storage: StorageOptions = StorageOptions(), runs_uri: str | None = None,
-           progress: bool = False) -> ExportManifest:
+def export(
+    table_uri: str,
+    to_uri: str,
+    request: ExportRequest = ExportRequest(),
+    *,
+    storage: StorageOptions = StorageOptions(),
+    runs_uri: str | None = None,
+    progress: bool = False,
+) -> ExportManifest:
     """Export the table at ``table_uri`` to ``to_uri`` as ``request`` says; returns the manifest written."""
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     storage = storage.resolved()  # once, here: the tasks then need no environment of their own
@@ -66,32 +85,65 @@ def export(table_uri: str, to_uri: str, request: ExportRequest = ExportRequest()
     if table.contains(target):
         raise ConfigError(f"--to {to_uri}: inside the table {table_uri}; export somewhere else")
     chosen = TableSlice.open(table, request.version, request.run_dates)
-    rows = plan_rows(chosen, request.all_rows)
-    if rows.num_rows == 0:
-        raise NoInputError(f"no {'row' if request.all_rows else 'kept row'} to export in {table.uri} (version "
-                           f"{chosen.version}){'' if request.all_rows else '; --all-rows exports rejected rows too'}")
+    rows = _rows_to_export(chosen, table, request.all_rows)
     context = _context(chosen, target, request, storage, runs_uri, rows)
-    jobs = [ShardJob(n, rows.slice(start, stop - start))
-            for n, (start, stop) in enumerate(split(rows.num_rows, request.samples_per_shard))]
-    log.info("export %s: %d %s of %s version %d in %d %s shard(s)", target.uri, rows.num_rows,
-             "rows" if request.all_rows else "kept rows", table.uri, chosen.version, len(jobs), request.format)
+    jobs = [
+        ShardJob(n, rows.slice(start, stop - start))
+        for n, (start, stop) in enumerate(split(rows.num_rows, request.samples_per_shard))
+    ]
+    log.info(
+        "export %s: %d %s of %s version %d in %d %s shard(s)",
+        target.uri,
+        rows.num_rows,
+        "rows" if request.all_rows else "kept rows",
+        table.uri,
+        chosen.version,
+        len(jobs),
+        request.format,
+    )
     clear_manifest(target)
     shards = run_jobs(context, jobs, progress)
     hooks.reach("export:written")
     removed = remove_stale(target, {name for shard in shards for name in shard.files})
     if removed:
         log.info("export %s: removed %d file(s) of an earlier export", target.uri, len(removed))
-    days = pc.unique(rows.column(col.RUN_DATE)).to_pylist()
-    manifest = ExportManifest(
-        export_format=request.format, table_uri=table.uri if is_remote(table.uri) else local_path(table.uri),
-        table_version=chosen.version, run_dates=tuple(sorted(days)), options=request.model_dump(mode="json"),
-        samples=rows.num_rows, bytes=sum(s.bytes for s in shards), shards=tuple(shards),
-        created_at=dt.datetime.now(dt.timezone.utc), seconds=round(time.perf_counter() - clock, 3),
-        vlpipe_version=_version(),
-    )
+    manifest = _manifest(table, chosen, request, rows, shards, clock)
     publish(target, manifest, stats(manifest, started))
     log.info("export %s: %d samples, %d shard(s), %.1f s", target.uri, manifest.samples, len(shards), manifest.seconds)
     return manifest
+
+
+def _rows_to_export(chosen: TableSlice, table: Location, all_rows: bool) -> pa.Table:
+    rows = plan_rows(chosen, all_rows)
+    if rows.num_rows == 0:
+        raise NoInputError(
+            f"no {'row' if all_rows else 'kept row'} to export in {table.uri} (version "
+            f"{chosen.version}){'' if all_rows else '; --all-rows exports rejected rows too'}"
+        )
+    return rows
+
+
+def _manifest(
+    table: Location,
+    chosen: TableSlice,
+    request: ExportRequest,
+    rows: pa.Table,
+    shards: list[ExportedShard],
+    clock: float,
+) -> ExportManifest:
+    return ExportManifest(
+        export_format=request.format,
+        table_uri=table.uri if is_remote(table.uri) else local_path(table.uri),
+        table_version=chosen.version,
+        run_dates=tuple(sorted(pc.unique(rows.column(col.RUN_DATE)).to_pylist())),
+        options=request.model_dump(mode="json"),
+        samples=rows.num_rows,
+        bytes=sum(s.bytes for s in shards),
+        shards=tuple(shards),
+        created_at=dt.datetime.now(dt.timezone.utc),
+        seconds=round(time.perf_counter() - clock, 3),
+        vlpipe_version=_version(),
+    )
 
 
 def plan_rows(chosen: TableSlice, all_rows: bool) -> pa.Table:
@@ -101,13 +153,17 @@ def plan_rows(chosen: TableSlice, all_rows: bool) -> pa.Table:
         with chosen.table.filesystem.open_input_file(path) as source:
             part = pq.ParquetFile(source).read(columns=_INDEX_COLUMNS)
         n = part.num_rows
-        part = part.append_column(FILE, pa.array(np.full(n, index, np.int32))).append_column(
-            ROW, pa.array(np.arange(n, dtype=np.int64))).append_column(col.RUN_DATE, pa.array([day] * n, pa.date32()))
+        part = (
+            part.append_column(FILE, pa.array(np.full(n, index, np.int32)))
+            .append_column(ROW, pa.array(np.arange(n, dtype=np.int64)))
+            .append_column(col.RUN_DATE, pa.array([day] * n, pa.date32()))
+        )
         parts.append(part if all_rows else part.filter(pc.field(col.KEEP)))
     rows = pa.concat_tables(parts).drop_columns([col.KEEP]).sort_by(ORDER)
     keys = rows.column(col.KEY)
-    return rows.append_column(NAME, pa.array([sample_name(k, o) for k, o in zip(keys.to_pylist(), occurrences(keys))],
-                                             pa.string()))
+    return rows.append_column(
+        NAME, pa.array([sample_name(k, o) for k, o in zip(keys.to_pylist(), occurrences(keys))], pa.string())
+    )
 
 
 def split(total: int, per_shard: int) -> list[tuple[int, int]]:
@@ -145,16 +201,28 @@ def run_jobs(context: ExportContext, jobs: list[ShardJob], progress: bool) -> li
     return [done[n] for n in sorted(done)]
 
 
-def _context(chosen: TableSlice, target: Location, request: ExportRequest, storage: StorageOptions,
-             runs_uri: str | None, rows: pa.Table) -> ExportContext:
+def _context(
+    chosen: TableSlice,
+    target: Location,
+    request: ExportRequest,
+    storage: StorageOptions,
+    runs_uri: str | None,
+    rows: pa.Table,
+) -> ExportContext:
     schema = delta_dataset(chosen.table, version=chosen.version).schema
     embeddings = [schema.field(c) for c in (col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING)] if request.embeddings else []
     run_ids = set(pc.unique(rows.column(col.RUN_ID)).to_pylist())
     return ExportContext(
-        table=chosen.table, files=tuple(path for path, _ in chosen.files), schema=pa.schema(scalar_fields(schema)),
-        embedding_schema=pa.schema(embeddings), bytes_in_table=col.IMAGE_BYTES in schema.names,
+        table=chosen.table,
+        files=tuple(path for path, _ in chosen.files),
+        schema=pa.schema(scalar_fields(schema)),
+        embedding_schema=pa.schema(embeddings),
+        bytes_in_table=col.IMAGE_BYTES in schema.names,
         image_sources=image_sources(run_ids, runs_uri or default_run_records_uri(chosen.table.uri), storage),
-        storage=storage, target=target, fmt=request.format)
+        storage=storage,
+        target=target,
+        fmt=request.format,
+    )
 
 
 def image_sources(run_ids: set[str], runs_uri: str, storage: StorageOptions) -> dict[str, ImageSource]:
@@ -170,8 +238,12 @@ def image_sources(run_ids: set[str], runs_uri: str, storage: StorageOptions) -> 
             except ConfigError as err:
                 log.warning("export: run %s: its recorded config is unreadable (%s)", record["run_id"], err)
     for run_id in sorted(run_ids - set(found)):
-        log.warning("export: run %s has no readable run record in %s: its source shards are read with "
-                    "img2dataset's column names (key, jpg)", run_id, runs_uri)
+        log.warning(
+            "export: run %s has no readable run record in %s: its source shards are read with "
+            "img2dataset's column names (key, jpg)",
+            run_id,
+            runs_uri,
+        )
     return found
 
 
@@ -187,14 +259,18 @@ def summary(manifest: ExportManifest, to_uri: str) -> str:
     shards = manifest.shards
     last = shard_name(shards[-1].number)
     what = "rows" if manifest.options["all_rows"] else "kept rows"
-    lines = [f"export {to_uri}: {manifest.samples} {what} in {len(shards)} {manifest.export_format} shard(s), "
-             f"{manifest.bytes / 2**20:.1f} MiB, of {manifest.table_uri} version {manifest.table_version} "
-             f"(run_date {', '.join(d.isoformat() for d in manifest.run_dates)})"]
+    lines = [
+        f"export {to_uri}: {manifest.samples} {what} in {len(shards)} {manifest.export_format} shard(s), "
+        f"{manifest.bytes / 2**20:.1f} MiB, of {manifest.table_uri} version {manifest.table_version} "
+        f"(run_date {', '.join(d.isoformat() for d in manifest.run_dates)})"
+    ]
     if manifest.export_format == "webdataset":
         lines.append(f"  read: webdataset.WebDataset('{to_uri.rstrip('/')}/{{{shard_name(0)}..{last}}}.tar')")
     else:
-        lines.append(f"  read: the Parquet files {to_uri.rstrip('/')}/{{{shard_name(0)}..{last}}}.parquet, images in "
-                     f"column {col.EXPORT_IMAGE!r}")
+        lines.append(
+            f"  read: the Parquet files {to_uri.rstrip('/')}/{{{shard_name(0)}..{last}}}.parquet, images in "
+            f"column {col.EXPORT_IMAGE!r}"
+        )
     if manifest.options["embeddings"]:
         rows = sum(s.embedding_rows or 0 for s in shards)
         folders = ", ".join(name.split("/")[0] + "/" for name in embedding_files(0))

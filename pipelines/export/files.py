@@ -91,14 +91,21 @@ def stats(manifest: ExportManifest, started_at: dt.datetime) -> dict:
     shards = manifest.shards
     embedding_rows = [s.embedding_rows for s in shards]
     return {
-        "format": manifest.export_format, "samples": manifest.samples, "shards": len(shards),
-        "bytes": manifest.bytes, "rows_per_shard": [s.samples for s in shards],
-        "images": sum(s.images for s in shards), "without_image": manifest.samples - sum(s.images for s in shards),
+        "format": manifest.export_format,
+        "samples": manifest.samples,
+        "shards": len(shards),
+        "bytes": manifest.bytes,
+        "rows_per_shard": [s.samples for s in shards],
+        "images": sum(s.images for s in shards),
+        "without_image": manifest.samples - sum(s.images for s in shards),
         "image_bytes_from": {k: sum(s.image_bytes_from.get(k, 0) for s in shards) for k in ("table", "source")},
         "embedding_rows": None if None in embedding_rows else sum(embedding_rows),
-        "table_uri": manifest.table_uri, "table_version": manifest.table_version,
-        "run_dates": [d.isoformat() for d in manifest.run_dates], "all_rows": manifest.options["all_rows"],
-        "start_time": started_at.isoformat(), "end_time": manifest.created_at.isoformat(),
+        "table_uri": manifest.table_uri,
+        "table_version": manifest.table_version,
+        "run_dates": [d.isoformat() for d in manifest.run_dates],
+        "all_rows": manifest.options["all_rows"],
+        "start_time": started_at.isoformat(),
+        "end_time": manifest.created_at.isoformat(),
         "duration_s": manifest.seconds,
     }
 

@@ -63,7 +63,7 @@ def occurrences(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def image_ext(data: bytes) -> str:
     """The extension of an encoded image from its first bytes; ``bin`` for what no signature matches."""
     for offset, magic, ext in _SIGNATURES:
-        if data[offset:offset + len(magic)] == magic:
+        if data[offset : offset + len(magic)] == magic:
             return ext
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"

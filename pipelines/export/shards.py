@@ -74,8 +74,14 @@ def write_shard(context: ExportContext, job: ShardJob) -> ExportedShard:
         embedded = write_embeddings(context.target, job.number, rows, scalars)
         names += list(embedding_files(job.number)) if embedded else []
     sizes = _sizes(context.target, names)
-    return ExportedShard(number=job.number, samples=job.rows.num_rows, images=images, embedding_rows=embedded,
-                         image_bytes_from=dict(sources), files=sizes)
+    return ExportedShard(
+        number=job.number,
+        samples=job.rows.num_rows,
+        images=images,
+        embedding_rows=embedded,
+        image_bytes_from=dict(sources),
+        files=sizes,
+    )
 
 
 def source_runs(shards: pa.ChunkedArray | pa.Array) -> list[tuple[int, int]]:
@@ -100,8 +106,10 @@ def run_images(context: ExportContext, part: pa.Table) -> tuple[list[bytes | Non
         return data, _nonzero({"table": from_table})
     shard, keys = part.column(col.SOURCE_SHARD)[0].as_py(), part.column(col.KEY).to_pylist()
     if shard is None:
-        raise MissingSourceError(f"{len(needed)} row(s) (e.g. key {keys[needed[0]]!r}) have no source_shard and no "
-                                 "image_bytes in the table: their images cannot be exported")
+        raise MissingSourceError(
+            f"{len(needed)} row(s) (e.g. key {keys[needed[0]]!r}) have no source_shard and no "
+            "image_bytes in the table: their images cannot be exported"
+        )
     by_source: dict[ImageSource, list[int]] = defaultdict(list)
     runs = part.column(col.RUN_ID).to_pylist()
     for i in needed:
@@ -149,10 +157,13 @@ def take_rows(table: Location, path: str, rows: np.ndarray, fields: pa.Schema) -
                 start += batch.num_rows
     found = pa.concat_tables(parts) if parts else pa.table({name: [] for name in present})
     if found.num_rows != len(rows):
-        raise MissingSourceError(f"table data file {path} has {found.num_rows} of the {len(rows)} rows the export "
-                                 "planned: the table changed under the export")
-    found = pa.table({f.name: found.column(f.name) if f.name in present else pa.nulls(found.num_rows, f.type)
-                      for f in fields}).cast(fields)
+        raise MissingSourceError(
+            f"table data file {path} has {found.num_rows} of the {len(rows)} rows the export "
+            "planned: the table changed under the export"
+        )
+    found = pa.table(
+        {f.name: found.column(f.name) if f.name in present else pa.nulls(found.num_rows, f.type) for f in fields}
+    ).cast(fields)
     return found.take(pa.array(np.argsort(order, kind="stable")))
 
 
@@ -195,8 +206,9 @@ class ParquetShard:
         self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
 
     def add(self, rows: pa.Table, names: list[str], images: list[bytes | None]) -> None:
-        self.writer.write_table(rows.append_column(IMAGE_COLUMN, pa.array(images, pa.binary())),
-                                row_group_size=_IMAGE_ROW_GROUP)
+        self.writer.write_table(
+            rows.append_column(IMAGE_COLUMN, pa.array(images, pa.binary())), row_group_size=_IMAGE_ROW_GROUP
+        )
 
     def close(self) -> None:
         self.writer.close()

@@ -18,8 +18,8 @@ import pyarrow.dataset as pads
 from pydantic import BaseModel, ConfigDict
 
 from operators.input.fetch import FetchConfig, FetchImages
-from operators.storage import Location, StorageOptions
 from operators.input.webdataset import WebDatasetConfig, split_member_name
+from operators.storage import Location, StorageOptions
 from pipelines.config import InputColumns, PipelineConfig
 from pipelines.errors import NoInputError
 
@@ -38,12 +38,13 @@ class ImageSource(BaseModel):
     fetch: FetchConfig = FetchConfig()
 
     @classmethod
-    def of(cls, config: PipelineConfig) -> "ImageSource":
+    def of(cls, config: PipelineConfig) -> ImageSource:
         return cls(columns=config.input.columns, webdataset=config.input.webdataset, fetch=config.input.fetch)
 
 
-def source_images(shard: Location, source: ImageSource, keys: Collection[str],
-                  storage: StorageOptions = StorageOptions()) -> dict[str, bytes | None]:
+def source_images(
+    shard: Location, source: ImageSource, keys: Collection[str], storage: StorageOptions = StorageOptions()
+) -> dict[str, bytes | None]:
     """Encoded image per key of the rows of ``shard`` whose key is in ``keys`` (None where the row has none).
 
     The key is compared as a string, as the pipeline stored it. Every key must be found.
@@ -51,32 +52,43 @@ def source_images(shard: Location, source: ImageSource, keys: Collection[str],
     found = find_source_images(shard, source, keys, storage)
     missing = [k for k in keys if k not in found]
     if missing:
-        raise MissingSourceError(f"source shard {shard.uri} lacks {len(missing)} of the {len(keys)} key(s) needed "
-                                 f"from it (e.g. {missing[0]!r}): it changed since the run read it")
+        raise MissingSourceError(
+            f"source shard {shard.uri} lacks {len(missing)} of the {len(keys)} key(s) needed "
+            f"from it (e.g. {missing[0]!r}): it changed since the run read it"
+        )
     return found
 
 
-def find_source_images(shard: Location, source: ImageSource, keys: Collection[str],
-                       storage: StorageOptions = StorageOptions()) -> dict[str, bytes | None]:
+def find_source_images(
+    shard: Location, source: ImageSource, keys: Collection[str], storage: StorageOptions = StorageOptions()
+) -> dict[str, bytes | None]:
     """Like ``source_images``, leaving out the keys the shard does not have (for thumbnails)."""
     try:
-        found = (_from_tar(shard, set(keys), source.webdataset) if shard.path.endswith(".tar")
-                 else _from_parquet(shard, source, keys, storage))
+        found = (
+            _from_tar(shard, set(keys), source.webdataset)
+            if shard.path.endswith(".tar")
+            else _from_parquet(shard, source, keys, storage)
+        )
     except FileNotFoundError:
-        raise MissingSourceError(f"source shard {shard.uri} is gone: {len(keys)} row(s) need their image from it; "
-                                 "restore it, or export a table written with output.include_image_bytes") from None
+        raise MissingSourceError(
+            f"source shard {shard.uri} is gone: {len(keys)} row(s) need their image from it; "
+            "restore it, or export a table written with output.include_image_bytes"
+        ) from None
     return found
 
 
-def _from_parquet(shard: Location, source: ImageSource, keys: Collection[str],
-                  storage: StorageOptions) -> dict[str, bytes | None]:
+def _from_parquet(
+    shard: Location, source: ImageSource, keys: Collection[str], storage: StorageOptions
+) -> dict[str, bytes | None]:
     columns = source.columns
     dataset = pads.dataset(shard.path, filesystem=shard.filesystem, format="parquet")
     image = columns.image_uri or columns.image
     absent = [name for name in (columns.key, image) if name not in dataset.schema.names]
     if absent:
-        raise MissingSourceError(f"source shard {shard.uri} has no column {', '.join(map(repr, absent))}: it is not "
-                                 "the shard the rows were read from")
+        raise MissingSourceError(
+            f"source shard {shard.uri} has no column {', '.join(map(repr, absent))}: it is not "
+            "the shard the rows were read from"
+        )
     key = pc.field(columns.key)
     if not pa.types.is_string(dataset.schema.field(columns.key).type):
         key = key.cast(pa.string())

@@ -40,7 +40,9 @@ def fingerprint(uri: str, size: int, mtime: dt.datetime | None) -> Fingerprint:
     return uri, size, int(mtime.timestamp() * 1_000_000)
 
 
-def plan_nightly(shards: list[Shard], records: pa.Table, run_date: dt.date, config_hash: str, force: bool) -> NightlyPlan:
+def plan_nightly(
+    shards: list[Shard], records: pa.Table, run_date: dt.date, config_hash: str, force: bool
+) -> NightlyPlan:
     """Choose the shards for ``run_date`` from the listing and the run records."""
     done_elsewhere: set[Fingerprint] = set()
     latest_for_date = None
@@ -48,7 +50,9 @@ def plan_nightly(shards: list[Shard], records: pa.Table, run_date: dt.date, conf
         if run["status"] not in ("succeeded", "partial"):  # a partial run did its good shards
             continue
         failed = {s["uri"] for s in run["failed_shards"] or []}
-        done = {fingerprint(s["uri"], s["size"], s["mtime"]) for s in run["input_shards"] or [] if s["uri"] not in failed}
+        done = {
+            fingerprint(s["uri"], s["size"], s["mtime"]) for s in run["input_shards"] or [] if s["uri"] not in failed
+        }
         if run["run_date"] == run_date:
             latest_for_date = (run, done)
         else:
@@ -63,7 +67,8 @@ def plan_nightly(shards: list[Shard], records: pa.Table, run_date: dt.date, conf
         return NightlyPlan(run_date, [], [], "nothing new: every shard has been processed by an earlier run")
     unchanged = latest_for_date[0]["config_hash"] == config_hash and len(again) == len(ours)
     if unchanged and not force:
-        return NightlyPlan(run_date, [], [], f"{run_date} is up to date (run {latest_for_date[0]['run_id']}); "
-                                             "--force recomputes it")
+        return NightlyPlan(
+            run_date, [], [], f"{run_date} is up to date (run {latest_for_date[0]['run_id']}); --force recomputes it"
+        )
     why = "forced" if unchanged else "the config or the date's shard set changed"
     return NightlyPlan(run_date, again, [], f"recomputing {run_date}: {why}")

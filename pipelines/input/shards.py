@@ -81,8 +81,6 @@ def _is_data_file(path: str, root: str, pattern: str | None) -> bool:
     return name.endswith(SHARD_EXTENSIONS)
 
 
-
-
 def choose_format(shards: list[Shard], configured: str | None) -> tuple[str, list[Shard]]:
     """The input format (configured, else from the extensions) and the shards of that format.
 
@@ -95,8 +93,10 @@ def choose_format(shards: list[Shard], configured: str | None) -> tuple[str, lis
         stems = {s.path.removesuffix(".tar") for s in tars}
         unpaired = [s for s in others if s.path.removesuffix(".parquet") not in stems]
         if configured is None and unpaired:
-            raise ConfigError(f"input.uri has both tar shards ({len(tars)}) and Parquet shards ({len(unpaired)}, e.g. "
-                              f"{unpaired[0].uri}): set input.format to parquet or webdataset, or narrow the glob")
+            raise ConfigError(
+                f"input.uri has both tar shards ({len(tars)}) and Parquet shards ({len(unpaired)}, e.g. "
+                f"{unpaired[0].uri}): set input.format to parquet or webdataset, or narrow the glob"
+            )
         return WEBDATASET, tars
     return PARQUET, others
 
@@ -141,7 +141,8 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], columns: ColumnMappin
         footer, shard_rows = read
         drift = [
             f"column {name!r} is {type_} here but {usual[i][0][0]} in {usual[i][0][1]} other shard(s)"
-            for i, (name, type_) in enumerate(zip(names, footer)) if type_ != usual[i][0][0]
+            for i, (name, type_) in enumerate(zip(names, footer))
+            if type_ != usual[i][0][0]
         ]
         if drift:
             failed.append({"uri": shard.uri, "error": "schema drift: " + "; ".join(drift)})
@@ -183,8 +184,16 @@ def _is_key(t: pa.DataType) -> bool:
 
 
 def _is_text(t: pa.DataType) -> bool:
-    return any(check(t) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
-                                      pa.types.is_large_binary, pa.types.is_null))
+    return any(
+        check(t)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+            pa.types.is_null,
+        )
+    )
 
 
 def _is_image(t: pa.DataType) -> bool:

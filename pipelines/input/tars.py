@@ -20,7 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from operators.input.webdataset import (
-    WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, json_field_type, read_tar, split_member_name,
+    WDS_CAPTION,
+    WDS_IMAGE,
+    WDS_KEY,
+    WebDatasetConfig,
+    json_field_type,
+    read_tar,
+    split_member_name,
 )
 from pipelines.errors import PlanError
 from pipelines.input.shards import _FOOTER_THREADS, Shard, ShardCheck
@@ -31,8 +37,9 @@ _BLOCK = tarfile.BLOCKSIZE
 _SCHEMA_SAMPLES = 64  # json members looked at for the extra columns' types
 
 
-def check_tar_shards(fs: pafs.FileSystem, shards: list[Shard], config: WebDatasetConfig,
-                     extra: tuple[str, ...]) -> ShardCheck:
+def check_tar_shards(
+    fs: pafs.FileSystem, shards: list[Shard], config: WebDatasetConfig, extra: tuple[str, ...]
+) -> ShardCheck:
     """Set aside the tars a run cannot read; the schema has the extra (json) fields' types."""
     with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(shards)))) as pool:
         problems = list(pool.map(lambda shard: _tar_problem(fs, shard), shards))
@@ -78,8 +85,10 @@ def tar_schema(fs: pafs.FileSystem, shard: Shard, config: WebDatasetConfig, extr
                 break
         missing = [name for name in extra if name not in types]
         if missing:
-            raise PlanError(f"input.extra_columns {', '.join(map(repr, missing))}: no such field in the "
-                            f".{config.json_extension} members of {shard.uri} (first {_SCHEMA_SAMPLES} looked at)")
+            raise PlanError(
+                f"input.extra_columns {', '.join(map(repr, missing))}: no such field in the "
+                f".{config.json_extension} members of {shard.uri} (first {_SCHEMA_SAMPLES} looked at)"
+            )
     fields = [pa.field(WDS_KEY, pa.string()), pa.field(WDS_CAPTION, pa.string()), pa.field(WDS_IMAGE, pa.binary())]
     return pa.schema(fields + [pa.field(name, types[name]) for name in extra])
 

@@ -13,34 +13,33 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
+from functools import cached_property, partial
 
 import pyarrow as pa
 
 from operators import schema as col
-from operators.models.ask import ask_stage
-from operators.models.caption import caption_geometry, caption_stage
-from operators.models.classify import check_labels, classifier_stage
-from operators.models.clip import clip_stage
-from operators.image.decode import PixelSpec, decode_stage
 from operators.decisions.filter import filter_stage, top_fraction_stage
-from operators.models.heads import HEAD_ARCH, HeadRef, HeadSpec, check_head_dir, heads_stage, read_head_spec
-from operators.models.itm import itm_stage
-from operators.models.language import LanguageConfig, language_stage
-from operators.models.load import ModelLoadError, resolve_model_dir
-from operators.refs import ModelRef
+from operators.image.decode import PixelSpec, decode_stage
 from operators.input.fetch import fetch_stage
 from operators.input.prepare import SHARD_PATH, ColumnMapping, prepare_stage
+from operators.models.ask import ask_stage
+from operators.models.caption import caption_geometry, caption_stage
+from operators.models.classify import check_classifier_labels, classifier_stage
+from operators.models.clip import clip_stage
+from operators.models.heads import check_heads, heads_stage
+from operators.models.itm import itm_stage
+from operators.models.language import LanguageConfig, language_stage
+from operators.models.load import resolve_model_dir
 from operators.models.select import select_caption_stage
+from operators.refs import ModelRef
 from operators.stage import Stage
-from operators.storage import Location, StorageOptions, is_remote
-from pipelines.table.write import write_stage
+from operators.storage import Location, StorageOptions
 from pipelines.config import PipelineConfig
 from pipelines.dedup.stage import dedup_stage
 from pipelines.errors import PlanError
 from pipelines.execute.steps import Pass, passes
 from pipelines.input.shards import PARQUET, WEBDATASET
+from pipelines.table.write import write_stage
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +96,26 @@ def _image_processor(ref: ModelRef, storage: StorageOptions):
 
 
 def build_plan(
-    config: PipelineConfig, output: Location, *, run_id: str, run_date: dt.date, shard_schema: pa.Schema | None,
-    shard_prefix: str = "", shard_count: int | None = None, geometry: Geometry = image_geometry,
-    input_format: str = PARQUET, input_rows: int | None = None,
+    config: PipelineConfig,
+    output: Location,
+    *,
+    run_id: str,
+    run_date: dt.date,
+    shard_schema: pa.Schema | None,
+    shard_prefix: str = "",
+    shard_count: int | None = None,
+    geometry: Geometry = image_geometry,
+    input_format: str = PARQUET,
+    input_rows: int | None = None,
 ) -> Plan:
     """Every stage of the configured run, read to write, with its columns checked.
 
     ``geometry`` reads a model's input size; ``geometry_unknown`` checks a plan
     whose models exist only on the cluster (each model gets its own pixel column).
     """
-    schema = col.output_schema(_extra_fields(config, shard_schema), include_image_bytes=config.output.include_image_bytes)
+    schema = col.output_schema(
+        _extra_fields(config, shard_schema), include_image_bytes=config.output.include_image_bytes
+    )
     columns = _input_columns(config, shard_schema, input_format)
     model_stages, pixels = _model_stages(config, geometry)
     stages = [_read_stage(config, columns, shard_count, input_format), prepare_stage(columns, shard_prefix)]
@@ -117,8 +126,16 @@ def build_plan(
         stages.append(dedup_stage(config.dedup, output, run_date, config.filter.clip_score_column))
     if config.filter.keep_top_fraction is not None:
         stages.append(top_fraction_stage(config.filter))
-    stages.append(write_stage(output, schema, run_id, run_date, kept_only=config.output.kept_only,
-                              rows_per_file=config.output.rows_per_file))
+    stages.append(
+        write_stage(
+            output,
+            schema,
+            run_id,
+            run_date,
+            kept_only=config.output.kept_only,
+            rows_per_file=config.output.rows_per_file,
+        )
+    )
     if config.ask:
         _check_question_columns(config, stages, schema)
     check_columns(stages)
@@ -130,8 +147,10 @@ def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input
     columns = config.input.mapping_for(input_format)
     if input_format == WEBDATASET:
         if config.input.columns.image_uri:
-            raise PlanError("input.columns.image_uri: tar shards hold their images; image references are read "
-                            "from Parquet input (input.format: parquet)")
+            raise PlanError(
+                "input.columns.image_uri: tar shards hold their images; image references are read "
+                "from Parquet input (input.format: parquet)"
+            )
         return columns
     return columns.for_schema(shard_schema, config.input.columns.download_status, config.input.columns.download_error)
 
@@ -142,47 +161,68 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
     Models that share a geometry share one pixel column, so an image is resized
     once per distinct geometry.
     """
-    storage = config.storage
+    storage, readable = config.storage, _models_readable(geometry)
     clip_geometry = geometry(config.clip.model, storage, None)
-    pixels: dict[str, PixelSpec | None] = {col.PIXELS: clip_geometry}
+    pixels = _Pixels(geometry, storage, {col.PIXELS: clip_geometry})
     stages = []
-
-    def column_for(spec: PixelSpec | None, own: str) -> str:
-        """The column of an earlier model with the same geometry, else ``own`` (now decoded too)."""
-        for name, other in pixels.items():
-            if spec is not None and other == spec:
-                return name
-        pixels[own] = spec
-        return own
-
     if config.caption:
-        spec = geometry(config.caption.model, storage, config.caption.image_size)
-        column = column_for(spec, col.CAPTION_PIXELS)
-        stages.append(caption_stage(config.caption, storage, pixels_column=column, geometry=_describe_geometry(spec)))
-    stages.append(clip_stage(config.clip, storage, captions_generated=config.caption is not None,
-                             geometry=_describe_geometry(clip_geometry), tags=config.tags))
+        caption = partial(caption_stage, config.caption, storage)
+        stages.append(pixels.stage(config.caption.model, config.caption.image_size, col.CAPTION_PIXELS, caption))
+    stages.append(
+        clip_stage(
+            config.clip,
+            storage,
+            captions_generated=config.caption is not None,
+            geometry=_describe_geometry(clip_geometry),
+            tags=config.tags,
+        )
+    )
     if config.caption:
         stages.append(select_caption_stage())
     if config.heads.configured():
-        stages.append(heads_stage(config.heads, storage, _check_heads(config, _models_readable(geometry))))
+        stages.append(
+            heads_stage(
+                config.heads, storage, _planned(check_heads, config.heads, config.clip.model, storage, readable)
+            )
+        )
     if config.language_on:
         stages.append(language_stage(config.language or LanguageConfig(), config.filter.caption_column))
     if config.itm:
-        spec = geometry(config.itm.model, storage, None)
-        column = column_for(spec, col.ITM_PIXELS)
-        stages.append(itm_stage(config.itm, storage, pixels_column=column, geometry=_describe_geometry(spec)))
+        stages.append(pixels.stage(config.itm.model, None, col.ITM_PIXELS, partial(itm_stage, config.itm, storage)))
     if config.classifier:
-        if _models_readable(geometry):
-            _check_classifier_labels(config)
-        spec = geometry(config.classifier.model, storage, None)
-        column = column_for(spec, col.CLASSIFIER_PIXELS)
-        stages.append(classifier_stage(config.classifier, storage, pixels_column=column,
-                                       geometry=_describe_geometry(spec)))
+        if readable:
+            _planned(check_classifier_labels, config.classifier, storage)
+        make = partial(classifier_stage, config.classifier, storage)
+        stages.append(pixels.stage(config.classifier.model, None, col.CLASSIFIER_PIXELS, make))
     if config.ask:  # last, so its questions can name any column the other models add
-        spec = geometry(config.ask.model, storage, config.ask.image_size)
-        column = column_for(spec, col.ASK_PIXELS)
-        stages.append(ask_stage(config.ask, storage, pixels_column=column, geometry=_describe_geometry(spec)))
-    return stages, pixels
+        make = partial(ask_stage, config.ask, storage)
+        stages.append(pixels.stage(config.ask.model, config.ask.image_size, col.ASK_PIXELS, make))
+    return stages, pixels.columns
+
+
+@dataclass
+class _Pixels:
+    """The pixel column of each distinct model input geometry: models that share one share the column."""
+
+    geometry: Geometry
+    storage: StorageOptions
+    columns: dict[str, PixelSpec | None]
+
+    def stage(self, ref: ModelRef, image_size: int | None, own: str, make: Callable[..., Stage]) -> Stage:
+        """``make(pixels_column=..., geometry=...)`` for a model whose own column would be ``own``."""
+        spec = self.geometry(ref, self.storage, image_size)
+        column = next((name for name, other in self.columns.items() if spec is not None and other == spec), None)
+        if column is None:
+            column, self.columns[own] = own, spec
+        return make(pixels_column=column, geometry=_describe_geometry(spec))
+
+
+def _planned(check: Callable, *args):
+    """An operator's check before any work; its ``ValueError`` is a plan error (exit code 2)."""
+    try:
+        return check(*args)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
 
 
 def _check_question_columns(config: PipelineConfig, stages: list[Stage], schema: pa.Schema) -> None:
@@ -202,83 +242,9 @@ def _check_question_columns(config: PipelineConfig, stages: list[Stage], schema:
         else:
             hint = "".join(f" (did you mean {close!r}?)" for close in difflib.get_close_matches(name, before, n=1))
         shown = f"{{{name}}}" if field == "template" else repr(name)
-        raise PlanError(f"ask.{field}: {shown} is not a column of the rows the ask stage sees{hint}; "
-                        f"they have {', '.join(before)}")
-
-
-def _check_classifier_labels(config: PipelineConfig) -> None:
-    """Every configured score names a label the classifier has (its config.json's id2label)."""
-    ref = config.classifier.model
-    try:
-        raw = _model_config(ref, config.storage)
-    except (OSError, ValueError, ModelLoadError) as err:
-        raise PlanError(f"classifier.model: cannot read {ref.source}/config.json: {err}") from None
-    try:
-        check_labels(config.classifier, raw.get("id2label") or {})
-    except ValueError as err:
-        raise PlanError(str(err)) from None
-
-
-def _check_heads(config: PipelineConfig, readable: bool) -> tuple[str, ...]:
-    """Each head against the CLIP model, before Ray starts: a dimension mismatch fails, another CLIP model warns.
-
-    Returns what ``vlpipe plan`` prints about the heads. Where the models exist only on
-    the cluster (``vlpipe submit``), the actors check the same when they load.
-    """
-    details = []
-    clip_source = config.clip.model.source
-    clip_dim = _embedding_dim(config.clip.model, config.storage) if readable else None
-    for name, ref in config.heads.configured().items():
-        spec = _head_spec(name, ref, config.storage) if readable else None
-        if spec is None:
-            details.append(f"{HEAD_ARCH[name]} from {ref.source} (checked where it runs)")
-            continue
-        if clip_dim is not None and spec.embedding_dim != clip_dim:
-            raise PlanError(f"heads.{name}: {ref.source} takes {spec.embedding_dim}-value embeddings (trained on "
-                            f"{spec.clip_model}), but clip.model {clip_source} makes {clip_dim}-value embeddings")
-        line = f"{spec.arch} from {ref.source} ({spec.embedding_dim}-d, trained on {spec.clip_model})"
-        if not _same_model(spec.clip_model, clip_source):
-            warning = (f"heads.{name} was trained on CLIP model {spec.clip_model}, but clip.model is {clip_source}: "
-                       "its scores are only meaningful on the embeddings it was trained on")
-            log.warning(warning)
-            line += f"; WARNING: {warning}"
-        details.append(line)
-    return tuple(details)
-
-
-def _model_config(ref: ModelRef, storage: StorageOptions) -> dict:
-    """A model's config.json, fetched without its weights."""
-    return json.loads((resolve_model_dir(ref, storage, config_only=True) / "config.json").read_text())
-
-
-def _head_spec(name: str, ref: HeadRef, storage: StorageOptions) -> HeadSpec:
-    """A head's config.json; a local head's weights are checked too (remote ones where they are fetched)."""
-    try:
-        if not is_remote(ref.source):
-            path = Path(ref.source.removeprefix("file://")).expanduser()
-            if path.exists() or ref.source.startswith(("/", ".", "~", "file://")):
-                return check_head_dir(path, name, ref.source)
-        return read_head_spec(resolve_model_dir(ref.model_ref(), storage, config_only=True), name, ref.source)
-    except ModelLoadError as err:
-        raise PlanError(str(err)) from None
-
-
-def _embedding_dim(ref: ModelRef, storage: StorageOptions) -> int | None:
-    """Width of a CLIP-family model's image embedding, from its config.json alone."""
-    try:
-        raw = _model_config(ref, storage)
-    except (OSError, ValueError, ModelLoadError):
-        return None  # the CLIP stage reports its own model problems
-    dim = raw.get("projection_dim") or raw.get("vision_config", {}).get("hidden_size")
-    return int(dim) if dim else None
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Model names match by their last path part: ``openai/clip-vit-large-patch14`` is ``/models/clip-vit-large-patch14``."""
-    def tail(name: str) -> str:
-        return name.rstrip("/").rsplit("/", 1)[-1].lower()
-
-    return tail(a) == tail(b)
+        raise PlanError(
+            f"ask.{field}: {shown} is not a column of the rows the ask stage sees{hint}; they have {', '.join(before)}"
+        )
 
 
 def _read_stage(config: PipelineConfig, columns: ColumnMapping, shard_count: int | None, input_format: str) -> Stage:
@@ -286,11 +252,15 @@ def _read_stage(config: PipelineConfig, columns: ColumnMapping, shard_count: int
     if input_format == WEBDATASET:
         wds = config.input.webdataset
         caption = f"json field {wds.caption_field!r}" if wds.caption_field else f".{wds.caption_extension}"
-        details = (f"{shards} WebDataset tar shard(s) from {config.input.uri}",
-                   f"image .{'/.'.join(wds.image_extensions)}, caption {caption}, members grouped by key")
+        details = (
+            f"{shards} WebDataset tar shard(s) from {config.input.uri}",
+            f"image .{'/.'.join(wds.image_extensions)}, caption {caption}, members grouped by key",
+        )
     else:
-        details = (f"{shards} Parquet shard(s) from {config.input.uri}",
-                   f"columns {', '.join(columns.read)} (projection pushdown)")
+        details = (
+            f"{shards} Parquet shard(s) from {config.input.uri}",
+            f"columns {', '.join(columns.read)} (projection pushdown)",
+        )
     adds = (*columns.read, SHARD_PATH) + ((col.INPUT_STATUS, col.INPUT_ERROR) if input_format == WEBDATASET else ())
     return Stage(name="read", kind="source", reads=(), adds=adds, details=details)
 
@@ -346,8 +316,10 @@ def check_cpus(stages: list[Stage]) -> None:
     for stage in stages:
         if stage.kind == "task" and stage.resources is not None and stage.resources.num_cpus == 0:
             key = stage.config_key or stage.name
-            raise PlanError(f"{key}.resources.num_cpus is 0, but {stage.name} is CPU work (a task per batch): "
-                            f"give it a share of a CPU, e.g. {key}.resources.num_cpus=0.5")
+            raise PlanError(
+                f"{key}.resources.num_cpus is 0, but {stage.name} is CPU work (a task per batch): "
+                f"give it a share of a CPU, e.g. {key}.resources.num_cpus=0.5"
+            )
 
 
 def check_columns(stages: list[Stage]) -> None:
@@ -378,5 +350,12 @@ def check_locations(input_: Location, output: Location, runs: Location) -> None:
 def check_stages(config: PipelineConfig) -> None:
     """The plan's column checks alone, reading no model and no shard: for configs that run elsewhere."""
     output = Location.resolve(config.output.uri, config.storage)
-    build_plan(config, output, run_id="<check>", run_date=config.run_date or dt.date.today(), shard_schema=None,
-               geometry=geometry_unknown, input_format=config.input.format or PARQUET)
+    build_plan(
+        config,
+        output,
+        run_id="<check>",
+        run_date=config.run_date or dt.date.today(),
+        shard_schema=None,
+        geometry=geometry_unknown,
+        input_format=config.input.format or PARQUET,
+    )

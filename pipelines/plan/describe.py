@@ -12,8 +12,14 @@ def describe(plan: Plan, executor: Executor, in_process: str | None = None) -> s
     lines = [f"in this process, no Ray ({in_process})"] if in_process else []
     for number, run_pass in enumerate(plan.passes, 1):
         if len(plan.passes) > 1:
-            lines.append(f"pass {number}" + (f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
-                                             if run_pass.aggregate else " (reads pass 1's staged rows back)"))
+            lines.append(
+                f"pass {number}"
+                + (
+                    f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
+                    if run_pass.aggregate
+                    else " (reads pass 1's staged rows back)"
+                )
+            )
         lines += executor.describe(run_pass, plan.input_rows)
     lines.append("")
     for stage in plan.stages:
@@ -24,8 +30,10 @@ def describe(plan: Plan, executor: Executor, in_process: str | None = None) -> s
 
 def _describe_stage(stage: Stage) -> list[str]:
     model = stage.model
-    lines = [f"{stage.name} [{stage.kind}]"
-             + (f"  model {model.source}" + (f"@{model.revision}" if model.revision else "") if model else "")]
+    lines = [
+        f"{stage.name} [{stage.kind}]"
+        + (f"  model {model.source}" + (f"@{model.revision}" if model.revision else "") if model else "")
+    ]
     if stage.reads:
         lines.append(f"    reads  {', '.join(stage.reads)}")
     if stage.adds:

@@ -23,23 +23,49 @@ from operators import schema as col
 from operators.decisions.filter import FilterConfig
 from operators.storage import StorageOptions
 from pipelines.config import PipelineConfig, validate_config
-from pipelines.table.read import delta_dataset
+from pipelines.input.images import ImageSource
 from pipelines.report.duplicates import PAIRS_PER_METHOD, Duplicates, duplicate_pairs
 from pipelines.report.thumbnails import add_thumbnails
+from pipelines.table.read import delta_dataset
 from pipelines.table.records import read_run_records
-from pipelines.input.images import ImageSource
 
 log = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 24
 _ROW_COLUMNS = (
-    col.KEY, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.ERROR, col.CLIP_SCORE, col.CAPTION_GENERATED,
-    col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.CAPTION_SOURCE, col.CLIP_SCORE_BEST, col.ITM_SCORE,
-    col.AESTHETIC_SCORE, col.NSFW_SCORE, col.TAG_SCORES, col.CAPTION_LANGUAGE, col.CLASSIFIER_SCORES, col.ANSWER,
-    col.ANSWER_YES_PROB, col.KEEP, col.REJECT_REASON, col.DUPLICATE_OF,
+    col.KEY,
+    col.CAPTION,
+    col.SOURCE_SHARD,
+    col.STATUS,
+    col.ERROR,
+    col.CLIP_SCORE,
+    col.CAPTION_GENERATED,
+    col.CLIP_SCORE_GENERATED,
+    col.CAPTION_BEST,
+    col.CAPTION_SOURCE,
+    col.CLIP_SCORE_BEST,
+    col.ITM_SCORE,
+    col.AESTHETIC_SCORE,
+    col.NSFW_SCORE,
+    col.TAG_SCORES,
+    col.CAPTION_LANGUAGE,
+    col.CLASSIFIER_SCORES,
+    col.ANSWER,
+    col.ANSWER_YES_PROB,
+    col.KEEP,
+    col.REJECT_REASON,
+    col.DUPLICATE_OF,
 )
-_HISTOGRAMS = (col.CLIP_SCORE, col.CLIP_SCORE_BEST, col.ITM_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE,
-               col.ANSWER_YES_PROB, "caption_length", "caption_generated_length")
+_HISTOGRAMS = (
+    col.CLIP_SCORE,
+    col.CLIP_SCORE_BEST,
+    col.ITM_SCORE,
+    col.AESTHETIC_SCORE,
+    col.NSFW_SCORE,
+    col.ANSWER_YES_PROB,
+    "caption_length",
+    "caption_generated_length",
+)
 TAG_PREFIX = "tag:"  # a histogram of one zero-shot tag's score: "tag:<name>"
 CLASSIFIER_PREFIX = "classifier:"  # of one classifier score: "classifier:<name>"
 
@@ -79,22 +105,22 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     config's own storage section is never used (its secrets are masked).
     """
     records = read_run_records(runs_uri, storage).to_pylist()
-    if not records:
-        raise LookupError(f"no runs recorded at {runs_uri}")
-    index = len(records) - 1 if run_id is None else next((i for i, r in enumerate(records) if r["run_id"] == run_id), None)
-    if index is None:
-        raise LookupError(f"run {run_id} is not in the run records at {runs_uri}")
+    index = _run_index(records, run_id, runs_uri)
     run = records[index]
     log.debug("report of run %s: %d run records, table version %s", run["run_id"], len(records), run["table_version"])
     config = stored_config(run)
     notes: list[str] = []
-    names = (*_HISTOGRAMS, *(f"{TAG_PREFIX}{tag}" for tag in config.tags),
-             *(f"{CLASSIFIER_PREFIX}{name}" for name in (config.classifier.scores if config.classifier else ())))
-    this = _scan_run(run, storage, notes, samples, names, pairs=PAIRS_PER_METHOD)
-    previous = next(
-        (r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None),
-        None,
+    names = (
+        *_HISTOGRAMS,
+        *(f"{TAG_PREFIX}{tag}" for tag in config.tags),
+        *(f"{CLASSIFIER_PREFIX}{name}" for name in (config.classifier.scores if config.classifier else ())),
     )
+    this = _scan_run(run, storage, notes, samples, names, pairs=PAIRS_PER_METHOD)
+    # The same table's run before this one that committed: its histograms are drawn behind this run's.
+    earlier = (
+        r for r in reversed(records[:index]) if r["output_uri"] == run["output_uri"] and r["table_version"] is not None
+    )
+    previous = next(earlier, None)
     before = _scan_run(previous, storage, notes, 0, names) if previous else None
     if config.output.kept_only:
         notes.append("output.kept_only is set: rejected rows are counted but not in the table, so none are shown")
@@ -104,10 +130,29 @@ def collect(runs_uri: str, storage: StorageOptions, run_id: str | None = None, *
     add_thumbnails([*kept, *rejected, *pair_rows], ImageSource.of(config), config.decode, storage)
     scans = [(label, scan) for label, scan in (("this run", this), ("previous run", before)) if scan is not None]
     return ReportData(
-        run=run, previous=previous, config=config, histograms=histograms(this, before, config.filter),
-        kept=kept, rejected=rejected, stats=[_stats(label, scan, config.filter) for label, scan in scans],
-        caption_sources=dict(this.caption_sources), notes=notes, duplicates=duplicates,
+        run=run,
+        previous=previous,
+        config=config,
+        histograms=histograms(this, before, config.filter),
+        kept=kept,
+        rejected=rejected,
+        stats=[_stats(label, scan, config.filter) for label, scan in scans],
+        caption_sources=dict(this.caption_sources),
+        notes=notes,
+        duplicates=duplicates,
     )
+
+
+def _run_index(records: list[dict], run_id: str | None, runs_uri: str) -> int:
+    """Where ``run_id`` (default: the latest run) is among the run records."""
+    if not records:
+        raise LookupError(f"no runs recorded at {runs_uri}")
+    if run_id is None:
+        return len(records) - 1
+    index = next((i for i, r in enumerate(records) if r["run_id"] == run_id), None)
+    if index is None:
+        raise LookupError(f"run {run_id} is not in the run records at {runs_uri}")
+    return index
 
 
 def _duplicates(run: dict, scan: RunScan, storage: StorageOptions, notes: list[str]) -> Duplicates | None:
@@ -139,7 +184,8 @@ def stored_config(run: dict) -> PipelineConfig:
 
 
 class Sampler:
-    """Up to ``n`` kept and ``n`` rejected rows, the same ones whatever the row order; rejected ones spread over reasons.
+    """Up to ``n`` kept and ``n`` rejected rows, the same ones whatever the row order; rejected ones spread
+    over reasons.
 
     Rows are ranked by a hash of their key, and only the ``n`` best-ranked per reason are kept
     while the rows stream past, so the run's size does not matter.
@@ -160,7 +206,7 @@ class Sampler:
             if len(best) < self.n or rank < best[-1][0]:
                 best.append((rank, rows.slice(i, 1).to_pylist()[0]))
                 best.sort(key=lambda pair: pair[0])
-                del best[self.n:]
+                del best[self.n :]
 
     def group(self, name: str | None) -> list[dict]:
         """The sampled rows of one reject reason (None: the kept rows), best-ranked first."""
@@ -168,8 +214,12 @@ class Sampler:
 
     def result(self) -> tuple[list[dict], list[dict]]:
         kept = [row for _, row in self.best.get(None, [])]
-        queues = [[row for _, row in best] for reason, best in sorted(
-            ((r, b) for r, b in self.best.items() if r is not None), key=lambda rb: (-self.counts[rb[0]], rb[0]))]
+        queues = [
+            [row for _, row in best]
+            for reason, best in sorted(
+                ((r, b) for r, b in self.best.items() if r is not None), key=lambda rb: (-self.counts[rb[0]], rb[0])
+            )
+        ]
         rejected: list[dict] = []
         while len(rejected) < self.n and any(queues):
             for queue in queues:
@@ -200,42 +250,64 @@ def sample_rows(rows: pa.Table, n: int) -> tuple[list[dict], list[dict]]:
 
 def histograms(rows: RunScan, previous: RunScan | None, filter_config: FilterConfig) -> list[Histogram]:
     """Score and caption-length histograms, with the configured thresholds and the previous run on the same bins."""
-    best = filter_config.caption == "best"
-    specs = [
-        (col.CLIP_SCORE, "clip_score (original caption)", None if best else filter_config.min_clip_score),
-        (col.CLIP_SCORE_BEST, "clip_score_best (better caption)", filter_config.min_clip_score if best else None),
-        (col.ITM_SCORE, "itm_score", filter_config.min_itm_score),
-        (col.AESTHETIC_SCORE, "aesthetic_score", filter_config.min_aesthetic_score),
-        (col.NSFW_SCORE, "nsfw_score", filter_config.max_nsfw_score),
-        *((name, f"tag {name.removeprefix(TAG_PREFIX)}",
-           _map_threshold(filter_config.tags, name.removeprefix(TAG_PREFIX)))
-          for name in rows.values if name.startswith(TAG_PREFIX)),
-        *((name, f"classifier {name.removeprefix(CLASSIFIER_PREFIX)}",
-           _map_threshold(filter_config.classifier_scores, name.removeprefix(CLASSIFIER_PREFIX)))
-          for name in rows.values if name.startswith(CLASSIFIER_PREFIX)),
-        (col.ANSWER_YES_PROB, "answer_yes_prob", filter_config.min_answer_yes_prob),
+    out = []
+    for name, label, threshold in _histogram_specs(rows, filter_config):
+        values = rows.values.get(name, np.zeros(0))
+        before = previous.values.get(name) if previous is not None else None
+        if values.size:
+            out.append(_histogram(name, label, threshold, values, before))
+    return out
+
+
+def _histogram_specs(rows: RunScan, config: FilterConfig) -> list[tuple[str, str, float | None]]:
+    """(column, label, threshold) of each histogram the report may draw, in its order."""
+    best = config.caption == "best"
+    maps = [
+        (name, f"tag {name.removeprefix(TAG_PREFIX)}", _map_threshold(config.tags, name.removeprefix(TAG_PREFIX)))
+        for name in rows.values
+        if name.startswith(TAG_PREFIX)
+    ]
+    maps += [
+        (
+            name,
+            f"classifier {name.removeprefix(CLASSIFIER_PREFIX)}",
+            _map_threshold(config.classifier_scores, name.removeprefix(CLASSIFIER_PREFIX)),
+        )
+        for name in rows.values
+        if name.startswith(CLASSIFIER_PREFIX)
+    ]
+    return [
+        (col.CLIP_SCORE, "clip_score (original caption)", None if best else config.min_clip_score),
+        (col.CLIP_SCORE_BEST, "clip_score_best (better caption)", config.min_clip_score if best else None),
+        (col.ITM_SCORE, "itm_score", config.min_itm_score),
+        (col.AESTHETIC_SCORE, "aesthetic_score", config.min_aesthetic_score),
+        (col.NSFW_SCORE, "nsfw_score", config.max_nsfw_score),
+        *maps,
+        (col.ANSWER_YES_PROB, "answer_yes_prob", config.min_answer_yes_prob),
         ("caption_length", "caption length (characters)", None),
         ("caption_generated_length", "generated caption length (characters)", None),
     ]
-    out = []
-    for name, label, threshold in specs:
-        values = rows.values.get(name, np.zeros(0))
-        before = previous.values.get(name) if previous is not None else None
-        if values.size == 0:
-            continue
-        combined = np.concatenate([values, before if before is not None else [], [] if threshold is None else [threshold]])
-        lo, hi = combined.min(), combined.max()
-        if name.endswith("_length"):  # whole characters per bin, so no bin is empty by construction
-            step = max(1, int(np.ceil((hi - lo + 1) / HISTOGRAM_BINS)))
-            edges = np.arange(lo, hi + step + 1, step, dtype=np.float64)
-        else:
-            edges = np.histogram_bin_edges(combined, bins=HISTOGRAM_BINS, range=(lo, hi))
-        out.append(Histogram(
-            name=name, label=label, edges=edges.tolist(), counts=np.histogram(values, bins=edges)[0].tolist(),
-            previous_counts=None if before is None else np.histogram(before, bins=edges)[0].tolist(),
-            threshold=threshold,
-        ))
-    return out
+
+
+def _histogram(
+    name: str, label: str, threshold: float | None, values: np.ndarray, before: np.ndarray | None
+) -> Histogram:
+    """One histogram on bins that hold this run's values, the previous run's and the threshold."""
+    combined = np.concatenate([values, before if before is not None else [], [] if threshold is None else [threshold]])
+    lo, hi = combined.min(), combined.max()
+    if name.endswith("_length"):  # whole characters per bin, so no bin is empty by construction
+        step = max(1, int(np.ceil((hi - lo + 1) / HISTOGRAM_BINS)))
+        edges = np.arange(lo, hi + step + 1, step, dtype=np.float64)
+    else:
+        edges = np.histogram_bin_edges(combined, bins=HISTOGRAM_BINS, range=(lo, hi))
+    return Histogram(
+        name=name,
+        label=label,
+        edges=edges.tolist(),
+        counts=np.histogram(values, bins=edges)[0].tolist(),
+        previous_counts=None if before is None else np.histogram(before, bins=edges)[0].tolist(),
+        threshold=threshold,
+    )
 
 
 def _map_threshold(thresholds, name: str) -> float | None:
@@ -265,8 +337,15 @@ def histogram_values(rows: pa.Table, name: str) -> np.ndarray:
     return pc.drop_null(rows.column(name)).to_numpy().astype(np.float64)
 
 
-def _scan_run(run: dict, storage: StorageOptions, notes: list[str], samples: int,
-              names: tuple[str, ...] = _HISTOGRAMS, *, pairs: int = 0) -> RunScan:
+def _scan_run(
+    run: dict,
+    storage: StorageOptions,
+    notes: list[str],
+    samples: int,
+    names: tuple[str, ...] = _HISTOGRAMS,
+    *,
+    pairs: int = 0,
+) -> RunScan:
     """Stream the run's rows (no embeddings) at the table version it committed; ``names``: the histograms,
     ``pairs``: duplicates to sample per method."""
     scan = RunScan(Sampler(samples), duplicates=Sampler(pairs))
@@ -313,7 +392,9 @@ def _add_duplicates(scan: RunScan, rows: pa.Table, run_date) -> None:
     if found.num_rows == 0:
         return
     # History is every other partition: a backfilled date is deduplicated against later dates too.
-    other = pc.not_equal(pc.struct_field(found.column(col.DUPLICATE_OF), col.RUN_DATE), pa.scalar(run_date, pa.date32()))
+    other = pc.not_equal(
+        pc.struct_field(found.column(col.DUPLICATE_OF), col.RUN_DATE), pa.scalar(run_date, pa.date32())
+    )
     for entry in pc.value_counts(found.filter(other).column(col.REJECT_REASON)).to_pylist():
         scan.other_dates[entry["values"]] += entry["counts"]
     if scan.duplicates.n:
@@ -324,7 +405,12 @@ def _stats(label: str, scan: RunScan, filter_config: FilterConfig) -> dict:
     """Kept rate and score percentiles of one run."""
     column = filter_config.clip_score_column
     values = scan.values[column]
-    entry = {"label": label, "rows": scan.rows, "kept_rate": scan.kept / scan.rows if scan.rows else None,
-             "score_column": column, "mean": float(values.mean()) if values.size else None}
+    entry = {
+        "label": label,
+        "rows": scan.rows,
+        "kept_rate": scan.kept / scan.rows if scan.rows else None,
+        "score_column": column,
+        "mean": float(values.mean()) if values.size else None,
+    }
     entry.update({f"p{q}": (float(np.percentile(values, q)) if values.size else None) for q in (10, 50, 90)})
     return entry

@@ -17,14 +17,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.image import hashes
 from operators import schema as col
+from operators.image import hashes
 from operators.storage import StorageOptions
 from pipelines.table.read import delta_dataset
 
 PAIRS_PER_METHOD = 4
-_LOOKUP_COLUMNS = (col.KEY, col.RUN_DATE, col.RUN_ID, col.CAPTION, col.SOURCE_SHARD, col.STATUS, col.KEEP,
-                   col.REJECT_REASON, col.IMAGE_SHA256, col.IMAGE_PHASH, col.IMAGE_EMBEDDING)
+_LOOKUP_COLUMNS = (
+    col.KEY,
+    col.RUN_DATE,
+    col.RUN_ID,
+    col.CAPTION,
+    col.SOURCE_SHARD,
+    col.STATUS,
+    col.KEEP,
+    col.REJECT_REASON,
+    col.IMAGE_SHA256,
+    col.IMAGE_PHASH,
+    col.IMAGE_EMBEDDING,
+)
 
 
 @dataclass
@@ -60,22 +71,30 @@ def duplicate_pairs(run: dict, chosen: list[dict], storage: StorageOptions) -> l
         mine = {**row, col.RUN_DATE: run["run_date"]}
         own = _own(found, mine, run["run_id"])
         target = _target(found, (of[col.KEY], of[col.RUN_DATE]), mine)
-        pairs.append(DuplicatePair(
-            method=row[col.REJECT_REASON], row={**mine, col.IMAGE_SHA256: (own or {}).get(col.IMAGE_SHA256)},
-            of=None if target is None else _without_embedding(target), of_key=of[col.KEY],
-            of_run_date=of[col.RUN_DATE], distance=_distance(row[col.REJECT_REASON], own, target)))
+        pairs.append(
+            DuplicatePair(
+                method=row[col.REJECT_REASON],
+                row={**mine, col.IMAGE_SHA256: (own or {}).get(col.IMAGE_SHA256)},
+                of=None if target is None else _without_embedding(target),
+                of_key=of[col.KEY],
+                of_run_date=of[col.RUN_DATE],
+                distance=_distance(row[col.REJECT_REASON], own, target),
+            )
+        )
     return pairs
 
 
 def _lookup(run: dict, chosen: list[dict], storage: StorageOptions) -> dict[tuple, list[dict]]:
     """The table's rows (at the run's version) with a chosen row's or its duplicate's (key, run_date)."""
     wanted = {(r[col.KEY], run["run_date"]) for r in chosen} | {
-        (r[col.DUPLICATE_OF][col.KEY], r[col.DUPLICATE_OF][col.RUN_DATE]) for r in chosen}
+        (r[col.DUPLICATE_OF][col.KEY], r[col.DUPLICATE_OF][col.RUN_DATE]) for r in chosen
+    }
     dataset = delta_dataset(run["output_uri"], storage, version=run["table_version"])
     # The key can be pushed down, unlike run_id: it is the table's first column, so every Delta writer
     # (vlpipe's and optimize's, which index the first 32) gives it file statistics.
-    where = (pc.field(col.RUN_DATE).isin(pa.array(sorted({d for _, d in wanted}), pa.date32()))
-             & pc.field(col.KEY).isin(pa.array(sorted({k for k, _ in wanted}), pa.string())))
+    where = pc.field(col.RUN_DATE).isin(pa.array(sorted({d for _, d in wanted}), pa.date32())) & pc.field(col.KEY).isin(
+        pa.array(sorted({k for k, _ in wanted}), pa.string())
+    )
     columns = [c for c in _LOOKUP_COLUMNS if c in dataset.schema.names]
     found: dict[tuple, list[dict]] = {}
     for row in dataset.to_table(columns=columns, filter=where).to_pylist():
@@ -86,15 +105,24 @@ def _lookup(run: dict, chosen: list[dict], storage: StorageOptions) -> dict[tupl
 
 def _own(found: dict[tuple, list[dict]], row: dict, run_id: str) -> dict | None:
     """The chosen row itself among the rows read back: the run's row of that key from the same shard."""
-    return next((r for r in found.get((row[col.KEY], row[col.RUN_DATE]), [])
-                 if r[col.RUN_ID] == run_id and r[col.SOURCE_SHARD] == row[col.SOURCE_SHARD]), None)
+    return next(
+        (
+            r
+            for r in found.get((row[col.KEY], row[col.RUN_DATE]), [])
+            if r[col.RUN_ID] == run_id and r[col.SOURCE_SHARD] == row[col.SOURCE_SHARD]
+        ),
+        None,
+    )
 
 
 def _target(found: dict[tuple, list[dict]], key_date: tuple, row: dict) -> dict | None:
     """The row ``row`` duplicates; a kept one first, where a key repeats within the partition."""
-    candidates = [r for r in found.get(key_date, [])
-                  if (r[col.KEY], r[col.RUN_DATE], r[col.SOURCE_SHARD]) != (row[col.KEY], row[col.RUN_DATE],
-                                                                            row[col.SOURCE_SHARD])]
+    candidates = [
+        r
+        for r in found.get(key_date, [])
+        if (r[col.KEY], r[col.RUN_DATE], r[col.SOURCE_SHARD])
+        != (row[col.KEY], row[col.RUN_DATE], row[col.SOURCE_SHARD])
+    ]
     return min(candidates, key=lambda r: (not r[col.KEEP], r[col.SOURCE_SHARD] or ""), default=None)
 
 

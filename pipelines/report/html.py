@@ -50,8 +50,10 @@ def render(data: ReportData) -> str:
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
-        (f'<div class="sub">{escape(str(run["status"]))} · run date {escape(str(run["run_date"]))} · '
-         f'output <code>{escape(run["output_uri"])}</code></div>'),
+        (
+            f'<div class="sub">{escape(str(run["status"]))} · run date {escape(str(run["run_date"]))} · '
+            f"output <code>{escape(run['output_uri'])}</code></div>"
+        ),
         *(f'<div class="note">{escape(n)}</div>' for n in data.notes),
         _summary(data),
         _distributions(data),
@@ -75,9 +77,11 @@ def _summary(data: ReportData) -> str:
     def outcome(name: str, count: int, cls: str, extra: str = "") -> str:
         width = round(160 * count / total)
         rule = f' <span class="sub">{escape(rules[name])}</span>' if name in rules else ""
-        return (f'<tr class="{cls}" data-outcome="{escape(name)}"><td>{escape(name)}</td><td class="num">{count}</td>'
-                f'<td class="num">{100 * count / total:.1f}%</td>'
-                f'<td><span class="bar{extra}" style="width:{width}px"></span>{rule}</td></tr>')
+        return (
+            f'<tr class="{cls}" data-outcome="{escape(name)}"><td>{escape(name)}</td><td class="num">{count}</td>'
+            f'<td class="num">{100 * count / total:.1f}%</td>'
+            f'<td><span class="bar{extra}" style="width:{width}px"></span>{rule}</td></tr>'
+        )
 
     rows = [
         f'<tr data-outcome="rows_in"><td>rows in</td><td class="num">{run["rows_in"]}</td><td></td><td></td></tr>',
@@ -99,7 +103,9 @@ def _summary(data: ReportData) -> str:
         facts.append(("caption_best from", ", ".join(f"{k} {v}" for k, v in sorted(data.caption_sources.items()))))
     if run.get("error"):
         facts.append(("error", run["error"]))
-    failed = "".join(f"<li><code>{escape(f['uri'])}</code>: {escape(str(f['error']))}</li>" for f in run["failed_shards"] or [])
+    failed = "".join(
+        f"<li><code>{escape(f['uri'])}</code>: {escape(str(f['error']))}</li>" for f in run["failed_shards"] or []
+    )
     return (
         '<h2>Summary</h2><div class="cols">'
         f'<table id="outcomes"><tr><th>outcome</th><th class="num">rows</th><th class="num">share</th><th></th></tr>{"".join(rows)}</table>'
@@ -111,16 +117,22 @@ def _summary(data: ReportData) -> str:
 def _distributions(data: ReportData) -> str:
     previous = data.previous
     if previous:
-        compare = (f'Bars: this run; line: previous run <code>{escape(previous["run_id"])}</code> '
-                   f'({escape(str(previous["run_date"]))}), as shares of each run\'s rows.')
+        compare = (
+            f"Bars: this run; line: previous run <code>{escape(previous['run_id'])}</code> "
+            f"({escape(str(previous['run_date']))}), as shares of each run's rows."
+        )
     else:
         compare = "No earlier run of this output to compare with."
-    legend = ('<div class="legend"><span style="background:#4c78a8"></span>this run'
-              + ('<span style="background:#f58518"></span>previous run' if previous else "")
-              + '<span style="background:#e45756"></span>threshold</div>')
+    legend = (
+        '<div class="legend"><span style="background:#4c78a8"></span>this run'
+        + ('<span style="background:#f58518"></span>previous run' if previous else "")
+        + '<span style="background:#e45756"></span>threshold</div>'
+    )
     charts = "".join(_histogram(h) for h in data.histograms) or "<p>No scores in this run.</p>"
-    return (f'<h2 id="distributions">Distributions</h2><p class="sub" id="comparison">{compare}</p>{legend}'
-            f'<div class="hists">{charts}</div>{_stats_table(data.stats)}')
+    return (
+        f'<h2 id="distributions">Distributions</h2><p class="sub" id="comparison">{compare}</p>{legend}'
+        f'<div class="hists">{charts}</div>{_stats_table(data.stats)}'
+    )
 
 
 def _histogram(h: Histogram, width: int = 340, height: int = 150) -> str:
@@ -139,10 +151,14 @@ def _histogram(h: Histogram, width: int = 340, height: int = 150) -> str:
     def y(share: float) -> float:
         return top + plot_h - share / ymax * plot_h
 
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(h.label)}">']
+    out = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(h.label)}">'
+    ]
     for a, b, count, share in zip(h.edges, h.edges[1:], h.counts, shares):
-        out.append(f'<rect class="cur" x="{x(a):.1f}" y="{y(share):.1f}" width="{max(x(b) - x(a) - 1, 0.5):.1f}" '
-                   f'height="{top + plot_h - y(share):.1f}"><title>{a:.3g} to {b:.3g}: {count} rows</title></rect>')
+        out.append(
+            f'<rect class="cur" x="{x(a):.1f}" y="{y(share):.1f}" width="{max(x(b) - x(a) - 1, 0.5):.1f}" '
+            f'height="{top + plot_h - y(share):.1f}"><title>{a:.3g} to {b:.3g}: {count} rows</title></rect>'
+        )
     if prev_shares:
         path = [f"M{x(lo):.1f},{y(0):.1f}"]
         for a, b, share in zip(h.edges, h.edges[1:], prev_shares):
@@ -150,14 +166,18 @@ def _histogram(h: Histogram, width: int = 340, height: int = 150) -> str:
         path.append(f"L{x(hi):.1f},{y(0):.1f}")
         out.append(f'<path class="prev" d="{"".join(path)}"><title>previous run</title></path>')
     if h.threshold is not None:
-        out.append(f'<line class="thr" x1="{x(h.threshold):.1f}" x2="{x(h.threshold):.1f}" y1="{top - 4}" y2="{top + plot_h}"/>'
-                   f'<text x="{x(h.threshold) + 3:.1f}" y="{top - 4}">threshold {h.threshold:g}</text>')
+        out.append(
+            f'<line class="thr" x1="{x(h.threshold):.1f}" x2="{x(h.threshold):.1f}" y1="{top - 4}" y2="{top + plot_h}"/>'
+            f'<text x="{x(h.threshold) + 3:.1f}" y="{top - 4}">threshold {h.threshold:g}</text>'
+        )
     base = top + plot_h
     out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{base}" y2="{base}" stroke="#9aa5b1"/>')
-    out.append(f'<text x="{left}" y="{height - 4}">{lo:.3g}</text>'
-               f'<text x="{left + plot_w}" y="{height - 4}" text-anchor="end">{hi:.3g}</text>'
-               f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{ymax:.0%}</text>'
-               f'<text x="{left - 4}" y="{base}" text-anchor="end">0</text>')
+    out.append(
+        f'<text x="{left}" y="{height - 4}">{lo:.3g}</text>'
+        f'<text x="{left + plot_w}" y="{height - 4}" text-anchor="end">{hi:.3g}</text>'
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{ymax:.0%}</text>'
+        f'<text x="{left - 4}" y="{base}" text-anchor="end">0</text>'
+    )
     out.append("</svg>")
     n = sum(h.counts)
     return f'<div class="hist" data-name="{escape(h.name)}"><h3>{escape(h.label)} <span class="sub">n={n}</span></h3>{"".join(out)}</div>'
@@ -171,8 +191,10 @@ def _stats_table(stats: list[dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     column = escape(stats[0]["score_column"])
-    head = (f'<tr><th></th><th class="num">rows in table</th><th class="num">kept</th><th class="num">{column} p10</th>'
-            f'<th class="num">median</th><th class="num">p90</th><th class="num">mean</th></tr>')
+    head = (
+        f'<tr><th></th><th class="num">rows in table</th><th class="num">kept</th><th class="num">{column} p10</th>'
+        f'<th class="num">median</th><th class="num">p90</th><th class="num">mean</th></tr>'
+    )
     body = "".join(
         f'<tr><th>{escape(s["label"])}</th><td class="num">{s["rows"]}</td><td class="num">{num(s["kept_rate"], "{:.1%}")}</td>'
         f'<td class="num">{num(s["p10"])}</td><td class="num">{num(s["p50"])}</td><td class="num">{num(s["p90"])}</td>'
@@ -199,13 +221,26 @@ def _image(row: dict) -> str:
 def _card(row: dict, kind: str) -> str:
     image = _image(row)
     why = col.KEPT if row[col.KEEP] else row[col.REJECT_REASON] or "rejected"
-    captions = [("original", row.get(col.CAPTION)), ("generated", row.get(col.CAPTION_GENERATED)),
-                ("answer", row.get(col.ANSWER))]
-    listing = "".join(f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original")
-    scores = [(name, row.get(c)) for name, c in (("clip", col.CLIP_SCORE), ("clip gen", col.CLIP_SCORE_GENERATED),
-                                                  ("clip best", col.CLIP_SCORE_BEST), ("itm", col.ITM_SCORE),
-                                                  ("aesthetic", col.AESTHETIC_SCORE), ("nsfw", col.NSFW_SCORE),
-                                                  ("p(yes)", col.ANSWER_YES_PROB))]
+    captions = [
+        ("original", row.get(col.CAPTION)),
+        ("generated", row.get(col.CAPTION_GENERATED)),
+        ("answer", row.get(col.ANSWER)),
+    ]
+    listing = "".join(
+        f"<dt>{name}</dt><dd>{_text(text)}</dd>" for name, text in captions if text is not None or name == "original"
+    )
+    scores = [
+        (name, row.get(c))
+        for name, c in (
+            ("clip", col.CLIP_SCORE),
+            ("clip gen", col.CLIP_SCORE_GENERATED),
+            ("clip best", col.CLIP_SCORE_BEST),
+            ("itm", col.ITM_SCORE),
+            ("aesthetic", col.AESTHETIC_SCORE),
+            ("nsfw", col.NSFW_SCORE),
+            ("p(yes)", col.ANSWER_YES_PROB),
+        )
+    ]
     scores += [(f"tag {tag}", value) for tag, value in row.get(col.TAG_SCORES) or []]
     scores += [(name, value) for name, value in row.get(col.CLASSIFIER_SCORES) or []]
     score_text = " · ".join(f"{name} {value:.3f}" for name, value in scores if value is not None)
@@ -214,9 +249,11 @@ def _card(row: dict, kind: str) -> str:
     if row.get(col.CAPTION_SOURCE):
         score_text += f" · best from {row[col.CAPTION_SOURCE]}"
     error = f'<div class="err">{escape(row[col.ERROR])}</div>' if row.get(col.ERROR) else ""
-    return (f'<figure class="card {kind}" data-key="{escape(row[col.KEY])}">{image}<figcaption>'
-            f'<div class="key">{escape(row[col.KEY])}</div><div class="why">{escape(why)}</div>'
-            f'<dl>{listing}</dl><div class="scores">{escape(score_text)}</div>{error}</figcaption></figure>')
+    return (
+        f'<figure class="card {kind}" data-key="{escape(row[col.KEY])}">{image}<figcaption>'
+        f'<div class="key">{escape(row[col.KEY])}</div><div class="why">{escape(why)}</div>'
+        f'<dl>{listing}</dl><div class="scores">{escape(score_text)}</div>{error}</figcaption></figure>'
+    )
 
 
 def _dedup_rules(config: PipelineConfig) -> dict[str, str]:
@@ -224,8 +261,11 @@ def _dedup_rules(config: PipelineConfig) -> dict[str, str]:
     dedup = config.dedup
     near = f"pHash within {dedup.near.max_distance} bits" if dedup.near else "pHash"
     semantic = f"image embedding cosine >= {1 - dedup.semantic.eps:g}" if dedup.semantic else "image embedding"
-    return {col.DUPLICATE_EXACT: "same image bytes (SHA-256)", col.DUPLICATE_NEAR: f"near duplicate: {near}",
-            col.DUPLICATE_SEMANTIC: f"semantic duplicate: {semantic}"}
+    return {
+        col.DUPLICATE_EXACT: "same image bytes (SHA-256)",
+        col.DUPLICATE_NEAR: f"near duplicate: {near}",
+        col.DUPLICATE_SEMANTIC: f"semantic duplicate: {semantic}",
+    }
 
 
 def _duplicates(data: ReportData) -> str:
@@ -233,37 +273,47 @@ def _duplicates(data: ReportData) -> str:
     if found is None:
         return ""
     rules = _dedup_rules(data.config)
-    head = ('<tr><th>reason</th><th class="num">rows</th><th class="num">of another run_date</th>'
-            '<th>duplicate of a row with</th></tr>')
+    head = (
+        '<tr><th>reason</th><th class="num">rows</th><th class="num">of another run_date</th>'
+        "<th>duplicate of a row with</th></tr>"
+    )
     rows = "".join(
         f'<tr data-duplicates="{escape(method)}"><td>{escape(method)}</td><td class="num">{n}</td>'
         f'<td class="num">{"-" if found.other_dates is None else found.other_dates[method]}</td>'
-        f'<td>{escape(rules[method])}</td></tr>'
-        for method, n in found.counts.items())
+        f"<td>{escape(rules[method])}</td></tr>"
+        for method, n in found.counts.items()
+    )
     scope = "this run and the table's other run_dates" if data.config.dedup.history else "this run only"
-    pairs = "".join(_pairs(method, [p for p in found.pairs if p.method == method], n)
-                    for method, n in found.counts.items())
-    return (f'<h2 id="duplicates">Duplicates <span class="sub">({sum(found.counts.values())} rows, '
-            f'against {scope})</span></h2><table id="duplicate-counts">{head}{rows}</table>{pairs}')
+    pairs = "".join(
+        _pairs(method, [p for p in found.pairs if p.method == method], n) for method, n in found.counts.items()
+    )
+    return (
+        f'<h2 id="duplicates">Duplicates <span class="sub">({sum(found.counts.values())} rows, '
+        f'against {scope})</span></h2><table id="duplicate-counts">{head}{rows}</table>{pairs}'
+    )
 
 
 def _pairs(method: str, pairs: list[DuplicatePair], total: int) -> str:
     shown = f"{len(pairs)} of {total}, a fixed sample"
     body = "".join(_pair(p) for p in pairs)
     empty = "" if pairs else "<p>None shown (see the notes at the top).</p>"
-    return (f'<h3>{escape(method)} <span class="sub">({shown})</span></h3>'
-            f'<div class="pairs" id="pairs-{escape(method)}">{body}</div>{empty}')
+    return (
+        f'<h3>{escape(method)} <span class="sub">({shown})</span></h3>'
+        f'<div class="pairs" id="pairs-{escape(method)}">{body}</div>{empty}'
+    )
 
 
 def _pair(pair: DuplicatePair) -> str:
     label, value = _measure(pair)
     distance = "" if pair.distance is None else f' data-distance="{pair.distance:g}"'
-    return (f'<div class="pair" data-method="{escape(pair.method)}" data-key="{escape(pair.row[col.KEY])}" '
-            f'data-of-key="{escape(pair.of_key)}" data-of-run-date="{escape(str(pair.of_run_date))}"{distance}>'
-            f'{_side(pair.row, "duplicate", pair.row[col.KEY], pair.row[col.RUN_DATE])}'
-            f'<div class="measure"><span class="sub">duplicate of &rarr;</span><b>{escape(value)}</b>'
-            f'<span class="sub">{escape(label)}</span></div>'
-            f'{_side(pair.of, "original", pair.of_key, pair.of_run_date)}</div>')
+    return (
+        f'<div class="pair" data-method="{escape(pair.method)}" data-key="{escape(pair.row[col.KEY])}" '
+        f'data-of-key="{escape(pair.of_key)}" data-of-run-date="{escape(str(pair.of_run_date))}"{distance}>'
+        f"{_side(pair.row, 'duplicate', pair.row[col.KEY], pair.row[col.RUN_DATE])}"
+        f'<div class="measure"><span class="sub">duplicate of &rarr;</span><b>{escape(value)}</b>'
+        f'<span class="sub">{escape(label)}</span></div>'
+        f"{_side(pair.of, 'original', pair.of_key, pair.of_run_date)}</div>"
+    )
 
 
 def _measure(pair: DuplicatePair) -> tuple[str, str]:
@@ -286,9 +336,11 @@ def _side(row: dict | None, role: str, key: str, run_date) -> str:
         # An original can be rejected itself: near and semantic duplicates chain.
         if not row[col.KEEP]:
             role += f" (rejected too: {row.get(col.REJECT_REASON) or 'rejected'})"
-    return (f'<div class="side"><div class="role">{escape(role)}</div>{image}'
-            f'<div class="key">{escape(key)}</div><div class="sub">run_date {escape(str(run_date))}</div>'
-            f"<div>{caption}</div></div>")
+    return (
+        f'<div class="side"><div class="role">{escape(role)}</div>{image}'
+        f'<div class="key">{escape(key)}</div><div class="sub">run_date {escape(str(run_date))}</div>'
+        f"<div>{caption}</div></div>"
+    )
 
 
 def _details(data: ReportData) -> str:
@@ -299,20 +351,32 @@ def _details(data: ReportData) -> str:
         "<h2>Configuration</h2><details open><summary>config (secrets masked)</summary>"
         f"<pre>{escape(config)}</pre></details>"
         f'<p class="sub">versions: {escape(", ".join(f"{k} {v}" for k, v in sorted(versions.items())))} · '
-        f'finished {escape(_time(run["finished_at"]))}</p>'
+        f"finished {escape(_time(run['finished_at']))}</p>"
     )
 
 
 def _summary_json(data: ReportData) -> dict:
     run = data.run
     return {
-        "run_id": run["run_id"], "status": run["status"], "rows_in": run["rows_in"], "rows_kept": run["rows_kept"],
-        "rows_rejected": run["rows_rejected"], "rejected_by_reason": json.loads(run["rejected_by_reason"] or "{}"),
+        "run_id": run["run_id"],
+        "status": run["status"],
+        "rows_in": run["rows_in"],
+        "rows_kept": run["rows_kept"],
+        "rows_rejected": run["rows_rejected"],
+        "rejected_by_reason": json.loads(run["rejected_by_reason"] or "{}"),
         "previous_run_id": data.previous["run_id"] if data.previous else None,
-        "kept_shown": [r[col.KEY] for r in data.kept], "rejected_shown": [r[col.KEY] for r in data.rejected],
+        "kept_shown": [r[col.KEY] for r in data.kept],
+        "rejected_shown": [r[col.KEY] for r in data.rejected],
         "duplicates_shown": [
-            {"method": p.method, "key": p.row[col.KEY], "of_key": p.of_key, "of_run_date": str(p.of_run_date),
-             "distance": p.distance} for p in (data.duplicates.pairs if data.duplicates else [])],
+            {
+                "method": p.method,
+                "key": p.row[col.KEY],
+                "of_key": p.of_key,
+                "of_run_date": str(p.of_run_date),
+                "distance": p.distance,
+            }
+            for p in (data.duplicates.pairs if data.duplicates else [])
+        ],
     }
 
 

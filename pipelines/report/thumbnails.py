@@ -43,7 +43,9 @@ def add_thumbnails(samples: list[dict], source: ImageSource, decode: DecodeConfi
                 sample["thumbnail"] = uri
 
 
-def thumbnail(data: bytes | None, *, formats: list[str] | None, max_pixels: int, size: int = THUMBNAIL_PX) -> str | None:
+def thumbnail(
+    data: bytes | None, *, formats: list[str] | None, max_pixels: int, size: int = THUMBNAIL_PX
+) -> str | None:
     """A small JPEG data URI of an encoded image, or None when it cannot be decoded."""
     if not data:
         return None

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from operators import schema as col
 from operators.image.decode import DecodeConfig
 from operators.input.fetch import FetchConfig
-from operators.storage import Location
 from operators.input.webdataset import WebDatasetConfig
+from operators.storage import Location
 from pipelines.config import InputColumns
 from pipelines.errors import ConfigError, NoInputError
 
@@ -33,10 +33,15 @@ MANIFEST = "manifest.json"
 FORMAT = "vlpipe-index/1"
 Embedding = Literal["image", "text"]
 EMBEDDING_COLUMNS: dict[str, str] = {"image": col.IMAGE_EMBEDDING, "text": col.TEXT_EMBEDDING}
-METADATA_SCHEMA = pa.schema([
-    pa.field(col.KEY, pa.string()), pa.field(col.CAPTION, pa.string()), pa.field(col.RUN_DATE, pa.date32()),
-    pa.field(col.SOURCE_SHARD, pa.string()), pa.field(col.RUN_ID, pa.string()),
-])
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field(col.KEY, pa.string()),
+        pa.field(col.CAPTION, pa.string()),
+        pa.field(col.RUN_DATE, pa.date32()),
+        pa.field(col.SOURCE_SHARD, pa.string()),
+        pa.field(col.RUN_ID, pa.string()),
+    ]
+)
 
 
 class NoIndexError(NoInputError):
@@ -164,8 +169,10 @@ def read_manifest(where: Location) -> IndexManifest:
     try:
         return IndexManifest.model_validate_json(text)
     except ValidationError as err:
-        raise ConfigError(f"{where.uri}/{MANIFEST} is not a vlpipe index manifest this version reads: "
-                          f"{err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
+        raise ConfigError(
+            f"{where.uri}/{MANIFEST} is not a vlpipe index manifest this version reads: "
+            f"{err.errors()[0]['loc']}: {err.errors()[0]['msg']}"
+        ) from None
 
 
 @dataclass
@@ -192,8 +199,10 @@ def read_index(where: Location) -> StoredIndex:
     except FileNotFoundError as err:
         raise NoIndexError(f"index at {where.uri} is incomplete: {err}") from None
     if index.ntotal != manifest.count or metadata.num_rows != manifest.count:
-        raise NoIndexError(f"index at {where.uri} is inconsistent: manifest says {manifest.count} vectors, "
-                           f"the index has {index.ntotal}, the metadata {metadata.num_rows} rows")
+        raise NoIndexError(
+            f"index at {where.uri} is inconsistent: manifest says {manifest.count} vectors, "
+            f"the index has {index.ntotal}, the metadata {metadata.num_rows} rows"
+        )
     apply_params(index, manifest.params)
     return StoredIndex(manifest, index, metadata)
 

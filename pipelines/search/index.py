@@ -38,12 +38,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from operators import schema as col
 from operators.storage import Location, StorageOptions, is_remote, local_path
 from operators.tensors import embedding_rows
-from pipelines.search import vectors as vi
 from pipelines.config import default_run_records_uri
 from pipelines.errors import ConfigError, NoInputError
-from pipelines.search.files import (EMBEDDING_COLUMNS, METADATA_SCHEMA, Embedding, IndexFiles, IndexManifest,
-                                   ModelProbe, ModelRecord, RunSource, build_files, metadata_writer, publish,
-                                   remove_files, write_faiss)
+from pipelines.search import vectors as vi
+from pipelines.search.files import (
+    EMBEDDING_COLUMNS,
+    METADATA_SCHEMA,
+    Embedding,
+    IndexFiles,
+    IndexManifest,
+    ModelProbe,
+    ModelRecord,
+    RunSource,
+    build_files,
+    metadata_writer,
+    publish,
+    remove_files,
+    write_faiss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +94,7 @@ class TableSlice:
     rows: int | None  # every row of these files, kept or not (the Delta log's counts); None if one is missing
 
     @classmethod
-    def open(cls, table: Location, version: int | None, run_dates: tuple[dt.date, ...]) -> "TableSlice":
+    def open(cls, table: Location, version: int | None, run_dates: tuple[dt.date, ...]) -> TableSlice:
         from deltalake import DeltaTable
 
         if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
@@ -95,13 +107,16 @@ class TableSlice:
         if actions.num_rows == 0:
             raise NoInputError(f"table {table.uri} has no data files at version {delta.version()}")
         root = table.path.rstrip("/")
-        days = [dt.date.fromisoformat(d) for d in
-                actions.column(f"partition.{col.RUN_DATE}").cast(pa.string()).to_pylist()]
+        days = [
+            dt.date.fromisoformat(d) for d in actions.column(f"partition.{col.RUN_DATE}").cast(pa.string()).to_pylist()
+        ]
         wanted = set(run_dates) or set(days)
         missing = sorted(set(run_dates) - set(days))
         if missing:
-            raise NoInputError(f"table {table.uri} (version {delta.version()}) has no partition "
-                               f"{', '.join(f'run_date={d}' for d in missing)}")
+            raise NoInputError(
+                f"table {table.uri} (version {delta.version()}) has no partition "
+                f"{', '.join(f'run_date={d}' for d in missing)}"
+            )
         chosen = [i for i, day in enumerate(days) if day in wanted]
         counts = actions.column("num_records").to_pylist()
         rows = None if any(counts[i] is None for i in chosen) else sum(counts[i] for i in chosen)
@@ -109,8 +124,53 @@ class TableSlice:
         return cls(table, delta.version(), tuple((f"{root}/{paths[i]}", days[i]) for i in chosen), rows)
 
 
-def build_index(table_uri: str, index_uri: str, request: IndexRequest = IndexRequest(), *,
-                storage: StorageOptions = StorageOptions(), runs_uri: str | None = None) -> IndexManifest:
+@dataclass(frozen=True)
+class _Built:
+    """What the build made, for its manifest."""
+
+    index: object  # the faiss index
+    dim: int
+    trained: Trained
+    tuning: object | None  # vi.tune's result, for an index with lists
+    files: IndexFiles
+    probes: list[ModelProbe]
+    sources: dict[str, RunSource]
+    model: ModelRecord
+    started: float  # perf_counter at the start of the build
+
+
+def _manifest(table: Location, chosen: TableSlice, request: IndexRequest, built: _Built) -> IndexManifest:
+    tuning, choice = built.tuning, built.trained.choice
+    return IndexManifest(
+        table_uri=table.uri if is_remote(table.uri) else local_path(table.uri),
+        table_version=chosen.version,
+        run_dates=tuple(sorted(request.run_dates)) or None,
+        embedding=request.embedding,
+        model=built.model,
+        dim=built.dim,
+        count=built.index.ntotal,
+        index_type=choice.key,
+        index_reason=choice.reason,
+        params=tuning.params if tuning else {},
+        recall_at_10=tuning.recall if tuning else None,
+        train_rows=built.trained.rows,
+        files=built.files,
+        model_probes=built.probes,
+        runs=built.sources,
+        built_at=dt.datetime.now(dt.timezone.utc),
+        build_seconds=round(time.perf_counter() - built.started, 3),
+        vlpipe_version=_version(),
+    )
+
+
+def build_index(
+    table_uri: str,
+    index_uri: str,
+    request: IndexRequest = IndexRequest(),
+    *,
+    storage: StorageOptions = StorageOptions(),
+    runs_uri: str | None = None,
+) -> IndexManifest:
     """Index the kept rows' ``request.embedding`` of the table at ``table_uri``; returns the manifest written."""
     started = time.perf_counter()
     table, target = Location.resolve(table_uri, storage), Location.resolve(index_uri, storage)
@@ -119,8 +179,13 @@ def build_index(table_uri: str, index_uri: str, request: IndexRequest = IndexReq
     dim, probes = _first_rows(chosen, column)
     on_ray = _uses_ray(request.executor, chosen)
     trained = _train(request, chosen, column, dim, on_ray)
-    log.info("index %s: %s (%s), %s", target.uri, trained.choice.key, trained.choice.reason,
-             "on Ray" if on_ray else "in this process")
+    log.info(
+        "index %s: %s (%s), %s",
+        target.uri,
+        trained.choice.key,
+        trained.choice.reason,
+        "on Ray" if on_ray else "in this process",
+    )
     files = build_files(f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
     try:
         index, run_ids = _encode(chosen, column, trained.template, target, files, on_ray)
@@ -128,33 +193,36 @@ def build_index(table_uri: str, index_uri: str, request: IndexRequest = IndexReq
         model = _one_model(run_ids, sources)
         tuning = vi.tune(index, trained.sample.queries(request.embedding)) if trained.choice.lists else None
         write_faiss(target, files.index, index)
-        manifest = IndexManifest(
-            table_uri=table.uri if is_remote(table.uri) else local_path(table.uri), table_version=chosen.version,
-            run_dates=tuple(sorted(request.run_dates)) or None, embedding=request.embedding, model=model, dim=dim,
-            count=index.ntotal, index_type=trained.choice.key, index_reason=trained.choice.reason,
-            params=tuning.params if tuning else {}, recall_at_10=tuning.recall if tuning else None,
-            train_rows=trained.rows, files=files, model_probes=probes, runs=sources,
-            built_at=dt.datetime.now(dt.timezone.utc), build_seconds=round(time.perf_counter() - started, 3),
-            vlpipe_version=_version(),
-        )
+        built = _Built(index, dim, trained, tuning, files, probes, sources, model, started)
+        manifest = _manifest(table, chosen, request, built)
         publish(target, manifest)
     except BaseException:
         remove_files(target, files)
         raise
-    log.info("index %s: %d vectors of %s, table version %d, %.1f s", target.uri, manifest.count, column,
-             manifest.table_version, manifest.build_seconds)
+    log.info(
+        "index %s: %d vectors of %s, table version %d, %.1f s",
+        target.uri,
+        manifest.count,
+        column,
+        manifest.table_version,
+        manifest.build_seconds,
+    )
     return manifest
 
 
 def summary(manifest: IndexManifest, index_uri: str) -> str:
     """What ``vlpipe index`` prints."""
-    lines = [f"index {index_uri}: {manifest.count} {manifest.embedding} embeddings ({manifest.dim} values) of "
-             f"{manifest.table_uri} version {manifest.table_version}, model {manifest.model}",
-             f"  {manifest.index_type}: {manifest.index_reason}"]
+    lines = [
+        f"index {index_uri}: {manifest.count} {manifest.embedding} embeddings ({manifest.dim} values) of "
+        f"{manifest.table_uri} version {manifest.table_version}, model {manifest.model}",
+        f"  {manifest.index_type}: {manifest.index_reason}",
+    ]
     if manifest.params:
         recall = ", ".join(f"{kind} queries {r:.3f}" for kind, r in (manifest.recall_at_10 or {}).items())
-        lines.append(f"  search with {', '.join(f'{k}={v}' for k, v in manifest.params.items())}: recall@10 {recall} "
-                     f"(against probing every list; trained on {manifest.train_rows} rows)")
+        lines.append(
+            f"  search with {', '.join(f'{k}={v}' for k, v in manifest.params.items())}: recall@10 {recall} "
+            f"(against probing every list; trained on {manifest.train_rows} rows)"
+        )
     lines.append(f"  built in {manifest.build_seconds:.1f}s")
     return "\n".join(lines)
 
@@ -165,7 +233,7 @@ class Trained:
 
     choice: vi.IndexChoice
     template: bytes
-    sample: "Sample | None"
+    sample: Sample | None
     rows: int  # training rows used
 
 
@@ -179,8 +247,9 @@ def _train(request: IndexRequest, chosen: TableSlice, column: str, dim: int, on_
     return Trained(choice, template, sample, 0 if training is None else len(training))
 
 
-def _choose_and_sample(request: IndexRequest, chosen: TableSlice, column: str, dim: int,
-                       on_ray: bool) -> tuple[vi.IndexChoice, "Sample | None"]:
+def _choose_and_sample(
+    request: IndexRequest, chosen: TableSlice, column: str, dim: int, on_ray: bool
+) -> tuple[vi.IndexChoice, Sample | None]:
     """The index to build, and the training sample when it needs one (pass 1)."""
     max_bytes = int(request.max_index_gb * 2**30)
     if request.index_key is not None:
@@ -191,15 +260,16 @@ def _choose_and_sample(request: IndexRequest, chosen: TableSlice, column: str, d
         forced = vi.IndexChoice(request.index_key, "--index-key")
         return forced, (_sample(chosen, column, dim, forced.train_rows, on_ray) if forced.lists else None)
     if chosen.rows is not None and chosen.rows < vi.FLAT_MAX_ROWS:
-        return vi.IndexChoice("Flat", f"{chosen.rows} rows in the partitions, kept or not, < {vi.FLAT_MAX_ROWS}: "
-                                      "exact search"), None
+        return vi.IndexChoice(
+            "Flat", f"{chosen.rows} rows in the partitions, kept or not, < {vi.FLAT_MAX_ROWS}: exact search"
+        ), None
     # The log's count includes rejected rows: an upper bound, so the sample is large enough for any choice.
     limit = vi.choose_index(chosen.rows, dim, max_bytes).train_rows if chosen.rows else vi.MAX_TRAIN_ROWS
     sample = _sample(chosen, column, dim, limit, on_ray)
     return vi.choose_index(sample.rows, dim, max_bytes), sample
 
 
-def _sample(chosen: TableSlice, column: str, dim: int, limit: int, on_ray: bool) -> "Sample":
+def _sample(chosen: TableSlice, column: str, dim: int, limit: int, on_ray: bool) -> Sample:
     other = EMBEDDING_COLUMNS[_OTHER_TOWER[_tower(column)]]
     sample = Sample(limit, dim)
     step = {"column": column, "other": other, "dim": dim, "limit": limit}
@@ -209,8 +279,9 @@ def _sample(chosen: TableSlice, column: str, dim: int, limit: int, on_ray: bool)
     return sample
 
 
-def _encode(chosen: TableSlice, column: str, template: bytes, target: Location, files: IndexFiles,
-            on_ray: bool) -> tuple[object, set[str]]:
+def _encode(
+    chosen: TableSlice, column: str, template: bytes, target: Location, files: IndexFiles, on_ray: bool
+) -> tuple[object, set[str]]:
     """Pass 2: the final index filled with every block's codes, the metadata written in the same order."""
     assembler, run_ids = vi.Assembler(template), set()
     columns = [col.KEY, col.CAPTION, col.SOURCE_SHARD, col.RUN_ID, col.KEEP, column]
@@ -220,8 +291,11 @@ def _encode(chosen: TableSlice, column: str, template: bytes, target: Location, 
                 continue
             codes = batch.column(_CODE).combine_chunks()
             width = codes.type.byte_width
-            assembler.add(np.frombuffer(codes.buffers()[1], np.uint8, count=len(codes) * width,
-                                        offset=codes.offset * width).reshape(len(codes), width))
+            assembler.add(
+                np.frombuffer(
+                    codes.buffers()[1], np.uint8, count=len(codes) * width, offset=codes.offset * width
+                ).reshape(len(codes), width)
+            )
             rows = batch.drop_columns([_CODE])
             writer.write_table(rows)
             run_ids.update(pc.unique(rows.column(col.RUN_ID)).to_pylist())
@@ -248,10 +322,17 @@ class SampleRows:
         counted = np.zeros(len(order), np.int64)
         counted[:1] = rows.num_rows
         queries = rows.column(self.other).take(pa.array(order[:TUNING_QUERIES], pa.int64()))
-        query_column = pa.concat_arrays([queries.combine_chunks().cast(col.EMBEDDING_TYPE),
-                                         pa.nulls(len(order) - len(queries), col.EMBEDDING_TYPE)])
-        return pa.table({_HASH: pa.array(hashes[order], pa.int64()), _VECTOR: _fixed_lists(vectors[order], self.dim),
-                         _QUERY: query_column, _ROWS: pa.array(counted, pa.int64())})
+        query_column = pa.concat_arrays(
+            [queries.combine_chunks().cast(col.EMBEDDING_TYPE), pa.nulls(len(order) - len(queries), col.EMBEDDING_TYPE)]
+        )
+        return pa.table(
+            {
+                _HASH: pa.array(hashes[order], pa.int64()),
+                _VECTOR: _fixed_lists(vectors[order], self.dim),
+                _QUERY: query_column,
+                _ROWS: pa.array(counted, pa.int64()),
+            }
+        )
 
 
 class Sample:
@@ -332,11 +413,17 @@ def _map_blocks(chosen: TableSlice, step: type, kwargs: dict, columns: list[str]
 
     named = type(step.__name__, (_DatedBlocks,), {})  # named for Ray's progress bars and stats
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.read_parquet([path for path, _ in chosen.files], filesystem=chosen.table.filesystem,
-                               columns=columns, include_paths=True)
-    ds = ds.map_batches(named, fn_constructor_kwargs={"step": step, "kwargs": kwargs, "dates": dict(chosen.files)},
-                        batch_format="pyarrow", batch_size=None, num_cpus=1,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
+    ds = ray.data.read_parquet(
+        [path for path, _ in chosen.files], filesystem=chosen.table.filesystem, columns=columns, include_paths=True
+    )
+    ds = ds.map_batches(
+        named,
+        fn_constructor_kwargs={"step": step, "kwargs": kwargs, "dates": dict(chosen.files)},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+    )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
@@ -380,15 +467,18 @@ def _first_rows(chosen: TableSlice, column: str) -> tuple[int, list[ModelProbe]]
     return dim, probes
 
 
-def run_sources(chosen: TableSlice, run_ids: set[str], runs_uri: str | None,
-                storage: StorageOptions) -> dict[str, RunSource]:
+def run_sources(
+    chosen: TableSlice, run_ids: set[str], runs_uri: str | None, storage: StorageOptions
+) -> dict[str, RunSource]:
     """Per indexed run: its CLIP model (its commit's ``vlpipe.models``, else its run record) and its input columns."""
     from pipelines.table.records import read_run_records
 
     commits = _commit_models(chosen)
-    records = {r["run_id"]: r for r in
-               read_run_records(runs_uri or default_run_records_uri(chosen.table.uri), storage).to_pylist()
-               if r["run_id"] in run_ids}
+    records = {
+        r["run_id"]: r
+        for r in read_run_records(runs_uri or default_run_records_uri(chosen.table.uri), storage).to_pylist()
+        if r["run_id"] in run_ids
+    }
     sources = {}
     for run_id in sorted(run_ids):
         record = records.get(run_id)
@@ -423,25 +513,36 @@ def _input_of(record: dict | None) -> dict:
     try:
         config = stored_config(record)
     except ConfigError as err:
-        log.warning("index: run %s: its recorded config is unreadable (%s); thumbnails assume the default "
-                    "input columns", record["run_id"], err)
+        log.warning(
+            "index: run %s: its recorded config is unreadable (%s); thumbnails assume the default input columns",
+            record["run_id"],
+            err,
+        )
         return {}
-    return {"input_columns": config.input.columns, "decode": config.decode, "webdataset": config.input.webdataset,
-            "fetch": config.input.fetch}
+    return {
+        "input_columns": config.input.columns,
+        "decode": config.decode,
+        "webdataset": config.input.webdataset,
+        "fetch": config.input.fetch,
+    }
 
 
 def _one_model(run_ids: set[str], sources: dict[str, RunSource]) -> ModelRecord:
     """Vectors of two models do not compare: an index holds one model's."""
     unknown = sorted(r for r in run_ids if sources[r].model is None)
     if unknown:
-        raise MixedModelsError(f"cannot tell which CLIP model embedded the rows of run(s) {', '.join(unknown)}: "
-                               "neither their commit (vlpipe.models) nor a run record names it")
+        raise MixedModelsError(
+            f"cannot tell which CLIP model embedded the rows of run(s) {', '.join(unknown)}: "
+            "neither their commit (vlpipe.models) nor a run record names it"
+        )
     models = {sources[r].model for r in run_ids}
     if len(models) > 1:
         by_model = {str(m): sorted(r for r in run_ids if sources[r].model == m) for m in models}
-        raise MixedModelsError("the rows were embedded by different CLIP models ("
-                               + "; ".join(f"{m}: run(s) {', '.join(runs)}" for m, runs in sorted(by_model.items()))
-                               + "); index the run dates of one model with --run-date")
+        raise MixedModelsError(
+            "the rows were embedded by different CLIP models ("
+            + "; ".join(f"{m}: run(s) {', '.join(runs)}" for m, runs in sorted(by_model.items()))
+            + "); index the run dates of one model with --run-date"
+        )
     return models.pop()
 
 
@@ -457,8 +558,13 @@ def _uses_ray(executor: str, chosen: TableSlice) -> bool:
 def _key_hashes(rows: pa.Table) -> np.ndarray:
     """A stable pseudo-random rank per row: a key can repeat across run dates, so both are hashed."""
     keys, days = rows.column(col.KEY).to_pylist(), rows.column(col.RUN_DATE).to_pylist()
-    return np.array([int.from_bytes(hashlib.blake2b(f"{k}\0{d}".encode(), digest_size=8).digest(), "big") >> 1
-                     for k, d in zip(keys, days)], np.int64)
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{k}\0{d}".encode(), digest_size=8).digest(), "big") >> 1
+            for k, d in zip(keys, days)
+        ],
+        np.int64,
+    )
 
 
 def _fixed_lists(vectors: np.ndarray, dim: int) -> pa.Array:

@@ -15,9 +15,9 @@ import pyarrow as pa
 
 from operators import schema as col
 from operators.storage import StorageOptions
-from pipelines.search.files import IndexManifest, RunSource
-from pipelines.report.thumbnails import add_thumbnails, thumbnail
 from pipelines.input.images import ImageSource
+from pipelines.report.thumbnails import add_thumbnails, thumbnail
+from pipelines.search.files import IndexManifest, RunSource
 from pipelines.search.query import RANK, SCORE
 
 _CSS = """
@@ -34,26 +34,32 @@ figcaption{font-size:12px;overflow-wrap:anywhere}
 """
 
 
-def results_page(results: pa.Table, manifest: IndexManifest, query: str, storage: StorageOptions,
-                 query_image: bytes | None = None) -> str:
+def results_page(
+    results: pa.Table, manifest: IndexManifest, query: str, storage: StorageOptions, query_image: bytes | None = None
+) -> str:
     """The page: the query (its image too, for an image query) and one card per hit, best first."""
     hits = results.to_pylist()
     _add_thumbnails(hits, manifest, storage)
     shown = thumbnail(query_image, formats=None, max_pixels=10**9) if query_image else None
     title = "vlpipe search"
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>{escape(f'{title}: {query}')}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
-        (f'<div class="sub">{len(hits)} nearest of {manifest.count} {escape(manifest.embedding)} embeddings · '
-         f'{escape(manifest.index_type)} · <code>{escape(manifest.table_uri)}</code> version {manifest.table_version}'
-         f' · model {escape(str(manifest.model))}</div>'),
-        f'<div class="query">{_img(shown, "query image") if query_image else ""}<b>{escape(query)}</b></div>',
-        f'<div class="hits" id="hits">{"".join(_card(hit) for hit in hits)}</div>',
-        "</body></html>",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width,initial-scale=1">',
+            f"<title>{escape(f'{title}: {query}')}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{escape(title)}</h1>",
+            (
+                f'<div class="sub">{len(hits)} nearest of {manifest.count} {escape(manifest.embedding)} embeddings · '
+                f"{escape(manifest.index_type)} · <code>{escape(manifest.table_uri)}</code> "
+                f"version {manifest.table_version}"
+                f" · model {escape(str(manifest.model))}</div>"
+            ),
+            f'<div class="query">{_img(shown, "query image") if query_image else ""}<b>{escape(query)}</b></div>',
+            f'<div class="hits" id="hits">{"".join(_card(hit) for hit in hits)}</div>',
+            "</body></html>",
+        ]
+    )
 
 
 def _add_thumbnails(hits: list[dict], manifest: IndexManifest, storage: StorageOptions) -> None:
@@ -64,16 +70,22 @@ def _add_thumbnails(hits: list[dict], manifest: IndexManifest, storage: StorageO
         by_run[hit[col.RUN_ID]].append(hit)
     for run_id, group in by_run.items():
         run = manifest.runs.get(run_id, RunSource())
-        add_thumbnails(group, ImageSource(columns=run.input_columns, webdataset=run.webdataset, fetch=run.fetch), run.decode,
-                       storage)
+        add_thumbnails(
+            group,
+            ImageSource(columns=run.input_columns, webdataset=run.webdataset, fetch=run.fetch),
+            run.decode,
+            storage,
+        )
 
 
 def _card(hit: dict) -> str:
-    return (f'<figure class="hit" data-key="{escape(hit[col.KEY])}" data-rank="{hit[RANK]}">'
-            f'{_img(hit["thumbnail"], "image " + hit[col.KEY])}'
-            f'<div class="top"><span class="rank">#{hit[RANK]}</span><span>{hit[SCORE]:.3f}</span></div>'
-            f'<div class="key">{escape(hit[col.KEY])} · {escape(str(hit[col.RUN_DATE]))}</div>'
-            f'<figcaption>{escape(hit[col.CAPTION] or "")}</figcaption></figure>')
+    return (
+        f'<figure class="hit" data-key="{escape(hit[col.KEY])}" data-rank="{hit[RANK]}">'
+        f"{_img(hit['thumbnail'], 'image ' + hit[col.KEY])}"
+        f'<div class="top"><span class="rank">#{hit[RANK]}</span><span>{hit[SCORE]:.3f}</span></div>'
+        f'<div class="key">{escape(hit[col.KEY])} · {escape(str(hit[col.RUN_DATE]))}</div>'
+        f"<figcaption>{escape(hit[col.CAPTION] or '')}</figcaption></figure>"
+    )
 
 
 def _img(uri: str | None, alt: str) -> str:

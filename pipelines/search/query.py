@@ -43,16 +43,22 @@ class QueryEncoder:
     """Queries embedded by the index's CLIP model, or by ``model`` (the same model, moved), checked on load."""
 
     def __init__(self, manifest: IndexManifest, storage: StorageOptions, model: str | None = None):
-        from operators.models.clip import ClipConfig, ClipScorer
         from operators.image.decode import DecodeImages
+        from operators.models.clip import ClipConfig, ClipScorer
 
-        ref = ModelRef(source=model) if model else ModelRef(source=manifest.model.source,
-                                                            revision=manifest.model.revision)
+        ref = (
+            ModelRef(source=model)
+            if model
+            else ModelRef(source=manifest.model.source, revision=manifest.model.revision)
+        )
         try:
             self.scorer = ClipScorer(ClipConfig(model=ref), storage)
         except (ModelLoadError, OSError, ValueError) as err:  # transformers says ValueError for a non-CLIP directory
-            which = f"--model {model}" if model else (f"the index's model {manifest.model} (if it moved, pass --model "
-                                                      "with its new place)")
+            which = (
+                f"--model {model}"
+                if model
+                else (f"the index's model {manifest.model} (if it moved, pass --model with its new place)")
+            )
             raise ModelUnavailableError(f"cannot load {which}: {' '.join(str(err).split())}") from None
         decode = next(iter(manifest.runs.values()), RunSource()).decode
         self.decode = DecodeImages(decode.model_copy(update={"keep_image_bytes": False}), self.scorer.geometry)
@@ -72,15 +78,17 @@ class QueryEncoder:
     def _check(self, manifest: IndexManifest, source: str) -> None:
         width = self.scorer.embed_texts(["a photo"]).shape[1]
         if width != manifest.dim:
-            raise ModelMismatchError(f"model {source} embeds {width} values, the index {manifest.dim} "
-                                     f"(it was built with {manifest.model})")
+            raise ModelMismatchError(
+                f"model {source} embeds {width} values, the index {manifest.dim} (it was built with {manifest.model})"
+            )
         for probe in manifest.model_probes:
             cosine = float(self.scorer.embed_texts([probe.caption])[0] @ np.asarray(probe.text_embedding, np.float32))
             if cosine < PROBE_MIN_COSINE:
                 raise ModelMismatchError(
                     f"model {source} is not the model the index was built with ({manifest.model}): it embeds the "
                     f"table's caption {probe.caption!r} at cosine {cosine:.3f} to the stored embedding "
-                    f"(at least {PROBE_MIN_COSINE} expected)")
+                    f"(at least {PROBE_MIN_COSINE} expected)"
+                )
 
 
 class Searcher:
@@ -112,8 +120,15 @@ class Searcher:
         return rows.add_column(0, SCORE, pa.array(scores[0][found], pa.float32())).add_column(0, RANK, ranks)
 
 
-def search(index_uri: str, *, text: str | None = None, image: str | bytes | None = None, k: int = DEFAULT_K,
-           model: str | None = None, storage: StorageOptions = StorageOptions()) -> pa.Table:
+def search(
+    index_uri: str,
+    *,
+    text: str | None = None,
+    image: str | bytes | None = None,
+    k: int = DEFAULT_K,
+    model: str | None = None,
+    storage: StorageOptions = StorageOptions(),
+) -> pa.Table:
     """One query: ``Searcher(index_uri, ...).search(...)`` (load a ``Searcher`` once to ask several)."""
     return Searcher(index_uri, model=model, storage=storage).search(text=text, image=image, k=k)
 
@@ -132,11 +147,14 @@ def query_image(image: str | bytes, storage: StorageOptions) -> tuple[bytes, str
 
 def format_results(results: pa.Table, manifest: IndexManifest, query: str) -> str:
     """What ``vlpipe search`` prints: one line per hit."""
-    lines = [f"{query}: top {results.num_rows} of {manifest.count} {manifest.embedding} embeddings "
-             f"({manifest.index_type}, {manifest.table_uri} version {manifest.table_version})",
-             f"{'rank':>4}  {'score':>6}  {'key':<20} {'run_date':<10}  caption"]
+    lines = [
+        f"{query}: top {results.num_rows} of {manifest.count} {manifest.embedding} embeddings "
+        f"({manifest.index_type}, {manifest.table_uri} version {manifest.table_version})",
+        f"{'rank':>4}  {'score':>6}  {'key':<20} {'run_date':<10}  caption",
+    ]
     for row in results.to_pylist():
         caption = " ".join((row[col.CAPTION] or "").split())
-        lines.append(f"{row[RANK]:>4}  {row[SCORE]:>6.3f}  {row[col.KEY]:<20} {row[col.RUN_DATE]!s:<10}  "
-                     f"{caption[:100]}")
+        lines.append(
+            f"{row[RANK]:>4}  {row[SCORE]:>6.3f}  {row[col.KEY]:<20} {row[col.RUN_DATE]!s:<10}  {caption[:100]}"
+        )
     return "\n".join(lines)

@@ -79,9 +79,10 @@ def choose_index(rows: int, dim: int, max_index_bytes: int = DEFAULT_MAX_INDEX_B
         budget = f"{uncompressed / 2**30:.1f} GiB uncompressed <= {max_index_bytes / 2**30:g} GiB"
         return IndexChoice(f"IVF{lists}{quantizer},Flat", f"{rows} rows, {budget}")
     m = pq_bytes(dim)
-    return IndexChoice(f"IVF{lists}{quantizer},PQ{m}x8",
-                       f"{rows} rows, {uncompressed / 2**30:.1f} GiB uncompressed > {max_index_bytes / 2**30:g} GiB: "
-                       f"{m}-byte codes")
+    return IndexChoice(
+        f"IVF{lists}{quantizer},PQ{m}x8",
+        f"{rows} rows, {uncompressed / 2**30:.1f} GiB uncompressed > {max_index_bytes / 2**30:g} GiB: {m}-byte codes",
+    )
 
 
 def empty_index(key: str, dim: int):
@@ -118,8 +119,10 @@ def _check_fills_in_parts(index, key: str, probe: np.ndarray) -> None:
     try:
         trial.add_sa_codes(trial.sa_encode(probe), np.zeros(len(probe), np.int64))
     except RuntimeError as err:
-        raise ValueError(f"index {key!r} cannot be built in parts (faiss: {_faiss_message(err)}); "
-                         "use Flat, IVF...,Flat or IVF...,PQ...") from None
+        raise ValueError(
+            f"index {key!r} cannot be built in parts (faiss: {_faiss_message(err)}); "
+            "use Flat, IVF...,Flat or IVF...,PQ..."
+        ) from None
 
 
 class Encoder:
@@ -173,12 +176,13 @@ def tune(index, queries: dict[str, np.ndarray], target: float = TARGET_RECALL, k
     lists = _ivf(index).nlist
     exhaustive = search_params(index, lists)
     truth = {kind: _search(index, q, k, exhaustive) for kind, q in queries.items() if len(q)}
-    probes = sorted({min(lists, 2 ** i) for i in range(int(math.log2(lists)) + 2)})
+    probes = sorted({min(lists, 2**i) for i in range(int(math.log2(lists)) + 2)})
     recall: dict[str, float] = {}
     for nprobe in probes:
         params = search_params(index, nprobe)
-        recall = {kind: recall_at_k(_search(index, queries[kind], k, params), expected)
-                  for kind, expected in truth.items()}
+        recall = {
+            kind: recall_at_k(_search(index, queries[kind], k, params), expected) for kind, expected in truth.items()
+        }
         if all(r >= target for r in recall.values()):
             return Tuning(params, recall)
     return Tuning(params, recall)

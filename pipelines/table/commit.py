@@ -22,12 +22,14 @@ from deltalake.transaction import AddAction, RemoveAction, create_table_with_add
 from operators import schema as col
 from operators.storage import Location
 from pipelines import hooks
-from pipelines.table.datafile import DataFile, table_files
 from pipelines.errors import ConcurrentRunError
+from pipelines.table.datafile import DataFile, table_files
 from pipelines.table.supersede import Change, Supersede, Superseder
 from pipelines.table.write import WriteSummary
 
 log = logging.getLogger(__name__)
+
+
 def table_version(table: Location) -> int | None:
     """The table's current version, or None before its first commit."""
     if not DeltaTable.is_deltatable(table.uri, storage_options=table.delta_options):
@@ -47,8 +49,14 @@ class Commit:
 
 
 def commit_files(
-    table: Location, schema: pa.Schema, summary: WriteSummary, run_date: dt.date,
-    mode: str, metadata: dict[str, str], read_version: int | None, supersede: Supersede | None = None,
+    table: Location,
+    schema: pa.Schema,
+    summary: WriteSummary,
+    run_date: dt.date,
+    mode: str,
+    metadata: dict[str, str],
+    read_version: int | None,
+    supersede: Supersede | None = None,
 ) -> Commit:
     """Add the written files to the table in one commit, with what they replace.
 
@@ -60,18 +68,8 @@ def commit_files(
     (``ConcurrentRunError``) rather than mixing two runs' rows. Commits to other dates
     in the meantime are fine; the commit is planned again on top of them.
     """
-    now_ms = int(time.time() * 1000)
-    day = run_date.isoformat()
-    before = _files_at(table.uri, table.delta_options, read_version)
-    run_id = metadata["vlpipe.run_id"]
-    attempt = _Attempt(
-        table, schema, run_date, mode, read_version, now_ms, before={f.path for f in before},
-        started_with={f.path for f in before if f.partition == day},
-        adds=[AddAction(f["path"], f["size"], {col.RUN_DATE: day}, now_ms, True, f["stats"]) for f in summary.files],
-        # No blind retries inside delta-rs: it would rebase a commit onto a concurrent one it was planned without.
-        properties=CommitProperties(custom_metadata=metadata, max_commit_retries=0),
-        superseder=Superseder(table, supersede or Supersede(frozenset(), frozenset()), run_id),
-    )
+    attempt = _Attempt.first(table, schema, summary, run_date, mode, metadata, read_version, supersede)
+    run_id = attempt.superseder.run_id
     lost: OSError | None = None
     for _ in range(_COMMIT_ATTEMPTS):
         if lost is not None:
@@ -110,11 +108,46 @@ class _Attempt:
     superseder: Superseder
     planned: list[Change] = field(default_factory=list)
 
+    @classmethod
+    def first(
+        cls,
+        table: Location,
+        schema: pa.Schema,
+        summary: WriteSummary,
+        run_date: dt.date,
+        mode: str,
+        metadata: dict[str, str],
+        read_version: int | None,
+        supersede: Supersede | None,
+    ) -> _Attempt:
+        now_ms = int(time.time() * 1000)
+        day = run_date.isoformat()
+        before = _files_at(table.uri, table.delta_options, read_version)
+        adds = [AddAction(f["path"], f["size"], {col.RUN_DATE: day}, now_ms, True, f["stats"]) for f in summary.files]
+        return cls(
+            table,
+            schema,
+            run_date,
+            mode,
+            read_version,
+            now_ms,
+            before={f.path for f in before},
+            started_with={f.path for f in before if f.partition == day},
+            adds=adds,
+            # No blind retries inside delta-rs: it would rebase a commit onto a concurrent one it was planned without.
+            properties=CommitProperties(custom_metadata=metadata, max_commit_retries=0),
+            superseder=Superseder(table, supersede or Supersede(frozenset(), frozenset()), metadata["vlpipe.run_id"]),
+        )
+
     def create(self) -> Commit | None:
         try:
             create_table_with_add_actions(
-                self.table.uri, Schema.from_arrow(self.schema), self.adds, mode="append",
-                partition_by=[col.RUN_DATE], storage_options=self.table.delta_options,
+                self.table.uri,
+                Schema.from_arrow(self.schema),
+                self.adds,
+                mode="append",
+                partition_by=[col.RUN_DATE],
+                storage_options=self.table.delta_options,
                 commit_properties=self.properties,
             )
             return Commit(0)
@@ -131,15 +164,21 @@ class _Attempt:
             if _add_missing_columns(delta, self.schema, run_id):
                 return None  # look at the table again, with its new schema
             files = table_files(delta)
-            own = _replaced_partition(files, self.run_date, self.mode, self.started_with, uri,
-                                      (self.read_version, delta.version()))
+            own = _replaced_partition(
+                files, self.run_date, self.mode, self.started_with, uri, (self.read_version, delta.version())
+            )
             self.planned = self.superseder.changes(files, self.run_date.isoformat(), self.before)
             replaced = _replacing(own, self.planned, self.now_ms)
             hooks.reach("commit:planned")
             # Append mode: overwrite mode refuses explicit removes, so this commit states the
             # partition's removals itself, from the very version it is committed on top of.
-            delta.create_write_transaction(self.adds + replaced, mode="append", schema=self.schema,
-                                           partition_by=[col.RUN_DATE], commit_properties=self.properties)
+            delta.create_write_transaction(
+                self.adds + replaced,
+                mode="append",
+                schema=self.schema,
+                partition_by=[col.RUN_DATE],
+                commit_properties=self.properties,
+            )
         except CommitFailedError:
             return None  # someone committed first; look again at what they changed
         return _result(_version_of(uri, options, run_id), self.planned, self.superseder)
@@ -148,8 +187,14 @@ class _Attempt:
 _COMMIT_ATTEMPTS = 20
 
 
-def _replaced_partition(files: list[DataFile], run_date: dt.date, mode: str, started_with: set[str],
-                        table_uri: str, versions: tuple[int | None, int]) -> list[DataFile]:
+def _replaced_partition(
+    files: list[DataFile],
+    run_date: dt.date,
+    mode: str,
+    started_with: set[str],
+    table_uri: str,
+    versions: tuple[int | None, int],
+) -> list[DataFile]:
     """The files of the run's date the commit removes: the whole partition if it is to be replaced.
 
     Refused if the partition is not the one the run started from: another run of this date
@@ -174,7 +219,8 @@ def _replacing(own: list[DataFile], changes: list[Change], now_ms: int) -> list[
     ]
     actions += [
         AddAction(c.rewrite.path, c.rewrite.size, {col.RUN_DATE: c.file.partition}, now_ms, True, c.rewrite.stats)
-        for c in changes if c.rewrite is not None
+        for c in changes
+        if c.rewrite is not None
     ]
     return actions
 
@@ -194,19 +240,32 @@ def _add_missing_columns(delta: DeltaTable, schema: pa.Schema, run_id: str) -> b
         Schema.from_arrow(pa.schema(missing)).fields,
         # Not vlpipe.run_id: that marks the run's data commit, which _committed_version looks for.
         commit_properties=CommitProperties(
-            custom_metadata={"vlpipe.operation": "add_columns", "vlpipe.for_run": run_id}, max_commit_retries=0),
+            custom_metadata={"vlpipe.operation": "add_columns", "vlpipe.for_run": run_id}, max_commit_retries=0
+        ),
     )
     return True
 
 
 def _result(version: int, changes: list[Change], superseder: Superseder) -> Commit:
     rewritten = sum(c.rewrite is not None for c in changes)
-    result = Commit(version, rows_superseded=sum(c.rows_removed for c in changes),
-                    files_removed=len(changes) - rewritten, files_rewritten=rewritten, files_read=superseder.files_read)
+    result = Commit(
+        version,
+        rows_superseded=sum(c.rows_removed for c in changes),
+        files_removed=len(changes) - rewritten,
+        files_rewritten=rewritten,
+        files_read=superseder.files_read,
+    )
     if result.files_read or changes:
-        log.info("superseded %d earlier row(s) of %d shard(s) in %d other partition(s): read source_shard of "
-                 "%d file(s), removed %d, rewrote %d", result.rows_superseded, len(superseder.supersede.shards),
-                 len({c.file.partition for c in changes}), result.files_read, result.files_removed, rewritten)
+        log.info(
+            "superseded %d earlier row(s) of %d shard(s) in %d other partition(s): read source_shard of "
+            "%d file(s), removed %d, rewrote %d",
+            result.rows_superseded,
+            len(superseder.supersede.shards),
+            len({c.file.partition for c in changes}),
+            result.files_read,
+            result.files_removed,
+            rewritten,
+        )
     return result
 
 

@@ -34,12 +34,15 @@ class Compaction:
     def __str__(self) -> str:
         if not self.files_removed:
             return f"{col.RUN_DATE}={self.run_date}: nothing to compact"
-        return (f"{col.RUN_DATE}={self.run_date}: {self.files_removed} file(s) -> {self.files_added} "
-                f"(table version {self.version})")
+        return (
+            f"{col.RUN_DATE}={self.run_date}: {self.files_removed} file(s) -> {self.files_added} "
+            f"(table version {self.version})"
+        )
 
 
-def compact(table: Location, run_dates: list[dt.date] | None = None,
-            target_bytes: int = DEFAULT_TARGET_BYTES) -> list[Compaction]:
+def compact(
+    table: Location, run_dates: list[dt.date] | None = None, target_bytes: int = DEFAULT_TARGET_BYTES
+) -> list[Compaction]:
     """Compact each given date's partition (every partition by default), one commit per partition."""
     delta = DeltaTable(table.uri, storage_options=table.delta_options)
     dates = run_dates or partition_dates(delta)
@@ -54,13 +57,16 @@ def partition_dates(delta: DeltaTable) -> list[dt.date]:
 
 def _compact_one(delta: DeltaTable, day: dt.date, target_bytes: int) -> Compaction:
     metrics = delta.optimize.compact(
-        partition_filters=[(col.RUN_DATE, "=", day.isoformat())], target_size=target_bytes,
+        partition_filters=[(col.RUN_DATE, "=", day.isoformat())],
+        target_size=target_bytes,
         writer_properties=WriterProperties(compression="ZSTD"),
-        commit_properties=CommitProperties(custom_metadata={"vlpipe.operation": "compact",
-                                                            "vlpipe.run_date": day.isoformat()}),
+        commit_properties=CommitProperties(
+            custom_metadata={"vlpipe.operation": "compact", "vlpipe.run_date": day.isoformat()}
+        ),
     )
     if isinstance(metrics, str):
         metrics = json.loads(metrics)
     delta.update_incremental()
-    return Compaction(day, int(metrics.get("numFilesRemoved", 0)), int(metrics.get("numFilesAdded", 0)),
-                      delta.version())
+    return Compaction(
+        day, int(metrics.get("numFilesRemoved", 0)), int(metrics.get("numFilesAdded", 0)), delta.version()
+    )

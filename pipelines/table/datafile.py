@@ -81,8 +81,12 @@ def table_files(delta: DeltaTable) -> list[DataFile]:
     return [
         DataFile(path, size, partition, rows, low, high)
         for path, size, partition, rows, low, high in zip(
-            column("path"), column("size_bytes"), partitions, column("num_records"),
-            column(f"min.{col.SOURCE_SHARD}"), column(f"max.{col.SOURCE_SHARD}"),
+            column("path"),
+            column("size_bytes"),
+            partitions,
+            column("num_records"),
+            column(f"min.{col.SOURCE_SHARD}"),
+            column(f"max.{col.SOURCE_SHARD}"),
         )
     ]
 
@@ -110,9 +114,15 @@ def file_stats(data: pa.Table) -> dict:
 
 
 def _has_stats(type_: pa.DataType) -> bool:
-    return (pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_boolean(type_)
-            or pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_date(type_)
-            or pa.types.is_timestamp(type_))
+    return (
+        pa.types.is_string(type_)
+        or pa.types.is_large_string(type_)
+        or pa.types.is_boolean(type_)
+        or pa.types.is_integer(type_)
+        or pa.types.is_floating(type_)
+        or pa.types.is_date(type_)
+        or pa.types.is_timestamp(type_)
+    )
 
 
 def _string_bounds(low: str, high: str, prefix: int) -> tuple[str, str]:
@@ -123,7 +133,7 @@ def _string_bounds(low: str, high: str, prefix: int) -> tuple[str, str]:
     """
     low = low[:prefix]
     if len(high) > prefix:
-        high = high[:prefix] + "\U0010FFFF"
+        high = high[:prefix] + "\U0010ffff"
     return low, high
 
 

@@ -23,8 +23,9 @@ def located(where: Location | str, storage: StorageOptions) -> Location:
     return where if isinstance(where, Location) else Location.resolve(where, storage)
 
 
-def delta_dataset(where: Location | str, storage: StorageOptions = StorageOptions(), *,
-                  version: int | None = None) -> pads.Dataset:
+def delta_dataset(
+    where: Location | str, storage: StorageOptions = StorageOptions(), *, version: int | None = None
+) -> pads.Dataset:
     """A Delta table (at ``version``) as a pyarrow dataset over a native pyarrow filesystem.
 
     deltalake's default Python filesystem handler can make the interpreter abort at exit

@@ -24,8 +24,10 @@ RUN_RECORD_SCHEMA = pa.schema(
         ("config_json", pa.string()),
         ("output_uri", pa.string()),
         ("table_version", pa.int64()),
-        ("input_shards", pa.list_(pa.struct([("uri", pa.string()), ("size", pa.int64()),
-                                              ("mtime", pa.timestamp("us", tz="UTC"))]))),
+        (
+            "input_shards",
+            pa.list_(pa.struct([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC"))])),
+        ),
         ("failed_shards", pa.list_(pa.struct([("uri", pa.string()), ("error", pa.string())]))),
         ("rows_in", pa.int64()),
         ("rows_kept", pa.int64()),
@@ -116,14 +118,33 @@ def format_runs(records: pa.Table, *, limit: int = 10) -> str:
     rows = records.to_pylist()[-limit:][::-1]
     if not rows:
         return "no runs recorded yet"
-    header = ("run_id", "date", "status", "shards", "failed", "rows_in", "kept", "rejected", "superseded", "seconds",
-              "rows/s", "version")
+    header = (
+        "run_id",
+        "date",
+        "status",
+        "shards",
+        "failed",
+        "rows_in",
+        "kept",
+        "rejected",
+        "superseded",
+        "seconds",
+        "rows/s",
+        "version",
+    )
     lines = [
         (
-            r["run_id"], str(r["run_date"]), r["status"], str(len(r["input_shards"] or [])),
-            str(len(r["failed_shards"] or [])), str(r["rows_in"]), str(r["rows_kept"]), str(r["rows_rejected"]),
+            r["run_id"],
+            str(r["run_date"]),
+            r["status"],
+            str(len(r["input_shards"] or [])),
+            str(len(r["failed_shards"] or [])),
+            str(r["rows_in"]),
+            str(r["rows_kept"]),
+            str(r["rows_rejected"]),
             "-" if r["rows_superseded"] is None else str(r["rows_superseded"]),
-            f"{r['duration_s']:.1f}", f"{r['rows_per_second']:.1f}" if r["rows_per_second"] else "-",
+            f"{r['duration_s']:.1f}",
+            f"{r['rows_per_second']:.1f}" if r["rows_per_second"] else "-",
             "-" if r["table_version"] is None else str(r["table_version"]),
         )
         for r in rows

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 
 from operators import schema as col
 from operators.storage import Location
-from pipelines.table.datafile import DataFile, NewFile, file_stats, new_file_path, read_data_file, write_data_file
 from pipelines.input.shards import Shard
+from pipelines.table.datafile import DataFile, NewFile, file_stats, new_file_path, read_data_file, write_data_file
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,14 @@ class Superseder:
         """
         if not self._shards:
             return []
-        wanted = [f for f in files if f.partition != own_partition and f.path not in self._found
-                  and (f.partition in self.supersede.run_dates or f.path not in known) and self._may_hold(f)]
+        wanted = [
+            f
+            for f in files
+            if f.partition != own_partition
+            and f.path not in self._found
+            and (f.partition in self.supersede.run_dates or f.path not in known)
+            and self._may_hold(f)
+        ]
         with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(wanted)))) as pool:
             hits = list(pool.map(self._hits, wanted))
         self.files_read += len(wanted)

@@ -35,18 +35,24 @@ _SUMMARY_SCHEMA = pa.schema(
 WRITER_NUM_CPUS = 0
 
 
-def write_stage(table: Location, schema: pa.Schema, run_id: str, run_date: dt.date, *, kept_only: bool,
-                rows_per_file: int) -> Stage:
+def write_stage(
+    table: Location, schema: pa.Schema, run_id: str, run_date: dt.date, *, kept_only: bool, rows_per_file: int
+) -> Stage:
     """The writer's contract: it reads every output column that no stage may leave out."""
     optional = tuple(n for n in schema.names if n not in _REQUIRED and n not in (col.RUN_ID, col.RUN_DATE))
     return Stage(
-        name="write", kind="io", reads=tuple(n for n in schema.names if n in _REQUIRED), optional=optional,
+        name="write",
+        kind="io",
+        reads=tuple(n for n in schema.names if n in _REQUIRED),
+        optional=optional,
         adds=("path", "size", "rows_written", "stats", "outcomes"),
         resources=Resources(num_cpus=WRITER_NUM_CPUS, num_gpus=0, batch_size=rows_per_file),
         build=partial(WriteDataFiles, table, schema, run_id, run_date, kept_only),
-        details=(f"to {table.uri} (partition {col.RUN_DATE}={run_date})",
-                 "kept rows only" if kept_only else "every row, with keep and reject_reason",
-                 f"up to {rows_per_file:,} rows per file"),
+        details=(
+            f"to {table.uri} (partition {col.RUN_DATE}={run_date})",
+            "kept rows only" if kept_only else "every row, with keep and reject_reason",
+            f"up to {rows_per_file:,} rows per file",
+        ),
     )
 
 
@@ -89,7 +95,9 @@ class WriteDataFiles:
             path = new_file_path(partition_dir(self.run_date), self.run_id)
             size = write_data_file(self.table, path, data)
         summary = {
-            "path": path, "size": size, "rows_written": n,
+            "path": path,
+            "size": size,
+            "rows_written": n,
             "stats": json.dumps(file_stats(data)) if n else None,
             "outcomes": json.dumps(dict(outcomes)),
         }

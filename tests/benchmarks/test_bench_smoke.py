@@ -34,8 +34,7 @@ def test_tree_memory_counts_child_processes_and_shared_pages_once():
     import time
 
     # The child writes 200 MB of private pages, then forks: the two share them copy-on-write.
-    script = ("import os, time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); os.fork(); "
-              "time.sleep(30)")
+    script = "import os, time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); os.fork(); time.sleep(30)"
     child = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 20
@@ -59,8 +58,9 @@ def test_cpu_split_credits_each_process_by_what_it_runs(tmp_path):
 
     script = tmp_path / "burn.py"
     # It then idles a while: a sample must see it after its work (the sampler slows itself to stay cheap).
-    script.write_text("import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\n"
-                      "time.sleep(2)\n")
+    script.write_text(
+        "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(2)\n"
+    )
     with Usage(interval=0.05) as usage:
         subprocess.Popen([sys.executable, str(script)]).wait()
     figures = usage.figures()
@@ -77,24 +77,34 @@ def test_cpu_split_names_actors_by_class_and_idle_workers_by_their_last_task():
 
     usage = Usage()
     decode, clip = "ray::MapBatches(Decode)", "ray::MapWorker(MapBatches(Clip))"
-    for cpu in ({1: (DRIVER, 5.0), 2: ("ray::IDLE", 1.0), 3: (clip + ".__init__", 2.0)},  # baseline
-                {1: (DRIVER, 5.5), 2: (decode, 3.0), 3: (clip + ".submit", 4.0), 4: ("ray::IDLE", 0.5)},
-                {1: (DRIVER, 6.0), 2: ("ray::IDLE", 4.0), 3: (clip, 4.5), 4: ("ray::IDLE", 0.7)}):
+    for cpu in (
+        {1: (DRIVER, 5.0), 2: ("ray::IDLE", 1.0), 3: (clip + ".__init__", 2.0)},  # baseline
+        {1: (DRIVER, 5.5), 2: (decode, 3.0), 3: (clip + ".submit", 4.0), 4: ("ray::IDLE", 0.5)},
+        {1: (DRIVER, 6.0), 2: ("ray::IDLE", 4.0), 3: (clip, 4.5), 4: ("ray::IDLE", 0.7)},
+    ):
         usage.add_sample(TreeSample(0, 0, 0, cpu))
     assert usage.cpu_split == {DRIVER: 1.0, decode: 3.0, clip: 2.5, "ray::IDLE": 0.7}
 
 
 def test_cpu_split_line_shows_the_largest_shares_of_the_machine():
-    split = {"ray::MapBatches(Decode)": 76.0, "ray::MapWorker(MapBatches(Clip)).submit": 12.0, DRIVER: 3.0,
-             "raylet": 1.0, "gcs_server": 1.0}
+    split = {
+        "ray::MapBatches(Decode)": 76.0,
+        "ray::MapWorker(MapBatches(Clip)).submit": 12.0,
+        DRIVER: 3.0,
+        "raylet": 1.0,
+        "gcs_server": 1.0,
+    }
     assert format_cpu_split(split, 100.0, shown=2) == (
         "             cpu: ray::MapBatches(Decode) 76%, ray::MapWorker(MapBatches(Clip)).submit 12%, "
-        "other processes of the run 5%, not in the run (or missed between samples) 7%")
+        "other processes of the run 5%, not in the run (or missed between samples) 7%"
+    )
 
 
 def test_run_timings_are_read_back_from_the_run_log():
-    stderr = ("2026-12-01 12:43:01,901 INFO pipelines.run run=x: timings: list_and_check_shards 0.07 s, "
-              "plan 1.60 s, execute 8.21 s\nvlpipe run x (succeeded) in 15.4s\n")
+    stderr = (
+        "2026-12-01 12:43:01,901 INFO pipelines.run run=x: timings: list_and_check_shards 0.07 s, "
+        "plan 1.60 s, execute 8.21 s\nvlpipe run x (succeeded) in 15.4s\n"
+    )
     assert parse_timings(stderr) == {"list_and_check_shards": 0.07, "plan": 1.6, "execute": 8.21}
     with pytest.raises(RuntimeError):
         parse_timings("no such line")
@@ -111,19 +121,43 @@ def test_signal_costs_are_measured_on_the_operators_without_ray(tmp_path, tiny_c
     assert h["with_signals_s"] > 0 and h["ratio"] == pytest.approx(h["with_signals_s"] / h["clip_s"], rel=0.01)
     assert 0 < h["heads_s"] < h["with_signals_s"] and 0 < h["tags_s"] < h["with_signals_s"]
     assert c["ratio"] == pytest.approx(c["bare_s"] / c["operator_s"], rel=0.01) and c["bare_images_per_s"] > 0
-    printed = format_report({"machine": {"cpus": 1, "platform": "p", "torch": "t", "device": "cpu",
-                                         "load_average_start": [0, 0, 0]}, "signals": result})
+    printed = format_report(
+        {
+            "machine": {"cpus": 1, "platform": "p", "torch": "t", "device": "cpu", "load_average_start": [0, 0, 0]},
+            "signals": result,
+        }
+    )
     assert "(target <= 1.05)" in printed and "(target >= 0.9)" in printed and "tiny-vit-classifier" in printed
 
 
 @pytest.mark.slow
 def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_captioner_dir, ray_cluster, capsys):
     out = tmp_path / "out" / "bench.json"
-    main([
-        "--tiny", "--clip-model", str(tiny_clip_dir), "--caption-model", str(tiny_blip_captioner_dir),
-        "--clip-images", "16", "--caption-images", "8", "--scale-images", "16", "--signals-images", "8",
-        "--max-new-tokens", "4", "--whole-repeats", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
-    ])
+    main(
+        [
+            "--tiny",
+            "--clip-model",
+            str(tiny_clip_dir),
+            "--caption-model",
+            str(tiny_blip_captioner_dir),
+            "--clip-images",
+            "16",
+            "--caption-images",
+            "8",
+            "--scale-images",
+            "16",
+            "--signals-images",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--whole-repeats",
+            "0",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
 
     assert report["machine"]["cpus"] >= 1 and len(report["machine"]["load_average_end"]) == 3
@@ -139,9 +173,11 @@ def test_tiny_benchmark_reports_every_figure(tmp_path, tiny_clip_dir, tiny_blip_
         for mode in ("vlpipe", "vlpipe_in_process"):
             vl = result[mode]
             assert result[f"{mode}_over_limit"] == pytest.approx(
-                vl["images_per_s"] / result["limit"]["images_per_s"], rel=0.01)
+                vl["images_per_s"] / result["limit"]["images_per_s"], rel=0.01
+            )
             assert result[f"{mode}_over_naive"] == pytest.approx(
-                vl["images_per_s"] / result["naive"]["images_per_s"], rel=0.01)
+                vl["images_per_s"] / result["naive"]["images_per_s"], rel=0.01
+            )
         # The same rows and decisions with or without Ray.
         assert 0 <= result["vlpipe"]["rows_kept"] == result["vlpipe_in_process"]["rows_kept"] <= n
         vl = result["vlpipe"]
@@ -173,18 +209,34 @@ def test_whole_commands_print_both_executors_against_the_naive_script():
     from benchmarks.bench import _format_whole
 
     def spread(median, images=512):
-        return {"runs": 3, "min_s": median - 1, "median_s": median, "max_s": median + 1, "images": images,
-                "images_per_s": images / median}
+        return {
+            "runs": 3,
+            "min_s": median - 1,
+            "median_s": median,
+            "max_s": median + 1,
+            "images": images,
+            "images_per_s": images / median,
+        }
 
     def phases(execute):
         return {"wall": spread(execute + 4), "phases_s": {"plan": 0.0, "execute": execute}, "outside_run_s": 3.0}
 
-    result = {"clip": {"vlpipe_auto": spread(40.0), "vlpipe_ray": spread(55.0), "naive": spread(44.0),
-                       "vlpipe_auto_over_naive": 1.1, "vlpipe_ray_over_naive": 0.8},
-              "fixed_cost": {"imports_s": 1.5, "auto": phases(2.0), "ray": phases(11.0)}}
+    result = {
+        "clip": {
+            "vlpipe_auto": spread(40.0),
+            "vlpipe_ray": spread(55.0),
+            "naive": spread(44.0),
+            "vlpipe_auto_over_naive": 1.1,
+            "vlpipe_ray_over_naive": 0.8,
+        },
+        "fixed_cost": {"imports_s": 1.5, "auto": phases(2.0), "ray": phases(11.0)},
+    }
     printed = "\n".join(_format_whole(result))
     assert "whole commands, 512 rows (s, min/median/max of 3):" in printed
     assert "  vlpipe_auto      39.0    40.0    41.0   12.8 img/s" in printed
     assert "vlpipe_auto / naive: 1.10, vlpipe_ray / naive: 0.80" in printed
-    assert "executor auto  median 6.0 s (min 5.0, max 7.0); outside run_pipeline 3.0 s; phases: plan 0.00, execute 2.00" in printed
+    assert (
+        "executor auto  median 6.0 s (min 5.0, max 7.0); outside run_pipeline 3.0 s; phases: plan 0.00, execute 2.00"
+        in printed
+    )
     assert "executor ray   median 15.0 s" in printed

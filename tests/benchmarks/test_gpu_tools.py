@@ -9,16 +9,32 @@ from benchmarks.gpu.wheels import wheel_requirements
 
 
 def sample(t: float, util: int) -> dict:
-    return {"t": t, "gpu_util": util, "mem_util": util // 2, "mem_used_mib": 1000.0 + t, "power_w": 100.0, "sm_mhz": 1980}
+    return {
+        "t": t,
+        "gpu_util": util,
+        "mem_util": util // 2,
+        "mem_used_mib": 1000.0 + t,
+        "power_w": 100.0,
+        "sm_mhz": 1980,
+    }
 
 
 def test_each_phase_gets_the_samples_inside_its_measured_seconds():
     samples = [sample(t, util) for t, util in ((10, 0), (11, 90), (12, 70), (13, 5), (20, 50))]
     report = {"clip": {"limit": {"seconds": 2.5}, "naive": {"seconds": 1.0}}}
     windows = phase_windows(report, {("clip", "limit"): 12.5, ("clip", "naive"): 30.0}, samples)
-    assert windows["clip.limit"] == {"seconds": 2.5, "samples": 3, "gpu_util_mean": 53.3, "gpu_util_max": 90,
-                                     "mem_util_mean": 26.7, "mem_util_max": 45, "power_w_mean": 100.0,
-                                     "power_w_max": 100.0, "mem_used_mib_max": 1012, "sm_mhz_max": 1980}
+    assert windows["clip.limit"] == {
+        "seconds": 2.5,
+        "samples": 3,
+        "gpu_util_mean": 53.3,
+        "gpu_util_max": 90,
+        "mem_util_mean": 26.7,
+        "mem_util_max": 45,
+        "power_w_mean": 100.0,
+        "power_w_max": 100.0,
+        "mem_used_mib_max": 1012,
+        "sm_mhz_max": 1980,
+    }
     assert windows["clip.naive"] == {"seconds": 1.0, "samples": 0}  # nothing sampled from 29 to 30
     assert summarise(samples, 0, 100)["samples"] == 5
 
@@ -26,11 +42,20 @@ def test_each_phase_gets_the_samples_inside_its_measured_seconds():
 def test_wheel_requirements_apply_the_device_markers_and_the_requested_extras(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("pkg-1.0.dist-info/METADATA", "\n".join([
-            "Name: pkg", "Requires-Dist: click>=7", 'Requires-Dist: pandas>=2; extra == "data"',
-            'Requires-Dist: colorful; extra == "default"', 'Requires-Dist: py-spy>=0.4; python_version >= "3.12"',
-            'Requires-Dist: async-timeout; python_version < "3.11"', 'Requires-Dist: pywin32; sys_platform == "win32"',
-        ]))
+        z.writestr(
+            "pkg-1.0.dist-info/METADATA",
+            "\n".join(
+                [
+                    "Name: pkg",
+                    "Requires-Dist: click>=7",
+                    'Requires-Dist: pandas>=2; extra == "data"',
+                    'Requires-Dist: colorful; extra == "default"',
+                    'Requires-Dist: py-spy>=0.4; python_version >= "3.12"',
+                    'Requires-Dist: async-timeout; python_version < "3.11"',
+                    'Requires-Dist: pywin32; sys_platform == "win32"',
+                ]
+            ),
+        )
     names = lambda extras: sorted(r.name for r in wheel_requirements(wheel, extras))  # noqa: E731
     assert names(set()) == ["click", "py-spy"]  # the device's python is 3.12 on Linux, whatever runs this
     assert names({"data"}) == ["click", "pandas", "py-spy"]

@@ -15,8 +15,9 @@ import math
 import re
 import shlex
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -71,51 +72,92 @@ KUBERAY_TYPES: dict[str, dict[str, str]] = {
     "RayCronJob": {**_OBJ, "spec": "ray:RayCronJobSpec"},
     "RayCronJobSpec": {"jobTemplate": "ray:RayJobSpec", "schedule": _S, "suspend": _S},
     "RayJobSpec": {
-        "activeDeadlineSeconds": _S, "backoffLimit": _S, "rayClusterSpec": "ray:RayClusterSpec",
-        "submitterPodTemplate": "k8s:V1PodTemplateSpec", "metadata": _M, "clusterSelector": _M,
-        "submitterConfig": "ray:SubmitterConfig", "managedBy": _S,
-        "deletionStrategy": "ray:DeletionStrategy", "entrypoint": _S, "runtimeEnvYAML": _S,
-        "jobId": _S, "submissionMode": _S, "entrypointResources": _S, "entrypointNumCpus": _S,
-        "entrypointNumGpus": _S, "ttlSecondsAfterFinished": _S, "preRunningDeadlineSeconds": _S,
-        "shutdownAfterJobFinishes": _S, "suspend": _S,
+        "activeDeadlineSeconds": _S,
+        "backoffLimit": _S,
+        "rayClusterSpec": "ray:RayClusterSpec",
+        "submitterPodTemplate": "k8s:V1PodTemplateSpec",
+        "metadata": _M,
+        "clusterSelector": _M,
+        "submitterConfig": "ray:SubmitterConfig",
+        "managedBy": _S,
+        "deletionStrategy": "ray:DeletionStrategy",
+        "entrypoint": _S,
+        "runtimeEnvYAML": _S,
+        "jobId": _S,
+        "submissionMode": _S,
+        "entrypointResources": _S,
+        "entrypointNumCpus": _S,
+        "entrypointNumGpus": _S,
+        "ttlSecondsAfterFinished": _S,
+        "preRunningDeadlineSeconds": _S,
+        "shutdownAfterJobFinishes": _S,
+        "suspend": _S,
     },
     "SubmitterConfig": {"backoffLimit": _S},
     "DeletionStrategy": {
-        "onSuccess": "ray:DeletionPolicy", "onFailure": "ray:DeletionPolicy",
+        "onSuccess": "ray:DeletionPolicy",
+        "onFailure": "ray:DeletionPolicy",
         "deletionRules": "[ray:DeletionRule]",
     },
     "DeletionPolicy": {"policy": _S},
     "DeletionRule": {"policy": _S, "condition": "ray:DeletionCondition"},
     "DeletionCondition": {"jobStatus": _S, "jobDeploymentStatus": _S, "ttlSeconds": _S},
     "RayClusterSpec": {
-        "upgradeStrategy": "ray:RayClusterUpgradeStrategy", "authOptions": "ray:AuthOptions",
-        "suspend": _S, "managedBy": _S, "autoscalerOptions": "ray:AutoscalerOptions",
-        "headServiceAnnotations": _M, "enableInTreeAutoscaling": _S,
+        "upgradeStrategy": "ray:RayClusterUpgradeStrategy",
+        "authOptions": "ray:AuthOptions",
+        "suspend": _S,
+        "managedBy": _S,
+        "autoscalerOptions": "ray:AutoscalerOptions",
+        "headServiceAnnotations": _M,
+        "enableInTreeAutoscaling": _S,
         "gcsFaultToleranceOptions": "ray:GcsFaultToleranceOptions",
-        "headGroupSpec": "ray:HeadGroupSpec", "rayVersion": _S,
+        "headGroupSpec": "ray:HeadGroupSpec",
+        "rayVersion": _S,
         "workerGroupSpecs": "[ray:WorkerGroupSpec]",
     },
     "RayClusterUpgradeStrategy": {"type": _S},
     "AuthOptions": {"mode": _S, "secretName": _S, "enableK8sTokenAuth": _S},
     "AutoscalerOptions": {
-        "resources": "k8s:V1ResourceRequirements", "image": _S, "imagePullPolicy": _S,
-        "securityContext": "k8s:V1SecurityContext", "idleTimeoutSeconds": _S, "upscalingMode": _S,
-        "version": _S, "env": "[k8s:V1EnvVar]", "envFrom": "[k8s:V1EnvFromSource]",
+        "resources": "k8s:V1ResourceRequirements",
+        "image": _S,
+        "imagePullPolicy": _S,
+        "securityContext": "k8s:V1SecurityContext",
+        "idleTimeoutSeconds": _S,
+        "upscalingMode": _S,
+        "version": _S,
+        "env": "[k8s:V1EnvVar]",
+        "envFrom": "[k8s:V1EnvFromSource]",
         "volumeMounts": "[k8s:V1VolumeMount]",
     },
     "GcsFaultToleranceOptions": {
-        "redisUsername": "ray:RedisCredential", "redisPassword": "ray:RedisCredential",
-        "externalStorageNamespace": _S, "redisAddress": _S,
+        "redisUsername": "ray:RedisCredential",
+        "redisPassword": "ray:RedisCredential",
+        "externalStorageNamespace": _S,
+        "redisAddress": _S,
     },
     "RedisCredential": {"valueFrom": "k8s:V1EnvVarSource", "value": _S},
     "HeadGroupSpec": {
-        "template": "k8s:V1PodTemplateSpec", "headService": "k8s:V1Service", "enableIngress": _S,
-        "resources": _M, "labels": _M, "rayStartParams": _M, "serviceType": _S,
+        "template": "k8s:V1PodTemplateSpec",
+        "headService": "k8s:V1Service",
+        "enableIngress": _S,
+        "resources": _M,
+        "labels": _M,
+        "rayStartParams": _M,
+        "serviceType": _S,
     },
     "WorkerGroupSpec": {
-        "suspend": _S, "groupName": _S, "replicas": _S, "minReplicas": _S, "maxReplicas": _S,
-        "idleTimeoutSeconds": _S, "resources": _M, "labels": _M, "rayStartParams": _M,
-        "template": "k8s:V1PodTemplateSpec", "scaleStrategy": "ray:ScaleStrategy", "numOfHosts": _S,
+        "suspend": _S,
+        "groupName": _S,
+        "replicas": _S,
+        "minReplicas": _S,
+        "maxReplicas": _S,
+        "idleTimeoutSeconds": _S,
+        "resources": _M,
+        "labels": _M,
+        "rayStartParams": _M,
+        "template": "k8s:V1PodTemplateSpec",
+        "scaleStrategy": "ray:ScaleStrategy",
+        "numOfHosts": _S,
     },
     "ScaleStrategy": {"workersToDelete": f"[{_S}]"},
 }
@@ -244,14 +286,39 @@ def test_kubernetes_fields_exist_in_the_openapi_models():
 
 
 MISSPELT = [
-    ("rayjob", {"apiVersion": "ray.io/v1", "kind": "RayJob", "spec": {
-        "entrypoint": "vlpipe run x.yaml", "shutdownAfterJobFinish": True,
-        "rayClusterSpec": {"headGroupSpec": {"rayStartParams": {}, "template": {"spec": {
-            "containers": [{"name": "c", "image": "i", "volumeMount": []}]}}}}}}),
-    ("cron", {"apiVersion": "batch/v1", "kind": "CronJob", "spec": {
-        "schedule": "* * * * *", "concurencyPolicy": "Forbid", "jobTemplate": {}}}),
-    ("raycron", {"apiVersion": "ray.io/v1", "kind": "RayCronJob", "spec": {
-        "schedule": "* * * * *", "timeZone": "UTC", "jobTemplate": {}}}),
+    (
+        "rayjob",
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "spec": {
+                "entrypoint": "vlpipe run x.yaml",
+                "shutdownAfterJobFinish": True,
+                "rayClusterSpec": {
+                    "headGroupSpec": {
+                        "rayStartParams": {},
+                        "template": {"spec": {"containers": [{"name": "c", "image": "i", "volumeMount": []}]}},
+                    }
+                },
+            },
+        },
+    ),
+    (
+        "cron",
+        {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "spec": {"schedule": "* * * * *", "concurencyPolicy": "Forbid", "jobTemplate": {}},
+        },
+    ),
+    (
+        "raycron",
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCronJob",
+            "spec": {"schedule": "* * * * *", "timeZone": "UTC", "jobTemplate": {}},
+        },
+    ),
 ]
 
 
@@ -302,10 +369,10 @@ def test_ray_clusters_have_a_gpu_worker_group_token_auth_and_the_config_mounted(
     for where, doc, cluster in clusters:
         assert cluster["authOptions"]["mode"] == "token", where
         gpu_groups = [
-            g for g in cluster["workerGroupSpecs"]
+            g
+            for g in cluster["workerGroupSpecs"]
             if all(
-                int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
-                for c in g["template"]["spec"]["containers"]
+                int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in g["template"]["spec"]["containers"]
             )
         ]
         assert gpu_groups, f"{where}: no worker group with nvidia.com/gpu limits"
@@ -323,7 +390,7 @@ def test_rayjob_cleans_up_and_is_bounded():
 
 
 def test_cronjob_forbids_overlap_and_has_a_starting_deadline():
-    (where, cron), = _of_kind("CronJob")
+    ((where, cron),) = _of_kind("CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid", where
     assert cron["spec"]["startingDeadlineSeconds"] > 0, where
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
@@ -347,13 +414,13 @@ def test_references_between_manifests_resolve():
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref and not ref.get("optional"):
                         assert ref["key"] in secrets.get(ref["name"], set()), f"{where} {role} {env['name']}"
-    for where, doc, cluster in _cluster_specs():
+    for where, _doc, cluster in _cluster_specs():
         assert "auth_token" in secrets[cluster["authOptions"]["secretName"]], where
 
 
 def test_one_image_and_one_ray_version_everywhere():
     images = Counter()
-    for where, doc in DOCS:
+    for _where, doc in DOCS:
         for _, pod in _pod_specs(doc) if doc["kind"] in KUBERAY_KINDS | {"CronJob"} else ():
             images.update(c["image"] for c in pod["containers"])
     # One image everywhere, so pinning it (tag -> digest, see deploy/README.md) is one replacement.
@@ -368,9 +435,9 @@ def test_one_image_and_one_ray_version_everywhere():
 
 
 def test_submit_targets_the_long_running_cluster():
-    (_, cluster), = _of_kind("RayCluster")
+    ((_, cluster),) = _of_kind("RayCluster")
     head_svc = f"{cluster['metadata']['name']}-head-svc"  # KubeRay's head Service name
-    (_, cron), = _of_kind("CronJob")
+    ((_, cron),) = _of_kind("CronJob")
     argv = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
     address = argv[argv.index("--address") + 1]
     assert re.fullmatch(rf"http://{head_svc}(\.[a-z0-9.-]+)?:8265", address), address
@@ -575,31 +642,79 @@ def test_secret_values_only_come_from_secrets():
 # --------------------------------------------------------------------------------------------
 PROVIDER_IMPORTS = {
     "airflow.providers.google.cloud.operators.ray": {
-        "RaySubmitJobOperator", "RayStopJobOperator", "RayDeleteJobOperator",
-        "RayGetJobInfoOperator", "RayListJobsOperator",
+        "RaySubmitJobOperator",
+        "RayStopJobOperator",
+        "RayDeleteJobOperator",
+        "RayGetJobInfoOperator",
+        "RayListJobsOperator",
     },
     "airflow.providers.google.cloud.hooks.ray": {"RayJobHook"},
 }
 BASE_OPERATOR_ARGS = {
-    "task_id", "owner", "email", "email_on_retry", "email_on_failure", "retries", "retry_delay",
-    "retry_exponential_backoff", "max_retry_delay", "start_date", "end_date", "depends_on_past",
-    "wait_for_downstream", "params", "default_args", "priority_weight", "weight_rule", "queue",
-    "pool", "pool_slots", "execution_timeout", "on_execute_callback", "on_failure_callback",
-    "on_success_callback", "on_retry_callback", "trigger_rule", "do_xcom_push", "doc_md", "dag",
+    "task_id",
+    "owner",
+    "email",
+    "email_on_retry",
+    "email_on_failure",
+    "retries",
+    "retry_delay",
+    "retry_exponential_backoff",
+    "max_retry_delay",
+    "start_date",
+    "end_date",
+    "depends_on_past",
+    "wait_for_downstream",
+    "params",
+    "default_args",
+    "priority_weight",
+    "weight_rule",
+    "queue",
+    "pool",
+    "pool_slots",
+    "execution_timeout",
+    "on_execute_callback",
+    "on_failure_callback",
+    "on_success_callback",
+    "on_retry_callback",
+    "trigger_rule",
+    "do_xcom_push",
+    "doc_md",
+    "dag",
 }
 RAY_JOB_BASE_ARGS = {"gcp_conn_id", "impersonation_chain"}
 RAY_SUBMIT_ARGS = {
-    "cluster_address", "entrypoint", "get_job_logs", "wait_for_job_done", "runtime_env", "metadata",
-    "submission_id", "entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory",
-    "entrypoint_resources", "submit_job_timeout",
+    "cluster_address",
+    "entrypoint",
+    "get_job_logs",
+    "wait_for_job_done",
+    "runtime_env",
+    "metadata",
+    "submission_id",
+    "entrypoint_num_cpus",
+    "entrypoint_num_gpus",
+    "entrypoint_memory",
+    "entrypoint_resources",
+    "submit_job_timeout",
 }
 RAY_SUBMIT_TEMPLATE_FIELDS = {"entrypoint", "submission_id", "cluster_address", "gcp_conn_id", "impersonation_chain"}
 RAY_JOB_HOOK_ARGS = {"gcp_conn_id", "impersonation_chain", "quota_project_id"}
 RAY_JOB_HOOK_METHODS = {"get_job_status": {"job_id", "cluster_address"}, "get_job_info": {"job_id", "cluster_address"}}
 DAG_ARGS = {
-    "dag_id", "description", "schedule", "start_date", "end_date", "default_args", "catchup",
-    "max_active_runs", "max_active_tasks", "dagrun_timeout", "tags", "doc_md", "params",
-    "is_paused_upon_creation", "render_template_as_native_obj",
+    "dag_id",
+    "description",
+    "schedule",
+    "start_date",
+    "end_date",
+    "default_args",
+    "catchup",
+    "max_active_runs",
+    "max_active_tasks",
+    "dagrun_timeout",
+    "tags",
+    "doc_md",
+    "params",
+    "is_paused_upon_creation",
+    "render_template_as_native_obj",
 }
 
 

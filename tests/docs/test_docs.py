@@ -36,15 +36,32 @@ COMMAND_LANGUAGES = {"bash", "sh", "shell", "console"}
 def _mkdocs_build(config_file: Path, site_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's end-of-life banner, not a build problem
     return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config_file),
-         "--site-dir", str(site_dir)],
-        cwd=config_file.parent, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(config_file),
+            "--site-dir",
+            str(site_dir),
+        ],
+        cwd=config_file.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def _snippets(language: str) -> list:
-    return [pytest.param(text, id=f"{path.relative_to(ROOT)}:{line}")
-            for path in markdown_files() for lang, line, text in fenced_blocks(path) if lang == language]
+    return [
+        pytest.param(text, id=f"{path.relative_to(ROOT)}:{line}")
+        for path in markdown_files()
+        for lang, line, text in fenced_blocks(path)
+        if lang == language
+    ]
 
 
 def _command_lines() -> list:
@@ -107,8 +124,12 @@ def test_a_broken_anchor_fails_the_strict_build(tmp_path):
 
 def test_every_code_block_names_its_language():
     """An unlabelled block would escape the checks below (a command in it is never parsed)."""
-    unlabelled = [f"{path.relative_to(ROOT)}:{line}" for path in markdown_files()
-                  for language, line, _ in fenced_blocks(path) if not language]
+    unlabelled = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in markdown_files()
+        for language, line, _ in fenced_blocks(path)
+        if not language
+    ]
     assert not unlabelled, unlabelled
 
 

@@ -88,9 +88,20 @@ def test_a_partial_run_names_its_failed_shards_and_exits_3():
     from pipelines.table.records import RunRecord
 
     now = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
-    record = RunRecord(run_id="r1", run_date=now.date(), status="partial", started_at=now, finished_at=now,
-                       config_hash="h", config_json="{}", output_uri="/out/t", table_version=4, rows_in=10,
-                       rows_kept=10, failed_shards=[{"uri": "s3://in/b.parquet", "error": "the shard has no rows"}])
+    record = RunRecord(
+        run_id="r1",
+        run_date=now.date(),
+        status="partial",
+        started_at=now,
+        finished_at=now,
+        config_hash="h",
+        config_json="{}",
+        output_uri="/out/t",
+        table_version=4,
+        rows_in=10,
+        rows_kept=10,
+        failed_shards=[{"uri": "s3://in/b.parquet", "error": "the shard has no rows"}],
+    )
     summary = format_summary(record)
     assert "failed shards       1" in summary and "s3://in/b.parquet: the shard has no rows" in summary
     assert exit_code(record) == 3 and "(partial)" in summary
@@ -107,19 +118,37 @@ def closed_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("secret", "uri", "code", "message"), [
-    ("wrong-secret", "s3://raw/crawl/", 6, "cannot list input s3://raw/crawl/: .*ACCESS_DENIED"),  # refused credentials
-    (None, "s3://no-such-bucket/crawl/", 4, "no Parquet shards found at input.uri 's3://no-such-bucket/crawl/'"),
-])
-def test_storage_that_refuses_or_lacks_the_input_is_one_line(s3, s3_input, tmp_path, capsys, secret, uri, code,
-                                                               message):
+@pytest.mark.parametrize(
+    ("secret", "uri", "code", "message"),
+    [
+        (
+            "wrong-secret",
+            "s3://raw/crawl/",
+            6,
+            "cannot list input s3://raw/crawl/: .*ACCESS_DENIED",
+        ),  # refused credentials
+        (None, "s3://no-such-bucket/crawl/", 4, "no Parquet shards found at input.uri 's3://no-such-bucket/crawl/'"),
+    ],
+)
+def test_storage_that_refuses_or_lacks_the_input_is_one_line(
+    s3, s3_input, tmp_path, capsys, secret, uri, code, message
+):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "input": {"uri": uri}, "clip": {"model": {"source": "org/clip"}},  # a hub id: never loaded by `plan`
-        "output": {"uri": str(tmp_path / "out")},
-        "storage": {"endpoint_url": s3.endpoint_url, "region": s3.region, "access_key_id": s3.access_key_id,
-                    "secret_access_key": secret or s3.secret_access_key},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"uri": uri},
+                "clip": {"model": {"source": "org/clip"}},  # a hub id: never loaded by `plan`
+                "output": {"uri": str(tmp_path / "out")},
+                "storage": {
+                    "endpoint_url": s3.endpoint_url,
+                    "region": s3.region,
+                    "access_key_id": s3.access_key_id,
+                    "secret_access_key": secret or s3.secret_access_key,
+                },
+            }
+        )
+    )
     assert main(["plan", str(config)]) == code
     err = capsys.readouterr().err.strip()
     assert re.match(f"vlpipe: {message}", err) and "\n" not in err, err
@@ -136,7 +165,9 @@ def test_an_unreachable_cluster_is_one_line_and_exit_6(capsys):
 def test_verbose_adds_the_traceback(capsys):
     assert main(["-v", "status", "some-job", "--address", f"http://127.0.0.1:{closed_port()}"]) == 6
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("vlpipe: cannot reach")
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(
+        "vlpipe: cannot reach"
+    )
 
 
 def test_convert_head_writes_a_head_directory_and_refuses_what_is_not_a_head(tmp_path, capsys):
@@ -145,12 +176,26 @@ def test_convert_head_writes_a_head_directory_and_refuses_what_is_not_a_head(tmp
     from tests.operators.models.test_heads import released
 
     torch.save(released("nsfw", 768).state_dict(), tmp_path / "clip_autokeras_binary_nsfw.pth")
-    assert main(["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "nsfw"),
-                 "--arch", "nsfw"]) == 0
+    assert (
+        main(
+            ["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "nsfw"), "--arch", "nsfw"]
+        )
+        == 0
+    )
     assert "nsfw head, 768-value embeddings, trained on openai/clip-vit-large-patch14" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "nsfw").iterdir()) == ["config.json", "model.safetensors"]
-    assert main(["convert-head", str(tmp_path / "clip_autokeras_binary_nsfw.pth"), str(tmp_path / "a"),
-                 "--arch", "aesthetic-v2"]) == 2
+    assert (
+        main(
+            [
+                "convert-head",
+                str(tmp_path / "clip_autokeras_binary_nsfw.pth"),
+                str(tmp_path / "a"),
+                "--arch",
+                "aesthetic-v2",
+            ]
+        )
+        == 2
+    )
     assert "is not an aesthetic-v2 head: unknown key(s) linear_1.bias" in capsys.readouterr().err
 
 
@@ -159,10 +204,13 @@ def test_quiet_silences_ray_only_once_something_imports_it():
     import sys
 
     # A small run never imports Ray: --quiet must not import it either, yet must still hold where Ray comes in.
-    script = ("import sys, logging\nfrom jobs.cli import _ray_output\n_ray_output(True)\n"
-              "assert 'ray' not in sys.modules\nimport ray.data\n"
-              "print(ray.data.DataContext.get_current().enable_progress_bars,"
-              " min(h.level for h in logging.getLogger('ray').handlers))")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[2], timeout=120)
+    script = (
+        "import sys, logging\nfrom jobs.cli import _ray_output\n_ray_output(True)\n"
+        "assert 'ray' not in sys.modules\nimport ray.data\n"
+        "print(ray.data.DataContext.get_current().enable_progress_bars,"
+        " min(h.level for h in logging.getLogger('ray').handlers))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120
+    )
     assert done.stdout.split() == ["False", "30"], done.stderr[-2000:]

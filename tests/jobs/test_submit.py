@@ -35,9 +35,14 @@ def free_ports(n: int) -> list[int]:
 
 def node_ports() -> list[str]:
     agent, agent_grpc, metrics, runtime_env, manager, objects = free_ports(6)
-    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-            f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
+    return [
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,28 +51,61 @@ def cluster(s3, tmp_path_factory):
     token = secrets.token_hex(32)
     # Not the test session's own settings either (its fault-injection hook lives in tests/, which a job lacks).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "VLPIPE_"))}
-    env.update(PATH=f"{VENV_BIN}:{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               # The nodes' own environment carries the storage credentials, as a Kubernetes secret would.
-               AWS_ACCESS_KEY_ID=s3.access_key_id, AWS_SECRET_ACCESS_KEY=s3.secret_access_key)
+    env.update(
+        PATH=f"{VENV_BIN}:{env['PATH']}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        # The nodes' own environment carries the storage credentials, as a Kubernetes secret would.
+        AWS_ACCESS_KEY_ID=s3.access_key_id,
+        AWS_SECRET_ACCESS_KEY=s3.secret_access_key,
+    )
     gcs, dashboard = free_ports(2)
     ray = str(VENV_BIN / "ray")
     logs = tmp_path_factory.mktemp("ray-nodes")
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=1", "--include-dashboard=true",
-         # Its own temp dir keeps /tmp/ray/ray_current_cluster from pointing later runs at this cluster.
-         f"--temp-dir={tempfile.mkdtemp(prefix='rayh')}", *node_ports()],
-        env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            # Its own temp dir keeps /tmp/ray/ray_current_cluster from pointing later runs at this cluster.
+            f"--temp-dir={tempfile.mkdtemp(prefix='rayh')}",
+            *node_ports(),
+        ],
+        env=env,
+        stdout=open(logs / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     nodes = [head]
     try:
         wait_for(lambda: _http_ok(address), "the head's dashboard", logs / "head.log")
-        nodes.append(subprocess.Popen(
-            [ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             # Its own temp dir: two nodes on one host must not clean up each other's job packages.
-             f"--temp-dir={tempfile.mkdtemp(prefix='rayw')}", *node_ports()],
-            env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        nodes.append(
+            subprocess.Popen(
+                [
+                    ray,
+                    "start",
+                    "--block",
+                    f"--address=127.0.0.1:{gcs}",
+                    "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1",
+                    # Its own temp dir: two nodes on one host must not clean up each other's job packages.
+                    f"--temp-dir={tempfile.mkdtemp(prefix='rayw')}",
+                    *node_ports(),
+                ],
+                env=env,
+                stdout=open(logs / "worker.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         wait_for(lambda: len(alive_nodes(address, env)) == 2, "the worker node to join", logs / "worker.log")
         yield address, env
     finally:
@@ -114,14 +152,17 @@ def state_query(address: str, env: dict, code: str):
 
 
 def alive_nodes(address: str, env: dict):
-    code = ("import sys, json; from ray.util.state import list_nodes; "
-            "print(json.dumps([n.node_id for n in list_nodes(address=sys.argv[1]) if n.state == 'ALIVE']))")
+    code = (
+        "import sys, json; from ray.util.state import list_nodes; "
+        "print(json.dumps([n.node_id for n in list_nodes(address=sys.argv[1]) if n.state == 'ALIVE']))"
+    )
     return state_query(address, env, code) or []
 
 
 def vlpipe(*args, env, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "vlpipe"), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=400)
+    return subprocess.run(
+        [str(VENV_BIN / "vlpipe"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=400
+    )
 
 
 def write_config(folder: Path, s3, tiny_clip_dir, **sections) -> Path:
@@ -151,10 +192,12 @@ def test_submit_runs_on_both_nodes_and_commits_to_s3(cluster, s3, s3_input, loca
     assert env["RAY_AUTH_TOKEN"] not in done.stdout + done.stderr
     assert s3.secret_access_key not in done.stdout + done.stderr
 
-    code = ("import sys, json; from ray.job_submission import JobSubmissionClient; from ray.util.state import list_tasks; "
-            f"job = JobSubmissionClient(sys.argv[1]).get_job_info({job_id!r}).job_id; "
-            "tasks = list_tasks(address=sys.argv[1], filters=[('job_id', '=', job)], limit=10000, detail=True); "
-            "print(json.dumps(sorted({t.node_id for t in tasks if t.node_id})))")
+    code = (
+        "import sys, json; from ray.job_submission import JobSubmissionClient; from ray.util.state import list_tasks; "
+        f"job = JobSubmissionClient(sys.argv[1]).get_job_info({job_id!r}).job_id; "
+        "tasks = list_tasks(address=sys.argv[1], filters=[('job_id', '=', job)], limit=10000, detail=True); "
+        "print(json.dumps(sorted({t.node_id for t in tasks if t.node_id})))"
+    )
     nodes = state_query(address, env, code)
     assert nodes is not None, state_query.last_error
     assert len(nodes) == 2  # Ray Data spread the work over both nodes
@@ -180,7 +223,8 @@ def test_credentials_in_the_config_are_refused_before_submitting(tmp_path):
 
     (tmp_path / "c.yaml").write_text(
         "input: {uri: s3://b/x}\nclip: {model: {source: m}}\noutput: {uri: s3://b/o}\n"
-        "storage: {secret_access_key: planted-secret}\n")
+        "storage: {secret_access_key: planted-secret}\n"
+    )
     with pytest.raises(ConfigError, match="plain text") as err:
         submit(str(tmp_path / "c.yaml"), address="http://127.0.0.1:1", working_dir=str(tmp_path))
     assert "planted-secret" not in str(err.value)
@@ -191,12 +235,13 @@ def test_a_plan_whose_columns_do_not_fit_is_refused_before_submitting(tmp_path):
 
     (tmp_path / "c.yaml").write_text(  # the models live on the cluster: only the columns are checked here
         "input: {uri: s3://b/x}\nclip: {model: {source: org/clip}}\noutput: {uri: s3://b/o}\n"
-        "filter: {min_itm_score: 0.5}\n")
+        "filter: {min_itm_score: 0.5}\n"
+    )
     with pytest.raises(ConfigError, match="stage 'filter' reads column.* itm_score.*needs an itm: section"):
         submit(str(tmp_path / "c.yaml"), address="http://127.0.0.1:1", working_dir=str(tmp_path))
 
 
 def test_the_job_entrypoint_reruns_the_same_command_on_the_cluster():
-    assert entrypoint("configs/x.yaml", nightly=True, run_date="2026-11-01", overrides=["filter.min_clip_score=0.2"],
-                      force=False) == ("python -m jobs.cli nightly configs/x.yaml --set filter.min_clip_score=0.2 "
-                                       "--date 2026-11-01")
+    assert entrypoint(
+        "configs/x.yaml", nightly=True, run_date="2026-11-01", overrides=["filter.min_clip_score=0.2"], force=False
+    ) == ("python -m jobs.cli nightly configs/x.yaml --set filter.min_clip_score=0.2 --date 2026-11-01")

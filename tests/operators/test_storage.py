@@ -21,8 +21,9 @@ def test_max_attempts_survives_credentials_taken_from_the_environment(monkeypatc
 
 def test_one_attempt_fails_a_refused_endpoint_at_once_instead_of_after_the_backoff():
     # With the default 8 attempts pyarrow backs off for ~47 s before it gives up.
-    options = StorageOptions(endpoint_url=_refused_endpoint(), region="us-east-1", access_key_id="a",
-                             secret_access_key="b", max_attempts=1)
+    options = StorageOptions(
+        endpoint_url=_refused_endpoint(), region="us-east-1", access_key_id="a", secret_access_key="b", max_attempts=1
+    )
     filesystem, path = filesystem_for("s3://bucket/shards/", options)
     start = time.monotonic()
     with pytest.raises(OSError):

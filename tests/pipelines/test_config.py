@@ -48,7 +48,9 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
 
 
 def test_credentials_are_masked_and_do_not_change_the_hash():
-    with_secret = validate_config({**BASE, "storage": {"access_key_id": "AKIAPLANTED", "secret_access_key": "s3cr3t-planted"}})
+    with_secret = validate_config(
+        {**BASE, "storage": {"access_key_id": "AKIAPLANTED", "secret_access_key": "s3cr3t-planted"}}
+    )
     plain = validate_config(BASE)
     dumped = str(with_secret.public_dump()) + repr(with_secret) + str(with_secret)
     assert "s3cr3t-planted" not in dumped and "AKIAPLANTED" not in dumped
@@ -63,8 +65,7 @@ def test_runs_table_defaults_to_a_hidden_folder_of_the_output():
 def test_relative_paths_are_resolved_on_the_driver_but_do_not_change_the_hash(tmp_path, monkeypatch):
     (tmp_path / "models" / "clip").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    raw = {"input": {"uri": "shards/"}, "clip": {"model": {"source": "models/clip"}},
-           "output": {"uri": "out/t"}}
+    raw = {"input": {"uri": "shards/"}, "clip": {"model": {"source": "models/clip"}}, "output": {"uri": "out/t"}}
     config = validate_config(raw)
     absolute = config.with_absolute_paths()
     assert absolute.input.uri == f"{tmp_path}/shards/"
@@ -72,8 +73,9 @@ def test_relative_paths_are_resolved_on_the_driver_but_do_not_change_the_hash(tm
     assert absolute.clip.model.source == f"{tmp_path}/models/clip"
     assert absolute.output.run_records_uri == f"{tmp_path}/out/t/_vlpipe_runs"
 
-    remote = validate_config({**raw, "input": {"uri": "s3://b/crawl/"},
-                              "clip": {"model": {"source": "openai/clip-vit-base-patch32"}}})
+    remote = validate_config(
+        {**raw, "input": {"uri": "s3://b/crawl/"}, "clip": {"model": {"source": "openai/clip-vit-base-patch32"}}}
+    )
     assert remote.with_absolute_paths().input.uri == "s3://b/crawl/"
     assert remote.with_absolute_paths().clip.model.source == "openai/clip-vit-base-patch32"
     monkeypatch.chdir("/")
@@ -86,8 +88,9 @@ def test_optional_stage_sections_are_checked_like_the_others():
         validate_config(raw)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_example_configs_are_valid(path):
     config = load_config(path)
     assert config.output.uri and config.clip.model.source
@@ -96,24 +99,48 @@ def test_shipped_example_configs_are_valid(path):
 RED = {"positives": ["a red circle"], "negatives": ["a blue circle"]}
 
 
-@pytest.mark.parametrize(("sections", "message"), [
-    ({"tags": {"red": {"positives": ["a red circle"]}}}, "missing required key 'tags.red.negatives'"),
-    ({"tags": {"red": {"positives": [], "negatives": ["x"]}}}, "tags.red.positives: Tuple should have at least 1 item"),
-    ({"tags": {"red": {"positives": [" "], "negatives": ["x"]}}}, "tags.red.positives: a prompt is empty"),
-    ({"tags": {"red": {**RED, "negative": ["x"]}}}, "unknown key 'tags.red.negative'"),
-    ({"tags": {"red": RED}, "filter": {"tags": {"blue": {"min": 0.5}}}}, "filter.tags: no tag 'blue' in tags: \\(red\\)"),
-    ({"language": {"candidates": ["en", "de"]}, "filter": {"caption_languages": ["fr"]}},
-     "filter.caption_languages fr not in language.candidates \\(en, de\\)"),
-    ({"heads": {"aesthetic": {"source": "/h", "arch": "x"}}}, "unknown key 'heads.aesthetic.arch'"),
-    ({"heads": {"watermark": {"source": "/h"}}}, "unknown key 'heads.watermark'"),
-    ({"filter": {"classifier_scores": {"watermark": {"max": 0.5}}}},
-     "filter.classifier_scores: no score 'watermark' in classifier.scores: \\(no classifier configured\\)"),
-    ({"classifier": {"model": {"source": "/m"}, "scores": {}}}, "classifier.scores: Dictionary should have at least 1"),
-    ({"ask": {"model": {"source": "/m"}, "question": "Is it red?", "question_column": "q"}},
-     "ask: set exactly one of question, template, question_column \\(got question, question_column\\)"),
-    ({"ask": {"model": {"source": "/m"}, "template": "Is it {caption!r}?"}}, "ask: template: .* not a column placeholder"),
-    ({"filter": {"min_answer_yes_prob": 1.5}}, "filter.min_answer_yes_prob: Input should be less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"tags": {"red": {"positives": ["a red circle"]}}}, "missing required key 'tags.red.negatives'"),
+        (
+            {"tags": {"red": {"positives": [], "negatives": ["x"]}}},
+            "tags.red.positives: Tuple should have at least 1 item",
+        ),
+        ({"tags": {"red": {"positives": [" "], "negatives": ["x"]}}}, "tags.red.positives: a prompt is empty"),
+        ({"tags": {"red": {**RED, "negative": ["x"]}}}, "unknown key 'tags.red.negative'"),
+        (
+            {"tags": {"red": RED}, "filter": {"tags": {"blue": {"min": 0.5}}}},
+            "filter.tags: no tag 'blue' in tags: \\(red\\)",
+        ),
+        (
+            {"language": {"candidates": ["en", "de"]}, "filter": {"caption_languages": ["fr"]}},
+            "filter.caption_languages fr not in language.candidates \\(en, de\\)",
+        ),
+        ({"heads": {"aesthetic": {"source": "/h", "arch": "x"}}}, "unknown key 'heads.aesthetic.arch'"),
+        ({"heads": {"watermark": {"source": "/h"}}}, "unknown key 'heads.watermark'"),
+        (
+            {"filter": {"classifier_scores": {"watermark": {"max": 0.5}}}},
+            "filter.classifier_scores: no score 'watermark' in classifier.scores: \\(no classifier configured\\)",
+        ),
+        (
+            {"classifier": {"model": {"source": "/m"}, "scores": {}}},
+            "classifier.scores: Dictionary should have at least 1",
+        ),
+        (
+            {"ask": {"model": {"source": "/m"}, "question": "Is it red?", "question_column": "q"}},
+            "ask: set exactly one of question, template, question_column \\(got question, question_column\\)",
+        ),
+        (
+            {"ask": {"model": {"source": "/m"}, "template": "Is it {caption!r}?"}},
+            "ask: template: .* not a column placeholder",
+        ),
+        (
+            {"filter": {"min_answer_yes_prob": 1.5}},
+            "filter.min_answer_yes_prob: Input should be less than or equal to 1",
+        ),
+    ],
+)
 def test_quality_signal_settings_fail_at_load_naming_the_key(sections, message):
     with pytest.raises(ConfigError, match=message):
         validate_config({**BASE, **sections})
@@ -131,7 +158,11 @@ def test_an_extra_column_that_collides_with_an_output_column_names_both():
     with pytest.raises(ConfigError) as err:
         validate_config(raw)
     message = str(err.value)
-    assert "input.extra_columns" in message and "'status'" in message and "extra_columns: {status: input_status}" in message
+    assert (
+        "input.extra_columns" in message
+        and "'status'" in message
+        and "extra_columns: {status: input_status}" in message
+    )
 
 
 def test_extra_columns_can_be_renamed_and_must_stay_distinct():

@@ -21,8 +21,9 @@ from tests.pipelines.conftest import s3_config
 pytestmark = pytest.mark.slow
 
 
-def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, s3_input, local_shards, tiny_clip_dir,
-                                                               tiny_heads, tiny_vit_classifier_dir):
+def test_run_on_s3_commits_every_row_with_its_score_and_reason(
+    ray_cluster, s3, s3_input, local_shards, tiny_clip_dir, tiny_heads, tiny_vit_classifier_dir
+):
     """The CLIP run with every quality signal on: heads fetched from S3, tags, language, an image classifier,
     basic and score filters."""
     from operators.models.heads import HeadSpec, load_head
@@ -34,15 +35,28 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, 
         s3.upload(head_dir.iterdir(), f"heads/{name}")
     tags = {name: tag.model_dump() for name, tag in colour_tags().items()}
     config = s3_config(
-        s3, tiny_clip_dir, heads={name: {"source": f"s3://heads/{name}"} for name in tiny_heads}, tags=tags,
+        s3,
+        tiny_clip_dir,
+        heads={name: {"source": f"s3://heads/{name}"} for name in tiny_heads},
+        tags=tags,
         language={"candidates": ["en", "de", "fr"]},
         # Two model actors and decoding share the test's 2 CPUs.
         clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0.5}},
-        classifier={"model": {"source": str(tiny_vit_classifier_dir)}, "scores": {"watermark": "watermark"},
-                    "resources": {"num_cpus": 0.5}},
-        filter={"min_image_side": 8, "max_aspect_ratio": 10.0, "min_caption_words": 1, "min_caption_chars": 1,
-                "caption_languages": ["en"], "max_nsfw_score": 1.0, "tags": {"red": {"max": 1.0}},
-                "classifier_scores": {"watermark": {"max": 1.0}}},
+        classifier={
+            "model": {"source": str(tiny_vit_classifier_dir)},
+            "scores": {"watermark": "watermark"},
+            "resources": {"num_cpus": 0.5},
+        },
+        filter={
+            "min_image_side": 8,
+            "max_aspect_ratio": 10.0,
+            "min_caption_words": 1,
+            "min_caption_chars": 1,
+            "caption_languages": ["en"],
+            "max_nsfw_score": 1.0,
+            "tags": {"red": {"max": 1.0}},
+            "classifier_scores": {"watermark": {"max": 1.0}},
+        },
     )
     record = run_pipeline(config)
 
@@ -53,8 +67,10 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(ray_cluster, s3, 
     ok_keys = [k for k in rows if k not in manifest["broken_keys"] and k not in manifest["empty_caption_keys"]]
     images = [Image.open(io.BytesIO(rows[k]["jpg"])) for k in ok_keys]
     expected = dict(zip(ok_keys, reference_scores(tiny_clip_dir, images, [rows[k]["caption"] for k in ok_keys])))
-    heads = {name: load_head(d, HeadSpec.model_validate_json((d / "config.json").read_text()))
-             for name, d in tiny_heads.items()}
+    heads = {
+        name: load_head(d, HeadSpec.model_validate_json((d / "config.json").read_text()))
+        for name, d in tiny_heads.items()
+    }
     for key, row in got.items():
         assert row[col.SOURCE_SHARD].startswith("s3://raw/crawl/0000")
         assert str(row[col.RUN_DATE]) == "2026-11-01"
@@ -116,17 +132,21 @@ def test_rerunning_a_date_replaces_its_partition_atomically(ray_cluster, s3, s3_
 
 def test_top_fraction_kept_only_and_pass_through_columns(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
     folder, _, manifest, rows = local_shards
-    config = validate_config({
-        "input": {"uri": f"file://{folder}/*.parquet", "extra_columns": ["url"]},
-        "clip": {"model": {"source": str(tiny_clip_dir)}},
-        "filter": {"keep_top_fraction": 0.5},
-        "output": {"uri": str(tmp_path / "out"), "kept_only": True, "rows_per_file": 10},
-    })
+    config = validate_config(
+        {
+            "input": {"uri": f"file://{folder}/*.parquet", "extra_columns": ["url"]},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "filter": {"keep_top_fraction": 0.5},
+            "output": {"uri": str(tmp_path / "out"), "kept_only": True, "rows_per_file": 10},
+        }
+    )
     record = run_pipeline(config)
     table = DeltaTable(str(tmp_path / "out")).to_pyarrow_table()
     scorable = len(rows) - len(manifest["broken_keys"]) - len(manifest["empty_caption_keys"])
     assert record.rows_kept == table.num_rows == int(np.ceil(scorable / 2))
-    assert record.rows_in == len(rows) and record.rejected_by_reason[col.BELOW_TOP_FRACTION] == scorable - table.num_rows
+    assert (
+        record.rows_in == len(rows) and record.rejected_by_reason[col.BELOW_TOP_FRACTION] == scorable - table.num_rows
+    )
     assert all(table.column(col.KEEP).to_pylist())
     assert table.column("url").to_pylist() == [rows[k]["url"] for k in table.column(col.KEY).to_pylist()]
 
@@ -138,9 +158,12 @@ def test_the_readme_readers_see_the_same_table(ray_cluster, local_shards, tiny_c
 
     folder, _, _, rows = local_shards
     uri = str(tmp_path / "out")
-    run_pipeline(validate_config({"input": {"uri": str(folder)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-                                  "output": {"uri": uri}}))
-    ds = deltalake.DeltaTable(uri).to_pyarrow_dataset()
+    run_pipeline(
+        validate_config(
+            {"input": {"uri": str(folder)}, "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": uri}}
+        )
+    )
+    ds = deltalake.DeltaTable(uri).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads it by its name)
     by_reason = dict(duckdb.sql("SELECT coalesce(reject_reason, 'kept'), count(*) FROM ds GROUP BY ALL").fetchall())
     assert sum(by_reason.values()) == len(rows)
     assert pl.read_delta(uri).height == len(rows)

@@ -29,16 +29,26 @@ def test_captions_selection_itm_and_answers_are_committed_for_every_ok_row(
     _, _, manifest, rows = local_shards
     s3.create_bucket("captioned")
     config = s3_config(
-        s3, tiny_clip_dir,
+        s3,
+        tiny_clip_dir,
         # Three model actors and decoding share the 2-core test machine.
-        caption={"model": {"source": str(tiny_blip_captioner_dir)}, "max_new_tokens": 12,
-                 "resources": {"num_cpus": 0.3}},
+        caption={
+            "model": {"source": str(tiny_blip_captioner_dir)},
+            "max_new_tokens": 12,
+            "resources": {"num_cpus": 0.3},
+        },
         clip={"resources": {"num_cpus": 0.3}},
         decode={"jpeg_draft": False, "resources": {"num_cpus": 0.5}},
         itm={"model": {"source": str(tiny_blip_itm_dir)}, "text": "caption_best", "resources": {"num_cpus": 0.3}},
         # Asks about the caption the CLIP stage selected; its pixels are CLIP's (the same geometry).
-        ask={"model": {"source": str(tiny_llava_dir)}, "template": QUESTION, "yes_no": True, "generate": True,
-             "max_new_tokens": 4, "resources": {"num_cpus": 0.1}},
+        ask={
+            "model": {"source": str(tiny_llava_dir)},
+            "template": QUESTION,
+            "yes_no": True,
+            "generate": True,
+            "max_new_tokens": 4,
+            "resources": {"num_cpus": 0.1},
+        },
         filter={"caption": "best", "min_clip_score": 0.0, "min_itm_score": 0.5, "min_answer_yes_prob": MIN_YES},
         output={"uri": "s3://captioned/t"},
     )
@@ -58,8 +68,14 @@ def test_captions_selection_itm_and_answers_are_committed_for_every_ok_row(
     yes = dict(zip(ok_keys, reference_yes_prob(tiny_llava_dir, images, questions)))
     for key, row in got.items():
         if key in broken:
-            for name in (col.CAPTION_GENERATED, col.CLIP_SCORE_GENERATED, col.CAPTION_BEST, col.ITM_SCORE, col.ANSWER,
-                         col.ANSWER_YES_PROB):
+            for name in (
+                col.CAPTION_GENERATED,
+                col.CLIP_SCORE_GENERATED,
+                col.CAPTION_BEST,
+                col.ITM_SCORE,
+                col.ANSWER,
+                col.ANSWER_YES_PROB,
+            ):
                 assert row[name] is None
             assert row[col.REJECT_REASON] == row[col.STATUS] != col.OK
             continue
@@ -70,7 +86,9 @@ def test_captions_selection_itm_and_answers_are_committed_for_every_ok_row(
             else col.SOURCE_ORIGINAL
         )
         assert row[col.CAPTION_SOURCE] == expected_source
-        assert row[col.CLIP_SCORE_BEST] == max(s for s in (row[col.CLIP_SCORE], row[col.CLIP_SCORE_GENERATED]) if s is not None)
+        assert row[col.CLIP_SCORE_BEST] == max(
+            s for s in (row[col.CLIP_SCORE], row[col.CLIP_SCORE_GENERATED]) if s is not None
+        )
         assert row[col.ITM_SCORE] == pytest.approx(itm[key], abs=1e-5)
         assert row[col.ANSWER] == answers[key]
         assert row[col.ANSWER_YES_PROB] == pytest.approx(yes[key], abs=1e-5)
@@ -98,10 +116,14 @@ def test_model_actors_that_leave_no_cpu_for_decoding_fail_before_any_work(
 ):
     from pipelines.config import ConfigError, validate_config
 
-    config = validate_config({
-        "input": {"uri": str(local_shards[0])}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-        "caption": {"model": {"source": str(tiny_blip_captioner_dir)}}, "output": {"uri": str(tmp_path / "t")},
-    })
+    config = validate_config(
+        {
+            "input": {"uri": str(local_shards[0])},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "caption": {"model": {"source": str(tiny_blip_captioner_dir)}},
+            "output": {"uri": str(tmp_path / "t")},
+        }
+    )
     with pytest.raises(ConfigError, match="the model actors hold 2 CPUs and decoding needs 0.5 more"):
         run_pipeline(config)
     assert not (tmp_path / "t" / "_delta_log").exists()  # nothing committed, nothing read

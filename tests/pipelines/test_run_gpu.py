@@ -46,8 +46,13 @@ def one_gpu_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), num_gpus=None if ON_GPU else 1,
-                 include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=max(4, os.cpu_count() or 1),
+            num_gpus=None if ON_GPU else 1,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the running Ray cluster has no GPU")
@@ -94,16 +99,18 @@ def test_caption_and_clip_share_one_gpu_with_half_each(
     folder, _, manifest, rows = local_shards
     # concurrency 1: one actor per stage, so "no GPU left" means both stages hold their halves at once.
     half = {"num_gpus": 0.5, "num_cpus": 0.5, "concurrency": 1}
-    config = validate_config({
-        "input": {"uri": str(folder) + "/"},
-        # Two decode tasks leave CPU room for both actors on the 2-core dry-run machine.
-        "decode": {"jpeg_draft": False, "resources": {"concurrency": 2}},
-        "caption": {"model": {"source": str(tiny_blip_captioner_dir)}, "max_new_tokens": 12, "resources": half},
-        "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": half},
-        "filter": {"min_clip_score": -1.0},
-        "output": {"uri": str(tmp_path / "table")},
-        "run_date": "2026-11-01",
-    })
+    config = validate_config(
+        {
+            "input": {"uri": str(folder) + "/"},
+            # Two decode tasks leave CPU room for both actors on the 2-core dry-run machine.
+            "decode": {"jpeg_draft": False, "resources": {"concurrency": 2}},
+            "caption": {"model": {"source": str(tiny_blip_captioner_dir)}, "max_new_tokens": 12, "resources": half},
+            "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": half},
+            "filter": {"min_clip_score": -1.0},
+            "output": {"uri": str(tmp_path / "table")},
+            "run_date": "2026-11-01",
+        }
+    )
     baseline = gpu_memory_used() if ON_GPU else 0
     with ResourceWatch(one_gpu_ray) as watch:
         record = run_pipeline(config)
@@ -121,8 +128,9 @@ def test_caption_and_clip_share_one_gpu_with_half_each(
 
 def assert_matches_cpu_reference(got: dict, rows: dict, keys: list[str], clip_dir, captioner_dir) -> None:
     """Scores and captions of the GPU run against the operators on the CPU in fp32, row by row."""
-    captioner = cpu_reference(lambda: Captioner(
-        CaptionConfig(model=ModelRef(source=str(captioner_dir)), max_new_tokens=12), StorageOptions()))
+    captioner = cpu_reference(
+        lambda: Captioner(CaptionConfig(model=ModelRef(source=str(captioner_dir)), max_new_tokens=12), StorageOptions())
+    )
     scorer = cpu_reference(lambda: ClipScorer(ClipConfig(model=ModelRef(source=str(clip_dir))), StorageOptions()))
     images = [Image.open(io.BytesIO(rows[k]["jpg"])).convert("RGB") for k in keys]
     captions = dict(zip(keys, run_captioner(captioner, images)))

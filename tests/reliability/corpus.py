@@ -70,7 +70,9 @@ def exif_oriented_png(orientation: int) -> bytes:
     return encode(Image.fromarray(stored), "PNG", exif=exif)
 
 
-def _png(width: int, height: int, bit_depth: int, colour_type: int, raw: bytes | None, *, idat: bytes | None = None) -> bytes:
+def _png(
+    width: int, height: int, bit_depth: int, colour_type: int, raw: bytes | None, *, idat: bytes | None = None
+) -> bytes:
     """A PNG written by hand (Pillow cannot write 16-bit RGB, nor a header that lies)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -158,8 +160,14 @@ def eps() -> bytes:
 
 
 def fits() -> bytes:
-    cards = ["SIMPLE  =                    T", "BITPIX  =                    8", "NAXIS   =                    2",
-             "NAXIS1  =                    4", "NAXIS2  =                    4", "END"]
+    cards = [
+        "SIMPLE  =                    T",
+        "BITPIX  =                    8",
+        "NAXIS   =                    2",
+        "NAXIS1  =                    4",
+        "NAXIS2  =                    4",
+        "END",
+    ]
     return "".join(c.ljust(80) for c in cards).ljust(2880).encode() + bytes(2880)
 
 
@@ -175,17 +183,29 @@ def corpus() -> list[Case]:
         Case("truncated_jpeg", jpeg[: len(jpeg) // 2], col.DECODE_ERROR, col.DECODE_ERROR),
         Case("truncated_png", png[: len(png) - 40], col.DECODE_ERROR, col.DECODE_ERROR),
         Case("gzip_named_jpeg", gzip.compress(jpeg), col.UNSUPPORTED_FORMAT, col.UNSUPPORTED_FORMAT),
-        Case("html_error_page", b"<!DOCTYPE html>\n<html><body><h1>403 Forbidden</h1></body></html>",
-             col.UNSUPPORTED_FORMAT, col.UNSUPPORTED_FORMAT),
+        Case(
+            "html_error_page",
+            b"<!DOCTYPE html>\n<html><body><h1>403 Forbidden</h1></body></html>",
+            col.UNSUPPORTED_FORMAT,
+            col.UNSUPPORTED_FORMAT,
+        ),
         Case("decompression_bomb", decompression_bomb(), col.IMAGE_TOO_LARGE, col.IMAGE_TOO_LARGE),
         Case("huge_dimensions_tiny_file", lying_header(), col.IMAGE_TOO_LARGE, col.IMAGE_TOO_LARGE),
-        Case("pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF", col.UNSUPPORTED_FORMAT,
-             col.UNSUPPORTED_FORMAT),
+        Case(
+            "pdf",
+            b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n%%EOF",
+            col.UNSUPPORTED_FORMAT,
+            col.UNSUPPORTED_FORMAT,
+        ),
         Case("fits", fits(), col.UNSUPPORTED_FORMAT, col.UNSUPPORTED_FORMAT),
         Case("psd", psd(), col.UNSUPPORTED_FORMAT, col.UNSUPPORTED_FORMAT),
         Case("eps", eps(), col.UNSUPPORTED_FORMAT, col.UNSUPPORTED_FORMAT),
-        Case("svg_text", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>',
-             col.UNSUPPORTED_FORMAT, col.UNSUPPORTED_FORMAT),
+        Case(
+            "svg_text",
+            b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>',
+            col.UNSUPPORTED_FORMAT,
+            col.UNSUPPORTED_FORMAT,
+        ),
     ]
     good = [
         Case("one_by_one", encode(Image.new("RGB", (1, 1), red), "PNG"), col.OK, None, expected=red),
@@ -197,17 +217,25 @@ def corpus() -> list[Case]:
         Case("png_16bit_rgb", rgb48_png((65535, 32896, 0)), col.OK, None, expected=(255, 128, 0), tolerance=1),
         Case("tiff_16bit_grey", encode(grey16(16448), "TIFF"), col.OK, None, expected=(64, 64, 64), tolerance=1),
         Case("palette_png_transparency", palette_png_with_transparency(), col.OK, None, expected=palette_expected()),
-        Case("rgba_png", encode(Image.new("RGBA", (16, 16), (0, 0, 255, 0)), "PNG"), col.OK, None,
-             expected=(255, 255, 255)),
-        Case("la_png", encode(Image.new("LA", (16, 16), (0, 128)), "PNG"), col.OK, None,
-             expected=(127, 127, 127), tolerance=1),
+        Case(
+            "rgba_png",
+            encode(Image.new("RGBA", (16, 16), (0, 0, 255, 0)), "PNG"),
+            col.OK,
+            None,
+            expected=(255, 255, 255),
+        ),
+        Case(
+            "la_png",
+            encode(Image.new("LA", (16, 16), (0, 128)), "PNG"),
+            col.OK,
+            None,
+            expected=(127, 127, 127),
+            tolerance=1,
+        ),
         Case("grayscale_png", encode(Image.new("L", (16, 16), 77), "PNG"), col.OK, None, expected=(77, 77, 77)),
         Case("animated_gif_first_frame", animated_gif(), col.OK, None, expected=red, tolerance=8),
         Case("webp", encode(Image.new("RGB", (16, 16), red), "WEBP", lossless=True), col.OK, None, expected=red),
-        *(
-            Case(f"exif_orientation_{o}", exif_oriented_png(o), col.OK, None, expected=pattern())
-            for o in range(2, 9)
-        ),
+        *(Case(f"exif_orientation_{o}", exif_oriented_png(o), col.OK, None, expected=pattern()) for o in range(2, 9)),
     ]
     image = encode(Image.new("RGB", (16, 16), (0, 128, 0)), "PNG")
     captions = [

@@ -41,10 +41,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Literal
 
-_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
-_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-           b"<Message>Access Denied</Message></Error>")
+_SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+)
 _WRITES = ("PUT", "POST", "DELETE")
 
 
@@ -203,8 +206,11 @@ class _Handler(BaseHTTPRequestHandler):
             conn.endheaders(body)
             response = conn.getresponse()
             data = response.read()
-            headers = [(k, v) for k, v in response.getheaders()
-                       if k.lower() not in ("transfer-encoding", "connection", "content-length")]
+            headers = [
+                (k, v)
+                for k, v in response.getheaders()
+                if k.lower() not in ("transfer-encoding", "connection", "content-length")
+            ]
             if self.command == "HEAD":
                 headers.append(("Content-Length", response.getheader("Content-Length", "0")))
             return response.status, headers, data

@@ -52,8 +52,15 @@ def write_config(tmp_path, model_dir, **sections) -> str:
         ({"filter": {"keep_top_fraction": 1.5}}, "filter.keep_top_fraction: Input should be less than or equal to 1"),
         ({"decode": {"formats": ["JPEG", "EPS"]}}, "decode.formats: EPS cannot be allowed"),
     ],
-    ids=["unknown_key", "unknown_nested_key", "min_clip_score_7", "min_clip_score_-3", "keep_top_fraction_0",
-         "keep_top_fraction_1.5", "eps_format"],
+    ids=[
+        "unknown_key",
+        "unknown_nested_key",
+        "min_clip_score_7",
+        "min_clip_score_-3",
+        "keep_top_fraction_0",
+        "keep_top_fraction_1.5",
+        "eps_format",
+    ],
 )
 def test_invalid_values_exit_2_naming_the_field(section, message, tmp_path, tiny_clip_dir, no_work, capsys):
     assert main(["run", write_config(tmp_path, tiny_clip_dir, **section)]) == 2
@@ -75,7 +82,12 @@ def test_pickle_only_weights_exit_2_before_any_work_unless_allowed(tmp_path, tin
     assert "clip.model: model" in err and "only pickle weights (pytorch_model.bin)" in err
     assert "allow_pickle_weights: true" in err
     # Opting in passes the check: the run goes on to its first real step.
-    assert main(["run", write_config(tmp_path, model, clip={"model": {"source": str(model), "allow_pickle_weights": True}})]) == 1
+    assert (
+        main(
+            ["run", write_config(tmp_path, model, clip={"model": {"source": str(model), "allow_pickle_weights": True}})]
+        )
+        == 1
+    )
     assert "vlpipe: WorkStarted" in capsys.readouterr().err
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import ImageFile
 
 from operators import schema as col
-from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec, decode_captions
 from operators.decisions.filter import FilterConfig, ScoreFilter
+from operators.image.decode import DecodeConfig, DecodeImages, PixelSpec, decode_captions
 from tests.reliability.corpus import CAPTION, Case, corpus
 
 CASES = corpus()
@@ -34,11 +34,13 @@ def caption_column(captions) -> pa.ChunkedArray:
 
 
 def table_of(cases: list[Case]) -> pa.Table:
-    return pa.table({
-        col.KEY: [c.name for c in cases],
-        col.CAPTION: decode_captions(caption_column([c.caption for c in cases])),
-        col.IMAGE: pa.array([c.image for c in cases], pa.binary()),
-    })
+    return pa.table(
+        {
+            col.KEY: [c.name for c in cases],
+            col.CAPTION: decode_captions(caption_column([c.caption for c in cases])),
+            col.IMAGE: pa.array([c.image for c in cases], pa.binary()),
+        }
+    )
 
 
 def decode_and_filter(cases: list[Case], spec: PixelSpec = SOLID) -> pa.Table:
@@ -59,8 +61,9 @@ def test_each_hazard_gets_its_exact_status_and_reason(case):
         assert row[col.ERROR] and row[col.PIXELS] is None and row[col.IMAGE_WIDTH] is None
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.expected is not None],
-                         ids=[c.name for c in CASES if c.expected is not None])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.expected is not None], ids=[c.name for c in CASES if c.expected is not None]
+)
 def test_decoded_pixels_are_upright_and_the_right_colour(case):
     spec = spec_for(case)
     row = DecodeImages(DecodeConfig(), spec)(table_of([case])).to_pylist()[0]
@@ -85,8 +88,15 @@ def test_the_whole_corpus_in_one_batch_loses_no_row_and_counts_add_up():
 
 def test_format_errors_say_what_the_bytes_were():
     errors = dict(zip([c.name for c in CASES], decode_and_filter(CASES).column(col.ERROR).to_pylist()))
-    for name, what in (("pdf", "PDF"), ("psd", "PSD"), ("fits", "FITS"), ("eps", "EPS"), ("svg_text", "SVG"),
-                       ("gzip_named_jpeg", "gzip"), ("html_error_page", "HTML")):
+    for name, what in (
+        ("pdf", "PDF"),
+        ("psd", "PSD"),
+        ("fits", "FITS"),
+        ("eps", "EPS"),
+        ("svg_text", "SVG"),
+        ("gzip_named_jpeg", "gzip"),
+        ("html_error_page", "HTML"),
+    ):
         assert what in errors[name] and "not an allowed image format" in errors[name]
     assert "64000000 pixels" in errors["huge_dimensions_tiny_file"]
     assert "decompression bomb" in errors["decompression_bomb"]
@@ -133,29 +143,35 @@ def test_captions_through_clip_are_truncated_or_skipped_never_an_error(tiny_clip
     # 100 kB is cut to the model's context: the same embedding as any other text with those first tokens.
     long = BY_NAME["caption_100kB"].caption
     assert len(scorer.tokenizer(long)["input_ids"]) > scorer.max_text_tokens
-    np.testing.assert_allclose(rows["caption_100kB"][col.TEXT_EMBEDDING], scorer.embed_texts([long[:2000]])[0], atol=1e-6)
+    np.testing.assert_allclose(
+        rows["caption_100kB"][col.TEXT_EMBEDDING], scorer.embed_texts([long[:2000]])[0], atol=1e-6
+    )
     assert rows["caption_non_latin"][col.CAPTION] == BY_NAME["caption_non_latin"].caption
 
 
 @pytest.mark.slow
 def test_the_corpus_as_a_crawled_shard_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
     from pipelines.config import validate_config
-    from pipelines.table.read import read_output
     from pipelines.run import run_pipeline
+    from pipelines.table.read import read_output
 
-    shard = pa.table({
-        "key": [c.name for c in CASES],
-        "caption": caption_column([c.caption for c in CASES]),
-        "jpg": pa.array([c.image for c in CASES], pa.binary()),
-    })
+    shard = pa.table(
+        {
+            "key": [c.name for c in CASES],
+            "caption": caption_column([c.caption for c in CASES]),
+            "jpg": pa.array([c.image for c in CASES], pa.binary()),
+        }
+    )
     (tmp_path / "in").mkdir()
     pq.write_table(shard, tmp_path / "in" / "00000.parquet")
-    config = validate_config({
-        "input": {"uri": str(tmp_path / "in")},
-        "clip": {"model": {"source": str(tiny_clip_dir)}},
-        "output": {"uri": str(tmp_path / "out")},
-        "run_date": "2026-11-01",
-    })
+    config = validate_config(
+        {
+            "input": {"uri": str(tmp_path / "in")},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "output": {"uri": str(tmp_path / "out")},
+            "run_date": "2026-11-01",
+        }
+    )
     record = run_pipeline(config)
 
     rows = {r[col.KEY]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
@@ -164,7 +180,9 @@ def test_the_corpus_as_a_crawled_shard_end_to_end(ray_cluster, tiny_clip_dir, tm
         row = rows[case.name]
         assert (row[col.STATUS], row[col.REJECT_REASON]) == (case.status, case.reject_reason), case.name
         assert (row[col.ERROR] is None) == (case.status == col.OK)
-    assert rows["caption_invalid_utf8"][col.CAPTION] == BY_NAME["caption_invalid_utf8"].caption.decode("utf-8", "replace")
+    assert rows["caption_invalid_utf8"][col.CAPTION] == BY_NAME["caption_invalid_utf8"].caption.decode(
+        "utf-8", "replace"
+    )
     assert rows["one_by_one"][col.CAPTION] == CAPTION
     expected = Counter(c.reject_reason for c in CASES if c.reject_reason)
     assert record.rows_in == len(CASES) == record.rows_kept + record.rows_rejected

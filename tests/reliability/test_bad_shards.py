@@ -12,14 +12,14 @@ import pytest
 
 from jobs.demo import write_sample_shards
 from operators import schema as col
-from pipelines.config import validate_config
-from pipelines.input.nightly import plan_nightly
-from pipelines.table.read import read_output
-from pipelines.run import run_nightly, run_pipeline
-from pipelines.table.records import read_run_records
 from operators.storage import Location
+from pipelines.config import validate_config
 from pipelines.errors import NoInputError
+from pipelines.input.nightly import plan_nightly
 from pipelines.input.shards import check_shards, list_shards
+from pipelines.run import run_nightly, run_pipeline
+from pipelines.table.read import read_output
+from pipelines.table.records import read_run_records
 from tests.reliability.s3_proxy import Fault, FaultProxy
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
@@ -56,8 +56,11 @@ def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(ray_cl
     shutil.copytree(tmp_path / "spare", crawl)
     paths = sorted(crawl.glob("*.parquet"))
     expected_errors = spoil(crawl, paths)
-    raw = {"input": {"uri": str(crawl / "0000*.parquet")}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-           "output": {"uri": str(tmp_path / "out")}}
+    raw = {
+        "input": {"uri": str(crawl / "0000*.parquet")},
+        "clip": {"model": {"source": str(tiny_clip_dir)}},
+        "output": {"uri": str(tmp_path / "out")},
+    }
     runs_uri = str(tmp_path / "out" / "_vlpipe_runs")
 
     def nightly(day):
@@ -89,13 +92,19 @@ def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(ray_cl
     assert sorted(s.uri.rsplit("/", 1)[1] for s in retry.shards) == sorted(p.name for p in paths[2:])
     checked = check_shards(filesystem, retry.shards, validate_config(raw).input.mapping)
     assert [s.uri.rsplit("/", 1)[1] for s in checked.good] == [paths[2].name, paths[4].name]
-    assert sorted(f["uri"].rsplit("/", 1)[1] for f in checked.failed) == [p.name for p in (paths[3], paths[5], paths[6])]
+    assert sorted(f["uri"].rsplit("/", 1)[1] for f in checked.failed) == [
+        p.name for p in (paths[3], paths[5], paths[6])
+    ]
 
 
 def test_a_glob_that_matches_nothing_fails_with_a_clear_message(tiny_clip_dir, tmp_path):
     (tmp_path / "crawl").mkdir()
-    raw = {"input": {"uri": str(tmp_path / "crawl" / "*.parquet")}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-           "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-01"}
+    raw = {
+        "input": {"uri": str(tmp_path / "crawl" / "*.parquet")},
+        "clip": {"model": {"source": str(tiny_clip_dir)}},
+        "output": {"uri": str(tmp_path / "out")},
+        "run_date": "2026-11-01",
+    }
     for run in (run_pipeline, run_nightly):
         with pytest.raises(NoInputError, match=r"no Parquet shards found at input.uri '.*crawl/\*\.parquet'"):
             run(validate_config(raw))
@@ -105,9 +114,15 @@ def test_a_glob_that_matches_nothing_fails_with_a_clear_message(tiny_clip_dir, t
 def test_when_every_shard_is_bad_the_run_fails_and_records_why(ray_cluster, tiny_clip_dir, tmp_path):
     (tmp_path / "crawl").mkdir()
     (tmp_path / "crawl" / "a.parquet").write_bytes(b"<html>503 Service Unavailable</html>")
-    raw = {"input": {"uri": str(tmp_path / "crawl")}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-           "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-01"}
-    with pytest.raises(NoInputError, match="none of the 1 input shard.* can be read: .*a.parquet: cannot read the Parquet footer"):
+    raw = {
+        "input": {"uri": str(tmp_path / "crawl")},
+        "clip": {"model": {"source": str(tiny_clip_dir)}},
+        "output": {"uri": str(tmp_path / "out")},
+        "run_date": "2026-11-01",
+    }
+    with pytest.raises(
+        NoInputError, match="none of the 1 input shard.* can be read: .*a.parquet: cannot read the Parquet footer"
+    ):
         run_pipeline(validate_config(raw))
     runs = read_run_records(str(tmp_path / "out" / "_vlpipe_runs"), validate_config(raw).storage).to_pylist()
     assert runs[-1]["status"] == "failed" and runs[-1]["failed_shards"][0]["uri"].endswith("a.parquet")
@@ -120,12 +135,19 @@ def test_an_object_the_credentials_cannot_read_is_a_failed_shard(s3, local_shard
     s3.upload(paths, "locked/crawl")
     # S3 answers 403 AccessDenied for an object a bucket policy or KMS key keeps from these credentials.
     with FaultProxy(s3.endpoint_url, [Fault("GET", "forbidden", count=100, path_contains=paths[1].name)]) as proxy:
-        config = validate_config({
-            "input": {"uri": "s3://locked/crawl/"}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-            "storage": {"endpoint_url": proxy.endpoint_url, "region": s3.region,
-                        "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key},
-            "output": {"uri": "s3://locked/out"},
-        })
+        config = validate_config(
+            {
+                "input": {"uri": "s3://locked/crawl/"},
+                "clip": {"model": {"source": str(tiny_clip_dir)}},
+                "storage": {
+                    "endpoint_url": proxy.endpoint_url,
+                    "region": s3.region,
+                    "access_key_id": s3.access_key_id,
+                    "secret_access_key": s3.secret_access_key,
+                },
+                "output": {"uri": "s3://locked/out"},
+            }
+        )
         location = Location.resolve(config.input.uri, config.storage)
         checked = check_shards(location.filesystem, list_shards(location), config.input.mapping)
     assert [s.uri for s in checked.good] == [f"s3://locked/crawl/{p.name}" for p in (paths[0], paths[2])]
@@ -134,14 +156,21 @@ def test_an_object_the_credentials_cannot_read_is_a_failed_shard(s3, local_shard
     assert proxy.fired  # the denial really came from the store's answer
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode; the S3 AccessDenied test covers unreadable shards")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root reads files whatever their mode; the S3 AccessDenied test covers unreadable shards"
+)
 def test_a_local_file_without_read_permission_is_a_failed_shard(local_shards, tmp_path):
     _, paths, _, _ = local_shards
     for path in paths:
         shutil.copy(path, tmp_path / path.name)
     os.chmod(tmp_path / paths[0].name, 0)
-    config = validate_config({"input": {"uri": str(tmp_path)}, "clip": {"model": {"source": "x/y"}},
-                              "output": {"uri": str(tmp_path / "out")}})
+    config = validate_config(
+        {
+            "input": {"uri": str(tmp_path)},
+            "clip": {"model": {"source": "x/y"}},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
     location = Location.resolve(config.input.uri, config.storage)
     checked = check_shards(location.filesystem, list_shards(location), config.input.mapping)
     assert [f["uri"] for f in checked.failed] == [str(tmp_path / paths[0].name)]

@@ -29,11 +29,15 @@ OUTCOME = (col.CLIP_SCORE, col.KEEP, col.REJECT_REASON, col.STATUS)
 
 
 def config_for(input_uri, output_uri, tiny_clip_dir, **sections):
-    raw = {"input": {"uri": str(input_uri)},
-           "filter": {"min_clip_score": 0.0}, "output": {"uri": str(output_uri)}, "run_date": "2026-11-01",
-           # Small batches, so a killed worker dies in the middle of the run, with batches done before it.
-           "decode": {"resources": {"batch_size": 4}},
-           "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": {"batch_size": 8}}}
+    raw = {
+        "input": {"uri": str(input_uri)},
+        "filter": {"min_clip_score": 0.0},
+        "output": {"uri": str(output_uri)},
+        "run_date": "2026-11-01",
+        # Small batches, so a killed worker dies in the middle of the run, with batches done before it.
+        "decode": {"resources": {"batch_size": 4}},
+        "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": {"batch_size": 8}},
+    }
     return validate_config({**raw, **sections})
 
 
@@ -81,18 +85,31 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
     (faults / "batch-write").touch()  # and a writer actor (3 files: actors), before it writes its file
     s3.upload(shards[1], "flaky/crawl")
     storage_faults = [
-        Fault("GET", "reset", count=3, start=2, every=5), Fault("GET", "slowdown", count=3, start=4, every=5),
+        Fault("GET", "reset", count=3, start=2, every=5),
+        Fault("GET", "slowdown", count=3, start=4, every=5),
         Fault("GET", "slow", count=2, delay=0.5, start=6, every=7),
-        Fault("WRITE", "slowdown", count=3, start=1, every=3), Fault("WRITE", "reset", count=2, start=2, every=3),
+        Fault("WRITE", "slowdown", count=3, start=1, every=3),
+        Fault("WRITE", "reset", count=2, start=2, every=3),
         # The commit lands but its answer is lost: the run must notice, not commit twice or give up.
         Fault("PUT", "reset_after", count=1, path_contains="/enriched/_delta_log/"),
         Fault("PUT", "reset_after", count=1, path_contains="/_vlpipe_runs/_delta_log/"),  # same for the run record
     ]
     with FaultProxy(s3.endpoint_url, storage_faults) as proxy:
-        storage = {"endpoint_url": proxy.endpoint_url, "region": s3.region,
-                   "access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key}
-        record = run_pipeline(config_for("s3://flaky/crawl/", "s3://flaky/enriched", tiny_clip_dir, storage=storage,
-                                         output={"uri": "s3://flaky/enriched", "rows_per_file": 4}))
+        storage = {
+            "endpoint_url": proxy.endpoint_url,
+            "region": s3.region,
+            "access_key_id": s3.access_key_id,
+            "secret_access_key": s3.secret_access_key,
+        }
+        record = run_pipeline(
+            config_for(
+                "s3://flaky/crawl/",
+                "s3://flaky/enriched",
+                tiny_clip_dir,
+                storage=storage,
+                output={"uri": "s3://flaky/enriched", "rows_per_file": 4},
+            )
+        )
     # ... and flaky object storage, on reads and on writes: every fault was injected.
     assert dict(proxy.fired) == {f.name: f.count for f in storage_faults}
     assert all((faults / f"batch-{stage}.fired").exists() for stage in ("clip", "decode", "write"))
@@ -115,8 +132,14 @@ def test_driver_killed_before_commit_leaves_the_table_as_it_was(clean, shards, t
             "output": {{"uri": {str(out)!r}}}, "run_date": "2026-11-01",
             "ray_address": {ray_cluster.get_runtime_context().gcs_address!r}}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "VLPIPE_FAULTS": str(armed), "VLPIPE_HOOK": HOOK},
-                          capture_output=True, text=True, timeout=240, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "VLPIPE_FAULTS": str(armed), "VLPIPE_HOOK": HOOK},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 1 and (armed / "commit.fired").exists(), done.stderr[-3000:]
     written = {p for p in out.rglob("*.parquet") if "_vlpipe_runs" not in str(p)}
     table = DeltaTable(str(out))

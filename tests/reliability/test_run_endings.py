@@ -28,8 +28,13 @@ pytestmark = pytest.mark.slow
 
 
 def write_config(tmp_path: Path, shards: Path, clip: Path, **sections) -> str:
-    raw = {"input": {"uri": str(shards)}, "clip": {"model": {"source": str(clip)}},
-           "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-01", "report": {"enabled": False}}
+    raw = {
+        "input": {"uri": str(shards)},
+        "clip": {"model": {"source": str(clip)}},
+        "output": {"uri": str(tmp_path / "out")},
+        "run_date": "2026-11-01",
+        "report": {"enabled": False},
+    }
     raw.update(sections)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -40,7 +45,9 @@ def records(tmp_path: Path) -> list[dict]:
     return read_run_records(str(tmp_path / "out" / "_vlpipe_runs")).to_pylist()
 
 
-def test_a_run_with_a_bad_shard_is_partial_in_its_record_and_exits_3(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+def test_a_run_with_a_bad_shard_is_partial_in_its_record_and_exits_3(
+    ray_cluster, local_shards, tiny_clip_dir, tmp_path
+):
     shards = tmp_path / "shards"
     shutil.copytree(local_shards[0], shards)
     (shards / "99999.parquet").write_bytes(b"truncated upload")
@@ -70,7 +77,9 @@ def test_a_model_that_cannot_load_is_a_failed_record_and_exits_1(ray_cluster, lo
     assert not (tmp_path / "out" / "_delta_log").exists()
 
 
-def test_another_run_committing_first_is_a_failed_record_and_exits_5(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+def test_another_run_committing_first_is_a_failed_record_and_exits_5(
+    ray_cluster, local_shards, tiny_clip_dir, tmp_path
+):
     out = tmp_path / "out"
 
     def other_run_commits(point: str) -> None:
@@ -118,8 +127,14 @@ def start_vlpipe(tmp_path: Path, config: str, faults: Path | None = None, *flags
     env = {**os.environ, hooks.ENV: HOOK, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     if faults is not None:
         env["VLPIPE_FAULTS"] = str(faults)
-    return subprocess.Popen([sys.executable, "-c", _PRELOADED, "run", config, *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _PRELOADED, "run", config, *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stop_mid_run(process: subprocess.Popen, stop: signal.Signals) -> tuple[str, str]:
@@ -136,8 +151,10 @@ def stop_mid_run(process: subprocess.Popen, stop: signal.Signals) -> tuple[str, 
     return out, "".join(seen) + rest
 
 
-@pytest.mark.parametrize(("ending", "executor"), [("success", "in_process"), ("failure", "in_process"),
-                                                  ("SIGTERM", "in_process"), ("success", "ray")])
+@pytest.mark.parametrize(
+    ("ending", "executor"),
+    [("success", "in_process"), ("failure", "in_process"), ("SIGTERM", "in_process"), ("success", "ray")],
+)
 def test_the_last_line_on_stderr_is_vlpipes_own_however_the_run_ends(
     local_shards, tiny_clip_dir, tmp_path, ending, executor
 ):
@@ -174,15 +191,18 @@ def test_a_signal_stops_the_run_and_records_it_interrupted(local_shards, tiny_cl
     assert record["status"] == "interrupted" and record["error"] == f"interrupted ({stop.name})"
 
 
-def test_a_gpu_the_local_cluster_lacks_fails_at_once_naming_the_key(ray_cluster, local_shards, tiny_clip_dir, tmp_path,
-                                                                      capsys):
+def test_a_gpu_the_local_cluster_lacks_fails_at_once_naming_the_key(
+    ray_cluster, local_shards, tiny_clip_dir, tmp_path, capsys
+):
     config = write_config(tmp_path, local_shards[0], tiny_clip_dir, ray_resource_timeout_s=1)
     started = time.monotonic()
     assert main(["run", config, "--set", "clip.resources.num_gpus=1"]) == 2  # it used to wait for ever
     assert time.monotonic() - started < 60
     err = capsys.readouterr().err
-    assert ("clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0 "
-            "(waited 1 s for the cluster to grow)") in err
+    assert (
+        "clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0 "
+        "(waited 1 s for the cluster to grow)"
+    ) in err
     assert "waiting for the cluster: clip.resources asks for 1 GPU(s)" in err  # it said what it waited for
     (record,) = records(tmp_path)
     assert record["status"] == "failed" and "clip.resources asks for 1 GPU" in record["error"]

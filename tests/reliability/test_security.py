@@ -29,8 +29,8 @@ from PIL import (
 
 from jobs.cli import main
 from operators import schema as col
-from operators.models.clip import ClipConfig, ClipScorer
 from operators.image.decode import DEFAULT_FORMATS, DecodeConfig, DecodeImages, PixelSpec
+from operators.models.clip import ClipConfig, ClipScorer
 from operators.models.load import ModelLoadError
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
@@ -67,10 +67,14 @@ def test_only_allowlisted_formats_ever_reach_a_pillow_plugin(monkeypatch):
         def _open(self):
             opened.append(plugin)
             raise SyntaxError(f"{plugin} plugin must not run")
+
         return _open
 
-    for plugin, cls in (("PSD", PsdImagePlugin.PsdImageFile), ("EPS", EpsImagePlugin.EpsImageFile),
-                        ("FITS", FitsImagePlugin.FitsImageFile)):
+    for plugin, cls in (
+        ("PSD", PsdImagePlugin.PsdImageFile),
+        ("EPS", EpsImagePlugin.EpsImageFile),
+        ("FITS", FitsImagePlugin.FitsImageFile),
+    ):
         monkeypatch.setattr(cls, "_open", refuse(plugin))
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: opened.append("Ghostscript"))
 
@@ -98,7 +102,9 @@ def test_pickle_weights_load_only_when_the_config_allows_them(tmp_path, tiny_cli
         ClipScorer(ClipConfig(model=ModelRef(source=str(pickled))), StorageOptions())
     trusted = ClipScorer(ClipConfig(model=ModelRef(source=str(pickled), allow_pickle_weights=True)), StorageOptions())
     reference = ClipScorer(ClipConfig(model=ModelRef(source=str(tiny_clip_dir))), StorageOptions())
-    np.testing.assert_allclose(trusted.embed_texts(["a red square"]), reference.embed_texts(["a red square"]), atol=1e-6)
+    np.testing.assert_allclose(
+        trusted.embed_texts(["a red square"]), reference.embed_texts(["a red square"]), atol=1e-6
+    )
 
 
 @pytest.fixture
@@ -108,8 +114,9 @@ def model_with_code(tmp_path, tiny_clip_dir) -> tuple[Path, Path]:
     shutil.copytree(tiny_clip_dir, model)
     (model / "planted.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="planted_clip",
-                  auto_map={"AutoConfig": "planted.PlantedConfig", "AutoModel": "planted.PlantedModel"})
+    config.update(
+        model_type="planted_clip", auto_map={"AutoConfig": "planted.PlantedConfig", "AutoModel": "planted.PlantedModel"}
+    )
     (model / "config.json").write_text(json.dumps(config))
     return model, marker
 
@@ -117,8 +124,15 @@ def model_with_code(tmp_path, tiny_clip_dir) -> tuple[Path, Path]:
 def test_model_code_never_runs_without_trust_remote_code(model_with_code, tmp_path, capsys):
     model, marker = model_with_code
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"input": {"uri": str(tmp_path)}, "output": {"uri": str(tmp_path / "out")},
-                                      "clip": {"model": {"source": str(model)}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"uri": str(tmp_path)},
+                "output": {"uri": str(tmp_path / "out")},
+                "clip": {"model": {"source": str(model)}},
+            }
+        )
+    )
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert "clip.model:" in err and "auto_map in config.json" in err and "trust_remote_code: true" in err
@@ -145,14 +159,20 @@ def test_a_run_that_fails_on_storage_does_not_leak_credentials(monkeypatch, tiny
     secret, token = "PLANTED-secret-key-5f1c9a", "PLANTED-session-token-77e0b2"
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTED")
-    config = validate_config({
-        "input": {"uri": "s3://nowhere/crawl/"},
-        # One attempt: the test is about what the failure shows, not about pyarrow's ~47 s of backoff.
-        "storage": {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "region": "us-east-1",
-                    "secret_access_key": secret, "max_attempts": 1},
-        "clip": {"model": {"source": str(tiny_clip_dir)}},
-        "output": {"uri": "s3://nowhere/out"},
-    })
+    config = validate_config(
+        {
+            "input": {"uri": "s3://nowhere/crawl/"},
+            # One attempt: the test is about what the failure shows, not about pyarrow's ~47 s of backoff.
+            "storage": {
+                "endpoint_url": f"http://127.0.0.1:{_closed_port()}",
+                "region": "us-east-1",
+                "secret_access_key": secret,
+                "max_attempts": 1,
+            },
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "output": {"uri": "s3://nowhere/out"},
+        }
+    )
     caplog.set_level(logging.DEBUG)
     with pytest.raises(Exception) as failure:
         run_pipeline(config)
@@ -162,7 +182,9 @@ def test_a_run_that_fails_on_storage_does_not_leak_credentials(monkeypatch, tiny
 
 
 @pytest.mark.slow
-def test_the_secret_key_of_a_real_run_appears_nowhere_it_leaves_traces(ray_cluster, s3, s3_input, tiny_clip_dir, caplog, capfd):
+def test_the_secret_key_of_a_real_run_appears_nowhere_it_leaves_traces(
+    ray_cluster, s3, s3_input, tiny_clip_dir, caplog, capfd
+):
     import ray
 
     from pipelines.run import run_pipeline

@@ -88,8 +88,9 @@ def test_blip_itm_scores_pairs_and_similarities(models):
     model = BlipForImageTextRetrieval.from_pretrained(models["itm"], use_safetensors=True).eval()
     assert isinstance(processor, BlipProcessor)
     _, images = sample_images(3, seed=2)
-    inputs = processor(images=images, text=["a red star", "a photo of a blue circle", "a cross"], padding=True,
-                       return_tensors="pt")
+    inputs = processor(
+        images=images, text=["a red star", "a photo of a blue circle", "a cross"], padding=True, return_tensors="pt"
+    )
     assert "token_type_ids" not in inputs
     with torch.inference_mode():
         itm = model(**inputs, use_itm_head=True).itm_score
@@ -179,7 +180,9 @@ def test_trained_blip_itm_separates_matched_from_mismatched(tmp_path):
     matched = [caption_for(s, c, rng) for s, c in truth]
     # Mismatches as planted in the demo shards: both shape and colour differ.
     mismatched = [
-        caption_for(str(rng.choice([x for x in SHAPES if x != s])), str(rng.choice([x for x in PALETTE if x != c])), rng)
+        caption_for(
+            str(rng.choice([x for x in SHAPES if x != s])), str(rng.choice([x for x in PALETTE if x != c])), rng
+        )
         for s, c in truth
     ]
 

@@ -25,7 +25,13 @@ def pixels(out: pa.Table, row: int, size=(32, 32)) -> np.ndarray:
 
 def test_good_and_bad_rows_in_one_batch_each_get_their_own_status():
     out = decode([encode(noise(), "JPEG"), b"", None, b"\x89PNG\r\n\x1a\n garbage", encode(noise(seed=1))])
-    assert out.column(col.STATUS).to_pylist() == [col.OK, col.MISSING_IMAGE, col.MISSING_IMAGE, col.DECODE_ERROR, col.OK]
+    assert out.column(col.STATUS).to_pylist() == [
+        col.OK,
+        col.MISSING_IMAGE,
+        col.MISSING_IMAGE,
+        col.DECODE_ERROR,
+        col.OK,
+    ]
     errors = out.column(col.ERROR).to_pylist()
     assert errors[0] is None and errors[4] is None
     assert all(errors[i] for i in (1, 2, 3))
@@ -38,8 +44,9 @@ def test_pixels_match_the_transformers_processor_geometry():
     from transformers import CLIPImageProcessor
 
     image = noise((90, 50))
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                   do_rescale=False, do_normalize=False)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_rescale=False, do_normalize=False
+    )
     expected = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0]).transpose(1, 2, 0)
     out = decode([encode(image)], spec=PixelSpec.from_image_processor(processor))
     np.testing.assert_array_equal(pixels(out, 0), expected.astype(np.uint8))
@@ -80,8 +87,10 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
 
 
 def test_formats_outside_the_allowlist_are_named():
-    out = decode([b"%PDF-1.7\n...", b"<svg xmlns='http://www.w3.org/2000/svg'/>", encode(noise(), "BMP")],
-                 config=DecodeConfig(formats=("JPEG", "PNG")))
+    out = decode(
+        [b"%PDF-1.7\n...", b"<svg xmlns='http://www.w3.org/2000/svg'/>", encode(noise(), "BMP")],
+        config=DecodeConfig(formats=("JPEG", "PNG")),
+    )
     assert out.column(col.STATUS).to_pylist() == [col.UNSUPPORTED_FORMAT] * 2 + [col.DECODE_ERROR]
     assert "PDF" in out.column(col.ERROR)[0].as_py() and "SVG" in out.column(col.ERROR)[1].as_py()
 
@@ -107,7 +116,7 @@ def test_extreme_aspect_ratio_decodes_to_the_model_size():
 def test_animated_gif_uses_the_first_frame():
     frames = [solid((255, 0, 0), mode="RGB").convert("P"), solid((0, 0, 255), mode="RGB").convert("P")]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
-    r, g, b = pixels(decode([data]), 0)[16, 16].tolist()
+    r, _g, b = pixels(decode([data]), 0)[16, 16].tolist()
     assert r > 200 and b < 60
 
 
@@ -152,8 +161,17 @@ def test_each_model_geometry_gets_its_own_pixels_from_one_decode():
     assert both.column(col.CAPTION_PIXELS).null_count == 1
 
 
-@pytest.mark.parametrize("model", ["tiny_clip_dir", "tiny_blip_captioner_dir", "tiny_blip_itm_dir", "tiny_git_dir",
-                                   "tiny_llava_dir", "tiny_vit_classifier_dir"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "tiny_clip_dir",
+        "tiny_blip_captioner_dir",
+        "tiny_blip_itm_dir",
+        "tiny_git_dir",
+        "tiny_llava_dir",
+        "tiny_vit_classifier_dir",
+    ],
+)
 def test_the_geometry_read_from_the_processor_json_is_the_processor_s(model, request):
     """The plan reads it without importing transformers; it must be what transformers' processor does."""
     import json
@@ -169,8 +187,13 @@ def test_the_geometry_read_from_the_processor_json_is_the_processor_s(model, req
 
 
 def test_a_processor_json_that_leaves_a_part_out_is_left_to_transformers():
-    full = {"do_resize": True, "size": {"shortest_edge": 32}, "do_center_crop": True,
-            "crop_size": {"height": 32, "width": 32}, "resample": 3}
+    full = {
+        "do_resize": True,
+        "size": {"shortest_edge": 32},
+        "do_center_crop": True,
+        "crop_size": {"height": 32, "width": 32},
+        "resample": 3,
+    }
     assert PixelSpec.from_processor_config(full) == PixelSpec(shortest_edge=32, crop=(32, 32), resample=3)
     for missing in ("resample", "do_center_crop", "size", "crop_size", "do_resize"):
         assert PixelSpec.from_processor_config({k: v for k, v in full.items() if k != missing}) is None, missing

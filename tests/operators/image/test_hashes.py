@@ -36,7 +36,7 @@ def imagededup_phash_hex(image: Image.Image) -> str:
     grey = np.array(image.resize((32, 32), Image.LANCZOS).convert("L")).astype("uint8")
     block = dct(dct(grey, axis=0), axis=1)[:8, :8]
     bits = block >= np.median(block.flatten()[1:])
-    return "".join("%0.2x" % byte for byte in np.packbits(bits))
+    return "".join(f"{byte:02x}" for byte in np.packbits(bits))
 
 
 def formula_images() -> dict[str, Image.Image]:
@@ -68,19 +68,23 @@ def varied_images() -> dict[str, Image.Image]:
         images[f"smooth_noise_{i}"] = Image.fromarray(small).resize(size, Image.BICUBIC)
     for size in ((1, 1), (2, 3), (33, 47), (500, 17), (3, 400), (31, 32), (1024, 768)):
         images[f"noise_{size[0]}x{size[1]}"] = Image.fromarray(
-            rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        )
     photo = images["smooth_noise_0"]
-    images.update({
-        "rgba_random_alpha": Image.fromarray(np.dstack([np.asarray(photo), rng.integers(0, 256, photo.size[::-1])])
-                                             .astype(np.uint8), "RGBA"),
-        "la": photo.convert("LA"),
-        "grey": photo.convert("L"),
-        "palette": photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
-        "bilevel": photo.convert("1"),
-        "cmyk": photo.convert("CMYK"),
-        "shapes_jpeg": Image.open(io.BytesIO(_jpeg(images["shapes"], 75))),
-        "grey_16bit": Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 200)),
-    })
+    images.update(
+        {
+            "rgba_random_alpha": Image.fromarray(
+                np.dstack([np.asarray(photo), rng.integers(0, 256, photo.size[::-1])]).astype(np.uint8), "RGBA"
+            ),
+            "la": photo.convert("LA"),
+            "grey": photo.convert("L"),
+            "palette": photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+            "bilevel": photo.convert("1"),
+            "cmyk": photo.convert("CMYK"),
+            "shapes_jpeg": Image.open(io.BytesIO(_jpeg(images["shapes"], 75))),
+            "grey_16bit": Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 200),
+        }
+    )
     return images
 
 
@@ -131,8 +135,13 @@ def test_phash_is_a_signed_int64_and_round_trips_through_imagededups_hex():
 
 
 def test_hex_conversion_at_the_edges_of_the_range():
-    cases = {0: "0000000000000000", 1: "0000000000000001", -1: "ffffffffffffffff", INT64_MAX: "7fffffffffffffff",
-             INT64_MIN: "8000000000000000"}
+    cases = {
+        0: "0000000000000000",
+        1: "0000000000000001",
+        -1: "ffffffffffffffff",
+        INT64_MAX: "7fffffffffffffff",
+        INT64_MIN: "8000000000000000",
+    }
     for h, text in cases.items():
         assert phash_hex(h) == text
         assert phash_from_hex(text) == h
@@ -142,7 +151,8 @@ def test_hex_conversion_at_the_edges_of_the_range():
 
 
 @pytest.mark.parametrize(
-    "text", ["", "abc", "0x12345678901234", "12 34 56 78 9a bc", "g" * 16, "1" * 17, "+123456789abcdef", "-000000000000001"]
+    "text",
+    ["", "abc", "0x12345678901234", "12 34 56 78 9a bc", "g" * 16, "1" * 17, "+123456789abcdef", "-000000000000001"],
 )
 def test_malformed_hex_is_refused(text):
     with pytest.raises(ValueError):
@@ -164,8 +174,10 @@ def test_hamming_broadcasts_to_a_distance_matrix():
     b = rng.integers(INT64_MIN, INT64_MAX, 5, dtype=np.int64)
     matrix = hamming(a[:, None], b[None, :])
     assert matrix.shape == (7, 5)
-    assert all(matrix[i, j] == bin((int(a[i]) ^ int(b[j])) & (2**64 - 1)).count("1")
-               for i, j in itertools.product(range(7), range(5)))
+    assert all(
+        matrix[i, j] == bin((int(a[i]) ^ int(b[j])) & (2**64 - 1)).count("1")
+        for i, j in itertools.product(range(7), range(5))
+    )
     assert hamming(a, [int(b[0])] * 7).tolist() == matrix[:, 0].tolist()  # plain ints and lists work too
 
 
@@ -193,8 +205,9 @@ def test_bands_refuse_non_integers(bad):
 
 def test_band_values_are_the_hash_bits_of_each_band():
     rng = np.random.default_rng(5)
-    hashes = np.concatenate([rng.integers(INT64_MIN, INT64_MAX, 50, dtype=np.int64),
-                             np.array([0, -1, INT64_MIN, INT64_MAX], np.int64)])
+    hashes = np.concatenate(
+        [rng.integers(INT64_MIN, INT64_MAX, 50, dtype=np.int64), np.array([0, -1, INT64_MIN, INT64_MAX], np.int64)]
+    )
     for max_distance in (0, 4, 9):
         values = band_values(hashes, max_distance)
         assert values.shape == (len(hashes), max_distance + 1) and values.dtype == np.int64

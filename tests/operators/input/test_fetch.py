@@ -16,15 +16,29 @@ JPG = encode(noise(seed=3), "JPEG")
 
 def fetch(uris, config=FetchConfig(), images=None) -> pa.Table:
     n = len(uris)
-    table = pa.table({col.IMAGE: pa.array(images or [None] * n, pa.binary()), col.IMAGE_URI: pa.array(uris, pa.string()),
-                      col.INPUT_STATUS: pa.nulls(n, pa.string()), col.INPUT_ERROR: pa.nulls(n, pa.string())})
+    table = pa.table(
+        {
+            col.IMAGE: pa.array(images or [None] * n, pa.binary()),
+            col.IMAGE_URI: pa.array(uris, pa.string()),
+            col.INPUT_STATUS: pa.nulls(n, pa.string()),
+            col.INPUT_ERROR: pa.nulls(n, pa.string()),
+        }
+    )
     return FetchImages(config, StorageOptions())(table)
 
 
 def test_http_images_are_fetched_and_failures_are_rows_with_the_reason():
     with ImageServer({"/a.jpg": JPG}, slow_s=2.0) as server:
-        out = fetch([f"{server.url}/a.jpg", f"{server.url}/gone.jpg", f"{server.url}/slow/a.jpg",
-                     f"{server.url}/flaky/a.jpg", None], FetchConfig(timeout_s=0.5, retries=1))
+        out = fetch(
+            [
+                f"{server.url}/a.jpg",
+                f"{server.url}/gone.jpg",
+                f"{server.url}/slow/a.jpg",
+                f"{server.url}/flaky/a.jpg",
+                None,
+            ],
+            FetchConfig(timeout_s=0.5, retries=1),
+        )
         hits = dict(server.hits)
     assert out.column(col.IMAGE).to_pylist() == [JPG, None, None, JPG, None]
     statuses, errors = out.column(col.INPUT_STATUS).to_pylist(), out.column(col.INPUT_ERROR).to_pylist()
@@ -38,8 +52,10 @@ def test_http_images_are_fetched_and_failures_are_rows_with_the_reason():
 def test_paths_relative_to_the_base_and_file_uris(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(JPG)
-    out = fetch(["img/a.jpg", f"file://{tmp_path}/img/a.jpg", str(tmp_path / "img" / "a.jpg"), "img/none.jpg"],
-                FetchConfig(base=str(tmp_path)))
+    out = fetch(
+        ["img/a.jpg", f"file://{tmp_path}/img/a.jpg", str(tmp_path / "img" / "a.jpg"), "img/none.jpg"],
+        FetchConfig(base=str(tmp_path)),
+    )
     assert out.column(col.IMAGE).to_pylist() == [JPG, JPG, JPG, None]
     assert out.column(col.INPUT_STATUS).to_pylist()[3] == col.FETCH_ERROR
 
@@ -51,7 +67,10 @@ def test_relative_references_without_a_base_say_what_to_set():
 
 def test_rows_that_have_bytes_or_a_status_already_are_left_alone():
     out = fetch(["/nowhere/a.jpg", "/nowhere/b.jpg"], images=[JPG, None])
-    assert out.column(col.IMAGE).to_pylist()[0] == JPG and out.column(col.INPUT_STATUS).to_pylist() == [None, col.FETCH_ERROR]
+    assert out.column(col.IMAGE).to_pylist()[0] == JPG and out.column(col.INPUT_STATUS).to_pylist() == [
+        None,
+        col.FETCH_ERROR,
+    ]
 
 
 def test_an_image_over_the_size_limit_is_refused(tmp_path):

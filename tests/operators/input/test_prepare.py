@@ -7,11 +7,17 @@ import pyarrow as pa
 from operators import schema as col
 from operators.input.prepare import SHARD_PATH, ColumnMapping, PrepareInput
 
-I2D = pa.table({
-    "key": ["0", "1", "2"], "caption": ["a", "b", "c"], "jpg": [b"\xff\xd8", None, None],
-    "status": ["success", "failed_to_download", "success"], "error_message": [None, "HTTP Error 404", None],
-    "url": ["u0", "u1", "u2"], SHARD_PATH: ["s.parquet"] * 3,
-})
+I2D = pa.table(
+    {
+        "key": ["0", "1", "2"],
+        "caption": ["a", "b", "c"],
+        "jpg": [b"\xff\xd8", None, None],
+        "status": ["success", "failed_to_download", "success"],
+        "error_message": [None, "HTTP Error 404", None],
+        "url": ["u0", "u1", "u2"],
+        SHARD_PATH: ["s.parquet"] * 3,
+    }
+)
 
 
 def test_extra_columns_are_renamed_on_the_way_in():
@@ -44,8 +50,10 @@ def test_references_and_path_only_image_structs_are_fetched():
     assert uris.fetch and out.column(col.IMAGE_URI).to_pylist() == ["u0", "u1", "u2"]
     assert out.column(col.IMAGE).null_count == 3
 
-    struct = pa.array([{"bytes": b"x", "path": "a.jpg"}, {"bytes": None, "path": "b.jpg"}, None],
-                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    struct = pa.array(
+        [{"bytes": b"x", "path": "a.jpg"}, {"bytes": None, "path": "b.jpg"}, None],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
     table = I2D.set_column(I2D.schema.get_field_index("jpg"), "jpg", struct)
     hf = ColumnMapping("key", "caption", "jpg").for_schema(table.schema, None, "")
     out = PrepareInput(hf, "")(table)

@@ -9,7 +9,12 @@ import pytest
 
 from operators import schema as col
 from operators.input.webdataset import (
-    WDS_CAPTION, WDS_IMAGE, WDS_KEY, WebDatasetConfig, read_tar, split_member_name,
+    WDS_CAPTION,
+    WDS_IMAGE,
+    WDS_KEY,
+    WebDatasetConfig,
+    read_tar,
+    split_member_name,
 )
 from tests.images import encode, noise
 from tests.tars import tar_bytes
@@ -22,11 +27,14 @@ def rows(members, config=WebDatasetConfig(), extra=pa.schema([])) -> list[dict]:
     return pa.concat_tables(tables).to_pylist() if tables else []
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("000001.jpg", ("000001", "jpg")),
-    ("a/b/000001.seg.PNG", ("a/b/000001", "seg.png")),
-    ("noext", ("noext", "")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("000001.jpg", ("000001", "jpg")),
+        ("a/b/000001.seg.PNG", ("a/b/000001", "seg.png")),
+        ("noext", ("noext", "")),
+    ],
+)
 def test_member_names_split_like_webdataset(name, expected):
     assert split_member_name(name) == expected
 
@@ -57,9 +65,18 @@ def test_two_images_for_one_key_are_never_silently_merged():
 def test_caption_and_extra_columns_from_the_json_member():
     config = WebDatasetConfig(caption_field="caption")
     extra = pa.schema([("url", pa.string()), ("width", pa.int64()), ("tags", pa.string())])
-    out = rows([("a.jpg", JPG), ("a.json", {"caption": "from json", "url": "http://x/a", "width": 7, "tags": [1]}),
-                ("b.jpg", PNG), ("b.json", {"caption": 5, "width": "wide"}), ("c.jpg", JPG), ("c.json", b"{not json")],
-               config, extra)
+    out = rows(
+        [
+            ("a.jpg", JPG),
+            ("a.json", {"caption": "from json", "url": "http://x/a", "width": 7, "tags": [1]}),
+            ("b.jpg", PNG),
+            ("b.json", {"caption": 5, "width": "wide"}),
+            ("c.jpg", JPG),
+            ("c.json", b"{not json"),
+        ],
+        config,
+        extra,
+    )
     assert [r[WDS_CAPTION] for r in out] == ["from json", "5", None]
     assert [r["url"] for r in out] == ["http://x/a", None, None]
     assert [r["width"] for r in out] == [7, None, None]  # a value of another type is null, not a failed shard

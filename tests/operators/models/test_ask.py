@@ -9,8 +9,8 @@ import torch
 from pydantic import ValidationError
 
 from operators import schema as col
-from operators.models.ask import AskConfig, VisualQuestions, first_reply_token
 from operators.image.decode import DecodeConfig, DecodeImages
+from operators.models.ask import AskConfig, VisualQuestions, first_reply_token
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
@@ -25,11 +25,16 @@ def asker(model_dir, **settings) -> VisualQuestions:
     return VisualQuestions(AskConfig(model=ModelRef(source=str(model_dir)), **settings), StorageOptions())
 
 
-def ask(op: VisualQuestions, images, columns: dict[str, list] = {}, extra: list[bytes] = ()) -> pa.Table:
+def ask(op: VisualQuestions, images, columns: dict[str, list] | None = None, extra: list[bytes] = ()) -> pa.Table:
     """The operator over decoded images (plus undecodable ``extra`` ones) and the given text columns."""
     encoded = [encode(im, "PNG") for im in images] + list(extra)
-    table = pa.table({col.KEY: [str(i) for i in range(len(encoded))], col.IMAGE: pa.array(encoded, pa.binary()),
-                      **{name: pa.array(values, pa.string()) for name, values in columns.items()}})
+    table = pa.table(
+        {
+            col.KEY: [str(i) for i in range(len(encoded))],
+            col.IMAGE: pa.array(encoded, pa.binary()),
+            **{name: pa.array(values, pa.string()) for name, values in (columns or {}).items()},
+        }
+    )
     decoded = DecodeImages(DecodeConfig(jpeg_draft=False), op.geometry)(table)
     out = op(decoded.rename_columns([col.ASK_PIXELS if c == col.PIXELS else c for c in decoded.column_names]))
     assert out.column(col.KEY).to_pylist() == [str(i) for i in range(len(encoded))]
@@ -52,11 +57,10 @@ def prompt(processor, question: str) -> str:
 def reference_answers(model_dir, images, questions, **settings) -> list[str]:
     """Plain transformers: one left-padded batched generate over the chat prompts, the prompts cut off."""
     processor, model = load(model_dir)
-    inputs = processor(images=images, text=[prompt(processor, q) for q in questions], return_tensors="pt",
-                       padding=True)
+    inputs = processor(images=images, text=[prompt(processor, q) for q in questions], return_tensors="pt", padding=True)
     with torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, **settings)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
 
 
 def reference_yes_prob(model_dir, images, questions) -> np.ndarray:
@@ -84,12 +88,14 @@ def test_generated_answers_to_a_template_equal_plain_generate_and_p_yes_a_plain_
     out = ask(op, images, {col.CAPTION: [*CAPTIONS, "a red circle"]}, extra=[b"not an image"])
     asked = [0, 1, 4]  # rows 2 and 3 have no caption to ask about, row 5 no image
     questions = [TEMPLATE.format(caption=CAPTIONS[i]) for i in asked]
-    expected = reference_answers(tiny_llava_dir, [images[i] for i in asked], questions, max_new_tokens=5,
-                                 num_beams=num_beams)
+    expected = reference_answers(
+        tiny_llava_dir, [images[i] for i in asked], questions, max_new_tokens=5, num_beams=num_beams
+    )
     answers, yes = (out.column(name).to_pylist() for name in (col.ANSWER, col.ANSWER_YES_PROB))
     assert [answers[i] for i in asked] == expected and all(expected)
-    np.testing.assert_allclose([yes[i] for i in asked],
-                               reference_yes_prob(tiny_llava_dir, [images[i] for i in asked], questions), atol=1e-5)
+    np.testing.assert_allclose(
+        [yes[i] for i in asked], reference_yes_prob(tiny_llava_dir, [images[i] for i in asked], questions), atol=1e-5
+    )
     assert [answers[i] for i in (2, 3, 5)] == [None] * 3 and [yes[i] for i in (2, 3, 5)] == [None] * 3
     assert out.schema.field(col.ANSWER_YES_PROB).type == pa.float32()
 
@@ -102,8 +108,7 @@ def test_yes_no_without_generating_answers_a_question_column_by_the_likelier_wor
     expected = reference_yes_prob(tiny_llava_dir, [IMAGES[i] for i in asked], [questions[i] for i in asked])
     yes = out.column(col.ANSWER_YES_PROB).to_pylist()
     np.testing.assert_allclose([yes[i] for i in asked], expected, atol=1e-5)
-    assert out.column(col.ANSWER).to_pylist() == [
-        None if p is None else ("yes" if p >= 0.5 else "no") for p in yes]
+    assert out.column(col.ANSWER).to_pylist() == [None if p is None else ("yes" if p >= 0.5 else "no") for p in yes]
     assert yes[2] is None
 
 
@@ -111,16 +116,20 @@ def test_a_fixed_question_without_yes_no_adds_only_the_generated_answer(tiny_lla
     question = "What is shown here?"
     out = ask(asker(tiny_llava_dir, question=question, max_new_tokens=4), IMAGES[:2])
     assert col.ANSWER_YES_PROB not in out.column_names
-    assert out.column(col.ANSWER).to_pylist() == reference_answers(tiny_llava_dir, IMAGES[:2], [question] * 2,
-                                                                   max_new_tokens=4)
+    assert out.column(col.ANSWER).to_pylist() == reference_answers(
+        tiny_llava_dir, IMAGES[:2], [question] * 2, max_new_tokens=4
+    )
 
 
 def test_a_long_value_is_cut_to_max_value_tokens_before_it_makes_a_question(tiny_llava_dir):
     op = asker(tiny_llava_dir, template="{caption} Answer yes or no.", yes_no=True, max_value_tokens=3)
     batch = pa.table({col.CAPTION: ["red circle", "a blue square on a wall " * 5000, "big"]})
     # Cut by tokens ("big" is three of the tiny vocabulary's: b ##i ##g), not by characters or words.
-    assert op.questions(batch) == ["red circle Answer yes or no.", "a blue square Answer yes or no.",
-                                   "big Answer yes or no."]
+    assert op.questions(batch) == [
+        "red circle Answer yes or no.",
+        "a blue square Answer yes or no.",
+        "big Answer yes or no.",
+    ]
 
 
 def test_the_yes_token_is_the_first_token_of_the_reply_the_chat_template_writes(tiny_llava_dir):
@@ -134,19 +143,24 @@ def test_the_yes_token_is_the_first_token_of_the_reply_the_chat_template_writes(
         first_reply_token(processor, "Yes", "m")
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"question": "Is it red?", "template": "Is it {caption}?"},
-     "exactly one of question, template, question_column \\(got question, template\\)"),
-    ({}, "exactly one of .* \\(got none\\)"),
-    ({"template": "Is it {caption.upper}?"}, "{caption.upper} is not a column placeholder"),
-    ({"template": "Is it {caption:>10}?"}, "{caption:>10} is not a column placeholder"),
-    ({"template": "Is it {}?"}, "{} is not a column placeholder"),
-    ({"template": "Is it {caption?"}, "template: expected '}' before end of string \\(a literal brace is written"),
-    ({"template": "Is it red?"}, "has no {column} placeholder; a fixed question is ask.question"),
-    ({"question": "Is it red?", "generate": False}, "generate: false needs yes_no: true"),
-    ({"question": "Is it red?", "yes_no": True, "num_beams": 3}, "num_beams only applies when generating"),
-    ({"question": "Is it red?", "yes_no_words": ["Yes", "yes"]}, "two different words"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"question": "Is it red?", "template": "Is it {caption}?"},
+            "exactly one of question, template, question_column \\(got question, template\\)",
+        ),
+        ({}, "exactly one of .* \\(got none\\)"),
+        ({"template": "Is it {caption.upper}?"}, "{caption.upper} is not a column placeholder"),
+        ({"template": "Is it {caption:>10}?"}, "{caption:>10} is not a column placeholder"),
+        ({"template": "Is it {}?"}, "{} is not a column placeholder"),
+        ({"template": "Is it {caption?"}, "template: expected '}' before end of string \\(a literal brace is written"),
+        ({"template": "Is it red?"}, "has no {column} placeholder; a fixed question is ask.question"),
+        ({"question": "Is it red?", "generate": False}, "generate: false needs yes_no: true"),
+        ({"question": "Is it red?", "yes_no": True, "num_beams": 3}, "num_beams only applies when generating"),
+        ({"question": "Is it red?", "yes_no_words": ["Yes", "yes"]}, "two different words"),
+    ],
+)
 def test_bad_question_settings_fail_at_construction(settings, message):
     with pytest.raises(ValidationError, match=message):
         AskConfig(model=ModelRef(source="/m"), **settings)

@@ -8,8 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from operators import schema as col
-from operators.models.caption import CaptionConfig, Captioner
 from operators.image.decode import DecodeConfig, DecodeImages
+from operators.models.caption import CaptionConfig, Captioner
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
@@ -45,10 +45,14 @@ def reference(model_dir, images, prompt=None, **settings) -> list[str]:
     return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
 
 
-@pytest.mark.parametrize("settings", [
-    {"max_new_tokens": 12, "num_beams": 1},
-    {"max_new_tokens": 12, "num_beams": 3},
-], ids=["greedy", "beam3"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_new_tokens": 12, "num_beams": 1},
+        {"max_new_tokens": 12, "num_beams": 3},
+    ],
+    ids=["greedy", "beam3"],
+)
 def test_blip_captions_equal_plain_transformers_generate(tiny_blip_captioner_dir, settings):
     expected = reference(tiny_blip_captioner_dir, IMAGES, do_sample=False, **settings)
     got = caption(captioner(tiny_blip_captioner_dir, **settings), IMAGES)
@@ -81,7 +85,9 @@ def test_chat_vlm_captions_come_from_its_chat_template_without_the_prompt(tiny_l
     inputs = processor(images=IMAGES, text=[text] * len(IMAGES), return_tensors="pt", padding=True)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    expected = [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    expected = [
+        t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
 
     op = captioner(tiny_llava_dir, prompt=prompt, max_new_tokens=5)
     assert op.chat

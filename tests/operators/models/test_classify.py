@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from operators import schema as col
-from operators.models.classify import ClassifierConfig, ImageClassifier
 from operators.image.decode import DecodeConfig, DecodeImages
+from operators.models.classify import ClassifierConfig, ImageClassifier
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
@@ -24,11 +24,16 @@ def test_scores_match_a_plain_transformers_forward(tiny_vit_classifier_dir):
 
     classifier = ImageClassifier(config(tiny_vit_classifier_dir, watermark="watermark", text="text"), StorageOptions())
     images = [noise((50 + 9 * i, 40 + 4 * i), seed=i) for i in range(5)]
-    table = pa.table({col.KEY: [str(i) for i in range(6)],
-                      col.IMAGE: pa.array([encode(im, "PNG") for im in images] + [b"broken"], pa.binary())})
+    table = pa.table(
+        {
+            col.KEY: [str(i) for i in range(6)],
+            col.IMAGE: pa.array([encode(im, "PNG") for im in images] + [b"broken"], pa.binary()),
+        }
+    )
     decoded = DecodeImages(DecodeConfig(jpeg_draft=False), classifier.geometry)(table)
-    out = classifier(decoded.rename_columns([c if c != col.PIXELS else col.CLASSIFIER_PIXELS
-                                             for c in decoded.column_names]))
+    out = classifier(
+        decoded.rename_columns([c if c != col.PIXELS else col.CLASSIFIER_PIXELS for c in decoded.column_names])
+    )
     rows = out.column(col.CLASSIFIER_SCORES)
     assert rows.type == col.CLASSIFIER_SCORES_TYPE and rows.to_pylist()[5] is None
 

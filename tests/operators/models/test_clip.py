@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from operators import schema as col
-from operators.models.clip import ClipConfig, ClipScorer
 from operators.image.decode import DecodeConfig, DecodeImages
+from operators.models.clip import ClipConfig, ClipScorer
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
@@ -23,8 +23,13 @@ def scorer(tiny_clip_dir) -> ClipScorer:
 
 
 def run(scorer: ClipScorer, images, captions, decode_config=DecodeConfig(jpeg_draft=False)) -> pa.Table:
-    table = pa.table({col.KEY: [str(i) for i in range(len(images))], col.CAPTION: pa.array(captions, pa.string()),
-                      col.IMAGE: pa.array(images, pa.binary())})
+    table = pa.table(
+        {
+            col.KEY: [str(i) for i in range(len(images))],
+            col.CAPTION: pa.array(captions, pa.string()),
+            col.IMAGE: pa.array(images, pa.binary()),
+        }
+    )
     return scorer(DecodeImages(decode_config, scorer.geometry)(table))
 
 
@@ -96,11 +101,14 @@ def test_generated_captions_are_scored_in_the_same_text_pass(scorer, tiny_clip_d
     images = [noise(seed=i) for i in range(5)]
     originals = ["a photo of a red circle", "a blue square", "", None, "a green star"]
     generated = ["a photo of a red circle", "a yellow cross", "a purple diamond", "an orange star", None]
-    table = pa.table({
-        col.KEY: [str(i) for i in range(5)], col.CAPTION: pa.array(originals, pa.string()),
-        col.IMAGE: pa.array([encode(im, "PNG") for im in images], pa.binary()),
-        col.CAPTION_GENERATED: pa.array(generated, pa.string()),
-    })
+    table = pa.table(
+        {
+            col.KEY: [str(i) for i in range(5)],
+            col.CAPTION: pa.array(originals, pa.string()),
+            col.IMAGE: pa.array([encode(im, "PNG") for im in images], pa.binary()),
+            col.CAPTION_GENERATED: pa.array(generated, pa.string()),
+        }
+    )
     out = scorer(DecodeImages(DecodeConfig(jpeg_draft=False), scorer.geometry)(table)).to_pydict()
 
     expected = reference_scores(tiny_clip_dir, images[:4], generated[:4])
@@ -126,8 +134,10 @@ def test_tag_scores_match_a_softmax_over_plain_transformers_logits(tiny_clip_dir
 
     from operators.models.clip import TagConfig
 
-    tags = {"red": TagConfig(positives=["a red circle", "a red square"], negatives=["a blue circle", "a green star"]),
-            "big": TagConfig(positives=["a large shape"], negatives=["a small shape"])}
+    tags = {
+        "red": TagConfig(positives=["a red circle", "a red square"], negatives=["a blue circle", "a green star"]),
+        "big": TagConfig(positives=["a large shape"], negatives=["a small shape"]),
+    }
     scorer = ClipScorer(ClipConfig(model=ModelRef(source=str(tiny_clip_dir))), StorageOptions(), tags)
     images = [noise((40 + 7 * i, 50), seed=i) for i in range(4)]
     out = run(scorer, [encode(im, "PNG") for im in images] + [b"broken"], ["x"] * 5)
@@ -147,11 +157,15 @@ def test_tag_scores_match_a_softmax_over_plain_transformers_logits(tiny_clip_dir
 def test_colour_tags_on_the_demo_clip_pick_the_right_colour(demo_models):
     from jobs.demo import PALETTE, SHAPES, make_sample_image
 
-    scorer = ClipScorer(ClipConfig(model=ModelRef(source=str(demo_models["tiny-clip"]))), StorageOptions(), colour_tags())
+    scorer = ClipScorer(
+        ClipConfig(model=ModelRef(source=str(demo_models["tiny-clip"]))), StorageOptions(), colour_tags()
+    )
     rng = np.random.default_rng(3)
     colours = [list(PALETTE)[i % len(PALETTE)] for i in range(48)]
-    images = [make_sample_image(SHAPES[int(rng.integers(len(SHAPES)))], c, size=int(rng.integers(48, 200)), rng=rng)
-              for c in colours]
+    images = [
+        make_sample_image(SHAPES[int(rng.integers(len(SHAPES)))], c, size=int(rng.integers(48, 200)), rng=rng)
+        for c in colours
+    ]
     rows = run(scorer, [encode(im, "PNG") for im in images], ["x"] * len(images)).column(col.TAG_SCORES).to_pylist()
     picked = [max(row, key=lambda kv: kv[1])[0] for row in rows]
     # Chance is 1 in 6; the trained tiny CLIP gets about 0.95 of them.
@@ -159,8 +173,9 @@ def test_colour_tags_on_the_demo_clip_pick_the_right_colour(demo_models):
     assert all(len(row) == len(PALETTE) for row in rows)
 
 
-def test_a_non_finite_image_embedding_gives_null_scores_and_its_own_reason_not_a_crash(tiny_clip_dir, tiny_heads,
-                                                                                       monkeypatch):
+def test_a_non_finite_image_embedding_gives_null_scores_and_its_own_reason_not_a_crash(
+    tiny_clip_dir, tiny_heads, monkeypatch
+):
     from operators.decisions.filter import FilterConfig, ScoreFilter
     from operators.models.heads import HeadRef, HeadsConfig, HeadScorer
 

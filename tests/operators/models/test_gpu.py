@@ -31,9 +31,9 @@ from PIL import Image
 
 from jobs.demo import PALETTE, SHAPES, make_sample_image
 from operators import schema as col
+from operators.image.decode import DecodeConfig, DecodeImages
 from operators.models.caption import CaptionConfig, Captioner
 from operators.models.clip import ClipConfig, ClipScorer
-from operators.image.decode import DecodeConfig, DecodeImages
 from operators.models.itm import ItmConfig, ItmScorer
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
@@ -78,8 +78,10 @@ def assert_placed(op, precision: str) -> None:
 def photo_images(n: int) -> list[Image.Image]:
     """Shape photos like the demo's, in several sizes."""
     rng = np.random.default_rng(3)
-    return [make_sample_image(SHAPES[i % len(SHAPES)], list(PALETTE)[i % len(PALETTE)], size=96 + 24 * i, rng=rng)
-            for i in range(n)]
+    return [
+        make_sample_image(SHAPES[i % len(SHAPES)], list(PALETTE)[i % len(PALETTE)], size=96 + 24 * i, rng=rng)
+        for i in range(n)
+    ]
 
 
 def photos(n: int) -> list[bytes]:
@@ -107,7 +109,7 @@ def test_device_pixels_normalise_on_the_gpu_to_bf16_rounding(tiny_clip_dir):
     got = scorer.to_device(rows)
     assert got.device.type == scorer.device.type and got.dtype == scorer.dtype
     # One rounding to the target dtype (relative 2^-9 for bf16) plus fp32 reassociation.
-    bound = (2.0 ** -8 if scorer.dtype != torch.float32 else 1e-6) * reference.abs() + 1e-6
+    bound = (2.0**-8 if scorer.dtype != torch.float32 else 1e-6) * reference.abs() + 1e-6
     assert bool(((got.float().cpu() - reference).abs() <= bound).all())
 
 
@@ -122,7 +124,10 @@ def test_clip_on_the_gpu_matches_the_fp32_cpu_reference(tiny_clip_dir, precision
     images, captions = photos(12) + [encode(noise(seed=9))], captions_for(12) + [""]
     got, want = run_clip(gpu, images, captions), run_clip(cpu, images, captions)
 
-    score, reference = got.column(col.CLIP_SCORE).to_numpy(zero_copy_only=False), want.column(col.CLIP_SCORE).to_numpy(zero_copy_only=False)
+    score, reference = (
+        got.column(col.CLIP_SCORE).to_numpy(zero_copy_only=False),
+        want.column(col.CLIP_SCORE).to_numpy(zero_copy_only=False),
+    )
     assert np.isnan(score[-1]) and np.isnan(reference[-1])  # an empty caption is null on both
     np.testing.assert_allclose(score[:-1], reference[:-1], atol=CLIP_SCORE_ATOL[gpu.dtype], rtol=0)
     for name in (col.IMAGE_EMBEDDING, col.TEXT_EMBEDDING):
@@ -171,4 +176,5 @@ def assert_near_tie(cpu: Captioner, row: np.ndarray, reference: str, got: str, t
     margin = float(logits[ref_ids[k]] - logits[got_ids[k]])
     assert margin <= tie, (
         f"{got!r} parts from the fp32 caption {reference!r} at token {k} with an fp32 logit margin of "
-        f"{margin:.3f}, more than the {tie} that reduced precision can flip")
+        f"{margin:.3f}, more than the {tie} that reduced precision can flip"
+    )

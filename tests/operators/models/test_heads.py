@@ -27,8 +27,16 @@ from operators.storage import StorageOptions
 def reference_aesthetic(dim: int) -> nn.Module:
     """The improved aesthetic predictor's MLP as its repository writes it (``self.layers``)."""
     module = nn.Module()
-    module.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                  nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+    module.layers = nn.Sequential(
+        nn.Linear(dim, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
     module.forward = lambda x: module.layers(x)
     return module
 
@@ -88,8 +96,9 @@ def embeddings(n: int, dim: int = 32, seed: int = 1) -> np.ndarray:
 
 
 def embedding_table(rows: list) -> pa.Table:
-    return pa.table({col.KEY: [str(i) for i in range(len(rows))],
-                     col.IMAGE_EMBEDDING: pa.array(rows, col.EMBEDDING_TYPE)})
+    return pa.table(
+        {col.KEY: [str(i) for i in range(len(rows))], col.IMAGE_EMBEDDING: pa.array(rows, col.EMBEDDING_TYPE)}
+    )
 
 
 def test_heads_match_plain_torch_on_the_same_weights(head_dirs):
@@ -130,10 +139,14 @@ def test_convert_head_keeps_the_original_key_names_and_values(tmp_path, head_dir
         for key, value in original.items():
             assert torch.equal(saved[key], value)
         spec = json.loads((head_dir / "config.json").read_text())
-        assert spec == {"arch": "aesthetic-v2" if name == "aesthetic" else "nsfw", "embedding_dim": 32,
-                        "clip_model": "tiny-clip"}
+        assert spec == {
+            "arch": "aesthetic-v2" if name == "aesthetic" else "nsfw",
+            "embedding_dim": 32,
+            "clip_model": "tiny-clip",
+        }
     assert sorted(load_file(head_dirs["aesthetic"][0] / "model.safetensors")) == [
-        f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("bias", "weight")]
+        f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("bias", "weight")
+    ]
 
 
 def test_convert_head_refuses_unknown_keys_other_architectures_and_full_pickles(tmp_path):

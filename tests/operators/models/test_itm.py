@@ -21,8 +21,13 @@ def scorer(tiny_blip_itm_dir) -> ItmScorer:
 
 
 def score(scorer: ItmScorer, images: list[bytes], captions) -> list[float | None]:
-    table = pa.table({col.KEY: [str(i) for i in range(len(images))], col.CAPTION: pa.array(captions, pa.string()),
-                      col.IMAGE: pa.array(images, pa.binary())})
+    table = pa.table(
+        {
+            col.KEY: [str(i) for i in range(len(images))],
+            col.CAPTION: pa.array(captions, pa.string()),
+            col.IMAGE: pa.array(images, pa.binary()),
+        }
+    )
     decoded = DecodeImages(DecodeConfig(jpeg_draft=False), scorer.geometry)(table)
     decoded = decoded.rename_columns([col.ITM_PIXELS if c == col.PIXELS else c for c in decoded.column_names])
     return scorer(decoded).column(col.ITM_SCORE).to_pylist()

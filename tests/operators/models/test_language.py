@@ -19,8 +19,15 @@ def detect() -> CaptionLanguage:
 
 
 def test_languages_of_captions_and_of_text_in_no_language(detect):
-    captions = ["a photo of a red circle on a grey background", "一只猫坐在垫子上", "Ein roter Kreis auf grauem Hintergrund",
-                "🎉🔥😀", "", "   ", None]
+    captions = [
+        "a photo of a red circle on a grey background",
+        "一只猫坐在垫子上",
+        "Ein roter Kreis auf grauem Hintergrund",
+        "🎉🔥😀",
+        "",
+        "   ",
+        None,
+    ]
     out = detect(pa.table({col.CAPTION: pa.array(captions, pa.string())}))
     assert out.column(col.CAPTION_LANGUAGE).to_pylist() == ["en", "zh", "de", None, None, None, None]
     scores = out.column(col.CAPTION_LANGUAGE_SCORE)

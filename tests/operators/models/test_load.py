@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from operators.models.load import ModelLoadError, resolve_model_dir
-
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 
@@ -30,8 +29,12 @@ def test_a_missing_local_model_names_the_path(tmp_path):
 def test_object_store_models_are_fetched_once_per_node(s3, tiny_clip_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VLPIPE_CACHE", str(tmp_path / "cache"))
     s3.upload(tiny_clip_dir.iterdir(), "models/tiny-clip")
-    storage = StorageOptions(endpoint_url=s3.endpoint_url, region=s3.region,
-                             access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key)
+    storage = StorageOptions(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
+    )
     ref = ModelRef(source="s3://models/tiny-clip")
     first = resolve_model_dir(ref, storage)
     assert (first / "model.safetensors").read_bytes() == (tiny_clip_dir / "model.safetensors").read_bytes()

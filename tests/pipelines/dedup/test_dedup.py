@@ -10,7 +10,6 @@ import pytest
 from deltalake import DeltaTable
 
 import pipelines.dedup.stage
-
 from jobs.cli import main
 from operators import schema as col
 from operators.storage import Location, StorageOptions
@@ -30,11 +29,17 @@ MAX_DISTANCE = 4  # pHash bits: catches re-encoding, resizing, small brightness 
 
 
 def config(inputs, output, run_date, clip_dir, **sections):
-    return validate_config({
-        "input": {"uri": str(inputs)}, "clip": {"model": {"source": str(clip_dir)}},
-        "output": {"uri": str(output)}, "run_date": run_date.isoformat(), "report": {"enabled": False},
-        "dedup": {"exact": True, "near": {"max_distance": MAX_DISTANCE}, "semantic": {"eps": EPS}}, **sections,
-    })
+    return validate_config(
+        {
+            "input": {"uri": str(inputs)},
+            "clip": {"model": {"source": str(clip_dir)}},
+            "output": {"uri": str(output)},
+            "run_date": run_date.isoformat(),
+            "report": {"enabled": False},
+            "dedup": {"exact": True, "near": {"max_distance": MAX_DISTANCE}, "semantic": {"eps": EPS}},
+            **sections,
+        }
+    )
 
 
 def partition(output, run_date, version=None) -> dict[str, dict]:
@@ -62,8 +67,15 @@ def nights(ray_cluster, tiny_clip_dir, tmp_path_factory):
     records = [run_pipeline(config(root / "night1", output, D1, tiny_clip_dir))]
     night1 = partition(output, D1)
     records.append(run_pipeline(config(root / "night2", output, D2, tiny_clip_dir)))
-    return {"root": root, "output": output, "items": {i.key: i for i in items}, "again": again,
-            "records": records, "night1": night1, "night2": partition(output, D2)}
+    return {
+        "root": root,
+        "output": output,
+        "items": {i.key: i for i in items},
+        "again": again,
+        "records": records,
+        "night1": night1,
+        "night2": partition(output, D2),
+    }
 
 
 def test_night_one_has_no_duplicates_among_distinct_look_alike_images(nights):
@@ -73,8 +85,12 @@ def test_night_one_has_no_duplicates_among_distinct_look_alike_images(nights):
 
 def test_night_two_copies_point_at_night_one_originals_by_method(nights):
     items, night2 = nights["items"], nights["night2"]
-    expected = {"exact": {col.DUPLICATE_EXACT}, "jpeg_q30": {col.DUPLICATE_NEAR, col.DUPLICATE_EXACT},
-                "resize_50": {col.DUPLICATE_NEAR}, "brightness": {col.DUPLICATE_NEAR, col.DUPLICATE_SEMANTIC}}
+    expected = {
+        "exact": {col.DUPLICATE_EXACT},
+        "jpeg_q30": {col.DUPLICATE_NEAR, col.DUPLICATE_EXACT},
+        "resize_50": {col.DUPLICATE_NEAR},
+        "brightness": {col.DUPLICATE_NEAR, col.DUPLICATE_SEMANTIC},
+    }
     for key, row in night2.items():
         item = items.get(key)
         if item is None or item.transform not in expected:
@@ -116,8 +132,9 @@ def test_rerunning_night_two_gives_the_same_decisions(nights, tiny_clip_dir, mon
     # decisions must reach the top fraction's pass to give the same table. The nights were decided
     # in one task (they are small); this re-run shuffles on Ray Data as a large run does: same decisions.
     monkeypatch.setattr(pipelines.dedup.stage, "ONE_TASK_ROWS", 0)
-    run_pipeline(config(nights["root"] / "night2", nights["output"], D2, tiny_clip_dir,
-                        filter={"keep_top_fraction": 1.0}))
+    run_pipeline(
+        config(nights["root"] / "night2", nights["output"], D2, tiny_clip_dir, filter={"keep_top_fraction": 1.0})
+    )
     assert decisions(partition(nights["output"], D2)) == decisions(nights["night2"])
     assert partition(nights["output"], D1) == nights["night1"]
 
@@ -131,8 +148,7 @@ def test_a_run_that_dies_in_dedup_leaves_no_rows_and_no_centroids(nights, tiny_c
     hooks.install(die)
     try:
         with pytest.raises(RuntimeError, match="killed in dedup"):  # after fitting and saving its centroids
-            run_pipeline(config(nights["root"] / "night1", output, D1, tiny_clip_dir,
-                                dedup={"semantic": {"eps": EPS}}))
+            run_pipeline(config(nights["root"] / "night1", output, D1, tiny_clip_dir, dedup={"semantic": {"eps": EPS}}))
     finally:
         hooks.install(None)
     assert not DeltaTable.is_deltatable(str(output))

@@ -53,8 +53,9 @@ def test_ordered_map_keeps_order_and_bounds_the_batches_in_flight():
 
 
 def _config(**top):
-    return validate_config({"input": {"uri": "in/"}, "clip": {"model": {"source": "m"}}, "output": {"uri": "out/"},
-                            **top})
+    return validate_config(
+        {"input": {"uri": "in/"}, "clip": {"model": {"source": "m"}}, "output": {"uri": "out/"}, **top}
+    )
 
 
 def test_auto_runs_a_small_run_here_and_a_large_or_clustered_one_on_ray(monkeypatch):
@@ -82,21 +83,37 @@ def test_executor_is_checked_and_left_out_of_the_config_hash():
 
 def _demo_like(folder, models, out, executor):
     """Captioning, CLIP, both dedup methods and a top fraction: two aggregates, three passes."""
-    return validate_config({
-        "input": {"uri": str(folder)},
-        "caption": {"model": {"source": str(models["tiny-blip"])}, "max_new_tokens": 8,
-                    "resources": {"num_cpus": 0.5, "batch_size": 5}},
-        "clip": {"model": {"source": str(models["tiny-clip"])}, "resources": {"num_cpus": 0.5, "batch_size": 7}},
-        "decode": {"resources": {"batch_size": 6}},
-        "dedup": {"exact": True, "near": {"max_distance": 8}, "semantic": {"eps": 0.02}},
-        "filter": {"caption": "best", "keep_top_fraction": 0.6},
-        "output": {"uri": str(out), "rows_per_file": 8},
-        "run_date": "2026-11-01", "executor": executor,
-    })
+    return validate_config(
+        {
+            "input": {"uri": str(folder)},
+            "caption": {
+                "model": {"source": str(models["tiny-blip"])},
+                "max_new_tokens": 8,
+                "resources": {"num_cpus": 0.5, "batch_size": 5},
+            },
+            "clip": {"model": {"source": str(models["tiny-clip"])}, "resources": {"num_cpus": 0.5, "batch_size": 7}},
+            "decode": {"resources": {"batch_size": 6}},
+            "dedup": {"exact": True, "near": {"max_distance": 8}, "semantic": {"eps": 0.02}},
+            "filter": {"caption": "best", "keep_top_fraction": 0.6},
+            "output": {"uri": str(out), "rows_per_file": 8},
+            "run_date": "2026-11-01",
+            "executor": executor,
+        }
+    )
 
 
-_COMPARED = (col.STATUS, col.ERROR, col.CAPTION_GENERATED, col.CAPTION_SOURCE, col.IMAGE_SHA256, col.IMAGE_PHASH,
-             col.DUPLICATE_OF, col.SEMANTIC_CLUSTER, col.KEEP, col.REJECT_REASON)
+_COMPARED = (
+    col.STATUS,
+    col.ERROR,
+    col.CAPTION_GENERATED,
+    col.CAPTION_SOURCE,
+    col.IMAGE_SHA256,
+    col.IMAGE_PHASH,
+    col.DUPLICATE_OF,
+    col.SEMANTIC_CLUSTER,
+    col.KEEP,
+    col.REJECT_REASON,
+)
 
 
 @pytest.mark.slow
@@ -119,7 +136,9 @@ def test_in_process_run_writes_what_the_ray_run_writes(ray_cluster, local_shards
             assert row[score] == pytest.approx(ray_rows[key][score], abs=1e-5)
     files = pa.table(here_table.get_add_actions(flatten=True)).column("num_records").to_pylist()
     assert max(files) <= 8 and sum(files) == len(rows)  # output.rows_per_file holds
-    assert not (tmp_path / "here" / "_vlpipe_staging").exists() or not any((tmp_path / "here" / "_vlpipe_staging").iterdir())
+    assert not (tmp_path / "here" / "_vlpipe_staging").exists() or not any(
+        (tmp_path / "here" / "_vlpipe_staging").iterdir()
+    )
 
 
 @pytest.mark.slow
@@ -130,8 +149,14 @@ def test_a_stage_that_fails_in_process_fails_the_run_with_a_record(local_shards,
         if point == "batch:clip":
             raise RuntimeError("clip broke on purpose")
 
-    config = validate_config({"input": {"uri": str(folder)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-                              "output": {"uri": str(tmp_path / "out")}, "executor": "in_process"})
+    config = validate_config(
+        {
+            "input": {"uri": str(folder)},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "output": {"uri": str(tmp_path / "out")},
+            "executor": "in_process",
+        }
+    )
     hooks.install(fail_in_clip)
     try:
         with pytest.raises(RuntimeError, match="clip broke on purpose"):
@@ -144,8 +169,9 @@ def test_a_stage_that_fails_in_process_fails_the_run_with_a_record(local_shards,
 
 
 @pytest.mark.slow
-def test_a_gpu_this_machine_lacks_fails_an_in_process_run_before_any_work(local_shards, tiny_clip_dir, tmp_path,
-                                                                            capsys):
+def test_a_gpu_this_machine_lacks_fails_an_in_process_run_before_any_work(
+    local_shards, tiny_clip_dir, tmp_path, capsys
+):
     import torch
     import yaml
 
@@ -154,11 +180,20 @@ def test_a_gpu_this_machine_lacks_fails_an_in_process_run_before_any_work(local_
     if torch.cuda.device_count():
         pytest.skip("this machine has a GPU")
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "input": {"uri": str(local_shards[0])}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-        "output": {"uri": str(tmp_path / "out")}, "executor": "in_process", "report": {"enabled": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"uri": str(local_shards[0])},
+                "clip": {"model": {"source": str(tiny_clip_dir)}},
+                "output": {"uri": str(tmp_path / "out")},
+                "executor": "in_process",
+                "report": {"enabled": False},
+            }
+        )
+    )
     assert main(["run", str(config), "--set", "clip.resources.num_gpus=1"]) == 2
-    assert ("clip.resources asks for 1 GPU(s), but this machine has 0 (the run is in this process: "
-            "executor: in_process)") in capsys.readouterr().err
+    assert (
+        "clip.resources asks for 1 GPU(s), but this machine has 0 (the run is in this process: executor: in_process)"
+    ) in capsys.readouterr().err
     [record] = read_run_records(str(tmp_path / "out" / "_vlpipe_runs")).to_pylist()
     assert record["status"] == "failed" and not (tmp_path / "out" / "_delta_log").exists()

@@ -22,8 +22,8 @@ from pipelines.config import default_run_records_uri, validate_config
 from pipelines.export.export import ExportRequest, export, split
 from pipelines.export.files import MANIFEST, STATS, read_manifest
 from pipelines.export.samples import image_ext, json_row, key_of, occurrences, sample_name
-from pipelines.table.records import RunRecord, append_run_record
 from pipelines.input.images import MissingSourceError
+from pipelines.table.records import RunRecord, append_run_record
 from tests.images import encode, noise
 from tests.pipelines.conftest import s3_config
 
@@ -32,6 +32,7 @@ ODD_KEYS = ("a.b", "dir/x.y", "100%", "snow~man", "", "é")
 
 
 # ---------------------------------------------------------------- pure parts, no Ray
+
 
 def test_sample_names_survive_webdataset_key_rule_and_give_the_key_back():
     from webdataset.tariterators import base_plus_ext
@@ -56,8 +57,14 @@ def test_occurrences_count_earlier_rows_with_the_same_key():
 
 def test_image_ext_from_the_bytes_signature():
     image = noise((16, 12))
-    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"),
-                     ("TIFF", "tiff")):
+    for fmt, ext in (
+        ("JPEG", "jpg"),
+        ("PNG", "png"),
+        ("WEBP", "webp"),
+        ("GIF", "gif"),
+        ("BMP", "bmp"),
+        ("TIFF", "tiff"),
+    ):
         assert image_ext(encode(image, fmt)) == ext
     assert image_ext(b"%PDF-1.4 ...") == "bin" and image_ext(b"") == "bin"
 
@@ -68,23 +75,40 @@ def test_shards_are_full_but_the_last():
 
 
 def test_json_rows_hold_plain_values():
-    row = {"run_date": OCT31, "clip_score": float("nan"), "tag_scores": [("red", 0.5)], "keep": True,
-           "duplicate_of": {"key": "k", "run_date": NOV01}}
-    assert json.loads(json.dumps(json_row(row))) == {"run_date": "2026-10-31", "clip_score": None,
-                                                     "tag_scores": {"red": 0.5}, "keep": True,
-                                                     "duplicate_of": {"key": "k", "run_date": "2026-11-01"}}
+    row = {
+        "run_date": OCT31,
+        "clip_score": float("nan"),
+        "tag_scores": [("red", 0.5)],
+        "keep": True,
+        "duplicate_of": {"key": "k", "run_date": NOV01},
+    }
+    assert json.loads(json.dumps(json_row(row))) == {
+        "run_date": "2026-10-31",
+        "clip_score": None,
+        "tag_scores": {"red": 0.5},
+        "keep": True,
+        "duplicate_of": {"key": "k", "run_date": "2026-11-01"},
+    }
 
 
 # ---------------------------------------------------------------- a table written by hand, keys of every kind
+
 
 def _hand_rows(day: dt.date) -> list[dict]:
     """Odd keys, a key both days share, a selected caption, a rejected row, mixed image formats."""
     out = []
     for i, key in enumerate((*ODD_KEYS, "shared", f"{day:%m%d}-plain")):
         image = encode(noise((20 + i, 16), seed=i + day.day), ("JPEG", "PNG", "WEBP")[i % 3])
-        out.append({"key": key, "caption": f"caption {i} of {day}", "image": image, "keep": i != 2,
-                    "best": f"better caption {i}" if i % 2 else None,
-                    "embedding": [float(i), float(day.day), 1.0, 0.5]})
+        out.append(
+            {
+                "key": key,
+                "caption": f"caption {i} of {day}",
+                "image": image,
+                "keep": i != 2,
+                "best": f"better caption {i}" if i % 2 else None,
+                "embedding": [float(i), float(day.day), 1.0, 0.5],
+            }
+        )
     return out
 
 
@@ -94,35 +118,69 @@ def hand_table(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-hand")
     out, shards = root / "table", root / "shards"
     shards.mkdir()
-    for day, names in ((OCT31, {"key": "key", "caption": "caption", "image": "jpg"}),
-                       (NOV01, {"key": "id", "caption": "text", "image": "image"})):
+    for day, names in (
+        (OCT31, {"key": "key", "caption": "caption", "image": "jpg"}),
+        (NOV01, {"key": "id", "caption": "text", "image": "image"}),
+    ):
         rows, run_id = _hand_rows(day), f"run-{day}"
         for part, chunk in enumerate((rows[:4], rows[4:])):
-            pq.write_table(pa.table({names["key"]: [r["key"] for r in chunk],
-                                     names["caption"]: [r["caption"] for r in chunk],
-                                     names["image"]: [r["image"] for r in chunk]}), shards / f"{day}-{part}.parquet")
+            pq.write_table(
+                pa.table(
+                    {
+                        names["key"]: [r["key"] for r in chunk],
+                        names["caption"]: [r["caption"] for r in chunk],
+                        names["image"]: [r["image"] for r in chunk],
+                    }
+                ),
+                shards / f"{day}-{part}.parquet",
+            )
         n = len(rows)
         written = {
-            col.KEY: [r["key"] for r in rows], col.CAPTION: [r["caption"] for r in rows],
+            col.KEY: [r["key"] for r in rows],
+            col.CAPTION: [r["caption"] for r in rows],
             col.SOURCE_SHARD: [str(shards / f"{day}-{int(i >= 4)}.parquet") for i in range(n)],
-            col.STATUS: ["ok"] * n, col.CAPTION_BEST: [r["best"] for r in rows],
+            col.STATUS: ["ok"] * n,
+            col.CAPTION_BEST: [r["best"] for r in rows],
             col.IMAGE_EMBEDDING: [r["embedding"] for r in rows],
             col.TEXT_EMBEDDING: [r["embedding"][::-1] for r in rows],
-            col.CLIP_SCORE: [0.25 + i / 100 for i in range(n)], col.KEEP: [r["keep"] for r in rows],
+            col.CLIP_SCORE: [0.25 + i / 100 for i in range(n)],
+            col.KEEP: [r["keep"] for r in rows],
             col.REJECT_REASON: [None if r["keep"] else "low_clip_score" for r in rows],
-            col.RUN_ID: [run_id] * n, col.RUN_DATE: [day] * n,
+            col.RUN_ID: [run_id] * n,
+            col.RUN_DATE: [day] * n,
         }
         schema = col.output_schema()
         full = pa.table({f.name: written.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
         write_deltalake(str(out), full, mode="append", partition_by=[col.RUN_DATE])
-        config = validate_config({"input": {"uri": str(shards), "columns": names}, "output": {"uri": str(out)},
-                                  "clip": {"model": {"source": "org/clip"}}, "run_date": day.isoformat()})
+        config = validate_config(
+            {
+                "input": {"uri": str(shards), "columns": names},
+                "output": {"uri": str(out)},
+                "clip": {"model": {"source": "org/clip"}},
+                "run_date": day.isoformat(),
+            }
+        )
         at = dt.datetime.combine(day, dt.time(2), dt.timezone.utc)
-        append_run_record(default_run_records_uri(str(out)), StorageOptions(), RunRecord(
-            run_id=run_id, run_date=day, status="succeeded", started_at=at, finished_at=at, config_hash="h",
-            config_json=json.dumps(config.public_dump()), output_uri=str(out), table_version=0))
-    rows = {(r["key"], day): {**r, "source": str(shards / f"{day}-{int(i >= 4)}.parquet")}
-            for day in (OCT31, NOV01) for i, r in enumerate(_hand_rows(day))}
+        append_run_record(
+            default_run_records_uri(str(out)),
+            StorageOptions(),
+            RunRecord(
+                run_id=run_id,
+                run_date=day,
+                status="succeeded",
+                started_at=at,
+                finished_at=at,
+                config_hash="h",
+                config_json=json.dumps(config.public_dump()),
+                output_uri=str(out),
+                table_version=0,
+            ),
+        )
+    rows = {
+        (r["key"], day): {**r, "source": str(shards / f"{day}-{int(i >= 4)}.parquet")}
+        for day in (OCT31, NOV01)
+        for i, r in enumerate(_hand_rows(day))
+    }
     return {"uri": str(out), "root": root, "shards": shards, "rows": rows}
 
 
@@ -139,8 +197,6 @@ def _samples(urls: list[str]) -> list[dict]:
     import webdataset as wds
 
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
-
-
 
 
 def _export_order(rows: dict) -> list[tuple[str, dt.date]]:
@@ -169,18 +225,23 @@ def test_odd_and_repeated_keys_are_samples_webdataset_reads_back_in_export_order
     for n in range(3):  # the shard's metadata and the clip-retrieval files: the tar's rows, in its order
         metadata = pq.read_table(to / f"{n:05d}.parquet")
         emb_metadata = pq.read_table(to / f"metadata/metadata_{n:05d}.parquet")
-        assert metadata.column("key").to_pylist() == emb_metadata.column("key").to_pylist() == [
-            r["key"] for r in records[5 * n:5 * n + 5]]
+        assert (
+            metadata.column("key").to_pylist()
+            == emb_metadata.column("key").to_pylist()
+            == [r["key"] for r in records[5 * n : 5 * n + 5]]
+        )
         image, text = np.load(to / f"img_emb/img_emb_{n:05d}.npy"), np.load(to / f"text_emb/text_emb_{n:05d}.npy")
         days = [d.isoformat() for d in emb_metadata.column("run_date").to_pylist()]
-        expected = [kept[(k, dt.date.fromisoformat(d))]["embedding"]
-                    for k, d in zip(emb_metadata["key"].to_pylist(), days)]
+        expected = [
+            kept[(k, dt.date.fromisoformat(d))]["embedding"] for k, d in zip(emb_metadata["key"].to_pylist(), days)
+        ]
         assert image.dtype == np.float32 and image.tolist() == expected and text.tolist() == [e[::-1] for e in expected]
 
 
 @pytest.mark.slow
-def test_a_failed_export_leaves_no_manifest_and_the_next_one_replaces_every_earlier_file(ray_cluster, hand_table,
-                                                                                         tmp_path, capsys, cli):
+def test_a_failed_export_leaves_no_manifest_and_the_next_one_replaces_every_earlier_file(
+    ray_cluster, hand_table, tmp_path, capsys, cli
+):
     to = tmp_path / "wds"
     export(hand_table["uri"], str(to), ExportRequest(samples_per_shard=3, embeddings=True, all_rows=True))
     (to / "README.txt").write_text("the user's own file")
@@ -207,8 +268,10 @@ def test_a_failed_export_leaves_no_manifest_and_the_next_one_replaces_every_earl
     # The last line: a handler that an earlier test's CLI run left on its (now closed) captured stream may
     # print "--- Logging error ---" before it.
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"vlpipe: source shard {gone} is gone: 4 row(s) need their image from it; restore it, or export "
-                   "a table written with output.include_image_bytes"), err
+    assert err == (
+        f"vlpipe: source shard {gone} is gone: 4 row(s) need their image from it; restore it, or export "
+        "a table written with output.include_image_bytes"
+    ), err
     assert not (to / MANIFEST).exists()
 
     manifest = export(hand_table["uri"], str(to), ExportRequest(samples_per_shard=8))
@@ -231,13 +294,13 @@ def test_an_earlier_version_and_chosen_run_dates_export_only_their_rows(ray_clus
     assert exported(ExportRequest(version=0)) == [kd for kd in _export_order(kept) if kd[1] == OCT31]
     assert exported(ExportRequest(run_dates=(NOV01,))) == [kd for kd in _export_order(kept) if kd[1] == NOV01]
     assert exported(ExportRequest(version=0, all_rows=True)) == [
-        kd for kd in _export_order(hand_table["rows"]) if kd[1] == OCT31]
+        kd for kd in _export_order(hand_table["rows"]) if kd[1] == OCT31
+    ]
 
 
 def test_missing_rows_of_a_source_shard_are_named(hand_table):
     from pipelines.config import InputColumns
-    from pipelines.input.images import ImageSource
-    from pipelines.input.images import source_images
+    from pipelines.input.images import ImageSource, source_images
 
     shard = Location.resolve(str(hand_table["shards"] / f"{OCT31}-0.parquet"), StorageOptions())
     found = source_images(shard, ImageSource(), {"a.b", "100%"})
@@ -261,32 +324,50 @@ def test_cli_refuses_what_it_cannot_export(hand_table, tmp_path, capsys, cli):
 
 # ---------------------------------------------------------------- after real pipeline runs, on SeaweedFS
 
+
 @pytest.fixture(scope="module")
 def runs(ray_cluster, s3, s3_input, local_shards, tiny_clip_dir):
     """The tiny-CLIP run on the sample shards; and its table as output.include_image_bytes writes it, with
     source_shard pointing where nothing is (written here, not by a second run: ~10 s on 2 cores)."""
-    from pipelines.table.read import read_output
     from pipelines.run import run_pipeline
+    from pipelines.table.read import read_output
 
     _, _, _, rows = local_shards
     s3.create_bucket("lake")
     s3.create_bucket("exports")
     # The tiny CLIP's scores say nothing: short captions are what the filter rejects, besides broken images.
-    plain = run_pipeline(s3_config(s3, tiny_clip_dir, input={"extra_columns": ["url"]},
-                                   output={"uri": "s3://lake/export-plain"}, report={"enabled": False},
-                                   filter={"min_clip_score": -1.0, "min_caption_words": 5}))
-    storage = StorageOptions(endpoint_url=s3.endpoint_url, region=s3.region, access_key_id=s3.access_key_id,
-                             secret_access_key=s3.secret_access_key)
+    plain = run_pipeline(
+        s3_config(
+            s3,
+            tiny_clip_dir,
+            input={"extra_columns": ["url"]},
+            output={"uri": "s3://lake/export-plain"},
+            report={"enabled": False},
+            filter={"min_clip_score": -1.0, "min_caption_words": 5},
+        )
+    )
+    storage = StorageOptions(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
+    )
     table = read_output(plain.output_uri, storage=storage)
     keys = table.column(col.KEY).to_pylist()
     schema = col.output_schema([table.schema.field("url")], include_image_bytes=True)
-    columns = {col.IMAGE_BYTES: pa.array([rows[k]["jpg"] for k in keys], pa.binary()),
-               col.SOURCE_SHARD: pa.array([s.replace("s3://raw/crawl/", "s3://raw/gone/") for s in
-                                           table.column(col.SOURCE_SHARD).to_pylist()])}
-    with_bytes = pa.table({f.name: columns.get(f.name, table.column(f.name) if f.name in table.column_names else None)
-                           for f in schema}, schema=schema)
-    write_deltalake("s3://lake/export-bytes", with_bytes, partition_by=[col.RUN_DATE],
-                    storage_options=s3.delta_storage_options())
+    columns = {
+        col.IMAGE_BYTES: pa.array([rows[k]["jpg"] for k in keys], pa.binary()),
+        col.SOURCE_SHARD: pa.array(
+            [s.replace("s3://raw/crawl/", "s3://raw/gone/") for s in table.column(col.SOURCE_SHARD).to_pylist()]
+        ),
+    }
+    with_bytes = pa.table(
+        {f.name: columns.get(f.name, table.column(f.name) if f.name in table.column_names else None) for f in schema},
+        schema=schema,
+    )
+    write_deltalake(
+        "s3://lake/export-bytes", with_bytes, partition_by=[col.RUN_DATE], storage_options=s3.delta_storage_options()
+    )
     return {"plain": plain, "storage": storage, "inputs": rows, "bytes_uri": "s3://lake/export-bytes"}
 
 
@@ -305,9 +386,12 @@ def test_webdataset_export_on_s3_holds_the_kept_rows_input_bytes_and_embeddings(
     table = _table(runs["plain"].output_uri, runs["storage"])
     kept = {k: r for k, r in table.items() if r[col.KEEP]}
     assert 0 < len(kept) < len(table)
-    manifest = export(runs["plain"].output_uri, "s3://exports/wds", ExportRequest(samples_per_shard=10,
-                                                                                  embeddings=True),
-                      storage=runs["storage"])
+    manifest = export(
+        runs["plain"].output_uri,
+        "s3://exports/wds",
+        ExportRequest(samples_per_shard=10, embeddings=True),
+        storage=runs["storage"],
+    )
     _download(s3, "exports/wds", tmp_path)
     tars = sorted(str(p) for p in tmp_path.glob("*.tar"))
     assert len(tars) == len(manifest.shards) == -(-len(kept) // 10)
@@ -335,8 +419,12 @@ def test_webdataset_export_on_s3_holds_the_kept_rows_input_bytes_and_embeddings(
 
 @pytest.mark.slow
 def test_cli_exports_every_row_as_parquet_shards_with_the_input_bytes(s3, runs, monkeypatch, capsys, cli):
-    for name, value in (("AWS_ENDPOINT_URL", s3.endpoint_url), ("AWS_REGION", s3.region),
-                        ("AWS_ACCESS_KEY_ID", s3.access_key_id), ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key)):
+    for name, value in (
+        ("AWS_ENDPOINT_URL", s3.endpoint_url),
+        ("AWS_REGION", s3.region),
+        ("AWS_ACCESS_KEY_ID", s3.access_key_id),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key),
+    ):
         monkeypatch.setenv(name, value)
     uri = runs["plain"].output_uri
     assert cli(["-q", "export", uri, "--to", "s3://exports/pq", "--format", "parquet", "--all-rows"]) == 0
@@ -356,11 +444,16 @@ def test_cli_exports_every_row_as_parquet_shards_with_the_input_bytes(s3, runs, 
 @pytest.mark.slow
 def test_a_table_with_image_bytes_exports_without_its_source_shards(s3, runs, tmp_path):
     kept = runs["plain"].rows_kept
-    manifest = export(runs["bytes_uri"], "s3://exports/from-table", storage=runs["storage"],
-                      runs_uri=runs["plain"].output_uri + "/_vlpipe_runs")
+    manifest = export(
+        runs["bytes_uri"],
+        "s3://exports/from-table",
+        storage=runs["storage"],
+        runs_uri=runs["plain"].output_uri + "/_vlpipe_runs",
+    )
     assert manifest.samples == kept and sum(s.image_bytes_from.get("table", 0) for s in manifest.shards) == kept
     _download(s3, "exports/from-table", tmp_path)
     samples = _samples(sorted(str(p) for p in tmp_path.glob("*.tar")))
     assert {s["__key__"]: s["jpg"] for s in samples} == {
-        k: runs["inputs"][k]["jpg"] for k, r in _table(runs["plain"].output_uri, runs["storage"]).items() if r["keep"]}
+        k: runs["inputs"][k]["jpg"] for k, r in _table(runs["plain"].output_uri, runs["storage"]).items() if r["keep"]
+    }
     assert json.loads(samples[0]["json"])["source_shard"].startswith("s3://raw/gone/")

@@ -14,13 +14,13 @@ from deltalake import DeltaTable
 from jobs.demo import write_sample_shards
 from operators import schema as col
 from operators.storage import Location, StorageOptions
-from pipelines.table.commit import ConcurrentRunError
 from pipelines.config import validate_config
 from pipelines.input.nightly import plan_nightly
-from pipelines.table.read import read_output
-from pipelines.run import run_nightly
-from pipelines.table.records import RUN_RECORD_SCHEMA, read_run_records
 from pipelines.input.shards import Shard, list_shards
+from pipelines.run import run_nightly
+from pipelines.table.commit import ConcurrentRunError
+from pipelines.table.read import read_output
+from pipelines.table.records import RUN_RECORD_SCHEMA, read_run_records
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
@@ -33,9 +33,16 @@ def shard(name: str, size: int = 100, minute: int = 0) -> Shard:
 def records(*runs) -> pa.Table:
     rows = []
     for run_date, shards, status in runs:
-        rows.append({"run_id": f"r{len(rows)}", "run_date": run_date, "status": status, "config_hash": "h",
-                     "started_at": T0 + dt.timedelta(hours=len(rows)),
-                     "input_shards": [{"uri": s.uri, "size": s.size, "mtime": s.mtime} for s in shards]})
+        rows.append(
+            {
+                "run_id": f"r{len(rows)}",
+                "run_date": run_date,
+                "status": status,
+                "config_hash": "h",
+                "started_at": T0 + dt.timedelta(hours=len(rows)),
+                "input_shards": [{"uri": s.uri, "size": s.size, "mtime": s.mtime} for s in shards],
+            }
+        )
     return pa.Table.from_pylist(rows, schema=RUN_RECORD_SCHEMA)
 
 
@@ -77,7 +84,9 @@ def test_nothing_new_is_a_no_op_that_says_so():
 @pytest.mark.slow
 def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
     crawl, spare, out = tmp_path / "crawl", tmp_path / "spare", str(tmp_path / "out")
-    paths = write_sample_shards(spare, num_shards=3, rows_per_shard=8, broken_per_shard=1, mismatch_fraction=0.25, seed=3)
+    paths = write_sample_shards(
+        spare, num_shards=3, rows_per_shard=8, broken_per_shard=1, mismatch_fraction=0.25, seed=3
+    )
     crawl.mkdir()
     for path in paths[:2]:  # shards A and B
         shutil.copy(path, crawl / path.name)
@@ -132,12 +141,15 @@ def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
 def test_two_nightly_runs_at_once_leave_exactly_one_partition_version(ray_cluster, tiny_clip_dir, tmp_path):
     write_sample_shards(tmp_path / "crawl", num_shards=2, rows_per_shard=8, broken_per_shard=1, mismatch_fraction=0.25)
     # Fractional CPUs so both runs fit on a 2-core test machine at the same time.
-    config = validate_config({
-        "input": {"uri": str(tmp_path / "crawl")},
-        "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0.5}},
-        "decode": {"resources": {"num_cpus": 0.25}},
-        "output": {"uri": str(tmp_path / "out")}, "run_date": "2026-11-05",
-    })
+    config = validate_config(
+        {
+            "input": {"uri": str(tmp_path / "crawl")},
+            "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0.5}},
+            "decode": {"resources": {"num_cpus": 0.25}},
+            "output": {"uri": str(tmp_path / "out")},
+            "run_date": "2026-11-05",
+        }
+    )
     outcomes: list = []
     barrier = threading.Barrier(2)
 

@@ -24,24 +24,39 @@ DAY = dt.date(2026, 11, 1)
 
 
 def plan_of(tmp_path: Path, clip_dir: Path, **sections):
-    raw = {"input": {"uri": str(tmp_path / "in")}, "clip": {"model": {"source": str(clip_dir)}},
-           "output": {"uri": str(tmp_path / "out")}, **sections}
+    raw = {
+        "input": {"uri": str(tmp_path / "in")},
+        "clip": {"model": {"source": str(clip_dir)}},
+        "output": {"uri": str(tmp_path / "out")},
+        **sections,
+    }
     config = validate_config(raw)
-    return build_plan(config, Location.resolve(config.output.uri, StorageOptions()), run_id="r", run_date=DAY,
-                      shard_schema=None)
+    return build_plan(
+        config, Location.resolve(config.output.uri, StorageOptions()), run_id="r", run_date=DAY, shard_schema=None
+    )
 
 
-@pytest.mark.parametrize(("sections", "message"), [
-    ({"filter": {"min_itm_score": 0.5}},
-     "stage 'filter' reads column\\(s\\) itm_score, which no earlier stage adds .*: itm_score needs an itm: section"),
-    ({"filter": {"caption": "best"}},
-     "stage 'filter' reads column\\(s\\) caption_best, clip_score_best, which no earlier stage adds "
-     r"\(stages before it: read, prepare, decode, clip\): caption_best needs a caption: section"),
-    ({"itm": {"model": {"source": "x"}, "text": "caption_best"}},
-     "stage 'itm' reads column\\(s\\) caption_best, which no earlier stage adds"),
-])
-def test_a_stage_that_reads_a_column_nothing_produces_fails_when_the_plan_is_built(tmp_path, tiny_clip_dir, sections,
-                                                                                   message):
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"filter": {"min_itm_score": 0.5}},
+            "stage 'filter' reads column\\(s\\) itm_score, which no earlier stage adds .*: itm_score needs an itm: section",
+        ),
+        (
+            {"filter": {"caption": "best"}},
+            "stage 'filter' reads column\\(s\\) caption_best, clip_score_best, which no earlier stage adds "
+            r"\(stages before it: read, prepare, decode, clip\): caption_best needs a caption: section",
+        ),
+        (
+            {"itm": {"model": {"source": "x"}, "text": "caption_best"}},
+            "stage 'itm' reads column\\(s\\) caption_best, which no earlier stage adds",
+        ),
+    ],
+)
+def test_a_stage_that_reads_a_column_nothing_produces_fails_when_the_plan_is_built(
+    tmp_path, tiny_clip_dir, sections, message
+):
     if "itm" in sections:  # any model with an image processor will do: the plan reads only its geometry
         sections = {"itm": {**sections["itm"], "model": {"source": str(tiny_clip_dir)}}}
     with pytest.raises(PlanError, match=message):
@@ -51,8 +66,12 @@ def test_a_stage_that_reads_a_column_nothing_produces_fails_when_the_plan_is_bui
 def test_internal_columns_are_dropped_after_their_last_reader_and_cheap_steps_are_fused(
     tmp_path, tiny_clip_dir, tiny_blip_captioner_dir
 ):
-    plan = plan_of(tmp_path, tiny_clip_dir, caption={"model": {"source": str(tiny_blip_captioner_dir)}},
-                   filter={"caption": "best", "keep_top_fraction": 0.5})
+    plan = plan_of(
+        tmp_path,
+        tiny_clip_dir,
+        caption={"model": {"source": str(tiny_blip_captioner_dir)}},
+        filter={"caption": "best", "keep_top_fraction": 0.5},
+    )
     first, second = plan.passes
     steps = {step.name: step for step in first.steps}
     assert [s.name for s in steps["Decode"].stages] == ["prepare", "decode"]
@@ -69,22 +88,29 @@ def test_output_schema_is_the_same_whatever_stages_run(tmp_path, tiny_clip_dir, 
 
 
 def test_resources_the_cluster_cannot_give_are_named_by_their_config_key(tmp_path, tiny_clip_dir):
-    plan = plan_of(tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_gpus": 1}})
+    plan = plan_of(
+        tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_gpus": 1}}
+    )
     assert resource_shortfall(plan.passes, {"CPU": 2.0}) == (
-        "clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0")
+        "clip.resources asks for 1 GPU(s) (1 actor(s) x 1), but the Ray cluster has 0"
+    )
     assert resource_shortfall(plan.passes, {"CPU": 2.0, "GPU": 1.0}) is None
 
 
-def test_model_stages_that_fit_a_gpu_alone_but_not_together_are_refused(tmp_path, tiny_clip_dir,
-                                                                         tiny_blip_captioner_dir):
+def test_model_stages_that_fit_a_gpu_alone_but_not_together_are_refused(
+    tmp_path, tiny_clip_dir, tiny_blip_captioner_dir
+):
     # Half a GPU each, and the default pool of two actors per stage: 2 GPUs asked of 1. Ray would
     # start two actors and leave the other two (and the run) waiting forever.
     half = {"num_gpus": 0.5}
-    sections = {"clip": {"model": {"source": str(tiny_clip_dir)}, "resources": half},
-                "caption": {"model": {"source": str(tiny_blip_captioner_dir)}, "resources": half}}
+    sections = {
+        "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": half},
+        "caption": {"model": {"source": str(tiny_blip_captioner_dir)}, "resources": half},
+    }
     assert resource_shortfall(plan_of(tmp_path, tiny_clip_dir, **sections).passes, {"CPU": 4.0, "GPU": 1.0}) == (
         "the model actors together ask for 2 GPU(s) (caption 2 x 0.5, clip 2 x 0.5), but the Ray cluster has 1: "
-        "set each stage's resources.concurrency (or a smaller num_gpus)")
+        "set each stage's resources.concurrency (or a smaller num_gpus)"
+    )
     one_each = {**half, "concurrency": 1}
     sections = {name: {**section, "resources": one_each} for name, section in sections.items()}
     assert resource_shortfall(plan_of(tmp_path, tiny_clip_dir, **sections).passes, {"CPU": 4.0, "GPU": 1.0}) is None
@@ -123,8 +149,10 @@ def test_decoding_can_use_every_core_beside_a_model_actor_on_a_cpu_node(tmp_path
 def test_an_output_inside_the_input_is_refused_before_any_work(tmp_path, tiny_clip_dir, capsys, output):
     (tmp_path / "in").mkdir()
     config = tmp_path / "c.yaml"
-    config.write_text(f"input: {{uri: {tmp_path / 'in'}/}}\nclip: {{model: {{source: {tiny_clip_dir}}}}}\n"
-                      f"output: {{uri: {tmp_path / output}}}\n")
+    config.write_text(
+        f"input: {{uri: {tmp_path / 'in'}/}}\nclip: {{model: {{source: {tiny_clip_dir}}}}}\n"
+        f"output: {{uri: {tmp_path / output}}}\n"
+    )
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"output.uri {tmp_path / output} is inside input.uri" in err and "Traceback" not in err
@@ -134,19 +162,26 @@ def test_an_output_inside_the_input_is_refused_before_any_work(tmp_path, tiny_cl
 def test_a_cpu_task_with_no_cpu_is_refused_at_plan_time_naming_the_key(tmp_path, tiny_clip_dir):
     # Storage steps are declared (kind io), never inferred from num_cpus: 0 once made decode a
     # storage actor pool of one 0-CPU actor, silently.
-    with pytest.raises(PlanError, match=r"decode.resources.num_cpus is 0, but decode is CPU work .*"
-                                        r"decode.resources.num_cpus=0.5"):
+    with pytest.raises(
+        PlanError,
+        match=r"decode.resources.num_cpus is 0, but decode is CPU work .*"
+        r"decode.resources.num_cpus=0.5",
+    ):
         plan_of(tmp_path, tiny_clip_dir, decode={"resources": {"num_cpus": 0}})
-    plan = plan_of(tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0}})
+    plan = plan_of(
+        tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0}}
+    )
     kinds = {step.name: step.kind for step in plan.passes[0].steps}
     assert kinds == {"Decode": "task", "Clip": "actor", "Write": "io"}  # a model actor may take no CPU: still an actor
 
 
 def test_vlpipe_plan_prints_stages_resources_columns_and_schema(local_shards, tiny_clip_dir, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(f"input: {{uri: {local_shards[0]}, extra_columns: [url]}}\n"
-                      f"clip: {{model: {{source: {tiny_clip_dir}}}, resources: {{batch_size: 16}}}}\n"
-                      f"filter: {{min_clip_score: 0.2}}\noutput: {{uri: {tmp_path / 'out'}}}\nexecutor: ray\n")
+    config.write_text(
+        f"input: {{uri: {local_shards[0]}, extra_columns: [url]}}\n"
+        f"clip: {{model: {{source: {tiny_clip_dir}}}, resources: {{batch_size: 16}}}}\n"
+        f"filter: {{min_clip_score: 0.2}}\noutput: {{uri: {tmp_path / 'out'}}}\nexecutor: ray\n"
+    )
     assert main(["plan", str(config)]) == 0
     out = capsys.readouterr().out
     assert "(run_date=" in out and "3 shard(s)" in out
@@ -172,27 +207,37 @@ def heads(tmp_path):
 
 
 def test_a_head_for_other_embeddings_fails_at_plan_time_naming_both_models(tmp_path, tiny_clip_dir, heads):
-    with pytest.raises(PlanError, match=f"heads.nsfw: {heads / 'nsfw'} takes 768-value embeddings \\(trained on "
-                                        f"openai/clip-vit-large-patch14\\), but clip.model {tiny_clip_dir} makes 32"):
+    with pytest.raises(
+        PlanError,
+        match=f"heads.nsfw: {heads / 'nsfw'} takes 768-value embeddings \\(trained on "
+        f"openai/clip-vit-large-patch14\\), but clip.model {tiny_clip_dir} makes 32",
+    ):
         plan_of(tmp_path, tiny_clip_dir, heads={"nsfw": {"source": str(heads / "nsfw")}})
     with pytest.raises(PlanError, match="nsfw.pth is a pickle file .*vlpipe convert-head"):
         plan_of(tmp_path, tiny_clip_dir, heads={"nsfw": {"source": str(heads / "nsfw.pth")}})
 
 
 def test_a_head_trained_on_another_clip_model_is_a_warning_naming_both(tmp_path, tiny_clip_dir, heads, caplog):
-    plan = plan_of(tmp_path, tiny_clip_dir, heads={"aesthetic": {"source": str(heads / "aesthetic")}},
-                   filter={"min_aesthetic_score": 5.0})
+    plan = plan_of(
+        tmp_path,
+        tiny_clip_dir,
+        heads={"aesthetic": {"source": str(heads / "aesthetic")}},
+        filter={"min_aesthetic_score": 5.0},
+    )
     stage = next(s for s in plan.stages if s.name == "heads")
     assert stage.kind == "fused" and stage.adds == (col.AESTHETIC_SCORE,)
     assert f"trained on CLIP model openai/clip-vit-large-patch14, but clip.model is {tiny_clip_dir}" in caplog.text
     assert [s.name for s in plan.passes[0].steps[1].stages] == ["clip", "heads", "filter"]
 
 
-@pytest.mark.parametrize(("sections", "hint"), [
-    ({"filter": {"min_aesthetic_score": 5.0}}, "aesthetic_score needs heads.aesthetic"),
-    ({"filter": {"max_nsfw_score": 0.5}}, "nsfw_score needs heads.nsfw"),
-    ({"dedup": {"exact": True, "keep_by": "itm_score"}}, "stage 'dedup' reads .*itm_score needs an itm: section"),
-])
+@pytest.mark.parametrize(
+    ("sections", "hint"),
+    [
+        ({"filter": {"min_aesthetic_score": 5.0}}, "aesthetic_score needs heads.aesthetic"),
+        ({"filter": {"max_nsfw_score": 0.5}}, "nsfw_score needs heads.nsfw"),
+        ({"dedup": {"exact": True, "keep_by": "itm_score"}}, "stage 'dedup' reads .*itm_score needs an itm: section"),
+    ],
+)
 def test_score_filters_without_their_stage_name_what_to_turn_on(tmp_path, tiny_clip_dir, sections, hint):
     with pytest.raises(PlanError, match=hint):
         plan_of(tmp_path, tiny_clip_dir, **sections)
@@ -202,19 +247,24 @@ def test_a_classifier_gets_its_own_pixels_from_the_one_decode_and_its_labels_are
     tmp_path, tiny_clip_dir, tiny_vit_classifier_dir
 ):
     classifier = {"model": {"source": str(tiny_vit_classifier_dir)}, "scores": {"watermark": "watermark"}}
-    plan = plan_of(tmp_path, tiny_clip_dir, classifier=classifier, filter={"classifier_scores": {"watermark": {"max": 0.5}}})
+    plan = plan_of(
+        tmp_path, tiny_clip_dir, classifier=classifier, filter={"classifier_scores": {"watermark": {"max": 0.5}}}
+    )
     decode = next(s for s in plan.stages if s.name == "decode")
     assert col.PIXELS in decode.adds and col.CLASSIFIER_PIXELS in decode.adds  # two geometries, one decode
     steps = {step.name: step for step in plan.passes[0].steps}
     assert [s.name for s in steps["Classifier"].stages] == ["classifier", "filter"]
     assert col.CLASSIFIER_PIXELS in steps["Classifier"].drop
-    with pytest.raises(PlanError, match="classifier.scores.wm: .* has no label 'logo'; its labels are clean, watermark, text"):
+    with pytest.raises(
+        PlanError, match="classifier.scores.wm: .* has no label 'logo'; its labels are clean, watermark, text"
+    ):
         plan_of(tmp_path, tiny_clip_dir, classifier={**classifier, "scores": {"wm": "logo"}})
 
 
 def test_dedup_is_a_whole_run_stage_before_the_top_fraction_and_near_turns_the_phash_on(tmp_path, tiny_clip_dir):
-    plan = plan_of(tmp_path, tiny_clip_dir, dedup={"exact": True, "near": {"max_distance": 3}},
-                   filter={"keep_top_fraction": 0.5})
+    plan = plan_of(
+        tmp_path, tiny_clip_dir, dedup={"exact": True, "near": {"max_distance": 3}}, filter={"keep_top_fraction": 0.5}
+    )
     assert [p.aggregate.name for p in plan.passes if p.aggregate] == ["dedup", "top_fraction"]
     assert plan.passes[1].steps == ()  # nothing between them: dedup's decision runs in the next spill
     decode = next(s for s in plan.stages if s.name == "decode")
@@ -242,54 +292,96 @@ def test_ask_runs_after_the_other_models_on_shared_pixels_and_its_columns_exist_
     assert {col.ANSWER, col.ANSWER_YES_PROB} <= set(plan.output_schema.names)
 
 
-@pytest.mark.parametrize(("ask", "sections", "message"), [
-    ({"template": "Is it {captoin}?"}, {},
-     r"ask.template: \{captoin\} is not a column of the rows the ask stage sees \(did you mean 'caption'\?\); "
-     r"they have key, caption, source_shard, status, error, image_width, image_height, image_sha256, image_embedding, "
-     r"text_embedding, clip_score$"),
-    ({"template": "Is it {caption_best}?"}, {}, r"\{caption_best\} .*; caption_best needs a caption: section"),
-    # A shard's own name for the image column is gone once the input is prepared.
-    ({"template": "Is it {jpg}?"}, {}, r"ask.template: \{jpg\} is not a column"),
-    ({"template": "Is it {answer}?"}, {}, r"ask.template: \{answer\} is not a column"),
-    ({"question_column": "url"}, {}, "ask.question_column: 'url' is not a column of the rows the ask stage sees"),
-    ({"question": "Is it red?"}, {"filter": {"min_answer_yes_prob": 0.5}},
-     "stage 'filter' reads column\\(s\\) answer_yes_prob, .*: answer_yes_prob needs an ask: section with yes_no: true"),
-])
-def test_a_question_made_of_columns_the_rows_lack_fails_at_plan_time_naming_them(tmp_path, tiny_clip_dir,
-                                                                                tiny_llava_dir, ask, sections, message):
+@pytest.mark.parametrize(
+    ("ask", "sections", "message"),
+    [
+        (
+            {"template": "Is it {captoin}?"},
+            {},
+            r"ask.template: \{captoin\} is not a column of the rows the ask stage sees \(did you mean 'caption'\?\); "
+            r"they have key, caption, source_shard, status, error, image_width, image_height, image_sha256, image_embedding, "
+            r"text_embedding, clip_score$",
+        ),
+        ({"template": "Is it {caption_best}?"}, {}, r"\{caption_best\} .*; caption_best needs a caption: section"),
+        # A shard's own name for the image column is gone once the input is prepared.
+        ({"template": "Is it {jpg}?"}, {}, r"ask.template: \{jpg\} is not a column"),
+        ({"template": "Is it {answer}?"}, {}, r"ask.template: \{answer\} is not a column"),
+        ({"question_column": "url"}, {}, "ask.question_column: 'url' is not a column of the rows the ask stage sees"),
+        (
+            {"question": "Is it red?"},
+            {"filter": {"min_answer_yes_prob": 0.5}},
+            "stage 'filter' reads column\\(s\\) answer_yes_prob, .*: answer_yes_prob needs an ask: section with yes_no: true",
+        ),
+    ],
+)
+def test_a_question_made_of_columns_the_rows_lack_fails_at_plan_time_naming_them(
+    tmp_path, tiny_clip_dir, tiny_llava_dir, ask, sections, message
+):
     with pytest.raises(PlanError, match=message):
         plan_of(tmp_path, tiny_clip_dir, ask={"model": {"source": str(tiny_llava_dir)}, **ask}, **sections)
 
 
-def test_a_question_may_name_a_pass_through_column_and_a_caption_stage_column(tmp_path, tiny_clip_dir, tiny_llava_dir,
-                                                                             tiny_git_dir):
+def test_a_question_may_name_a_pass_through_column_and_a_caption_stage_column(
+    tmp_path, tiny_clip_dir, tiny_llava_dir, tiny_git_dir
+):
     ask = {"model": {"source": str(tiny_llava_dir)}, "template": "Is {caption_best} from {url}?"}
-    plan = plan_of(tmp_path, tiny_clip_dir, ask=ask, caption={"model": {"source": str(tiny_git_dir)}},
-                   input={"uri": str(tmp_path / "in"), "extra_columns": ["url"]})
+    plan = plan_of(
+        tmp_path,
+        tiny_clip_dir,
+        ask=ask,
+        caption={"model": {"source": str(tiny_git_dir)}},
+        input={"uri": str(tmp_path / "in"), "extra_columns": ["url"]},
+    )
     assert next(s for s in plan.stages if s.name == "ask").reads == (col.PIXELS, col.CAPTION_BEST, "url")
 
 
 def test_image_references_apply_to_parquet_input_only(tiny_clip_dir):
     from pipelines.plan.build import check_stages
 
-    config = validate_config({"input": {"uri": "/data/tars/", "format": "webdataset", "columns": {"image_uri": "url"}},
-                              "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": "/out"}})
+    config = validate_config(
+        {
+            "input": {"uri": "/data/tars/", "format": "webdataset", "columns": {"image_uri": "url"}},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "output": {"uri": "/out"},
+        }
+    )
     with pytest.raises(PlanError, match="input.columns.image_uri: tar shards hold their images"):
         check_stages(config)
 
 
 def test_a_tar_plan_reads_samples_and_a_reference_plan_fetches_before_decoding(tiny_clip_dir, tmp_path):
     clip = {"model": {"source": str(tiny_clip_dir)}}
-    tars = validate_config({"input": {"uri": "/t/", "format": "webdataset", "extra_columns": ["url"]}, "clip": clip,
-                            "output": {"uri": str(tmp_path / "a")}})
-    plan = build_plan(tars, Location.resolve(str(tmp_path / "a"), StorageOptions()), run_id="r",
-                      run_date=dt.date(2026, 11, 1), shard_schema=None, input_format="webdataset")
+    tars = validate_config(
+        {
+            "input": {"uri": "/t/", "format": "webdataset", "extra_columns": ["url"]},
+            "clip": clip,
+            "output": {"uri": str(tmp_path / "a")},
+        }
+    )
+    plan = build_plan(
+        tars,
+        Location.resolve(str(tmp_path / "a"), StorageOptions()),
+        run_id="r",
+        run_date=dt.date(2026, 11, 1),
+        shard_schema=None,
+        input_format="webdataset",
+    )
     assert [s.name for s in plan.passes[0].steps[0].stages] == ["prepare", "decode"]
     assert "members grouped by key" in plan.stages[0].details[1] and "url" in plan.output_schema.names
-    refs = validate_config({"input": {"uri": "/p/", "columns": {"image_uri": "path"}}, "clip": clip,
-                            "output": {"uri": str(tmp_path / "b")}})
-    plan = build_plan(refs, Location.resolve(str(tmp_path / "b"), StorageOptions()), run_id="r",
-                      run_date=dt.date(2026, 11, 1), shard_schema=None)
+    refs = validate_config(
+        {
+            "input": {"uri": "/p/", "columns": {"image_uri": "path"}},
+            "clip": clip,
+            "output": {"uri": str(tmp_path / "b")},
+        }
+    )
+    plan = build_plan(
+        refs,
+        Location.resolve(str(tmp_path / "b"), StorageOptions()),
+        run_id="r",
+        run_date=dt.date(2026, 11, 1),
+        shard_schema=None,
+    )
     assert [s.name for s in plan.passes[0].steps[0].stages] == ["prepare", "fetch", "decode"]
     assert col.IMAGE_URI not in plan.output_schema.names and "jpg" not in plan.input_columns.read
 
@@ -306,8 +398,9 @@ def test_model_actors_make_idle_openmp_threads_sleep_unless_the_user_chose(monke
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_row(local_shards, tiny_clip_dir,
-                                                                                   tmp_path):
+def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_row(
+    local_shards, tiny_clip_dir, tmp_path
+):
     # A read step of its own ran ~25x faster than decoding: its raw bytes queued in the object
     # store up to Ray Data's budget (3.5 GB of 5.3 GB at a million rows).
     import pyarrow as pa
@@ -317,16 +410,28 @@ def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_
     from pipelines.execute.ray import _reading_task_function
 
     _, paths, manifest, _ = local_shards
-    config = validate_config({"input": {"uri": str(paths[0].parent)}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-                              "output": {"uri": str(tmp_path / "out")}, "decode": {"resources": {"batch_size": 5}}})
-    plan = build_plan(config, Location.resolve(config.output.uri, StorageOptions()), run_id="r", run_date=DAY,
-                      shard_schema=pq.read_schema(paths[0]))
+    config = validate_config(
+        {
+            "input": {"uri": str(paths[0].parent)},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
+            "output": {"uri": str(tmp_path / "out")},
+            "decode": {"resources": {"batch_size": 5}},
+        }
+    )
+    plan = build_plan(
+        config,
+        Location.resolve(config.output.uri, StorageOptions()),
+        run_id="r",
+        run_date=DAY,
+        shard_schema=pq.read_schema(paths[0]),
+    )
     first, second = plan.passes[0].steps[0], plan.passes[0].steps[1]
     # Decoding reads; a pass that began at the CLIP actor (or had no step) would be fed by a read step.
     assert plan.passes[0].reads_inside
     assert not Pass((second,), None).reads_inside and not Pass((), None).reads_inside
-    source = parquet_source([str(p) for p in paths[:2]], pafs.LocalFileSystem(), list(plan.input_columns.read),
-                            with_path=True)
+    source = parquet_source(
+        [str(p) for p in paths[:2]], pafs.LocalFileSystem(), list(plan.input_columns.read), with_path=True
+    )
     listing = pa.table({SHARD_PATH: [str(p) for p in paths[:2]]})
     batches = list(_reading_task_function(first, (), source)(listing))
     assert [b.num_rows for b in batches] == [5, 5, 2, 5, 5, 2]
@@ -334,7 +439,9 @@ def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_
     shard_keys = [k for p in paths[:2] for k in pq.read_table(p).column(col.KEY).to_pylist()]
     assert sorted(decoded.column(col.KEY).to_pylist()) == sorted(shard_keys)
     broken = set(manifest["broken_keys"])
-    assert all((row[col.STATUS] == col.OK) == (row[col.KEY] not in broken)
-               for row in decoded.select([col.KEY, col.STATUS]).to_pylist())
+    assert all(
+        (row[col.STATUS] == col.OK) == (row[col.KEY] not in broken)
+        for row in decoded.select([col.KEY, col.STATUS]).to_pylist()
+    )
     assert "_image" not in decoded.column_names  # dropped after its last reader, inside the task
     assert set(decoded.column(col.SOURCE_SHARD).to_pylist()) == {str(p) for p in paths[:2]}

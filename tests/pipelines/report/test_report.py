@@ -29,13 +29,13 @@ from operators.image.decode import DecodeConfig
 from operators.storage import StorageOptions
 from pipelines import logs
 from pipelines.config import ConfigError, default_run_records_uri, validate_config
-from pipelines.table.read import read_output
-from pipelines.report.report import build_report, existing_report, write_text
+from pipelines.input.images import ImageSource
 from pipelines.report.data import histogram_values, sample_rows, stored_config
+from pipelines.report.report import build_report, existing_report, write_text
 from pipelines.report.thumbnails import add_thumbnails, thumbnail
 from pipelines.run import run_pipeline
+from pipelines.table.read import read_output
 from pipelines.table.records import RunRecord, append_run_record, read_run_records
-from pipelines.input.images import ImageSource
 from tests.images import encode, solid
 
 EVIL_CAPTION = '<script>alert("caption")</script> & <img src="http://evil.example/x.png">'
@@ -115,18 +115,28 @@ def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
     shards = root / "shards"
     shards.mkdir()
     shard = pq.read_table(paths[0])
-    good = next(r for r in shard.to_pylist() if r["key"] not in manifest["broken_keys"] + manifest["empty_caption_keys"])
+    good = next(
+        r for r in shard.to_pylist() if r["key"] not in manifest["broken_keys"] + manifest["empty_caption_keys"]
+    )
     untrusted = [{**good, "key": EVIL_KEY, "caption": EVIL_CAPTION}, {**good, "key": "k2", "caption": "x" * 200}]
     renamed = {"key": COLUMNS["key"], "caption": COLUMNS["caption"], "jpg": COLUMNS["image"]}
-    for name, table in ((paths[0].name, shard), ("untrusted.parquet", pa.Table.from_pylist(untrusted, schema=shard.schema))):
+    for name, table in (
+        (paths[0].name, shard),
+        ("untrusted.parquet", pa.Table.from_pylist(untrusted, schema=shard.schema)),
+    ):
         pq.write_table(table.rename_columns([renamed.get(c, c) for c in table.column_names]), shards / name)
 
     out = root / "out"
     out.mkdir()
     (out / "_vlpipe_reports").write_text("a file where the reports folder should be")
-    raw = {"input": {"uri": str(shards), "columns": COLUMNS}, "clip": {"model": {"source": str(tiny_clip_dir)}},
-           "filter": {"min_clip_score": 0.0}, "output": {"uri": str(out)}, "report": {"samples": 50},
-           "run_date": "2026-11-01"}
+    raw = {
+        "input": {"uri": str(shards), "columns": COLUMNS},
+        "clip": {"model": {"source": str(tiny_clip_dir)}},
+        "filter": {"min_clip_score": 0.0},
+        "output": {"uri": str(out)},
+        "report": {"samples": 50},
+        "run_date": "2026-11-01",
+    }
     lines = []
     handler = logging.Handler(logging.INFO)
     handler.addFilter(logs.RunIdFilter())
@@ -147,8 +157,14 @@ def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
         logging.getLogger().setLevel(old_level)
     row = read_run_records(default_run_records_uri(str(out)), StorageOptions()).to_pylist()[-1]
     second = SimpleNamespace(**{**row, "rejected_by_reason": json.loads(row["rejected_by_reason"])})
-    return {"out": out, "first": first, "second": second, "lines": lines, "manifest": manifest,
-            "printed": printed.getvalue()}
+    return {
+        "out": out,
+        "first": first,
+        "second": second,
+        "lines": lines,
+        "manifest": manifest,
+        "printed": printed.getvalue(),
+    }
 
 
 @pytest.mark.slow
@@ -175,8 +191,12 @@ def test_each_run_writes_a_report_whose_counts_are_the_run_record(two_runs):
     assert f"  report       {two_runs['out']}/_vlpipe_reports/{second.run_id}.html" in two_runs["printed"]
     page = Page((two_runs["out"] / "_vlpipe_reports" / f"{second.run_id}.html").read_text())
 
-    expected = {"rows_in": second.rows_in, "kept": second.rows_kept, "rejected": second.rows_rejected,
-                **second.rejected_by_reason}
+    expected = {
+        "rows_in": second.rows_in,
+        "kept": second.rows_kept,
+        "rejected": second.rows_rejected,
+        **second.rejected_by_reason,
+    }
     assert page.outcomes == expected and len(second.rejected_by_reason) >= 2
     summary = page.json["vlpipe-summary"]
     assert summary["run_id"] == second.run_id and summary["rejected_by_reason"] == second.rejected_by_reason
@@ -265,10 +285,26 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(two_runs
         pytest.skip("chromium not found: `make test` installs Debian's chromium where apt-get is available")
     report = two_runs["out"] / "_vlpipe_reports" / f"{two_runs['second'].run_id}.html"
     done = subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CONSOLE" not in done.stderr, done.stderr  # console messages (JS errors included) are logged so
@@ -280,8 +316,12 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(two_runs
 @pytest.mark.slow
 def test_reports_and_thumbnails_go_through_object_storage(s3, s3_input, local_shards):
     _, paths, manifest, _ = local_shards
-    storage = StorageOptions(endpoint_url=s3.endpoint_url, region=s3.region,
-                             access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key)
+    storage = StorageOptions(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
+    )
     s3.create_bucket("reports")
     write_text("s3://reports/t/_vlpipe_reports/r1.html", "<p>report</p>", storage)
     assert existing_report("s3://reports/t", "r1", storage) == "s3://reports/t/_vlpipe_reports/r1.html"
@@ -290,20 +330,30 @@ def test_reports_and_thumbnails_go_through_object_storage(s3, s3_input, local_sh
     shard = f"{s3_input}{paths[1].name}"
     keys = [r["key"] for r in pq.read_table(paths[1], columns=["key"]).to_pylist()]
     good = next(k for k in keys if k not in manifest["broken_keys"])
-    samples = [{col.KEY: good, col.STATUS: col.OK, col.SOURCE_SHARD: shard},
-               {col.KEY: "not-in-the-shard", col.STATUS: col.OK, col.SOURCE_SHARD: shard}]
+    samples = [
+        {col.KEY: good, col.STATUS: col.OK, col.SOURCE_SHARD: shard},
+        {col.KEY: "not-in-the-shard", col.STATUS: col.OK, col.SOURCE_SHARD: shard},
+    ]
     add_thumbnails(samples, ImageSource(), DecodeConfig(), storage)  # img2dataset's names, as these shards use
     assert samples[0]["thumbnail"].startswith("data:image/jpeg;base64,") and samples[1]["thumbnail"] is None
 
 
 def test_rejected_sample_is_stable_and_spread_over_reasons():
     reasons = [None] * 6 + [col.LOW_CLIP_SCORE] * 30 + [col.DECODE_ERROR] * 2 + [col.EMPTY_CAPTION]
-    rows = pa.table({col.KEY: [f"k{i}" for i in range(len(reasons))], col.KEEP: [r is None for r in reasons],
-                     col.REJECT_REASON: reasons})
+    rows = pa.table(
+        {
+            col.KEY: [f"k{i}" for i in range(len(reasons))],
+            col.KEEP: [r is None for r in reasons],
+            col.REJECT_REASON: reasons,
+        }
+    )
     kept, rejected = sample_rows(rows, 4)
     assert len(kept) == 4 and all(r[col.KEEP] for r in kept)
     assert len(rejected) == 4 and {r[col.REJECT_REASON] for r in rejected} == {
-        col.LOW_CLIP_SCORE, col.DECODE_ERROR, col.EMPTY_CAPTION}
+        col.LOW_CLIP_SCORE,
+        col.DECODE_ERROR,
+        col.EMPTY_CAPTION,
+    }
     again = sample_rows(rows.take(np.arange(rows.num_rows)[::-1]), 4)  # input order does not matter
     assert [r[col.KEY] for r in again[0] + again[1]] == [r[col.KEY] for r in kept + rejected]
 
@@ -320,12 +370,17 @@ def test_thumbnails_are_small_jpegs_and_bad_bytes_get_none():
 
 
 def test_the_recorded_config_validates_again_without_its_masked_storage():
-    config = validate_config({
-        "input": {"uri": "s3://raw/crawl/", "columns": {"key": "id", "image": "png"}},
-        "clip": {"model": {"source": "openai/clip-vit-base-patch32"}}, "output": {"uri": "s3://lake/enriched"},
-        "storage": {"endpoint_url": "http://s3:8333", "access_key_id": "AKIA1", "secret_access_key": "s3cr3t"},
-        "decode": {"max_pixels": 1000}, "filter": {"min_clip_score": 0.2}, "run_date": "2026-11-01",
-    })
+    config = validate_config(
+        {
+            "input": {"uri": "s3://raw/crawl/", "columns": {"key": "id", "image": "png"}},
+            "clip": {"model": {"source": "openai/clip-vit-base-patch32"}},
+            "output": {"uri": "s3://lake/enriched"},
+            "storage": {"endpoint_url": "http://s3:8333", "access_key_id": "AKIA1", "secret_access_key": "s3cr3t"},
+            "decode": {"max_pixels": 1000},
+            "filter": {"min_clip_score": 0.2},
+            "run_date": "2026-11-01",
+        }
+    )
     recorded = json.dumps(config.public_dump(), sort_keys=True)  # as run records store it
     assert "s3cr3t" not in recorded and "**********" in recorded
 
@@ -347,11 +402,15 @@ def test_heads_and_tags_get_histograms_with_their_thresholds_and_the_previous_ru
     from pipelines.report.data import RunScan, Sampler, histograms
 
     def scan(aesthetic, nsfw, red):
-        rows = pa.table({
-            col.AESTHETIC_SCORE: pa.array(aesthetic, pa.float32()), col.NSFW_SCORE: pa.array(nsfw, pa.float32()),
-            col.TAG_SCORES: pa.array([None if v is None else [("red", v), ("blue", 1 - v)] for v in red],
-                                     col.TAG_SCORES_TYPE),
-        })
+        rows = pa.table(
+            {
+                col.AESTHETIC_SCORE: pa.array(aesthetic, pa.float32()),
+                col.NSFW_SCORE: pa.array(nsfw, pa.float32()),
+                col.TAG_SCORES: pa.array(
+                    [None if v is None else [("red", v), ("blue", 1 - v)] for v in red], col.TAG_SCORES_TYPE
+                ),
+            }
+        )
         names = (col.CLIP_SCORE, col.AESTHETIC_SCORE, col.NSFW_SCORE, "tag:red", "caption_length")
         return RunScan(Sampler(0), values={name: histogram_values(rows, name) for name in names})
 
@@ -361,9 +420,16 @@ def test_heads_and_tags_get_histograms_with_their_thresholds_and_the_previous_ru
     hists = {h.name: h for h in histograms(this, before, config)}
     assert set(hists) == {col.AESTHETIC_SCORE, col.NSFW_SCORE, "tag:red"}  # nothing to draw for the rest
     assert (hists[col.AESTHETIC_SCORE].threshold, hists[col.NSFW_SCORE].threshold, hists["tag:red"].threshold) == (
-        5.0, 0.3, 0.8)
+        5.0,
+        0.3,
+        0.8,
+    )
     assert hists["tag:red"].label == "tag red"
-    for h, now, previous in ((hists[col.AESTHETIC_SCORE], 3, 2), (hists[col.NSFW_SCORE], 3, 2), (hists["tag:red"], 3, 2)):
+    for h, now, previous in (
+        (hists[col.AESTHETIC_SCORE], 3, 2),
+        (hists[col.NSFW_SCORE], 3, 2),
+        (hists["tag:red"], 3, 2),
+    ):
         assert sum(h.counts) == now and sum(h.previous_counts) == previous
     assert hists[col.AESTHETIC_SCORE].edges[0] == 3.0 and hists[col.AESTHETIC_SCORE].edges[-1] == 9.0
 
@@ -379,42 +445,116 @@ def dedup_runs(tmp_path_factory):
     """Two runs' rows written as the pipeline commits them: 31 Oct's run, then 1 Nov's, whose dedup marked
     an exact duplicate within the run, and a near and a semantic one of 31 Oct's rows ("d" is a key of both days)."""
     root = tmp_path_factory.mktemp("report-dedup")
-    images = {name: encode(solid(color, size=(48, 32)), "JPEG") for name, color in
-              (("green", (0, 160, 0)), ("red", (200, 0, 0)), ("blue", (0, 0, 200)), ("grey", (90, 90, 90)))}
+    images = {
+        name: encode(solid(color, size=(48, 32)), "JPEG")
+        for name, color in (("green", (0, 160, 0)), ("red", (200, 0, 0)), ("blue", (0, 0, 200)), ("grey", (90, 90, 90)))
+    }
     shards = {OCT31: root / "shards" / "oct31.parquet", NOV01: root / "shards" / "nov01.parquet"}
     rows = {
-        OCT31: [("e-near", "red", "a red square", {col.IMAGE_PHASH: PHASH}),
-                ("d", "blue", "yesterday's blue square", {col.IMAGE_EMBEDDING: [1.0, 0.0, 0.0, 0.0]})],
-        NOV01: [("a", "green", "a green square", {col.IMAGE_SHA256: "5a" * 32}),
-                ("b", "green", "the green square again", {col.IMAGE_SHA256: "5a" * 32, col.KEEP: False,
-                 col.REJECT_REASON: col.DUPLICATE_EXACT, col.DUPLICATE_OF: {"key": "a", "run_date": NOV01}}),
-                ("c", "red", "a red square, recompressed", {col.IMAGE_PHASH: PHASH_NEAR, col.KEEP: False,
-                 col.REJECT_REASON: col.DUPLICATE_NEAR, col.DUPLICATE_OF: {"key": "e-near", "run_date": OCT31}}),
-                ("d", "blue", "tonight's blue square", {col.IMAGE_EMBEDDING: [0.96, 0.28, 0.0, 0.0], col.KEEP: False,
-                 col.REJECT_REASON: col.DUPLICATE_SEMANTIC, col.DUPLICATE_OF: {"key": "d", "run_date": OCT31}}),
-                ("f", "grey", "grey", {col.KEEP: False, col.REJECT_REASON: col.LOW_CLIP_SCORE})],
+        OCT31: [
+            ("e-near", "red", "a red square", {col.IMAGE_PHASH: PHASH}),
+            ("d", "blue", "yesterday's blue square", {col.IMAGE_EMBEDDING: [1.0, 0.0, 0.0, 0.0]}),
+        ],
+        NOV01: [
+            ("a", "green", "a green square", {col.IMAGE_SHA256: "5a" * 32}),
+            (
+                "b",
+                "green",
+                "the green square again",
+                {
+                    col.IMAGE_SHA256: "5a" * 32,
+                    col.KEEP: False,
+                    col.REJECT_REASON: col.DUPLICATE_EXACT,
+                    col.DUPLICATE_OF: {"key": "a", "run_date": NOV01},
+                },
+            ),
+            (
+                "c",
+                "red",
+                "a red square, recompressed",
+                {
+                    col.IMAGE_PHASH: PHASH_NEAR,
+                    col.KEEP: False,
+                    col.REJECT_REASON: col.DUPLICATE_NEAR,
+                    col.DUPLICATE_OF: {"key": "e-near", "run_date": OCT31},
+                },
+            ),
+            (
+                "d",
+                "blue",
+                "tonight's blue square",
+                {
+                    col.IMAGE_EMBEDDING: [0.96, 0.28, 0.0, 0.0],
+                    col.KEEP: False,
+                    col.REJECT_REASON: col.DUPLICATE_SEMANTIC,
+                    col.DUPLICATE_OF: {"key": "d", "run_date": OCT31},
+                },
+            ),
+            ("f", "grey", "grey", {col.KEEP: False, col.REJECT_REASON: col.LOW_CLIP_SCORE}),
+        ],
     }
     shards[OCT31].parent.mkdir()
     out = root / "out"
     runs_uri = default_run_records_uri(str(out))
-    raw = {"input": {"uri": str(shards[OCT31].parent)}, "clip": {"model": {"source": "openai/clip-vit-base-patch32"}},
-           "output": {"uri": str(out)}, "dedup": {"exact": True, "near": {"max_distance": 4}, "semantic": {"eps": 0.05}}}
+    raw = {
+        "input": {"uri": str(shards[OCT31].parent)},
+        "clip": {"model": {"source": "openai/clip-vit-base-patch32"}},
+        "output": {"uri": str(out)},
+        "dedup": {"exact": True, "near": {"max_distance": 4}, "semantic": {"eps": 0.05}},
+    }
     for version, (day, day_rows) in enumerate(rows.items()):
-        pq.write_table(pa.table({"key": [r[0] for r in day_rows], "caption": [r[2] for r in day_rows],
-                                 "jpg": [images[r[1]] for r in day_rows]}), shards[day])
+        pq.write_table(
+            pa.table(
+                {
+                    "key": [r[0] for r in day_rows],
+                    "caption": [r[2] for r in day_rows],
+                    "jpg": [images[r[1]] for r in day_rows],
+                }
+            ),
+            shards[day],
+        )
         run_id = f"run-{day}"
-        table = [{col.KEY: key, col.CAPTION: caption, col.SOURCE_SHARD: str(shards[day]), col.STATUS: col.OK,
-                  col.KEEP: True, col.RUN_ID: run_id, col.RUN_DATE: day, **extra} for key, _, caption, extra in day_rows]
-        write_deltalake(str(out), pa.Table.from_pylist(table, schema=col.output_schema()), mode="append",
-                        partition_by=[col.RUN_DATE])
+        table = [
+            {
+                col.KEY: key,
+                col.CAPTION: caption,
+                col.SOURCE_SHARD: str(shards[day]),
+                col.STATUS: col.OK,
+                col.KEEP: True,
+                col.RUN_ID: run_id,
+                col.RUN_DATE: day,
+                **extra,
+            }
+            for key, _, caption, extra in day_rows
+        ]
+        write_deltalake(
+            str(out),
+            pa.Table.from_pylist(table, schema=col.output_schema()),
+            mode="append",
+            partition_by=[col.RUN_DATE],
+        )
         reasons = dict(Counter(r[col.REJECT_REASON] for r in table if not r[col.KEEP]))
         started = dt.datetime.combine(day, dt.time(2), dt.timezone.utc)
         config = validate_config({**raw, "run_date": day.isoformat()})
-        append_run_record(runs_uri, StorageOptions(), RunRecord(
-            run_id=run_id, run_date=day, status="succeeded", started_at=started,
-            finished_at=started + dt.timedelta(seconds=5), config_hash="h", config_json=json.dumps(config.public_dump()),
-            output_uri=str(out), table_version=version, rows_in=len(table),
-            rows_kept=sum(r[col.KEEP] for r in table), rejected_by_reason=reasons, rows_written=len(table)))
+        append_run_record(
+            runs_uri,
+            StorageOptions(),
+            RunRecord(
+                run_id=run_id,
+                run_date=day,
+                status="succeeded",
+                started_at=started,
+                finished_at=started + dt.timedelta(seconds=5),
+                config_hash="h",
+                config_json=json.dumps(config.public_dump()),
+                output_uri=str(out),
+                table_version=version,
+                rows_in=len(table),
+                rows_kept=sum(r[col.KEEP] for r in table),
+                rejected_by_reason=reasons,
+                rows_written=len(table),
+            ),
+        )
     return runs_uri
 
 
@@ -427,9 +567,12 @@ def test_the_report_shows_each_duplicate_beside_the_row_it_duplicates(dedup_runs
     assert 'id="duplicates"' in text and page.duplicate_counts == {
         col.DUPLICATE_EXACT: (1, "0", "same image bytes (SHA-256)"),
         col.DUPLICATE_NEAR: (1, "1", "near duplicate: pHash within 4 bits"),
-        col.DUPLICATE_SEMANTIC: (1, "1", "semantic duplicate: image embedding cosine >= 0.95")}
+        col.DUPLICATE_SEMANTIC: (1, "1", "semantic duplicate: image embedding cosine >= 0.95"),
+    }
     pairs = {p["data-method"]: p for p in page.pairs}
-    shown = [(pairs[m]["data-key"], pairs[m]["data-of-key"], pairs[m]["data-of-run-date"]) for m in col.DUPLICATE_REASONS]
+    shown = [
+        (pairs[m]["data-key"], pairs[m]["data-of-key"], pairs[m]["data-of-run-date"]) for m in col.DUPLICATE_REASONS
+    ]
     assert shown == [("b", "a", "2026-11-01"), ("c", "e-near", "2026-10-31"), ("d", "d", "2026-10-31")]
     for pair in pairs.values():
         assert len(pair["imgs"]) == 2 and all(src.startswith("data:image/jpeg;base64,") for src in pair["imgs"])
@@ -457,7 +600,16 @@ def test_answer_yes_prob_gets_a_histogram_at_its_threshold_and_a_card_shows_the_
     scan = RunScan(Sampler(0), values={col.ANSWER_YES_PROB: histogram_values(rows, col.ANSWER_YES_PROB)})
     (hist,) = histograms(scan, None, FilterConfig(min_answer_yes_prob=0.5))
     assert (hist.name, hist.threshold, sum(hist.counts)) == (col.ANSWER_YES_PROB, 0.5, 2)
-    card = _card({col.KEY: "k", col.CAPTION: "a cat", col.STATUS: col.OK, col.KEEP: False,
-                  col.REJECT_REASON: col.LOW_ANSWER_YES_PROB, col.ANSWER: "no <b>", col.ANSWER_YES_PROB: 0.2},
-                 "rejected")
+    card = _card(
+        {
+            col.KEY: "k",
+            col.CAPTION: "a cat",
+            col.STATUS: col.OK,
+            col.KEEP: False,
+            col.REJECT_REASON: col.LOW_ANSWER_YES_PROB,
+            col.ANSWER: "no <b>",
+            col.ANSWER_YES_PROB: 0.2,
+        },
+        "rejected",
+    )
     assert "<dt>answer</dt><dd>no &lt;b&gt;</dd>" in card and "p(yes) 0.200" in card

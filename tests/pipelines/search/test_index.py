@@ -14,16 +14,16 @@ import pytest
 import torch
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
-from jobs.demo import build_tiny_clip
 from jobs.cli import main
+from jobs.demo import build_tiny_clip
 from operators import schema as col
-from operators.models.clip import ClipConfig, ClipScorer
 from operators.image.decode import DecodeConfig, DecodeImages
+from operators.models.clip import ClipConfig, ClipScorer
 from operators.refs import ModelRef
 from operators.storage import Location, StorageOptions
 from pipelines.search import vectors as vi
-from pipelines.search.index import IndexRequest, build_index
 from pipelines.search.files import MANIFEST, read_manifest
+from pipelines.search.index import IndexRequest, build_index
 from pipelines.search.query import Searcher
 from tests.images import encode, noise, solid
 
@@ -39,8 +39,14 @@ def _rows(day: dt.date) -> list[tuple[str, str, bytes, bool]]:
     for i in range(16):
         colour = ((30 * i + 50 * day.day) % 256, 90, 200 - 10 * i)
         image = noise((48 + i, 40), seed=100 * day.day + i) if i % 2 else solid(colour, (44, 36))
-        out.append((f"{day:%m%d}-{i:02d}", f"a photo of a {COLOURS[i % 8]} thing number {i}", encode(image, "JPEG"),
-                    i % 4 != 3))
+        out.append(
+            (
+                f"{day:%m%d}-{i:02d}",
+                f"a photo of a {COLOURS[i % 8]} thing number {i}",
+                encode(image, "JPEG"),
+                i % 4 != 3,
+            )
+        )
     return out
 
 
@@ -58,27 +64,77 @@ def table(tiny_clip_dir, tmp_path_factory):
     decode = DecodeImages(DecodeConfig(), scorer.geometry)
     for day, names in ((OCT31, {"key": "key", "caption": "caption", "image": "jpg"}), (NOV01, NOV01_COLUMNS)):
         rows, run_id, shard = _rows(day), f"run-{day}", shards / f"{day}.parquet"
-        pq.write_table(pa.table({names["key"]: [r[0] for r in rows], names["caption"]: [r[1] for r in rows],
-                                 names["image"]: [r[2] for r in rows]}), shard)
+        pq.write_table(
+            pa.table(
+                {
+                    names["key"]: [r[0] for r in rows],
+                    names["caption"]: [r[1] for r in rows],
+                    names["image"]: [r[2] for r in rows],
+                }
+            ),
+            shard,
+        )
         scored = scorer(decode(pa.table({col.IMAGE: [r[2] for r in rows], col.CAPTION: [r[1] for r in rows]})))
-        written = pa.table({
-            col.KEY: [r[0] for r in rows], col.CAPTION: [r[1] for r in rows], col.SOURCE_SHARD: [str(shard)] * 16,
-            col.STATUS: scored.column(col.STATUS), col.IMAGE_EMBEDDING: scored.column(col.IMAGE_EMBEDDING),
-            col.TEXT_EMBEDDING: scored.column(col.TEXT_EMBEDDING), col.CLIP_SCORE: scored.column(col.CLIP_SCORE),
-            col.KEEP: [r[3] for r in rows], col.RUN_ID: [run_id] * 16, col.RUN_DATE: [day] * 16,
-        })
-        full = pa.table({f.name: written.column(f.name) if f.name in written.column_names else pa.nulls(16, f.type)
-                         for f in col.output_schema()}, schema=col.output_schema())
+        written = pa.table(
+            {
+                col.KEY: [r[0] for r in rows],
+                col.CAPTION: [r[1] for r in rows],
+                col.SOURCE_SHARD: [str(shard)] * 16,
+                col.STATUS: scored.column(col.STATUS),
+                col.IMAGE_EMBEDDING: scored.column(col.IMAGE_EMBEDDING),
+                col.TEXT_EMBEDDING: scored.column(col.TEXT_EMBEDDING),
+                col.CLIP_SCORE: scored.column(col.CLIP_SCORE),
+                col.KEEP: [r[3] for r in rows],
+                col.RUN_ID: [run_id] * 16,
+                col.RUN_DATE: [day] * 16,
+            }
+        )
+        full = pa.table(
+            {
+                f.name: written.column(f.name) if f.name in written.column_names else pa.nulls(16, f.type)
+                for f in col.output_schema()
+            },
+            schema=col.output_schema(),
+        )
         models = {"clip": {"source": str(tiny_clip_dir), "revision": None}}
-        write_deltalake(str(out), full, mode="append", partition_by=[col.RUN_DATE], commit_properties=CommitProperties(
-            custom_metadata={"vlpipe.run_id": run_id, "vlpipe.models": json.dumps(models)}))
-        config = validate_config({"input": {"uri": str(shards), "columns": names}, "output": {"uri": str(out)},
-                                  "clip": {"model": {"source": str(tiny_clip_dir)}}, "run_date": day.isoformat()})
+        write_deltalake(
+            str(out),
+            full,
+            mode="append",
+            partition_by=[col.RUN_DATE],
+            commit_properties=CommitProperties(
+                custom_metadata={"vlpipe.run_id": run_id, "vlpipe.models": json.dumps(models)}
+            ),
+        )
+        config = validate_config(
+            {
+                "input": {"uri": str(shards), "columns": names},
+                "output": {"uri": str(out)},
+                "clip": {"model": {"source": str(tiny_clip_dir)}},
+                "run_date": day.isoformat(),
+            }
+        )
         started = dt.datetime.combine(day, dt.time(2), dt.timezone.utc)
-        append_run_record(default_run_records_uri(str(out)), StorageOptions(), RunRecord(
-            run_id=run_id, run_date=day, status="succeeded", started_at=started, finished_at=started,
-            config_hash="h", config_json=json.dumps(config.public_dump()), output_uri=str(out), table_version=0,
-            rows_in=16, rows_kept=12, rejected_by_reason={"low_clip_score": 4}, rows_written=16, models=models))
+        append_run_record(
+            default_run_records_uri(str(out)),
+            StorageOptions(),
+            RunRecord(
+                run_id=run_id,
+                run_date=day,
+                status="succeeded",
+                started_at=started,
+                finished_at=started,
+                config_hash="h",
+                config_json=json.dumps(config.public_dump()),
+                output_uri=str(out),
+                table_version=0,
+                rows_in=16,
+                rows_kept=12,
+                rejected_by_reason={"low_clip_score": 4},
+                rows_written=16,
+                models=models,
+            ),
+        )
     return {"uri": str(out), "root": root, "images": {r[0]: r[2] for day in (OCT31, NOV01) for r in _rows(day)}}
 
 
@@ -138,21 +194,23 @@ def test_only_kept_rows_of_the_chosen_run_dates_are_indexed_and_the_manifest_say
     assert stored.model.source == str(tiny_clip_dir) and stored.model.revision is None
     assert set(stored.runs) == {f"run-{NOV01}"} and stored.runs[f"run-{NOV01}"].input_columns.key == "id"
     metadata = pq.read_table(f"{uri}/{stored.files.metadata}")
-    keys, vectors = _kept(table["uri"], col.TEXT_EMBEDDING, dates=(NOV01,))
+    keys, _vectors = _kept(table["uri"], col.TEXT_EMBEDDING, dates=(NOV01,))
     assert metadata.column(col.KEY).to_pylist() == keys and len(keys) == 12  # aligned with the faiss ids
     assert set(metadata.column(col.RUN_DATE).to_pylist()) == {NOV01}
     found = Searcher(uri).search(text="a photo of a blue thing number 2", k=30)
     assert found.num_rows == 12 and set(found.column("key").to_pylist()) == set(keys)
     assert found.column("key")[0].as_py() == "1101-02"  # its own caption is the nearest text
     assert sorted(p.name for p in (table["root"] / "text-index").iterdir()) == sorted(
-        [MANIFEST, stored.files.index, stored.files.metadata])
+        [MANIFEST, stored.files.index, stored.files.metadata]
+    )
 
 
 def test_an_earlier_table_version_indexes_the_rows_it_held(table, tmp_path):
     manifest = build_index(table["uri"], str(tmp_path / "v0"), IndexRequest(version=0, executor="local"))
     assert (manifest.table_version, manifest.count, set(manifest.runs)) == (0, 12, {f"run-{OCT31}"})
     assert {k[:4] for k in Searcher(str(tmp_path / "v0")).search(text="a thing", k=30).column("key").to_pylist()} == {
-        "1031"}
+        "1031"
+    }
 
 
 def test_an_ivf_index_finds_the_exact_neighbours_of_most_queries():
@@ -203,8 +261,8 @@ def test_a_rebuild_replaces_the_index_whole_and_a_failed_one_leaves_it_as_it_was
 
 
 def test_rows_of_two_models_make_no_index():
-    from pipelines.search.index import MixedModelsError, _one_model
     from pipelines.search.files import ModelRecord, RunSource
+    from pipelines.search.index import MixedModelsError, _one_model
 
     a, b = ModelRecord(source="openai/clip-vit-base-patch32", revision="3d74acf"), ModelRecord(source="clip-b/32")
     assert _one_model({"r1", "r2"}, {"r1": RunSource(model=a), "r2": RunSource(model=a)}) == a
@@ -249,11 +307,19 @@ def test_cli_exit_codes_for_a_missing_index_and_a_model_that_embeds_differently(
 def test_a_build_on_ray_into_s3_equals_the_build_in_this_process(ray_cluster, s3, table, tmp_path):
     """Same sample (lowest key hashes), so the same trained lists and parameters; only the id order may differ."""
     s3.create_bucket("indexes")
-    storage = StorageOptions(endpoint_url=s3.endpoint_url, region=s3.region, access_key_id=s3.access_key_id,
-                             secret_access_key=s3.secret_access_key)
+    storage = StorageOptions(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
+    )
     places = {"ray": "s3://indexes/demo", "local": str(tmp_path / "local")}
-    built = {executor: build_index(table["uri"], uri, IndexRequest(executor=executor, index_key="IVF4,Flat"),
-                                   storage=storage) for executor, uri in places.items()}
+    built = {
+        executor: build_index(
+            table["uri"], uri, IndexRequest(executor=executor, index_key="IVF4,Flat"), storage=storage
+        )
+        for executor, uri in places.items()
+    }
     assert built["ray"].count == built["local"].count == 24 and built["ray"].train_rows == 24
     assert built["ray"].params == built["local"].params and built["ray"].recall_at_10 == built["local"].recall_at_10
     searchers = {executor: Searcher(uri, storage=storage) for executor, uri in places.items()}
@@ -262,7 +328,8 @@ def test_a_build_on_ray_into_s3_equals_the_build_in_this_process(ray_cluster, s3
         assert on_ray.column("key").to_pylist() == local.column("key").to_pylist()
         np.testing.assert_allclose(on_ray.column("score").to_numpy(), local.column("score").to_numpy(), atol=1e-6)
     assert sorted(i.base_name for i in s3.filesystem().get_file_info(pafs.FileSelector("indexes/demo"))) == sorted(
-        [MANIFEST, built["ray"].files.index, built["ray"].files.metadata])
+        [MANIFEST, built["ray"].files.index, built["ray"].files.metadata]
+    )
 
 
 class _Images(HTMLParser):

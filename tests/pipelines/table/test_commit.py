@@ -22,19 +22,34 @@ DAY = dt.date(2026, 11, 20)
 def written(uri: str, run_id: str, keys: list[str], run_date=DAY) -> WriteSummary:
     """Write one data file the way a run's Ray task does, without Ray."""
     n = len(keys)
-    batch = pa.table({
-        col.KEY: keys, col.CAPTION: ["c"] * n, col.SOURCE_SHARD: ["s"] * n, col.STATUS: [col.OK] * n,
-        col.KEEP: [True] * n, col.REJECT_REASON: pa.nulls(n, pa.string()),
-    })
+    batch = pa.table(
+        {
+            col.KEY: keys,
+            col.CAPTION: ["c"] * n,
+            col.SOURCE_SHARD: ["s"] * n,
+            col.STATUS: [col.OK] * n,
+            col.KEEP: [True] * n,
+            col.REJECT_REASON: pa.nulls(n, pa.string()),
+        }
+    )
     summary = WriteSummary()
-    for row in WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, run_id, run_date, kept_only=False)(batch).to_pylist():
+    for row in WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, run_id, run_date, kept_only=False)(
+        batch
+    ).to_pylist():
         summary.add(row)
     return summary
 
 
 def commit(uri, run_id, summary, read_version, run_date=DAY) -> int:
-    return commit_files(Location.resolve(uri, StorageOptions()), SCHEMA, summary, run_date, "overwrite_partition",
-                        metadata={"vlpipe.run_id": run_id}, read_version=read_version).version
+    return commit_files(
+        Location.resolve(uri, StorageOptions()),
+        SCHEMA,
+        summary,
+        run_date,
+        "overwrite_partition",
+        metadata={"vlpipe.run_id": run_id},
+        read_version=read_version,
+    ).version
 
 
 def keys(uri: str) -> list[str]:
@@ -87,14 +102,21 @@ def test_predicates_on_any_column_find_their_rows(tmp_path):
 
     uri = str(tmp_path / "t")
     long_caption = "a" * 40 + "zzz" * 30_000  # a 90 kB caption, longer than the stats prefix
-    batch = pa.table({
-        col.KEY: ["a", "b", "c"], col.CAPTION: ["short", long_caption, "a" * 40 + "b"],
-        col.SOURCE_SHARD: ["s"] * 3, col.STATUS: [col.OK, col.OK, col.DECODE_ERROR],
-        col.IMAGE_WIDTH: pa.array([10, 20, None], pa.int32()),
-        col.KEEP: [True, False, False], col.REJECT_REASON: [None, col.LOW_CLIP_SCORE, col.DECODE_ERROR],
-    })
+    batch = pa.table(
+        {
+            col.KEY: ["a", "b", "c"],
+            col.CAPTION: ["short", long_caption, "a" * 40 + "b"],
+            col.SOURCE_SHARD: ["s"] * 3,
+            col.STATUS: [col.OK, col.OK, col.DECODE_ERROR],
+            col.IMAGE_WIDTH: pa.array([10, 20, None], pa.int32()),
+            col.KEEP: [True, False, False],
+            col.REJECT_REASON: [None, col.LOW_CLIP_SCORE, col.DECODE_ERROR],
+        }
+    )
     summary = WriteSummary()
-    for row in WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, "r1", DAY, kept_only=False)(batch).to_pylist():
+    for row in WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, "r1", DAY, kept_only=False)(
+        batch
+    ).to_pylist():
         summary.add(row)
     commit(uri, "r1", summary, None)
     data = delta_dataset(uri, StorageOptions())
@@ -119,14 +141,29 @@ def test_a_table_from_before_a_new_column_gains_it_and_keeps_its_other_columns(t
     location = Location.resolve(uri, StorageOptions())
 
     def run(run_id: str, schema: pa.Schema, run_date: dt.date) -> None:
-        batch = pa.table({col.KEY: [run_id], col.CAPTION: ["c"], col.SOURCE_SHARD: ["s"], col.STATUS: [col.OK],
-                          col.KEEP: [True], col.REJECT_REASON: pa.nulls(1, pa.string()),
-                          col.IMAGE_SHA256: [f"sha-{run_id}"]})
+        batch = pa.table(
+            {
+                col.KEY: [run_id],
+                col.CAPTION: ["c"],
+                col.SOURCE_SHARD: ["s"],
+                col.STATUS: [col.OK],
+                col.KEEP: [True],
+                col.REJECT_REASON: pa.nulls(1, pa.string()),
+                col.IMAGE_SHA256: [f"sha-{run_id}"],
+            }
+        )
         summary = WriteSummary()
         for row in WriteDataFiles(location, schema, run_id, run_date, kept_only=False)(batch).to_pylist():
             summary.add(row)
-        commit_files(location, schema, summary, run_date, "overwrite_partition", metadata={"vlpipe.run_id": run_id},
-                     read_version=table_version(location))
+        commit_files(
+            location,
+            schema,
+            summary,
+            run_date,
+            "overwrite_partition",
+            metadata={"vlpipe.run_id": run_id},
+            read_version=table_version(location),
+        )
 
     run("old", older, DAY)
     run("new", SCHEMA, DAY + dt.timedelta(days=1))
@@ -134,6 +171,9 @@ def test_a_table_from_before_a_new_column_gains_it_and_keeps_its_other_columns(t
     assert rows["old"][col.IMAGE_SHA256] is None and rows["new"][col.IMAGE_SHA256] == "sha-new"
     run("narrower", older, DAY + dt.timedelta(days=2))  # a run of an older config hides no column of the others
     assert {r[col.KEY]: r[col.IMAGE_SHA256] for r in DeltaTable(uri).to_pyarrow_table().to_pylist()} == {
-        "old": None, "new": "sha-new", "narrower": None}
+        "old": None,
+        "new": "sha-new",
+        "narrower": None,
+    }
     operations = [(h.get("vlpipe.operation"), h.get("vlpipe.run_id")) for h in DeltaTable(uri).history()][::-1]
     assert operations == [(None, "old"), ("add_columns", None), (None, "new"), (None, "narrower")]

@@ -19,8 +19,15 @@ DAY, OTHER = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
 
 
 def append(uri: str, run_id: str, keys: list[str], day: dt.date = DAY) -> int:
-    return commit_files(Location.resolve(uri, StorageOptions()), SCHEMA, written(uri, run_id, keys, day), day, "append",
-                        metadata={"vlpipe.run_id": run_id}, read_version=None).version
+    return commit_files(
+        Location.resolve(uri, StorageOptions()),
+        SCHEMA,
+        written(uri, run_id, keys, day),
+        day,
+        "append",
+        metadata={"vlpipe.run_id": run_id},
+        read_version=None,
+    ).version
 
 
 def files_of(uri: str, day: dt.date, version: int | None = None) -> int:

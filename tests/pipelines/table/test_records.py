@@ -14,9 +14,20 @@ T0 = dt.datetime(2026, 11, 20, 3, tzinfo=dt.timezone.utc)
 
 
 def record(run_id: str, started: dt.datetime, **fields) -> RunRecord:
-    return RunRecord(run_id=run_id, run_date=started.date(), status="succeeded", started_at=started,
-                     finished_at=started + dt.timedelta(seconds=10), config_hash="h", config_json="{}",
-                     output_uri="/out/t", table_version=0, rows_in=40, rows_kept=40, **fields)
+    return RunRecord(
+        run_id=run_id,
+        run_date=started.date(),
+        status="succeeded",
+        started_at=started,
+        finished_at=started + dt.timedelta(seconds=10),
+        config_hash="h",
+        config_json="{}",
+        output_uri="/out/t",
+        table_version=0,
+        rows_in=40,
+        rows_kept=40,
+        **fields,
+    )
 
 
 def test_a_table_from_before_rows_superseded_is_read_and_appended_to(tmp_path):

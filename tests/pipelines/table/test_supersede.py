@@ -13,12 +13,12 @@ from deltalake import DeltaTable
 from operators import schema as col
 from operators.storage import Location, StorageOptions
 from pipelines import hooks
+from pipelines.input.shards import Shard
 from pipelines.table.commit import commit_files
-from pipelines.table.write import WriteDataFiles, WriteSummary
 from pipelines.table.read import read_output
 from pipelines.table.records import RUN_RECORD_SCHEMA
-from pipelines.input.shards import Shard
 from pipelines.table.supersede import Supersede
+from pipelines.table.write import WriteDataFiles, WriteSummary
 
 SCHEMA = col.output_schema()
 D0, D1, D2 = dt.date(2026, 11, 19), dt.date(2026, 11, 20), dt.date(2026, 11, 21)
@@ -32,24 +32,44 @@ def write(uri: str, run_id: str, day: dt.date, *files: list[tuple[str, str]]) ->
     summary = WriteSummary()
     for rows in files:
         n = len(rows)
-        batch = pa.table({
-            col.KEY: [k for k, _ in rows], col.CAPTION: [f"caption of {k}" for k, _ in rows],
-            col.SOURCE_SHARD: [s for _, s in rows], col.STATUS: [col.OK] * n, col.KEEP: [True] * n,
-            col.REJECT_REASON: pa.nulls(n, pa.string()), col.CLIP_SCORE: pa.array([0.25] * n, pa.float32()),
-        })
+        batch = pa.table(
+            {
+                col.KEY: [k for k, _ in rows],
+                col.CAPTION: [f"caption of {k}" for k, _ in rows],
+                col.SOURCE_SHARD: [s for _, s in rows],
+                col.STATUS: [col.OK] * n,
+                col.KEEP: [True] * n,
+                col.REJECT_REASON: pa.nulls(n, pa.string()),
+                col.CLIP_SCORE: pa.array([0.25] * n, pa.float32()),
+            }
+        )
         task = WriteDataFiles(Location.resolve(uri, StorageOptions()), SCHEMA, run_id, day, kept_only=False)
         for row in task(batch).to_pylist():
             summary.add(row)
     return summary
 
 
-def commit(uri: str, run_id: str, day: dt.date, summary: WriteSummary, supersede: Supersede | None = None,
-           read_version: int | None = None):
+def commit(
+    uri: str,
+    run_id: str,
+    day: dt.date,
+    summary: WriteSummary,
+    supersede: Supersede | None = None,
+    read_version: int | None = None,
+):
     location = Location.resolve(uri, StorageOptions())
     if read_version is None and DeltaTable.is_deltatable(uri):
         read_version = DeltaTable(uri).version()
-    return commit_files(location, SCHEMA, summary, day, "overwrite_partition", metadata={"vlpipe.run_id": run_id},
-                        read_version=read_version, supersede=supersede)
+    return commit_files(
+        location,
+        SCHEMA,
+        summary,
+        day,
+        "overwrite_partition",
+        metadata={"vlpipe.run_id": run_id},
+        read_version=read_version,
+        supersede=supersede,
+    )
 
 
 def rows_of(uri: str, version: int | None = None, **where) -> list[dict]:
@@ -79,7 +99,10 @@ def test_a_file_mixing_shards_is_rewritten_and_keeps_the_other_shards_rows_exact
     assert (done.rows_superseded, done.files_removed, done.files_rewritten) == (3, 1, 1)
     assert rows_of(uri, source_shard=B) == b_rows  # every column of the kept rows, run id and date included
     assert [(r[col.KEY], str(r[col.RUN_DATE])) for r in rows_of(uri, source_shard=A)] == [
-        ("a1", "2026-11-21"), ("a2", "2026-11-21"), ("a3", "2026-11-21")]
+        ("a1", "2026-11-21"),
+        ("a2", "2026-11-21"),
+        ("a3", "2026-11-21"),
+    ]
     (rewritten,) = files_of(uri, D1)
     assert rewritten.startswith("run_date=2026-11-20/part-r2-")  # next to the old files, named by the run that wrote it
     meta = pq.ParquetFile(tmp_path / "t" / rewritten).metadata
@@ -153,7 +176,7 @@ def test_a_run_that_dies_before_the_transaction_leaves_its_rewrites_invisible(tm
             commit(uri, "r2", D2, write(uri, "r2", D2, [("a1", A)]), supersede(A))
     finally:
         hooks.install(None)
-    orphans = [p for p in (tmp_path / "t" / "run_date=2026-11-20").glob("part-r2-*.parquet")]
+    orphans = list((tmp_path / "t" / "run_date=2026-11-20").glob("part-r2-*.parquet"))
     assert len(orphans) == 1  # the rewrite was written, like any file of a run that dies before its commit
     assert DeltaTable(uri).version() == before and [r[col.KEY] for r in rows_of(uri)] == ["a1", "b1"]
 
@@ -170,8 +193,10 @@ def shard(uri: str) -> Shard:
 
 
 def test_the_records_name_the_other_dates_that_processed_a_shard():
-    rows = [{"run_date": day, "status": status, "input_shards": [{"uri": uri, "size": 1, "mtime": None}]}
-            for day, status, uri in ((D0, "succeeded", A), (D1, "failed", A), (D1, "succeeded", B), (D2, "partial", A))]
+    rows = [
+        {"run_date": day, "status": status, "input_shards": [{"uri": uri, "size": 1, "mtime": None}]}
+        for day, status, uri in ((D0, "succeeded", A), (D1, "failed", A), (D1, "succeeded", B), (D2, "partial", A))
+    ]
     records = pa.Table.from_pylist(rows, schema=RUN_RECORD_SCHEMA)
     found = Supersede.from_records([shard(A)], records, D2)
     # A failed run counts too: its commit may have landed before its record said otherwise.
