@@ -18,17 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.demo import PALETTE, SHAPES, caption_for, make_sample_image
+from jobs.demo.shards import SHARD_SCHEMA
 
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("caption", pa.string()),
-        ("jpg", pa.binary()),
-        ("url", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-    ]
-)
+SCHEMA = SHARD_SCHEMA  # img2dataset's columns, as the demo's shards have them
 MARKER = "vlpipe_bench_shards.json"
 POOL_SIZE = 256
 
