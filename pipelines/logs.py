@@ -57,7 +57,7 @@ def configure(verbosity: int = 0) -> None:
     INFO from the libraries too. A library that logs at INFO (torch's FakeTensor cache stats at
     exit, Ray's start-up lines) would otherwise bury vlpipe's lines and print after its last one.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.addFilter(RunIdFilter())
     handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
@@ -76,6 +76,19 @@ def close() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     logging.disable(logging.CRITICAL)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes: embedders and tests swap it, and a
+    handler that kept the old one wrote to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _is_ours(handler: logging.Handler) -> bool:

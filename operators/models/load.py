@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -175,19 +176,27 @@ class ModelOperator:
         self.to_device = DevicePixels(image_processor, self.device, self.dtype)
 
 
+# ``from_pretrained`` swaps torch's init functions and ``PreTrainedModel.init_weights`` for no-ops
+# while it loads, process-wide, and puts back what it found. Two loads at once in one process (two
+# runs in process in threads) put back each other's no-ops for good: every later model then kept
+# meta tensors ("Cannot copy out of meta tensor"). One load at a time per process.
+_LOADING = threading.Lock()
+
+
 def load_model(model_class, ref: ModelRef, model_dir: Path, device, dtype):
     """``from_pretrained`` with the trust policy of ``ref`` applied, placed on ``device`` in eval mode."""
     from transformers.utils import logging as transformers_logging
 
     # A run in the vlpipe process would print a weights bar per model between its log lines.
     transformers_logging.disable_progress_bar()
-    model = model_class.from_pretrained(
-        model_dir,
-        dtype=dtype,
-        # True refuses pickle checkpoints inside transformers too, not just in check_weights.
-        use_safetensors=None if ref.allow_pickle_weights else True,
-        trust_remote_code=ref.trust_remote_code,
-    )
+    with _LOADING:
+        model = model_class.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            # True refuses pickle checkpoints inside transformers too, not just in check_weights.
+            use_safetensors=None if ref.allow_pickle_weights else True,
+            trust_remote_code=ref.trust_remote_code,
+        )
     return model.to(device).eval()
 
 

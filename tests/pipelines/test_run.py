@@ -113,12 +113,14 @@ def test_run_on_s3_commits_every_row_with_its_score_and_reason(
     assert "s3://heads/aesthetic" in commit["vlpipe.models"]
 
 
-def test_rerunning_a_date_replaces_its_partition_atomically(ray_cluster, s3, s3_input, local_shards, tiny_clip_dir):
+def test_rerunning_a_date_replaces_its_partition_atomically(s3, s3_input, local_shards, tiny_clip_dir):
     s3.create_bucket("rerun")
-    config = s3_config(s3, tiny_clip_dir, output={"uri": "s3://rerun/t"})
+    config = s3_config(s3, tiny_clip_dir, output={"uri": "s3://rerun/t"}, executor="in_process")
     first = run_pipeline(config)
     # The same shards under another date: the newest processing of a shard wins, whatever its date.
-    other_day = run_pipeline(s3_config(s3, tiny_clip_dir, output={"uri": "s3://rerun/t"}, run_date="2026-11-02"))
+    other_day = run_pipeline(
+        s3_config(s3, tiny_clip_dir, output={"uri": "s3://rerun/t"}, run_date="2026-11-02", executor="in_process")
+    )
     second = run_pipeline(config)
     table = DeltaTable("s3://rerun/t", storage_options=s3.delta_storage_options())
     assert second.table_version == other_day.table_version + 1 == first.table_version + 2
@@ -130,7 +132,7 @@ def test_rerunning_a_date_replaces_its_partition_atomically(ray_cluster, s3, s3_
     assert other_day.rows_superseded == second.rows_superseded == len(local_shards[3])
 
 
-def test_top_fraction_kept_only_and_pass_through_columns(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+def test_top_fraction_kept_only_and_pass_through_columns(local_shards, tiny_clip_dir, tmp_path):
     folder, _, manifest, rows = local_shards
     config = validate_config(
         {
@@ -138,6 +140,7 @@ def test_top_fraction_kept_only_and_pass_through_columns(ray_cluster, local_shar
             "clip": {"model": {"source": str(tiny_clip_dir)}},
             "filter": {"keep_top_fraction": 0.5},
             "output": {"uri": str(tmp_path / "out"), "kept_only": True, "rows_per_file": 10},
+            "executor": "in_process",
         }
     )
     record = run_pipeline(config)
@@ -160,7 +163,12 @@ def test_the_readme_readers_see_the_same_table(ray_cluster, local_shards, tiny_c
     uri = str(tmp_path / "out")
     run_pipeline(
         validate_config(
-            {"input": {"uri": str(folder)}, "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": uri}}
+            {
+                "input": {"uri": str(folder)},
+                "clip": {"model": {"source": str(tiny_clip_dir)}},
+                "output": {"uri": uri},
+                "executor": "in_process",
+            }
         )
     )
     ds = deltalake.DeltaTable(uri).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads it by its name)

@@ -24,7 +24,7 @@ MIN_YES = 0.5
 
 
 def test_captions_selection_itm_and_answers_are_committed_for_every_ok_row(
-    ray_cluster, s3, s3_input, local_shards, tiny_clip_dir, tiny_blip_captioner_dir, tiny_blip_itm_dir, tiny_llava_dir
+    s3, s3_input, local_shards, tiny_clip_dir, tiny_blip_captioner_dir, tiny_blip_itm_dir, tiny_llava_dir
 ):
     _, _, manifest, rows = local_shards
     s3.create_bucket("captioned")
@@ -51,6 +51,7 @@ def test_captions_selection_itm_and_answers_are_committed_for_every_ok_row(
         },
         filter={"caption": "best", "min_clip_score": 0.0, "min_itm_score": 0.5, "min_answer_yes_prob": MIN_YES},
         output={"uri": "s3://captioned/t"},
+        executor="in_process",  # the same operators as on Ray; test_run.py has the model actors on Ray
     )
     record = run_pipeline(config)
     table = DeltaTable("s3://captioned/t", storage_options=s3.delta_storage_options()).to_pyarrow_table()
@@ -122,6 +123,7 @@ def test_model_actors_that_leave_no_cpu_for_decoding_fail_before_any_work(
             "clip": {"model": {"source": str(tiny_clip_dir)}},
             "caption": {"model": {"source": str(tiny_blip_captioner_dir)}},
             "output": {"uri": str(tmp_path / "t")},
+            "executor": "ray",
         }
     )
     with pytest.raises(ConfigError, match="the model actors hold 2 CPUs and decoding needs 0.5 more"):

@@ -150,7 +150,7 @@ def test_captions_through_clip_are_truncated_or_skipped_never_an_error(tiny_clip
 
 
 @pytest.mark.slow
-def test_the_corpus_as_a_crawled_shard_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
+def test_the_corpus_as_a_crawled_shard_end_to_end(tiny_clip_dir, tmp_path):
     from pipelines.config import validate_config
     from pipelines.run import run_pipeline
     from pipelines.table.read import read_output
@@ -169,6 +169,7 @@ def test_the_corpus_as_a_crawled_shard_end_to_end(ray_cluster, tiny_clip_dir, tm
             "input": {"uri": str(tmp_path / "in")},
             "clip": {"model": {"source": str(tiny_clip_dir)}},
             "output": {"uri": str(tmp_path / "out")},
+            "executor": "in_process",
             "run_date": "2026-11-01",
         }
     )

@@ -50,7 +50,7 @@ def keys_of(*paths) -> list[str]:
 
 
 @pytest.mark.slow
-def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(ray_cluster, tiny_clip_dir, tmp_path):
+def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(tiny_clip_dir, tmp_path):
     spare = write_sample_shards(tmp_path / "spare", num_shards=7, rows_per_shard=8, broken_per_shard=1, seed=11)
     crawl = tmp_path / "crawl"
     shutil.copytree(tmp_path / "spare", crawl)
@@ -60,6 +60,7 @@ def test_bad_shards_are_recorded_committed_around_and_retried_until_fixed(ray_cl
         "input": {"uri": str(crawl / "0000*.parquet")},
         "clip": {"model": {"source": str(tiny_clip_dir)}},
         "output": {"uri": str(tmp_path / "out")},
+        "executor": "in_process",
     }
     runs_uri = str(tmp_path / "out" / "_vlpipe_runs")
 
@@ -111,13 +112,14 @@ def test_a_glob_that_matches_nothing_fails_with_a_clear_message(tiny_clip_dir, t
 
 
 @pytest.mark.slow
-def test_when_every_shard_is_bad_the_run_fails_and_records_why(ray_cluster, tiny_clip_dir, tmp_path):
+def test_when_every_shard_is_bad_the_run_fails_and_records_why(tiny_clip_dir, tmp_path):
     (tmp_path / "crawl").mkdir()
     (tmp_path / "crawl" / "a.parquet").write_bytes(b"<html>503 Service Unavailable</html>")
     raw = {
         "input": {"uri": str(tmp_path / "crawl")},
         "clip": {"model": {"source": str(tiny_clip_dir)}},
         "output": {"uri": str(tmp_path / "out")},
+        "executor": "in_process",
         "run_date": "2026-11-01",
     }
     with pytest.raises(

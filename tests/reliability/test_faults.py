@@ -60,7 +60,7 @@ def shards(tmp_path_factory):
 def clean(ray_cluster, shards, tiny_clip_dir, tmp_path_factory):
     """A run that nothing went wrong in: the reference table."""
     out = tmp_path_factory.mktemp("clean") / "t"
-    record = run_pipeline(config_for(shards[0], out, tiny_clip_dir))
+    record = run_pipeline(config_for(shards[0], out, tiny_clip_dir, executor="in_process"))  # the same rows as on Ray
     table = outcomes(out)
     assert len(table) == record.rows_in == 24
     return out, table
@@ -72,7 +72,7 @@ def test_a_model_that_cannot_load_fails_the_run_with_its_error(ray_cluster, shar
     shutil.copytree(tiny_clip_dir, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # truncated download
     with pytest.raises(Exception) as failure:
-        run_pipeline(config_for(shards[0], tmp_path / "t", broken))
+        run_pipeline(config_for(shards[0], tmp_path / "t", broken, executor="ray"))
     last_line = str(failure.value).strip().splitlines()[-1]
     assert "ClipScorer could not load its model: SafetensorError: Error while deserializing header" in last_line
     assert not (tmp_path / "t" / "_delta_log").exists()
@@ -108,6 +108,7 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
                 tiny_clip_dir,
                 storage=storage,
                 output={"uri": "s3://flaky/enriched", "rows_per_file": 4},
+                executor="ray",  # killed workers are retried by Ray
             )
         )
     # ... and flaky object storage, on reads and on writes: every fault was injected.
@@ -117,7 +118,7 @@ def test_flaky_object_storage_and_killed_workers_cost_retries_not_rows(clean, sh
     assert outcomes("s3://flaky/enriched", s3.delta_storage_options()) == clean[1]
 
 
-def test_driver_killed_before_commit_leaves_the_table_as_it_was(clean, shards, tiny_clip_dir, tmp_path, ray_cluster):
+def test_driver_killed_before_commit_leaves_the_table_as_it_was(clean, shards, tiny_clip_dir, tmp_path):
     out = tmp_path / "t"
     shutil.copytree(clean[0], out)  # yesterday's table, one commit
     before = DeltaTable(str(out)).version()
@@ -129,8 +130,7 @@ def test_driver_killed_before_commit_leaves_the_table_as_it_was(clean, shards, t
         from pipelines.run import run_pipeline
         run_pipeline(validate_config({{"input": {{"uri": {str(shards[0])!r}}},
             "clip": {{"model": {{"source": {str(tiny_clip_dir)!r}}}}}, "filter": {{"min_clip_score": 0.5}},
-            "output": {{"uri": {str(out)!r}}}, "run_date": "2026-11-01",
-            "ray_address": {ray_cluster.get_runtime_context().gcs_address!r}}}))
+            "output": {{"uri": {str(out)!r}}}, "run_date": "2026-11-01", "executor": "in_process"}}))
     """)
     done = subprocess.run(
         [sys.executable, "-c", script],
@@ -147,6 +147,6 @@ def test_driver_killed_before_commit_leaves_the_table_as_it_was(clean, shards, t
     assert written - visible, "the killed run had written data files"
     assert table.version() == before and outcomes(out) == clean[1]  # readers see the previous version
 
-    record = run_pipeline(config_for(shards[0], out, tiny_clip_dir))
+    record = run_pipeline(config_for(shards[0], out, tiny_clip_dir, executor="in_process"))
     assert record.table_version == before + 1
     assert outcomes(out) == clean[1]  # converged: the killed run's files never became visible

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
 
 
 def write_config(tmp_path: Path, shards: Path, clip: Path, **sections) -> str:
+    """A run of ``shards`` in this process unless ``executor`` says otherwise: these endings are not Ray's."""
     raw = {
+        "executor": "in_process",
         "input": {"uri": str(shards)},
         "clip": {"model": {"source": str(clip)}},
         "output": {"uri": str(tmp_path / "out")},
@@ -45,9 +47,7 @@ def records(tmp_path: Path) -> list[dict]:
     return read_run_records(str(tmp_path / "out" / "_vlpipe_runs")).to_pylist()
 
 
-def test_a_run_with_a_bad_shard_is_partial_in_its_record_and_exits_3(
-    ray_cluster, local_shards, tiny_clip_dir, tmp_path
-):
+def test_a_run_with_a_bad_shard_is_partial_in_its_record_and_exits_3(local_shards, tiny_clip_dir, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(local_shards[0], shards)
     (shards / "99999.parquet").write_bytes(b"truncated upload")
@@ -67,7 +67,7 @@ def test_no_usable_input_is_a_failed_record_and_exits_4(tiny_clip_dir, tmp_path,
     assert record["status"] == "failed" and "cannot read the Parquet footer" in record["error"]
 
 
-def test_a_model_that_cannot_load_is_a_failed_record_and_exits_1(ray_cluster, local_shards, tiny_clip_dir, tmp_path):
+def test_a_model_that_cannot_load_is_a_failed_record_and_exits_1(local_shards, tiny_clip_dir, tmp_path):
     broken = tmp_path / "broken-clip"
     shutil.copytree(tiny_clip_dir, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
@@ -77,9 +77,7 @@ def test_a_model_that_cannot_load_is_a_failed_record_and_exits_1(ray_cluster, lo
     assert not (tmp_path / "out" / "_delta_log").exists()
 
 
-def test_another_run_committing_first_is_a_failed_record_and_exits_5(
-    ray_cluster, local_shards, tiny_clip_dir, tmp_path
-):
+def test_another_run_committing_first_is_a_failed_record_and_exits_5(local_shards, tiny_clip_dir, tmp_path):
     out = tmp_path / "out"
 
     def other_run_commits(point: str) -> None:
@@ -97,7 +95,7 @@ def test_another_run_committing_first_is_a_failed_record_and_exits_5(
 
 
 def test_an_error_inside_a_stage_is_a_failed_record_with_the_error_and_exits_1(
-    ray_cluster, local_shards, tiny_clip_dir, tmp_path, faults
+    local_shards, tiny_clip_dir, tmp_path, faults
 ):
     (faults / "raise-batch-filter").touch()  # every batch of the filter stage raises
     assert main(["-q", "run", write_config(tmp_path, local_shards[0], tiny_clip_dir)]) == 1
@@ -122,13 +120,13 @@ entry()
 _VLPIPE_LINE = re.compile(r"^(vlpipe: |\S+ \S+ [A-Z]+ +(vlpipe|operators|pipelines|jobs)[\w.]*( run=\S+)?: )")
 
 
-def start_vlpipe(tmp_path: Path, config: str, faults: Path | None = None, *flags: str) -> subprocess.Popen:
-    """``vlpipe run config`` as its own process, with torch's fake_tensor imported and no Ray cluster given."""
-    env = {**os.environ, hooks.ENV: HOOK, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+def start_vlpipe(tmp_path: Path, config: str, faults: Path | None = None, ray_address: str = "") -> subprocess.Popen:
+    """``vlpipe run config`` as its own process, with torch's fake_tensor imported (and the Ray at ``ray_address``)."""
+    env = {**os.environ, hooks.ENV: HOOK, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_address}
     if faults is not None:
         env["VLPIPE_FAULTS"] = str(faults)
     return subprocess.Popen(
-        [sys.executable, "-c", _PRELOADED, "run", config, *flags],
+        [sys.executable, "-c", _PRELOADED, "run", config],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -156,9 +154,12 @@ def stop_mid_run(process: subprocess.Popen, stop: signal.Signals) -> tuple[str, 
     [("success", "in_process"), ("failure", "in_process"), ("SIGTERM", "in_process"), ("success", "ray")],
 )
 def test_the_last_line_on_stderr_is_vlpipes_own_however_the_run_ends(
-    local_shards, tiny_clip_dir, tmp_path, ending, executor
+    local_shards, tiny_clip_dir, tmp_path, ending, executor, request
 ):
     config = write_config(tmp_path, local_shards[0], tiny_clip_dir, executor=executor)
+    # On Ray the process exits through Python's atexit handlers (in process it skips them): the
+    # session's Ray saves starting one for this run alone.
+    ray_address = request.getfixturevalue("ray_cluster").get_runtime_context().gcs_address if executor == "ray" else ""
     armed = tmp_path / "faults"
     armed.mkdir()
     if ending == "failure":
@@ -167,7 +168,7 @@ def test_the_last_line_on_stderr_is_vlpipes_own_however_the_run_ends(
         (armed / "stall-batch-clip").touch()
         out, err = stop_mid_run(start_vlpipe(tmp_path, config, armed), signal.SIGTERM)
     else:
-        out, err = start_vlpipe(tmp_path, config, armed).communicate(timeout=240)
+        out, err = start_vlpipe(tmp_path, config, armed, ray_address).communicate(timeout=240)
     last = err.strip().splitlines()[-1]
     assert _VLPIPE_LINE.match(last), err[-3000:]
     assert "torch" not in err, err[-3000:]  # no library speaks below WARNING without -v
@@ -194,7 +195,7 @@ def test_a_signal_stops_the_run_and_records_it_interrupted(local_shards, tiny_cl
 def test_a_gpu_the_local_cluster_lacks_fails_at_once_naming_the_key(
     ray_cluster, local_shards, tiny_clip_dir, tmp_path, capsys
 ):
-    config = write_config(tmp_path, local_shards[0], tiny_clip_dir, ray_resource_timeout_s=1)
+    config = write_config(tmp_path, local_shards[0], tiny_clip_dir, ray_resource_timeout_s=1, executor="ray")
     started = time.monotonic()
     assert main(["run", config, "--set", "clip.resources.num_gpus=1"]) == 2  # it used to wait for ever
     assert time.monotonic() - started < 60

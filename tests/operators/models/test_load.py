@@ -41,3 +41,42 @@ def test_object_store_models_are_fetched_once_per_node(s3, tiny_clip_dir, tmp_pa
     assert resolve_model_dir(ref, storage) == first
     configs_only = resolve_model_dir(ref, storage, config_only=True)
     assert not list(configs_only.glob("*.safetensors")) and (configs_only / "preprocessor_config.json").exists()
+
+
+def test_models_load_one_at_a_time_in_a_process(tmp_path):
+    # from_pretrained patches torch's init functions process-wide while it loads; two loads at once
+    # (two runs in process, in threads) left the patches in place and later models on meta tensors.
+    import threading
+    import time
+
+    from operators.models.load import load_model
+
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    class Model:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            time.sleep(0.2)
+            with lock:
+                active[0] -= 1
+            return cls()
+
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    threads = [
+        threading.Thread(target=load_model, args=(Model, ModelRef(source=str(tmp_path)), tmp_path, "cpu", None))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1

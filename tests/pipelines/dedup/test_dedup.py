@@ -37,6 +37,7 @@ def config(inputs, output, run_date, clip_dir, **sections):
             "run_date": run_date.isoformat(),
             "report": {"enabled": False},
             "dedup": {"exact": True, "near": {"max_distance": MAX_DISTANCE}, "semantic": {"eps": EPS}},
+            "executor": "in_process",  # dedup is not Ray's: one run below shuffles on Ray
             **sections,
         }
     )
@@ -53,7 +54,7 @@ def decisions(rows: dict[str, dict]) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def nights(ray_cluster, tiny_clip_dir, tmp_path_factory):
+def nights(tiny_clip_dir, tmp_path_factory):
     """Night 1: originals and look-alike distractors. Night 2: transformed copies of them, and exact
     copies of some of those copies under new keys."""
     root = tmp_path_factory.mktemp("dedup")
@@ -127,13 +128,20 @@ def test_night_two_reuses_night_one_centroids_and_rows_carry_their_cluster(night
     assert all(r[col.SEMANTIC_CLUSTER] is not None for r in nights["night2"].values() if r[col.STATUS] == col.OK)
 
 
-def test_rerunning_night_two_gives_the_same_decisions(nights, tiny_clip_dir, monkeypatch):
+def test_rerunning_night_two_gives_the_same_decisions(nights, tiny_clip_dir, monkeypatch, ray_cluster):
     # Keeping the top 100% changes no decision, but makes two whole-run stages in a row: dedup's
     # decisions must reach the top fraction's pass to give the same table. The nights were decided
     # in one task (they are small); this re-run shuffles on Ray Data as a large run does: same decisions.
     monkeypatch.setattr(pipelines.dedup.stage, "ONE_TASK_ROWS", 0)
     run_pipeline(
-        config(nights["root"] / "night2", nights["output"], D2, tiny_clip_dir, filter={"keep_top_fraction": 1.0})
+        config(
+            nights["root"] / "night2",
+            nights["output"],
+            D2,
+            tiny_clip_dir,
+            filter={"keep_top_fraction": 1.0},
+            executor="ray",
+        )
     )
     assert decisions(partition(nights["output"], D2)) == decisions(nights["night2"])
     assert partition(nights["output"], D1) == nights["night1"]

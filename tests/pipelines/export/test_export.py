@@ -344,6 +344,7 @@ def runs(ray_cluster, s3, s3_input, local_shards, tiny_clip_dir):
             output={"uri": "s3://lake/export-plain"},
             report={"enabled": False},
             filter={"min_clip_score": -1.0, "min_caption_words": 5},
+            executor="in_process",  # the export runs on Ray; the run it exports need not
         )
     )
     storage = StorageOptions(

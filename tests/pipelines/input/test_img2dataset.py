@@ -78,13 +78,14 @@ def run(folder: Path, tiny_clip_dir: Path, out: Path, extra) -> tuple:
             "filter": {"min_clip_score": -1.0},
             "output": {"uri": str(out)},
             "run_date": "2026-11-01",
+            "executor": "in_process",
         }
     )
     record = run_pipeline(config)
     return record, {r[col.KEY]: r for r in DeltaTable(str(out)).to_pyarrow_table().to_pylist()}
 
 
-def test_img2dataset_parquet_output(ray_cluster, downloads, tiny_clip_dir, tmp_path):
+def test_img2dataset_parquet_output(downloads, tiny_clip_dir, tmp_path):
     source = pa.concat_tables(pq.read_table(p) for p in sorted(downloads["parquet"].glob("*.parquet")))
     record, rows = run(
         downloads["parquet"],
@@ -107,7 +108,7 @@ def test_img2dataset_parquet_output(ray_cluster, downloads, tiny_clip_dir, tmp_p
             assert row[col.STATUS] == col.DOWNLOAD_FAILED and "HTTP Error 404" in row[col.ERROR]
 
 
-def test_img2dataset_webdataset_output_counts_every_url(ray_cluster, downloads, tiny_clip_dir, tmp_path):
+def test_img2dataset_webdataset_output_counts_every_url(downloads, tiny_clip_dir, tmp_path):
     """The tars hold the 8 downloads; the 2 failures are only in the metadata Parquet beside each tar."""
     record, rows = run(downloads["webdataset"], tiny_clip_dir, tmp_path / "out", ["url", "sha256", "width"])
     assert record.rows_in == IMAGES + MISSING == len(rows)

@@ -35,7 +35,7 @@ def read_table(s3, uri: str) -> dict[str, dict]:
     return {r[col.KEY]: r for r in table.to_pylist()}
 
 
-def test_tar_shards_from_two_writers_and_a_corrupt_one(ray_cluster, s3, tiny_clip_dir, tmp_path):
+def test_tar_shards_from_two_writers_and_a_corrupt_one(s3, tiny_clip_dir, tmp_path):
     import webdataset as wds
 
     folder = tmp_path / "tars"
@@ -75,6 +75,7 @@ def test_tar_shards_from_two_writers_and_a_corrupt_one(ray_cluster, s3, tiny_cli
         input={"uri": "s3://wds/night/", "extra_columns": {"url": "source_url"}},
         output={"uri": "s3://wds-out/t"},
         filter=ANY_SCORE,
+        executor="in_process",  # a tar's rows are unknown until read: auto would pick Ray
     )
     s3.create_bucket("wds-out")
     record = run_pipeline(config)
@@ -113,7 +114,7 @@ def test_tar_shards_from_two_writers_and_a_corrupt_one(ray_cluster, s3, tiny_cli
     assert [s.uri for s in plan.new] == ["s3://wds/night/00002.tar"]
 
 
-def test_image_references_over_http_s3_and_relative_paths(ray_cluster, s3, tiny_clip_dir, tmp_path):
+def test_image_references_over_http_s3_and_relative_paths(s3, tiny_clip_dir, tmp_path):
     s3.create_bucket("pics")
     fs = s3.filesystem()
     for i in (0, 1):
@@ -144,6 +145,7 @@ def test_image_references_over_http_s3_and_relative_paths(ray_cluster, s3, tiny_
             },
             output={"uri": "s3://pics/out"},
             filter=ANY_SCORE,
+            executor="in_process",
         )
         record = run_pipeline(config)
     rows = read_table(s3, "s3://pics/out")

@@ -82,7 +82,7 @@ def test_nothing_new_is_a_no_op_that_says_so():
 
 
 @pytest.mark.slow
-def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
+def test_nightly_runs_end_to_end(tiny_clip_dir, tmp_path):
     crawl, spare, out = tmp_path / "crawl", tmp_path / "spare", str(tmp_path / "out")
     paths = write_sample_shards(
         spare, num_shards=3, rows_per_shard=8, broken_per_shard=1, mismatch_fraction=0.25, seed=3
@@ -90,7 +90,12 @@ def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
     crawl.mkdir()
     for path in paths[:2]:  # shards A and B
         shutil.copy(path, crawl / path.name)
-    raw = {"input": {"uri": str(crawl)}, "clip": {"model": {"source": str(tiny_clip_dir)}}, "output": {"uri": out}}
+    raw = {
+        "input": {"uri": str(crawl)},
+        "clip": {"model": {"source": str(tiny_clip_dir)}},
+        "output": {"uri": out},
+        "executor": "in_process",
+    }
 
     def nightly(day, force=False):
         return run_nightly(validate_config({**raw, "run_date": day.isoformat()}), force=force)
@@ -138,16 +143,15 @@ def test_nightly_runs_end_to_end(ray_cluster, tiny_clip_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nightly_runs_at_once_leave_exactly_one_partition_version(ray_cluster, tiny_clip_dir, tmp_path):
+def test_two_nightly_runs_at_once_leave_exactly_one_partition_version(tiny_clip_dir, tmp_path):
     write_sample_shards(tmp_path / "crawl", num_shards=2, rows_per_shard=8, broken_per_shard=1, mismatch_fraction=0.25)
-    # Fractional CPUs so both runs fit on a 2-core test machine at the same time.
     config = validate_config(
         {
             "input": {"uri": str(tmp_path / "crawl")},
-            "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0.5}},
-            "decode": {"resources": {"num_cpus": 0.25}},
+            "clip": {"model": {"source": str(tiny_clip_dir)}},
             "output": {"uri": str(tmp_path / "out")},
             "run_date": "2026-11-05",
+            "executor": "in_process",
         }
     )
     outcomes: list = []

@@ -108,7 +108,7 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
+def two_runs(local_shards, tiny_clip_dir, tmp_path_factory):
     """Two runs of the same date on one output; the first cannot write its report."""
     _, paths, manifest, _ = local_shards
     root = tmp_path_factory.mktemp("report")
@@ -134,6 +134,7 @@ def two_runs(ray_cluster, local_shards, tiny_clip_dir, tmp_path_factory):
         "clip": {"model": {"source": str(tiny_clip_dir)}},
         "filter": {"min_clip_score": 0.0},
         "output": {"uri": str(out)},
+        "executor": "in_process",
         "report": {"samples": 50},
         "run_date": "2026-11-01",
     }
