@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-quick browser bench clean
+.PHONY: demo test test-quick browser bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,9 @@ browser:
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
+# The documentation site (MkDocs + Material) into site/; the suite builds it strictly too.
+docs: $(VENV)/.installed-test
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf out .cache/demo .pytest_cache
+	rm -rf out .cache/demo .pytest_cache site

@@ -46,9 +46,9 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_blip_captioner_dir(tmp_path_factory) -> Path:
-    """A tiny BLIP captioner, briefly trained so captions are words, not noise (~20 s, once per session)."""
-    return build_tiny_blip_captioner(tmp_path_factory.mktemp("models") / "tiny-blip", train_steps=100)
+def tiny_blip_captioner_dir(demo_models) -> Path:
+    """A tiny BLIP captioner trained so captions are words, not noise: the demo's, trained once per session."""
+    return demo_models["tiny-blip"]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ worker that dies costs a retry, not the run, and steps run on as many nodes as t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -108,7 +107,7 @@ class LocalExecutor:
         return self._on_ray().read_parquet(paths, filesystem, columns, include_paths=include_paths)
 
     def shuffling(self):
-        return self._ray.shuffling() if self._ray is not None else contextlib.nullcontext()
+        return self._on_ray().shuffling()
 
     def describe(self, run_pass: Pass, rows: int | None) -> list[str]:
         lines = []

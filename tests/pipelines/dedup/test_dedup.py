@@ -131,7 +131,8 @@ def test_night_two_reuses_night_one_centroids_and_rows_carry_their_cluster(night
 def test_rerunning_night_two_gives_the_same_decisions(nights, tiny_clip_dir, monkeypatch, ray_cluster):
     # Keeping the top 100% changes no decision, but makes two whole-run stages in a row: dedup's
     # decisions must reach the top fraction's pass to give the same table. The nights were decided
-    # in one task (they are small); this re-run shuffles on Ray Data as a large run does: same decisions.
+    # in one task (they are small); this re-run shuffles on Ray Data as a large run does, which a run
+    # in process asks its executor for (it starts a local Ray; here, the session's): same decisions.
     monkeypatch.setattr(pipelines.dedup.stage, "ONE_TASK_ROWS", 0)
     run_pipeline(
         config(
@@ -140,7 +141,6 @@ def test_rerunning_night_two_gives_the_same_decisions(nights, tiny_clip_dir, mon
             D2,
             tiny_clip_dir,
             filter={"keep_top_fraction": 1.0},
-            executor="ray",
         )
     )
     assert decisions(partition(nights["output"], D2)) == decisions(nights["night2"])

@@ -197,3 +197,18 @@ def test_a_gpu_this_machine_lacks_fails_an_in_process_run_before_any_work(
     ) in capsys.readouterr().err
     [record] = read_run_records(str(tmp_path / "out" / "_vlpipe_runs")).to_pylist()
     assert record["status"] == "failed" and not (tmp_path / "out" / "_delta_log").exists()
+
+
+@pytest.mark.slow
+def test_a_decision_that_shuffles_in_process_gets_rays_sort_shuffle(ray_cluster):
+    # A dedup too large for one task shuffles with Ray Data from a run in process: with Ray's
+    # default hash shuffle each groupby started aggregator actors (1.4-3.5 s each on 2 cores).
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    from pipelines.execute.local import LocalExecutor
+
+    executor = LocalExecutor()
+    before = DataContext.get_current().shuffle_strategy
+    with executor.shuffling():
+        assert DataContext.get_current().shuffle_strategy == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    assert DataContext.get_current().shuffle_strategy == before
