@@ -380,43 +380,49 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dedup_refit(args: argparse.Namespace) -> int:
+def _request(verb: str, model, **flags):
+    """A command's typed request from its flags; a bad one is a ``ConfigError`` naming the flag (exit 2)."""
     from pydantic import ValidationError
 
+    try:
+        return model(**flags)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{verb} --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def _dedup_refit(args: argparse.Namespace) -> int:
     from operators.decisions.duplicates import SemanticConfig
     from operators.storage import Location, StorageOptions
     from pipelines.dedup.refit import refit
     from pipelines.execute.ray import RayExecutor
 
-    try:
-        config = SemanticConfig(
-            clusters=args.clusters, rows_per_cluster=args.rows_per_cluster, sample_rows=args.sample_rows, seed=args.seed
-        )
-    except ValidationError as err:
-        raise ConfigError(f"vlpipe dedup refit: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
+    config = _request(
+        "dedup refit",
+        SemanticConfig,
+        clusters=args.clusters,
+        rows_per_cluster=args.rows_per_cluster,
+        sample_rows=args.sample_rows,
+        seed=args.seed,
+    )
     print(refit(Location.resolve(args.output, StorageOptions()), config, RayExecutor.local()))
     return 0
 
 
 def _index(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from operators.storage import StorageOptions
     from pipelines.search.index import IndexRequest, build_index, summary
 
-    try:
-        request = IndexRequest(
-            embedding=args.embedding,
-            run_dates=tuple(args.run_dates),
-            version=args.version,
-            index_key=args.index_key,
-            max_index_gb=args.max_index_gb,
-            executor=args.executor,
-        )
-    except ValidationError as err:
-        raise ConfigError(
-            f"vlpipe index: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: {err.errors()[0]['msg']}"
-        ) from None
+    request = _request(
+        "index",
+        IndexRequest,
+        embedding=args.embedding,
+        run_dates=tuple(args.run_dates),
+        version=args.version,
+        index_key=args.index_key,
+        max_index_gb=args.max_index_gb,
+        executor=args.executor,
+    )
     _ray_output(args.quiet)
     print(
         summary(
@@ -428,24 +434,19 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from operators.storage import StorageOptions
     from pipelines.export.export import ExportRequest, export, summary
 
-    try:
-        request = ExportRequest(
-            format=args.format,
-            run_dates=tuple(args.run_dates),
-            version=args.version,
-            all_rows=args.all_rows,
-            samples_per_shard=args.samples_per_shard,
-            embeddings=args.embeddings,
-        )
-    except ValidationError as err:
-        raise ConfigError(
-            f"vlpipe export: --{str(err.errors()[0]['loc'][0]).replace('_', '-')}: {err.errors()[0]['msg']}"
-        ) from None
+    request = _request(
+        "export",
+        ExportRequest,
+        format=args.format,
+        run_dates=tuple(args.run_dates),
+        version=args.version,
+        all_rows=args.all_rows,
+        samples_per_shard=args.samples_per_shard,
+        embeddings=args.embeddings,
+    )
     _ray_output(args.quiet)
     manifest = export(
         args.output, args.to_uri, request, storage=StorageOptions(), runs_uri=args.runs_uri, progress=not args.quiet
