@@ -32,7 +32,7 @@ class Executor(Tasks, Protocol):
     def rows(self, stream: object) -> Iterator[dict]:
         """Run ``stream`` and hand back its rows (the writer's summaries)."""
 
-    def describe(self, run_pass: Pass, rows: int | None) -> list[str]:
+    def describe(self, run_pass: Pass) -> list[str]:
         """How each step of ``run_pass`` runs, as ``vlpipe plan`` prints it."""
 
     def close(self) -> None:

@@ -109,7 +109,7 @@ class LocalExecutor:
     def shuffling(self):
         return self._on_ray().shuffling()
 
-    def describe(self, run_pass: Pass, rows: int | None) -> list[str]:
+    def describe(self, run_pass: Pass) -> list[str]:
         lines = []
         for index, step in enumerate(run_pass.steps):
             reads = " + ".join(("read",) * (run_pass.reads_inside and index == 0) + tuple(s.name for s in step.stages))

@@ -122,7 +122,7 @@ class RayExecutor:
         finally:
             context.shuffle_strategy = before
 
-    def describe(self, run_pass: Pass, rows: int | None) -> list[str]:
+    def describe(self, run_pass: Pass) -> list[str]:
         lines = []
         if not run_pass.reads_inside:
             lines.append(
@@ -130,7 +130,7 @@ class RayExecutor:
                 "a file each) x 0 CPU"
             )
         for index, step in enumerate(run_pass.steps):
-            args = map_batches_args(step, self.cluster.get("GPU", 0.0), self.cpus, rows)
+            args = map_batches_args(step, self.cluster.get("GPU", 0.0), self.cpus, self.input_rows)
             lines.append(f"  ray step {step.name}: {_how(step, args, reads=run_pass.reads_inside and index == 0)}")
         return lines
 

@@ -20,7 +20,7 @@ def describe(plan: Plan, executor: Executor, in_process: str | None = None) -> s
                     else " (reads pass 1's staged rows back)"
                 )
             )
-        lines += executor.describe(run_pass, plan.input_rows)
+        lines += executor.describe(run_pass)
     lines.append("")
     for stage in plan.stages:
         lines += _describe_stage(stage)
