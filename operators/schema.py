@@ -94,6 +94,7 @@ DECODE_ERROR = "decode_error"
 DOWNLOAD_FAILED = "download_failed"  # the downloader (img2dataset's `status`) could not fetch the image
 FETCH_ERROR = "fetch_error"  # input.columns.image_uri could not be fetched (404, 403, timeout, ...)
 INVALID_SAMPLE = "invalid_sample"  # a tar sample vlpipe cannot read as one row (e.g. two image members)
+MODEL_ERROR = "model_error"  # a model stage raised on this row alone (its stage and exception are in error)
 # Statuses of rows whose input has no image bytes at all (nothing to read back for an export).
 NO_IMAGE_STATUSES = (MISSING_IMAGE, DOWNLOAD_FAILED, FETCH_ERROR, INVALID_SAMPLE)
 IMAGE_STATUSES = (
@@ -105,6 +106,7 @@ IMAGE_STATUSES = (
     DOWNLOAD_FAILED,
     FETCH_ERROR,
     INVALID_SAMPLE,
+    MODEL_ERROR,
 )
 
 # Reject reasons that come from the filter rather than from decoding, in the order the
@@ -201,8 +203,10 @@ COLUMN_DOCS = {
     KEY: "Row id from the input (img2dataset `key`), as a string.",
     CAPTION: "Original caption text from the input (null if missing).",
     SOURCE_SHARD: "URI of the input shard the row came from.",
-    STATUS: "Image outcome: " + ", ".join(IMAGE_STATUSES) + ".",
-    ERROR: "Why the image failed (null when status is ok).",
+    STATUS: "Image outcome, or model_error where a model stage raised on this row alone: "
+    + ", ".join(IMAGE_STATUSES)
+    + ".",
+    ERROR: "Why the image failed, or the model stage and its exception (null when status is ok).",
     IMAGE_WIDTH: "Width of the decoded image, upright (after EXIF orientation).",
     IMAGE_HEIGHT: "Height of the decoded image, upright.",
     IMAGE_BYTES: "Original encoded image (only with output.include_image_bytes).",

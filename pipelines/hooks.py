@@ -23,8 +23,13 @@ def install(hook: Callable[[str], None] | None) -> None:
     _installed = hook
 
 
+def active() -> bool:
+    """Whether any hook is installed: per-row points are reached only then (tests), never in production."""
+    return _installed is not None or bool(os.environ.get(ENV))
+
+
 def reach(point: str) -> None:
-    """Run the installed hooks for ``point`` (``batch:<stage>``, ``commit``, ``commit:planned``)."""
+    """Run the installed hooks for ``point`` (``batch:<stage>``, ``row:<stage>:<key>``, ``commit``, ...)."""
     if _installed is not None:
         _installed(point)
     named = os.environ.get(ENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
-from deltalake import write_deltalake
+from deltalake import DeltaTable, write_deltalake
 
 from jobs.cli import main
 from operators import schema as col
@@ -207,3 +208,27 @@ def test_a_gpu_the_local_cluster_lacks_fails_at_once_naming_the_key(
     assert "waiting for the cluster: clip.resources asks for 1 GPU(s)" in err  # it said what it waited for
     (record,) = records(tmp_path)
     assert record["status"] == "failed" and "clip.resources asks for 1 GPU" in record["error"]
+
+
+def test_a_row_that_makes_a_model_stage_raise_is_rejected_and_the_run_goes_on(
+    local_shards, tiny_clip_dir, tmp_path, faults
+):
+    folder, _, manifest, rows = local_shards
+    bad = next(k for k in sorted(rows) if k not in manifest["broken_keys"] + manifest["empty_caption_keys"])
+    (faults / f"raise-row-clip-{bad}").touch()  # the CLIP stage raises on this row, as on a prompt too long
+    assert main(["-q", "run", write_config(tmp_path, folder, tiny_clip_dir)]) == 0
+    (record,) = records(tmp_path)
+    assert record["status"] == "succeeded" and json.loads(record["rejected_by_reason"])[col.MODEL_ERROR] == 1
+    table = {r[col.KEY]: r for r in DeltaTable(str(tmp_path / "out")).to_pyarrow_table().to_pylist()}
+    assert len(table) == len(rows)
+    assert table[bad][col.REJECT_REASON] == col.MODEL_ERROR and table[bad][col.CLIP_SCORE] is None
+    assert table[bad][col.ERROR] == f"clip: RuntimeError: planted failure at row:clip:{bad}"
+    scored = [r for k, r in table.items() if r[col.STATUS] == col.OK and (r[col.CAPTION] or "").strip()]
+    assert scored and all(r[col.CLIP_SCORE] is not None for r in scored)
+
+
+def test_a_model_stage_that_raises_on_every_row_fails_the_run(local_shards, tiny_clip_dir, tmp_path, faults):
+    (faults / "raise-rows-clip").touch()
+    assert main(["-q", "run", write_config(tmp_path, local_shards[0], tiny_clip_dir)]) == 1
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed" and "planted failure at row:clip:" in record["error"]
