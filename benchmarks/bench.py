@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from benchmarks import dedup as dedup_bench
-from benchmarks import inputs, models, naive_clip, retrieval, signals, whole
+from benchmarks import inputs, models, naive_clip, resume, retrieval, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
@@ -117,6 +117,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ROWS",
         help="rows for the input readers' comparison: WebDataset tars against Parquet (0: skip)",
     )
+    parser.add_argument(
+        "--resume",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="runs of ROWS rows (tiny CLIP, on Ray) with and without progress, killed and resumed (0: skip)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument(
         "--clip-batch", type=int, default=None, help="vlpipe and limit CLIP batch (default: the operator's)"
@@ -184,7 +191,7 @@ class _RunLogCapture(logging.Handler):
         if getattr(record, "timings", None):
             self.timings = dict(record.timings)
         elif "Ray Data stats" in record.getMessage():
-            self.stats = record.getMessage()
+            self.stats += record.getMessage() + "\n"  # one per pass
 
 
 _OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.MULTILINE)
@@ -501,6 +508,10 @@ def run(args: argparse.Namespace) -> dict:
         if args.retrieval:
             report["retrieval"] = retrieval.retrieval(args.work_dir, args.retrieval_rows)
             log.info("retrieval: %s", report["retrieval"])
+        if args.resume:
+            ray.shutdown()  # each run starts its own Ray, as a user's does
+            report["resume"] = resume.resume(args.work_dir, models.clip_dir(args.work_dir, tiny=True), args.resume)
+            log.info("resume: %s", report["resume"])
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -787,6 +798,7 @@ def format_report(report: dict) -> str:
     lines += _format_signals(report.get("signals"))
     lines += dedup_bench.format_dedup(report.get("dedup"))
     lines += retrieval.format_retrieval(report.get("retrieval"))
+    lines += resume.format_resume(report.get("resume"))
     lines += inputs.format_inputs(report.get("inputs"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)

@@ -125,6 +125,12 @@ def _run_verbs(sub) -> None:
     nightly = _config_verb(sub, "nightly", "process only new or changed shards into a date's partition", _nightly)
     nightly.add_argument("--date", type=_DATE, help="partition date (default: today, UTC)")
     nightly.add_argument("--force", action="store_true", help="recompute the date even if it is up to date")
+    for verb in (run, nightly):
+        verb.add_argument(
+            "--fresh",
+            action="store_true",
+            help="discard what an earlier, unfinished run of the same date left to resume, and start over",
+        )
 
 
 def _job_verbs(sub) -> None:
@@ -313,7 +319,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"run_date={args.run_date.isoformat()}")
     config = load_config(args.config, overrides)
     _ray_output(args.quiet)
-    record = run_pipeline(config)
+    record = run_pipeline(config, fresh=args.fresh)
     print(format_summary(record, _report_of(record, config)))
     return exit_code(record)
 
@@ -326,7 +332,7 @@ def _nightly(args: argparse.Namespace) -> int:
         overrides.append(f"run_date={args.date.isoformat()}")
     config = load_config(args.config, overrides)
     _ray_output(args.quiet)
-    plan, record = run_nightly(config, force=args.force)
+    plan, record = run_nightly(config, force=args.force, fresh=args.fresh)
     print(f"nightly {plan.run_date}: {plan.reason}")
     if record is not None:
         print(format_summary(record, _report_of(record, config)))
@@ -363,11 +369,17 @@ def _job_stop(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from operators.storage import StorageOptions
+    from operators.storage import Location, StorageOptions
+    from pipelines.execute.progress import resumable
     from pipelines.table.records import format_runs, read_run_records
 
     uri = args.runs_uri or default_run_records_uri(args.output)
     print(format_runs(read_run_records(uri, StorageOptions()), limit=args.limit))
+    for run in resumable(Location.resolve(args.output, StorageOptions())):
+        print(
+            f"resumable: run {run['run_id']} ({run['run_date']}, {run['shards']} shard(s)): "
+            f"{run['rows']:,} rows done; the next run of its config resumes it (--fresh starts over)"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
 CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
 ASK_PIXELS = "_pixels_ask"  # at the visual-question model's, when it differs
 ROW_ID = "_row_id"  # a staged row's place (file and row), between the passes of a whole-run stage
+SOURCE_ROW = "_source_row"  # the row's place in its input shard: what a resumed run skips
 IMAGE_URI = "_image_uri"  # where to fetch the image from, when the input holds references, not bytes
 # Set before decoding when the input itself says the image is unusable (a failed download, a
 # malformed tar sample, a failed fetch): decode then keeps this status and error for the row.

@@ -75,6 +75,7 @@ class Staged:
     paths: list[str]
     location: Location
     tasks: Tasks  # the executor: where a decision that needs more than the partials runs its work
+    rows: int = 0  # in all the files
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,14 @@ class PipelineConfig(_Strict):
     # process, without Ray, unless a Ray cluster is given or already connected (pipelines.execute.local).
     executor: Literal["auto", "ray", "in_process"] = "auto"
     in_process_max_rows: int = Field(IN_PROCESS_MAX_ROWS, ge=0)
+    # Keep the rows the models are done with in staging files as the run goes, so that a run
+    # that stops before its commit resumes there (pipelines.execute.progress). Off: a run that
+    # stops starts again from its first row, and a run without dedup or a top fraction writes
+    # its output in one pass.
+    resume: bool = True
+    # Rows per staged file: a stopped run does again at most this many rows per staging writer,
+    # plus the model batches in flight. Each file is one write (one PUT on S3).
+    staging_rows: int = Field(1024, ge=1, le=1 << 20)
     report: ReportConfig = ReportConfig()
 
     @field_validator("tags")
@@ -222,6 +230,8 @@ class PipelineConfig(_Strict):
                 "ray_dashboard",
                 "executor",
                 "in_process_max_rows",
+                "resume",
+                "staging_rows",
                 "report",
             },
         )

@@ -4,7 +4,9 @@
 on Ray, commits the written files in one Delta transaction and appends the run
 record. A failure anywhere (no usable shard, a model that cannot load, a
 concurrent commit, a Ray error, SIGINT/SIGTERM) still appends a record, with the
-status and the error, before the error goes on to the caller.
+status and the error, before the error goes on to the caller; the rows it staged stay,
+and the next run of the same date, config and inputs resumes from them
+(``pipelines.execute.progress``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipelines.config import PipelineConfig, check_models
 from pipelines.errors import Interrupted, NoInputError, PlanError
 from pipelines.execute.executor import Executor, execute
 from pipelines.execute.local import LocalExecutor, gpu_shortfall, in_process_reason
+from pipelines.execute.progress import Progress, RunKey, find_progress, staging_of
 from pipelines.execute.source import Source, parquet_source
 from pipelines.input.nightly import NightlyPlan, plan_nightly
 from pipelines.input.shards import WEBDATASET, Shard, ShardCheck, check_shards, choose_format, list_shards
@@ -34,7 +37,8 @@ from pipelines.input.tars import check_tar_shards, tar_blocks
 from pipelines.plan.build import Plan, build_plan, check_locations
 from pipelines.plan.describe import describe
 from pipelines.report.report import write_run_report
-from pipelines.table.commit import commit_files, table_version
+from pipelines.table.commit import commit_files, run_committed, table_version
+from pipelines.table.datafile import remove_run_files
 from pipelines.table.records import RunRecord, append_run_record, read_run_records
 from pipelines.table.supersede import Supersede
 from pipelines.table.write import WriteSummary
@@ -61,6 +65,8 @@ class Run:
     shards: list[Shard] = field(default_factory=list)
     failed_shards: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, logged at the end
+    progress: Progress | None = None  # its staging area, once the shards are known
+    rows_resumed: int = 0
 
     @contextmanager
     def phase(self, name: str):
@@ -82,11 +88,14 @@ class Run:
             output_uri=self.output.uri,
             input_shards=[_shard_row(s) for s in self.shards],
             failed_shards=self.failed_shards,
+            rows_resumed=self.rows_resumed,
             **fields,
         )
 
 
-def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[NightlyPlan, RunRecord | None]:
+def run_nightly(
+    config: PipelineConfig, *, force: bool = False, fresh: bool = False
+) -> tuple[NightlyPlan, RunRecord | None]:
     """Process only new or changed shards into the run date's partition (see ``pipelines.input.nightly``)."""
     check_models(config)
     run_date = config.run_date or _now().date()
@@ -100,7 +109,7 @@ def run_nightly(config: PipelineConfig, *, force: bool = False) -> tuple[Nightly
     log.info("nightly %s: %s", run_date, plan.reason)
     if plan.nothing_to_do:
         return plan, None
-    return plan, run_pipeline(config, shards=plan.shards)
+    return plan, run_pipeline(config, shards=plan.shards, fresh=fresh)
 
 
 def start_run(config: PipelineConfig, run_id: str | None = None) -> Run:
@@ -125,18 +134,22 @@ def start_run(config: PipelineConfig, run_id: str | None = None) -> Run:
 
 
 @logs.run_scope
-def run_pipeline(config: PipelineConfig, *, run_id: str | None = None, shards: list[Shard] | None = None) -> RunRecord:
+def run_pipeline(
+    config: PipelineConfig, *, run_id: str | None = None, shards: list[Shard] | None = None, fresh: bool = False
+) -> RunRecord:
     """Run the configured pipeline once and commit its output; returns the run record.
 
     ``shards`` restricts the run to these input shards (nightly runs); by default
-    every shard under ``input.uri`` is processed.
+    every shard under ``input.uri`` is processed. A run that an earlier attempt of the same
+    date, config and inputs left unfinished resumes it, unless ``fresh``.
     """
     run = start_run(config, run_id)
     logs.bind_run_id(run.run_id)  # every log line of this run names it, until run_pipeline returns
     try:
-        record = _run(run, shards)
+        record = _run(run, shards, fresh)
     except BaseException as err:
         interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
+        _leave_progress(run)
         _append_record(run, run.record(INTERRUPTED if interrupted else FAILED, error=_error_text(err)))
         raise
     with run.phase("record_and_report"):
@@ -187,7 +200,7 @@ def _planned_executor(config: PipelineConfig, plan: Plan) -> tuple[Executor, str
     return RayExecutor({"CPU": float(os.cpu_count() or 1)}, plan.input_rows), None
 
 
-def _run(run: Run, only: list[Shard] | None) -> RunRecord:
+def _run(run: Run, only: list[Shard] | None, fresh: bool) -> RunRecord:
     config = run.config
     with run.phase("list_and_check_shards"):
         read_version = table_version(run.output)
@@ -200,6 +213,8 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     log.info("%d shards from %s (%d unusable)", len(run.shards), config.input.uri, len(checked.failed))
     if not checked.good:
         raise NoInputError(_unreadable_message(run.shards, checked.failed))
+    with run.phase("progress"):
+        run.progress = _progress(run, checked, fresh)
     prefix = run.shards[0].uri.removesuffix(run.shards[0].path)
     with run.phase("plan"):
         plan = build_plan(
@@ -217,9 +232,8 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
     summary = WriteSummary()
     with run.phase("execute"):
         start = time.perf_counter()
-        execution = execute(
-            executor, list(plan.passes), _source(plan, config, run.input, checked), run.output, run.run_id
-        )
+        source = _source(plan, config, run.input, checked, run.progress)
+        execution = execute(executor, list(plan.passes), source, run.progress)
         for row in execution.rows:
             # Until the first file is written: actors started, models loaded, the pipeline filled.
             run.timings.setdefault("execute_until_first_file", round(time.perf_counter() - start, 3))
@@ -228,7 +242,45 @@ def _run(run: Run, only: list[Shard] | None) -> RunRecord:
         run.timings[f"{outcome.name}_decision"] = outcome.seconds
     with run.phase("commit"):
         metadata = _commit_metadata([d.state for d in execution.decided])
-        return _commit(run, plan, summary, read_version, checked.good, metadata)
+        record = _commit(run, plan, summary, read_version, checked.good, metadata)
+    run.progress.remove()
+    return record
+
+
+def _progress(run: Run, checked: ShardCheck, fresh: bool) -> Progress:
+    """The run's staging area: an earlier attempt's, whose run id the run takes over, or a new one."""
+    key = RunKey.of(run.run_date, run.config_hash, [_shard_row(s) for s in run.shards])
+    found = None
+    if run.config.resume:
+        found = find_progress(run.output, key, partial(run_committed, run.output), fresh)
+    if found is not None and not found.staged:
+        found.remove()  # it stopped before staging a row: nothing to take over
+        found = None
+    if found is None:
+        progress = Progress(staging_of(run.output, run.run_id), run.run_id)
+    else:
+        progress, run.run_id, run.rows_resumed = found, found.run_id, found.rows_done
+        logs.bind_run_id(run.run_id)
+        remove_run_files(run.output, run.run_date, run.run_id)  # its last pass's files: written again
+        total = f" of {checked.rows:,}" if checked.rows else ""
+        log.info("resuming run %s: %s%s rows already done", run.run_id, f"{found.rows_done:,}", total)
+    if run.config.resume:
+        progress.start(key)
+    return progress
+
+
+def _leave_progress(run: Run) -> None:
+    """A run that stops keeps its staged rows for the next attempt (resumable runs); else they go."""
+    if run.progress is None:
+        return
+    if run.config.resume:
+        log.info(
+            "the staged rows stay in %s: the next run of this config and input resumes there "
+            "(vlpipe run --fresh starts over)",
+            run.progress.staging.uri,
+        )
+    else:
+        run.progress.remove()
 
 
 def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: str) -> ShardCheck:
@@ -238,16 +290,24 @@ def check_input(fs, shards: list[Shard], config: PipelineConfig, input_format: s
     return check_shards(fs, shards, config.input.mapping_for(input_format))
 
 
-def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck) -> Source:
+def _source(plan: Plan, config: PipelineConfig, input_: Location, checked: ShardCheck, progress: Progress) -> Source:
+    """The input shards' rows, less those an earlier attempt of the run staged."""
     paths = [s.path for s in checked.good]
     if plan.input_format == WEBDATASET:
-        return Source(
+        source = Source(
             tuple(paths),
             partial(tar_blocks, input_.filesystem, config.input.webdataset, checked.schema),
             "ReadTar",
             with_path=True,
         )
-    return parquet_source(paths, input_.filesystem, list(plan.input_columns.read), with_path=True)
+    else:
+        source = parquet_source(paths, input_.filesystem, list(plan.input_columns.read), with_path=True)
+    if not progress.done:
+        return source
+    path_of = {s.uri: s.path for s in checked.good}
+    done = {path_of[uri]: ranges for uri, ranges in progress.done.items() if uri in path_of}
+    complete = {path_of[uri] for uri, n in checked.shard_rows.items() if progress.done.get(uri) == ((0, n),)}
+    return source.without(done, complete)
 
 
 def _commit_metadata(states: list) -> dict[str, str]:
@@ -331,8 +391,9 @@ def _append_record(run: Run, record: RunRecord, attempts: int = 3) -> None:
             return
         except OSError as err:
             try:
-                if record.run_id in read_run_records(run.runs).column("run_id").to_pylist():
-                    return  # it landed; only the answer was lost
+                landed = read_run_records(run.runs).select(["run_id", "finished_at"]).to_pylist()
+                if {"run_id": record.run_id, "finished_at": record.finished_at} in landed:
+                    return  # it landed; only the answer was lost (a resumed run's id has earlier records)
             except OSError:
                 pass
             if attempt == attempts - 1:

@@ -96,6 +96,7 @@ def prepare_stage(columns: ColumnMapping, shard_prefix: str) -> Stage:
         kind="fused",
         build=partial(PrepareInput, columns, shard_prefix),
         reads=(*columns.read, SHARD_PATH),
+        optional=(col.SOURCE_ROW,),
         adds=(
             col.KEY,
             col.CAPTION,
@@ -134,6 +135,8 @@ class PrepareInput:
         }
         for source, name in self.columns.extra:
             out[name] = batch.column(source)
+        if col.SOURCE_ROW in batch.column_names:  # kept to the end: the staged rows say which input rows they are
+            out[col.SOURCE_ROW] = batch.column(col.SOURCE_ROW)
         image, uri = self._image(batch)
         out[col.IMAGE] = image
         out[col.INPUT_STATUS], out[col.INPUT_ERROR] = self._input_status(batch, image)

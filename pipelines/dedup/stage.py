@@ -40,7 +40,7 @@ from pipelines.dedup.history import add_actions, history_files, load_centroids
 from pipelines.dedup.one_task import OneTask, decide_in_one_task
 from pipelines.dedup.rows import embeddings_of
 from pipelines.dedup.shuffle import ShuffledRun
-from pipelines.execute.staging import ROW_BITS, SPILL_ROWS
+from pipelines.execute.staging import ROW_BITS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Dedup:
         decisions.filesystem.create_dir(decisions.path, recursive=True)
         actions = add_actions(self.table) if self.config.history else None  # the log, read once for all methods
         history_rows = int(pc.sum(actions.column("num_records")).as_py() or 0) if actions is not None else 0
-        bound = len(staged.paths) * SPILL_ROWS + history_rows
+        bound = staged.rows + history_rows
         if bound <= ONE_TASK_ROWS:
             counts, centroids, metadata = self._in_one_task(staged, shards, actions, decisions)
         else:

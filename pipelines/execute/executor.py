@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from operators.stage import Stage, Tasks
+from operators.stage import Tasks
 from operators.storage import Location
 from pipelines.execute.batches import Head
+from pipelines.execute.progress import Progress
 from pipelines.execute.source import Source
-from pipelines.execute.staging import STAGING_DIR, Decided, decide, remove_staging
+from pipelines.execute.staging import Decided, decide
 from pipelines.execute.steps import Pass, Step
 
 
@@ -26,8 +27,9 @@ class Executor(Tasks, Protocol):
     def stream(self, steps: tuple[Step, ...], source: Source, head: Head, reads_inside: bool) -> object:
         """The source's rows through ``steps``, lazily; ``head`` runs before the first step."""
 
-    def spill(self, stream: object, aggregate: Stage, staging: Location, head: Head) -> list[dict]:
-        """Run ``stream`` into staging files for ``aggregate``: a ``{"path", "partial"}`` row per batch."""
+    def spill(self, stream: object, run_pass: Pass, staging: Location, head: Head) -> Iterator[dict]:
+        """Run ``stream`` into staging files of ``run_pass.spill_rows`` rows, with the partials of
+        ``run_pass.aggregate``: a ``{"path", "partial", "rows"}`` row per file, as each is written."""
 
     def rows(self, stream: object) -> Iterator[dict]:
         """Run ``stream`` and hand back its rows (the writer's summaries)."""
@@ -47,40 +49,36 @@ class Execution:
     rows: Iterator[dict]
 
 
-def execute(executor: Executor, run_passes: list[Pass], source: Source, table: Location, run_id: str) -> Execution:
-    """Run every pass that ends in a whole-run stage, then stream the last pass's rows.
+def execute(executor: Executor, run_passes: list[Pass], source: Source, progress: Progress) -> Execution:
+    """Run every pass but the last into staging, then stream the last pass's rows.
 
-    The staging files live below the table until the last row is out, or the run fails.
+    The first pass stages into ``progress.rows`` and reads only what ``progress`` does not
+    have yet (``source`` is already without it); the staged files stay until the caller has
+    committed (or, when the run stops, for the next attempt).
     """
-    staging = table.child(f"{STAGING_DIR}/{run_id}")
     decided: list[Decided] = []
     head: Head = ()
     try:
-        for run_pass in run_passes[:-1]:
+        for index, run_pass in enumerate(run_passes[:-1]):
             # Two whole-run stages in a row (dedup, then the top fraction): the pass between them
             # has no step, so the first one's decision runs inside the second one's spill.
             stream = executor.stream(run_pass.steps, source, head if run_pass.steps else (), run_pass.reads_inside)
-            staging.filesystem.create_dir(staging.path, recursive=True)
-            spilled = executor.spill(stream, run_pass.aggregate, staging, () if run_pass.steps else head)
-            source, head, outcome = decide(run_pass.aggregate, spilled, staging, executor)
-            decided.append(outcome)
+            target = progress.rows if index == 0 else progress.work.child(f"pass-{index + 1}")
+            target.filesystem.create_dir(target.path, recursive=True)
+            spill = executor.spill(stream, run_pass, target, () if run_pass.steps else head)
+            spilled = [*(progress.staged if index == 0 else ()), *spill]
+            source, head, outcome = decide(run_pass.aggregate, spilled, progress.work, executor)
+            decided += [outcome] if outcome else []
         last = run_passes[-1]
         stream = executor.stream(last.steps, source, head, last.reads_inside)
     except BaseException:
-        _finish(executor, staging)
+        executor.close()
         raise
-    return Execution(decided, _streamed(executor, stream, staging))
+    return Execution(decided, _streamed(executor, stream))
 
 
-def _streamed(executor: Executor, stream: object, staging: Location) -> Iterator[dict]:
+def _streamed(executor: Executor, stream: object) -> Iterator[dict]:
     try:
         yield from executor.rows(stream)
     finally:
-        _finish(executor, staging)
-
-
-def _finish(executor: Executor, staging: Location) -> None:
-    try:
         executor.close()
-    finally:
-        remove_staging(staging)

@@ -25,12 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from operators.stage import Stage
 from operators.storage import Location
 from pipelines.config import PipelineConfig
 from pipelines.execute.batches import Head, StepRun, quiet_idle_threads, rebatch
 from pipelines.execute.source import Source
-from pipelines.execute.staging import SPILL_ROWS, Spill
+from pipelines.execute.staging import Spill
 from pipelines.execute.steps import Pass, Step
 
 log = logging.getLogger(__name__)
@@ -92,9 +91,10 @@ class LocalExecutor:
             batches = self._apply(batches, step, head if index == 0 else ())
         return iter(batches)
 
-    def spill(self, stream: Iterable[pa.Table], aggregate: Stage, staging: Location, head: Head) -> list[dict]:
-        spill = Spill(aggregate, staging, head)
-        return [row for batch in rebatch(stream, SPILL_ROWS) for row in spill(batch).to_pylist()]
+    def spill(self, stream: Iterable[pa.Table], run_pass: Pass, staging: Location, head: Head) -> Iterator[dict]:
+        spill = Spill(run_pass.aggregate, staging, head)
+        for batch in rebatch(stream, run_pass.spill_rows):
+            yield from spill(batch).to_pylist()
 
     def rows(self, stream: Iterable[pa.Table]) -> Iterator[dict]:
         for summary in stream:

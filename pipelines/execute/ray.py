@@ -31,12 +31,11 @@ import ray.data
 
 from operators.input.prepare import SHARD_PATH
 from operators.resources import Resources
-from operators.stage import Stage
 from operators.storage import Location
 from pipelines.errors import PlanError
 from pipelines.execute.batches import Head, StepRun, quiet_idle_threads
 from pipelines.execute.source import Source
-from pipelines.execute.staging import SPILL_ROWS, Spill
+from pipelines.execute.staging import Spill
 from pipelines.execute.steps import Pass, Step
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 # for write and spill, one actor: ``storage_pool``) per this many cores.
 IO_TASKS_CPUS_EACH = 2
 IO_RESOURCES = Resources(num_cpus=0, num_gpus=0)
-SPILL_RESOURCES = Resources(num_cpus=0, num_gpus=0, batch_size=SPILL_ROWS)
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
@@ -80,22 +78,24 @@ class RayExecutor:
             ds = self._apply(ds, step, head if index == 0 else (), source if reads_inside and index == 0 else None)
         return ds
 
-    def spill(self, stream, aggregate: Stage, staging: Location, head: Head) -> list[dict]:
-        compute = storage_pool(SPILL_RESOURCES, self.cpus, self.input_rows)
+    def spill(self, stream, run_pass: Pass, staging: Location, head: Head) -> Iterator[dict]:
+        aggregate, rows = run_pass.aggregate, run_pass.spill_rows
+        compute = storage_pool(Resources(num_cpus=0, num_gpus=0, batch_size=rows), self.cpus, self.input_rows)
         if isinstance(compute, ray.data.ActorPoolStrategy):
             spill, constructor = Spill, {"fn_constructor_args": (aggregate, staging, head)}
         else:
             spill, constructor = _named(Spill(aggregate, staging, head), "Spill"), {}
         spilled = stream.map_batches(
             spill,
-            batch_size=SPILL_ROWS,
+            batch_size=rows,
             batch_format="pyarrow",
             zero_copy_batch=True,
             num_cpus=0,
             compute=compute,
             **constructor,
         )
-        return list(spilled.iter_rows())
+        yield from spilled.iter_rows()
+        log.debug("Ray Data stats:\n%s", spilled.stats())
 
     def rows(self, stream) -> Iterator[dict]:
         yield from stream.iter_rows()

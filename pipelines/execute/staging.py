@@ -1,13 +1,18 @@
-"""Staging for whole-run stages: the first pass's rows in files, each batch's partial, the decision.
+"""Staging: a pass's rows in files below the table, each batch's partial, the decision.
 
 A whole-run stage (an ``Aggregate``: dedup, the top fraction) cannot decide a row before it has
 seen the run. The first pass writes its rows to staging files below the table (``Spill``) and
 returns a small partial per batch; ``decide`` combines them, and the second pass reads the
 staged files back and applies the decision (``ApplyAggregate``). The driver never holds the rows.
+
+A resumable run stages its first pass even without a whole-run stage: each staged file holds
+its rows' places in the input (``SOURCE_ROW``) and its partial (in the file's metadata), so the
+files alone are the run's progress (``pipelines.execute.progress``).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import time
@@ -23,37 +28,53 @@ import pyarrow.parquet as pq
 from operators import schema as col
 from operators.stage import Stage, Staged, Tasks
 from operators.storage import Location
+from pipelines import hooks
 from pipelines.execute.source import Source, parquet_source
 
 log = logging.getLogger(__name__)
 
 STAGING_DIR = "_vlpipe_staging"  # below the table, hidden from Delta readers like every "_" folder
-SPILL_ROWS = 8192
 ROW_BITS = 20  # a staged row's id: its file's id above, its row in the file below
+PARTIAL_KEY = b"vlpipe.partial"  # a staged file's partial, base64 in its Parquet metadata
 
 
 class Spill:
-    """First-pass sink of an aggregate: write the batch to a staging file, return its partial.
-    ``head`` runs first (the decision of an aggregate just before)."""
+    """First-pass sink: write the batch to a staging file, return its path, rows and partial
+    (the aggregate's, if the pass ends in one). ``head`` runs first (the decision of an
+    aggregate just before)."""
 
-    def __init__(self, aggregate: Stage, staging: Location, head: tuple[Callable, ...] = ()):
-        self.aggregate = aggregate.build()
+    def __init__(self, aggregate: Stage | None, staging: Location, head: tuple[Callable, ...] = ()):
+        self.aggregate = aggregate.build() if aggregate is not None else None
         self.staging = staging
         self.head = head
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        hooks.reach("spill")
         for operator in self.head:
             batch = operator(batch)
+        partial = write_partial(self.aggregate.partial(batch)) if self.aggregate is not None else b""
         path = None
         if batch.num_rows:
             file_id = uuid.uuid4()
             path = f"{self.staging.path}/{file_id.hex}.parquet"
-            pq.write_table(with_row_ids(batch, file_id.int), path, filesystem=self.staging.filesystem)
-        sink = io.BytesIO()
-        partial = self.aggregate.partial(batch)
-        with pa.ipc.new_stream(sink, partial.schema) as writer:
-            writer.write_table(partial)
-        return pa.table({"path": pa.array([path], pa.string()), "partial": pa.array([sink.getvalue()], pa.binary())})
+            staged = with_row_ids(batch, file_id.int)
+            metadata = {**(staged.schema.metadata or {}), PARTIAL_KEY: base64.b64encode(partial)}
+            pq.write_table(staged.replace_schema_metadata(metadata), path, filesystem=self.staging.filesystem)
+            hooks.reach(f"spilled:{path}")
+        return pa.table(
+            {
+                "path": pa.array([path], pa.string()),
+                "partial": pa.array([partial], pa.binary()),
+                "rows": pa.array([batch.num_rows], pa.int64()),
+            }
+        )
+
+
+def write_partial(partial: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, partial.schema) as writer:
+        writer.write_table(partial)
+    return sink.getvalue()
 
 
 def with_row_ids(batch: pa.Table, file_id: int) -> pa.Table:
@@ -68,6 +89,11 @@ def with_row_ids(batch: pa.Table, file_id: int) -> pa.Table:
 
 def read_partial(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
+
+
+def staged_partial(schema: pa.Schema) -> bytes:
+    """The partial a staged file was written with (``Spill``)."""
+    return base64.b64decode((schema.metadata or {}).get(PARTIAL_KEY, b""))
 
 
 @dataclass(frozen=True)
@@ -91,16 +117,20 @@ class Decided:
 
 
 def decide(
-    aggregate: Stage, spilled: list[dict], staging: Location, tasks: Tasks
-) -> tuple[Source, tuple[ApplyAggregate], Decided]:
+    aggregate: Stage | None, spilled: list[dict], staging: Location, tasks: Tasks
+) -> tuple[Source, tuple[ApplyAggregate, ...], Decided | None]:
     """An aggregate's decision from its spill's rows; the second pass's source, head and the ``Decided``.
 
-    ``tasks`` is the executor, for a decision that needs more than the partials (dedup reads
-    columns of the staged rows back and may shuffle them).
+    ``staging`` is where the decision may keep files of its own; ``tasks`` is the executor, for a
+    decision that needs more than the partials (dedup reads columns of the staged rows back and
+    may shuffle them). Without an aggregate the second pass reads the staged rows as they are.
     """
     paths = [r["path"] for r in spilled if r["path"]]
+    if aggregate is None:
+        return parquet_source(paths, staging.filesystem), (), None
     start = time.perf_counter()
-    state = aggregate.build().combine([read_partial(r["partial"]) for r in spilled], Staged(paths, staging, tasks))
+    staged = Staged(paths, staging, tasks, sum(r["rows"] for r in spilled))
+    state = aggregate.build().combine([read_partial(r["partial"]) for r in spilled], staged)
     seconds = time.perf_counter() - start
     log.info("%s over the whole run (%.2f s): %s", aggregate.name, seconds, state)
     second = parquet_source(paths, staging.filesystem)

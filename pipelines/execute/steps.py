@@ -7,7 +7,11 @@
 - An ``aggregate`` stage splits the run in two passes: the first writes its rows to staging
   files (never held in memory) and returns each batch's partial; the executor's caller
   combines them; the second reads the staged files back and decides.
-- Internal columns (``_...``) are dropped right after their last reader.
+- A resumable run (``staged``) without one stages its rows all the same, before the write:
+  the staged files are the run's progress (``pipelines.execute.progress``), and its last pass
+  only writes them into the table.
+- Internal columns (``_...``) are dropped right after their last reader; ``SOURCE_ROW`` stays
+  to the staging write, which records with it which input rows are done.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from operators import schema as col
 from operators.resources import Resources
 from operators.stage import Stage
 from pipelines.errors import PlanError
@@ -51,10 +56,11 @@ class Step:
 
 @dataclass(frozen=True)
 class Pass:
-    """Steps run on one stream of rows, ending in an aggregate (or, for the last pass, not)."""
+    """Steps run on one stream of rows, ending in an aggregate or in staging (or, for the last pass, neither)."""
 
     steps: tuple[Step, ...]
     aggregate: Stage | None = None
+    spill_rows: int = 1024  # rows per staged file, where the pass is staged
 
     @property
     def reads_inside(self) -> bool:
@@ -67,8 +73,12 @@ class Pass:
         return bool(self.steps) and self.steps[0].kind == "task"
 
 
-def passes(stages: list[Stage]) -> list[Pass]:
-    """Group the stages after the source into steps, and the steps into passes."""
+def passes(stages: list[Stage], *, staged: bool = False, spill_rows: int = 1024) -> list[Pass]:
+    """Group the stages after the source into steps, and the steps into passes.
+
+    ``staged``: a run without an aggregate still stages its rows before its last step (the write),
+    ``spill_rows`` rows per file.
+    """
     drops = _drops(stages)
     result: list[Pass] = []
     members: list[list[tuple[int, Stage]]] = []  # one list per step
@@ -77,7 +87,7 @@ def passes(stages: list[Stage]) -> list[Pass]:
     def close(aggregate: Stage | None) -> None:
         if pending:
             raise PlanError(f"stage {pending[0][1].name!r} is fused but has no step to run in")
-        result.append(Pass(tuple(_step(m, drops) for m in members), aggregate))
+        result.append(Pass(tuple(_step(m, drops) for m in members), aggregate, spill_rows))
 
     for index, stage in enumerate(stages):
         if stage.kind == "source":
@@ -93,6 +103,9 @@ def passes(stages: list[Stage]) -> list[Pass]:
             members.append([*pending, (index, stage)])
             pending = []
     close(None)
+    if staged and len(result) == 1 and len(result[0].steps) > 1:
+        steps = result[0].steps
+        return [Pass(steps[:-1], None, spill_rows), Pass(steps[-1:], None, spill_rows)]
     return result
 
 
@@ -110,6 +123,7 @@ def _drops(stages: list[Stage]) -> dict[int, tuple[str, ...]]:
         for name in stage.reads:
             if name in last:
                 last[name] = index
+    last.pop(col.SOURCE_ROW, None)
     out: dict[int, list[str]] = {}
     for name, index in last.items():
         out.setdefault(index, []).append(name)

@@ -7,7 +7,7 @@ import fnmatch
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -109,6 +109,7 @@ class ShardCheck:
     failed: list[dict]
     schema: pa.Schema | None
     rows: int | None = None  # in the good shards, from their footers (None where unknown: tar shards)
+    shard_rows: dict[str, int] = field(default_factory=dict)  # per good shard's URI, where the footers say
 
 
 # Footer reads are one small ranged GET each, so a wide pool hides object-store latency.
@@ -133,12 +134,12 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], columns: ColumnMappin
     with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(shards)))) as pool:
         found = list(pool.map(types, shards))
     usual = [Counter(t[0][i] for t in found if isinstance(t, tuple)).most_common(1) for i in range(len(names))]
-    good, failed, rows = [], [], 0
+    good, failed, shard_rows = [], [], {}
     for shard, read in zip(shards, found):
         if isinstance(read, str):
             failed.append({"uri": shard.uri, "error": read})
             continue
-        footer, shard_rows = read
+        footer, count = read
         drift = [
             f"column {name!r} is {type_} here but {usual[i][0][0]} in {usual[i][0][1]} other shard(s)"
             for i, (name, type_) in enumerate(zip(names, footer))
@@ -148,11 +149,11 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], columns: ColumnMappin
             failed.append({"uri": shard.uri, "error": "schema drift: " + "; ".join(drift)})
         else:
             good.append(shard)
-            rows += shard_rows
+            shard_rows[shard.uri] = count
     for bad in failed:
         log.warning("skipping input shard %s: %s", bad["uri"], bad["error"])
     schema = pq.read_schema(good[0].path, filesystem=fs) if good else None
-    return ShardCheck(good, failed, schema, rows)
+    return ShardCheck(good, failed, schema, sum(shard_rows.values()), shard_rows)
 
 
 def _read_footer(fs: pafs.FileSystem, shard: Shard, columns: ColumnMapping) -> tuple[pa.Schema, int] | str:

@@ -56,11 +56,13 @@ class Plan:
     input_columns: ColumnMapping | None = None  # what the source reads, and under which names
     input_format: str = PARQUET
     input_rows: int | None = None  # from the shards' footers; None where unknown (tar shards, no shards read)
+    resumable: bool = True  # the models' output is staged before the write (``config.resume``)
+    staging_rows: int = 1024  # rows per staged file (``config.staging_rows``)
 
     @cached_property
     def passes(self) -> list[Pass]:
         """The stages grouped into steps and passes (``pipelines.execute.steps``), worked out once."""
-        return passes(list(self.stages))
+        return passes(list(self.stages), staged=self.resumable, spill_rows=self.staging_rows)
 
 
 def image_geometry(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> PixelSpec:
@@ -140,7 +142,7 @@ def build_plan(
         _check_question_columns(config, stages, schema)
     check_columns(stages)
     check_cpus(stages)
-    return Plan(tuple(stages), schema, columns, input_format, input_rows)
+    return Plan(tuple(stages), schema, columns, input_format, input_rows, config.resume, config.staging_rows)
 
 
 def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input_format: str) -> ColumnMapping:
@@ -261,7 +263,8 @@ def _read_stage(config: PipelineConfig, columns: ColumnMapping, shard_count: int
             f"{shards} Parquet shard(s) from {config.input.uri}",
             f"columns {', '.join(columns.read)} (projection pushdown)",
         )
-    adds = (*columns.read, SHARD_PATH) + ((col.INPUT_STATUS, col.INPUT_ERROR) if input_format == WEBDATASET else ())
+    tar_status = (col.INPUT_STATUS, col.INPUT_ERROR) if input_format == WEBDATASET else ()
+    adds = (*columns.read, SHARD_PATH, col.SOURCE_ROW, *tar_status)
     return Stage(name="read", kind="source", reads=(), adds=adds, details=details)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from operators.stage import Stage
 from pipelines.execute.executor import Executor
+from pipelines.execute.steps import Pass
 from pipelines.plan.build import Plan
 
 
@@ -12,20 +13,22 @@ def describe(plan: Plan, executor: Executor, in_process: str | None = None) -> s
     lines = [f"in this process, no Ray ({in_process})"] if in_process else []
     for number, run_pass in enumerate(plan.passes, 1):
         if len(plan.passes) > 1:
-            lines.append(
-                f"pass {number}"
-                + (
-                    f" (ends at the whole-run stage {run_pass.aggregate.name!r})"
-                    if run_pass.aggregate
-                    else " (reads pass 1's staged rows back)"
-                )
-            )
+            lines.append(f"pass {number} ({_pass_note(number, run_pass, number == len(plan.passes))})")
         lines += executor.describe(run_pass)
     lines.append("")
     for stage in plan.stages:
         lines += _describe_stage(stage)
     lines += ["", "output schema:"] + [f"  {f.name:<22} {f.type}" for f in plan.output_schema]
     return "\n".join(lines)
+
+
+def _pass_note(number: int, run_pass: Pass, last: bool) -> str:
+    reads = "reads the input" if number == 1 else f"reads pass {number - 1}'s staged rows back"
+    if last:
+        return reads
+    if run_pass.aggregate is not None:
+        return f"{reads}, ends at the whole-run stage {run_pass.aggregate.name!r}"
+    return f"{reads}, stages them for the write: a stopped run resumes from there"
 
 
 def _describe_stage(stage: Stage) -> list[str]:

@@ -283,6 +283,11 @@ def _version_of(table_uri: str, options: dict, run_id: str) -> int:
     return version
 
 
+def run_committed(table: Location, run_id: str) -> bool:
+    """Whether ``run_id``'s commit is among the table's last 50."""
+    return _committed_version(table.uri, table.delta_options, run_id) is not None
+
+
 def _committed_version(table_uri: str, options: dict, run_id: str) -> int | None:
     if not DeltaTable.is_deltatable(table_uri, storage_options=options):
         return None

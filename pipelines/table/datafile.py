@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
@@ -32,6 +33,21 @@ def new_file_path(partition_dir: str, run_id: str) -> str:
 
 def partition_dir(run_date: dt.date) -> str:
     return f"{col.RUN_DATE}={run_date.isoformat()}"
+
+
+def remove_run_files(table: Location, run_date: dt.date, run_id: str) -> int:
+    """Remove the data files ``run_id`` wrote into its partition: only for a run that never committed
+    (a resumed run writes its output again). Returns how many there were."""
+    fs, directory = table.filesystem, f"{table.path.rstrip('/')}/{partition_dir(run_date)}"
+    prefix = f"part-{run_id}-"
+    found = [
+        e.path
+        for e in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        if e.is_file and e.base_name.startswith(prefix)
+    ]
+    for path in found:
+        fs.delete_file(path)
+    return len(found)
 
 
 def write_data_file(table: Location, path: str, data: pa.Table) -> int:

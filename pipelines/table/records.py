@@ -34,6 +34,7 @@ RUN_RECORD_SCHEMA = pa.schema(
         ("rows_rejected", pa.int64()),
         ("rows_written", pa.int64()),
         ("rows_superseded", pa.int64()),
+        ("rows_resumed", pa.int64()),
         ("rejected_by_reason", pa.string()),
         ("rows_per_second", pa.float64()),
         ("models_json", pa.string()),
@@ -63,6 +64,7 @@ class RunRecord:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     rows_written: int = 0
     rows_superseded: int = 0  # earlier rows of the run's shards its commit removed from other dates
+    rows_resumed: int = 0  # rows an earlier attempt of the run had staged, which this one took over
     models: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -128,6 +130,7 @@ def format_runs(records: pa.Table, *, limit: int = 10) -> str:
         "kept",
         "rejected",
         "superseded",
+        "resumed",
         "seconds",
         "rows/s",
         "version",
@@ -143,6 +146,7 @@ def format_runs(records: pa.Table, *, limit: int = 10) -> str:
             str(r["rows_kept"]),
             str(r["rows_rejected"]),
             "-" if r["rows_superseded"] is None else str(r["rows_superseded"]),
+            str(r["rows_resumed"]) if r["rows_resumed"] else "-",
             f"{r['duration_s']:.1f}",
             f"{r['rows_per_second']:.1f}" if r["rows_per_second"] else "-",
             "-" if r["table_version"] is None else str(r["table_version"]),

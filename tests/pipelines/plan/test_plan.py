@@ -122,7 +122,7 @@ def test_storage_steps_take_no_cpu_slot_and_run_in_a_capped_pool(tmp_path, tiny_
     # input piles up in memory. With none, it never waits; the cap bounds its processes. A long
     # run's writers live for the whole run (as tasks, every write started a worker process, ~1 s
     # of CPU each); a run that writes once or twice uses a task, not waiting for an actor's process.
-    steps = {step.name: step for step in plan_of(tmp_path, tiny_clip_dir).passes[0].steps}
+    steps = {step.name: step for run_pass in plan_of(tmp_path, tiny_clip_dir).passes for step in run_pass.steps}
     long_run = map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus, rows=1_000_000)
     short_run = map_batches_args(steps["Write"], cluster_gpus=0, cluster_cpus=cpus, rows=129)
     decode = map_batches_args(steps["Decode"], cluster_gpus=0, cluster_cpus=cpus)
@@ -171,7 +171,7 @@ def test_a_cpu_task_with_no_cpu_is_refused_at_plan_time_naming_the_key(tmp_path,
     plan = plan_of(
         tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0}}
     )
-    kinds = {step.name: step.kind for step in plan.passes[0].steps}
+    kinds = {step.name: step.kind for run_pass in plan.passes for step in run_pass.steps}
     assert kinds == {"Decode": "task", "Clip": "actor", "Write": "io"}  # a model actor may take no CPU: still an actor
 
 
@@ -285,7 +285,7 @@ def test_ask_runs_after_the_other_models_on_shared_pixels_and_its_columns_exist_
     stage = next(s for s in plan.stages if s.name == "ask")
     # The tiny LLaVA's processor crops like the tiny CLIP's: one resize serves both.
     assert stage.reads == (col.PIXELS, col.CAPTION) and stage.adds == (col.ANSWER, col.ANSWER_YES_PROB)
-    steps = {step.name: step for step in plan.passes[0].steps}
+    steps = {step.name: step for run_pass in plan.passes for step in run_pass.steps}
     assert list(steps) == ["Decode", "Clip", "Ask", "Write"]
     assert [s.name for s in steps["Ask"].stages] == ["ask", "filter"] and col.PIXELS in steps["Ask"].drop
     assert plan.output_schema == plan_of(tmp_path, tiny_clip_dir).output_schema  # null columns when off
@@ -445,3 +445,12 @@ def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_
     )
     assert "_image" not in decoded.column_names  # dropped after its last reader, inside the task
     assert set(decoded.column(col.SOURCE_SHARD).to_pylist()) == {str(p) for p in paths[:2]}
+
+
+def test_a_resumable_run_stages_the_models_output_before_the_write(tmp_path, tiny_clip_dir):
+    staged, direct = plan_of(tmp_path, tiny_clip_dir), plan_of(tmp_path, tiny_clip_dir, resume=False)
+    assert [[step.name for step in p.steps] for p in staged.passes] == [["Decode", "Clip"], ["Write"]]
+    assert staged.passes[0].aggregate is None and staged.passes[0].spill_rows == 1024
+    assert [[step.name for step in p.steps] for p in direct.passes] == [["Decode", "Clip", "Write"]]
+    # The place of each row in its shard goes through to the staging files.
+    assert col.SOURCE_ROW not in {c for p in staged.passes for step in p.steps for c in step.drop}
