@@ -14,9 +14,10 @@ from typing import Protocol
 
 from operators.stage import Tasks
 from operators.storage import Location
+from pipelines.errors import PlanError
 from pipelines.execute.batches import Head
 from pipelines.execute.progress import Progress
-from pipelines.execute.source import Source
+from pipelines.execute.source import Source, parquet_source
 from pipelines.execute.staging import Decided, decide
 from pipelines.execute.steps import Pass, Step
 
@@ -52,9 +53,10 @@ class Execution:
 def execute(executor: Executor, run_passes: list[Pass], source: Source, progress: Progress) -> Execution:
     """Run every pass but the last into staging, then stream the last pass's rows.
 
-    The first pass stages into ``progress.rows`` and reads only what ``progress`` does not
-    have yet (``source`` is already without it); the staged files stay until the caller has
-    committed (or, when the run stops, for the next attempt).
+    The first pass stages into ``progress.rows`` (its spill, or the ``stage_rows`` step on the
+    way to the writer) and reads only what ``progress`` does not have yet (``source`` is
+    already without it); the staged files stay until the caller has committed (or, when the
+    run stops, for the next attempt).
     """
     decided: list[Decided] = []
     head: Head = ()
@@ -68,17 +70,30 @@ def execute(executor: Executor, run_passes: list[Pass], source: Source, progress
             spill = executor.spill(stream, run_pass, target, () if run_pass.steps else head)
             spilled = [*(progress.staged if index == 0 else ()), *spill]
             source, head, outcome = decide(run_pass.aggregate, spilled, progress.work, executor)
-            decided += [outcome] if outcome else []
+            decided.append(outcome)
         last = run_passes[-1]
-        stream = executor.stream(last.steps, source, head, last.reads_inside)
+        streams = [executor.stream(last.steps, source, head, last.reads_inside)]
+        if len(run_passes) == 1 and progress.staged:
+            streams.append(_write_staged(executor, last, progress))
     except BaseException:
         executor.close()
         raise
-    return Execution(decided, _streamed(executor, stream))
+    return Execution(decided, _streamed(executor, streams))
 
 
-def _streamed(executor: Executor, stream: object) -> Iterator[dict]:
+def _write_staged(executor: Executor, run_pass: Pass, progress: Progress) -> object:
+    """The write of what an earlier attempt staged (a run without whole-run stages stages its rows
+    on their way to the writer): those rows go to the writer as they were staged."""
+    write = run_pass.steps[-1]
+    if write.anchor.name != "write":
+        raise PlanError(f"a run's last step is the write, not {write.name}")
+    staged = parquet_source([row["path"] for row in progress.staged], progress.rows.filesystem)
+    return executor.stream((write,), staged, (), False)
+
+
+def _streamed(executor: Executor, streams: list[object]) -> Iterator[dict]:
     try:
-        yield from executor.rows(stream)
+        for stream in streams:
+            yield from executor.rows(stream)
     finally:
         executor.close()

@@ -5,9 +5,10 @@ seen the run. The first pass writes its rows to staging files below the table (`
 returns a small partial per batch; ``decide`` combines them, and the second pass reads the
 staged files back and applies the decision (``ApplyAggregate``). The driver never holds the rows.
 
-A resumable run stages its first pass even without a whole-run stage: each staged file holds
-its rows' places in the input (``SOURCE_ROW``) and its partial (in the file's metadata), so the
-files alone are the run's progress (``pipelines.execute.progress``).
+A resumable run without a whole-run stage stages its rows on their way to the writer
+(``StageRows``). Either way each staged file holds its rows' places in the input
+(``SOURCE_ROW``) and its partial (in the file's metadata), so the files alone are the run's
+progress (``pipelines.execute.progress``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from operators import schema as col
+from operators.resources import Resources
 from operators.stage import Stage, Staged, Tasks
 from operators.storage import Location
 from pipelines import hooks
@@ -39,12 +42,11 @@ PARTIAL_KEY = b"vlpipe.partial"  # a staged file's partial, base64 in its Parque
 
 
 class Spill:
-    """First-pass sink: write the batch to a staging file, return its path, rows and partial
-    (the aggregate's, if the pass ends in one). ``head`` runs first (the decision of an
-    aggregate just before)."""
+    """First-pass sink of an aggregate: write the batch to a staging file, return its path, rows
+    and partial. ``head`` runs first (the decision of an aggregate just before)."""
 
-    def __init__(self, aggregate: Stage | None, staging: Location, head: tuple[Callable, ...] = ()):
-        self.aggregate = aggregate.build() if aggregate is not None else None
+    def __init__(self, aggregate: Stage, staging: Location, head: tuple[Callable, ...] = ()):
+        self.aggregate = aggregate.build()
         self.staging = staging
         self.head = head
 
@@ -52,22 +54,54 @@ class Spill:
         hooks.reach("spill")
         for operator in self.head:
             batch = operator(batch)
-        partial = write_partial(self.aggregate.partial(batch)) if self.aggregate is not None else b""
-        path = None
-        if batch.num_rows:
-            file_id = uuid.uuid4()
-            path = f"{self.staging.path}/{file_id.hex}.parquet"
-            staged = with_row_ids(batch, file_id.int)
-            metadata = {**(staged.schema.metadata or {}), PARTIAL_KEY: base64.b64encode(partial)}
-            pq.write_table(staged.replace_schema_metadata(metadata), path, filesystem=self.staging.filesystem)
-            hooks.reach(f"spilled:{path}")
+        data = write_partial(self.aggregate.partial(batch))
+        path = write_staged(batch, self.staging, data)
         return pa.table(
             {
                 "path": pa.array([path], pa.string()),
-                "partial": pa.array([partial], pa.binary()),
+                "partial": pa.array([data], pa.binary()),
                 "rows": pa.array([batch.num_rows], pa.int64()),
             }
         )
+
+
+def write_staged(batch: pa.Table, staging: Location, partial: bytes = b"") -> str | None:
+    """``batch`` as a staging file (each row with its ``ROW_ID``, ``partial`` in the metadata); its path."""
+    if not batch.num_rows:
+        return None
+    file_id = uuid.uuid4()
+    path = f"{staging.path}/{file_id.hex}.parquet"
+    staged = with_row_ids(batch, file_id.int)
+    metadata = {**(staged.schema.metadata or {}), PARTIAL_KEY: base64.b64encode(partial)}
+    pq.write_table(staged.replace_schema_metadata(metadata), path, filesystem=staging.filesystem)
+    hooks.reach(f"spilled:{path}")
+    return path
+
+
+def stage_rows_stage(staging: Location, rows: int) -> Stage:
+    """Stage the rows on their way to the writer, ``rows`` a file: a resumable run's progress
+    where no whole-run stage stages them."""
+    return Stage(
+        name="stage_rows",
+        kind="io",
+        reads=(col.SOURCE_SHARD, col.SOURCE_ROW),  # written with every row: what the next attempt skips
+        adds=(),
+        build=partial(StageRows, staging),
+        resources=Resources(num_cpus=0, num_gpus=0, batch_size=rows),
+        details=(f"to {staging.uri}, {rows:,} rows a file: a stopped run resumes from them",),
+    )
+
+
+class StageRows:
+    """Write each batch to a staging file and pass it on unchanged."""
+
+    def __init__(self, staging: Location):
+        self.staging = staging
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        hooks.reach("spill")
+        write_staged(batch, self.staging)
+        return batch
 
 
 def write_partial(partial: pa.Table) -> bytes:
@@ -117,17 +151,15 @@ class Decided:
 
 
 def decide(
-    aggregate: Stage | None, spilled: list[dict], staging: Location, tasks: Tasks
-) -> tuple[Source, tuple[ApplyAggregate, ...], Decided | None]:
+    aggregate: Stage, spilled: list[dict], staging: Location, tasks: Tasks
+) -> tuple[Source, tuple[ApplyAggregate], Decided]:
     """An aggregate's decision from its spill's rows; the second pass's source, head and the ``Decided``.
 
     ``staging`` is where the decision may keep files of its own; ``tasks`` is the executor, for a
     decision that needs more than the partials (dedup reads columns of the staged rows back and
-    may shuffle them). Without an aggregate the second pass reads the staged rows as they are.
+    may shuffle them).
     """
     paths = [r["path"] for r in spilled if r["path"]]
-    if aggregate is None:
-        return parquet_source(paths, staging.filesystem), (), None
     start = time.perf_counter()
     staged = Staged(paths, staging, tasks, sum(r["rows"] for r in spilled))
     state = aggregate.build().combine([read_partial(r["partial"]) for r in spilled], staged)

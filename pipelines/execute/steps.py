@@ -7,9 +7,6 @@
 - An ``aggregate`` stage splits the run in two passes: the first writes its rows to staging
   files (never held in memory) and returns each batch's partial; the executor's caller
   combines them; the second reads the staged files back and decides.
-- A resumable run (``staged``) without one stages its rows all the same, before the write:
-  the staged files are the run's progress (``pipelines.execute.progress``), and its last pass
-  only writes them into the table.
 - Internal columns (``_...``) are dropped right after their last reader; ``SOURCE_ROW`` stays
   to the staging write, which records with it which input rows are done.
 """
@@ -56,11 +53,11 @@ class Step:
 
 @dataclass(frozen=True)
 class Pass:
-    """Steps run on one stream of rows, ending in an aggregate or in staging (or, for the last pass, neither)."""
+    """Steps run on one stream of rows, ending in an aggregate (or, for the last pass, not)."""
 
     steps: tuple[Step, ...]
     aggregate: Stage | None = None
-    spill_rows: int = 1024  # rows per staged file, where the pass is staged
+    spill_rows: int = 1024  # rows per staged file, where the pass ends in an aggregate
 
     @property
     def reads_inside(self) -> bool:
@@ -73,12 +70,9 @@ class Pass:
         return bool(self.steps) and self.steps[0].kind == "task"
 
 
-def passes(stages: list[Stage], *, staged: bool = False, spill_rows: int = 1024) -> list[Pass]:
-    """Group the stages after the source into steps, and the steps into passes.
-
-    ``staged``: a run without an aggregate still stages its rows before its last step (the write),
-    ``spill_rows`` rows per file.
-    """
+def passes(stages: list[Stage], *, spill_rows: int = 1024) -> list[Pass]:
+    """Group the stages after the source into steps, and the steps into passes (``spill_rows``
+    rows per file where a pass ends in an aggregate)."""
     drops = _drops(stages)
     result: list[Pass] = []
     members: list[list[tuple[int, Stage]]] = []  # one list per step
@@ -103,9 +97,6 @@ def passes(stages: list[Stage], *, staged: bool = False, spill_rows: int = 1024)
             members.append([*pending, (index, stage)])
             pending = []
     close(None)
-    if staged and len(result) == 1 and len(result[0].steps) > 1:
-        steps = result[0].steps
-        return [Pass(steps[:-1], None, spill_rows), Pass(steps[-1:], None, spill_rows)]
     return result
 
 

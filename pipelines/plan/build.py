@@ -37,6 +37,8 @@ from operators.storage import Location, StorageOptions
 from pipelines.config import PipelineConfig
 from pipelines.dedup.stage import dedup_stage
 from pipelines.errors import PlanError
+from pipelines.execute.progress import staging_of
+from pipelines.execute.staging import stage_rows_stage
 from pipelines.execute.steps import Pass, passes
 from pipelines.input.shards import PARQUET, WEBDATASET
 from pipelines.table.write import write_stage
@@ -56,13 +58,12 @@ class Plan:
     input_columns: ColumnMapping | None = None  # what the source reads, and under which names
     input_format: str = PARQUET
     input_rows: int | None = None  # from the shards' footers; None where unknown (tar shards, no shards read)
-    resumable: bool = True  # the models' output is staged before the write (``config.resume``)
-    staging_rows: int = 1024  # rows per staged file (``config.staging_rows``)
+    staging_rows: int = 1024  # rows per file a whole-run stage's first pass stages (``config.staging_rows``)
 
     @cached_property
     def passes(self) -> list[Pass]:
         """The stages grouped into steps and passes (``pipelines.execute.steps``), worked out once."""
-        return passes(list(self.stages), staged=self.resumable, spill_rows=self.staging_rows)
+        return passes(list(self.stages), spill_rows=self.staging_rows)
 
 
 def image_geometry(ref: ModelRef, storage: StorageOptions, image_size: int | None = None) -> PixelSpec:
@@ -128,6 +129,9 @@ def build_plan(
         stages.append(dedup_stage(config.dedup, output, run_date, config.filter.clip_score_column))
     if config.filter.keep_top_fraction is not None:
         stages.append(top_fraction_stage(config.filter))
+    if config.resume and not any(s.kind == "aggregate" for s in stages):
+        # A whole-run stage stages its first pass anyway; without one the rows are staged on their way to the write.
+        stages.append(stage_rows_stage(staging_of(output, run_id).child("rows"), config.staging_rows))
     stages.append(
         write_stage(
             output,
@@ -142,7 +146,7 @@ def build_plan(
         _check_question_columns(config, stages, schema)
     check_columns(stages)
     check_cpus(stages)
-    return Plan(tuple(stages), schema, columns, input_format, input_rows, config.resume, config.staging_rows)
+    return Plan(tuple(stages), schema, columns, input_format, input_rows, config.staging_rows)
 
 
 def _input_columns(config: PipelineConfig, shard_schema: pa.Schema | None, input_format: str) -> ColumnMapping:

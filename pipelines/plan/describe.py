@@ -26,9 +26,7 @@ def _pass_note(number: int, run_pass: Pass, last: bool) -> str:
     reads = "reads the input" if number == 1 else f"reads pass {number - 1}'s staged rows back"
     if last:
         return reads
-    if run_pass.aggregate is not None:
-        return f"{reads}, ends at the whole-run stage {run_pass.aggregate.name!r}"
-    return f"{reads}, stages them for the write: a stopped run resumes from there"
+    return f"{reads}, ends at the whole-run stage {run_pass.aggregate.name!r}"
 
 
 def _describe_stage(stage: Stage) -> list[str]:

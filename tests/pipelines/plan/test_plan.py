@@ -172,7 +172,12 @@ def test_a_cpu_task_with_no_cpu_is_refused_at_plan_time_naming_the_key(tmp_path,
         tmp_path, tiny_clip_dir, clip={"model": {"source": str(tiny_clip_dir)}, "resources": {"num_cpus": 0}}
     )
     kinds = {step.name: step.kind for run_pass in plan.passes for step in run_pass.steps}
-    assert kinds == {"Decode": "task", "Clip": "actor", "Write": "io"}  # a model actor may take no CPU: still an actor
+    assert kinds == {
+        "Decode": "task",
+        "Clip": "actor",
+        "StageRows": "io",
+        "Write": "io",
+    }  # a model actor may take no CPU: still an actor
 
 
 def test_vlpipe_plan_prints_stages_resources_columns_and_schema(local_shards, tiny_clip_dir, tmp_path, capsys):
@@ -286,7 +291,7 @@ def test_ask_runs_after_the_other_models_on_shared_pixels_and_its_columns_exist_
     # The tiny LLaVA's processor crops like the tiny CLIP's: one resize serves both.
     assert stage.reads == (col.PIXELS, col.CAPTION) and stage.adds == (col.ANSWER, col.ANSWER_YES_PROB)
     steps = {step.name: step for run_pass in plan.passes for step in run_pass.steps}
-    assert list(steps) == ["Decode", "Clip", "Ask", "Write"]
+    assert list(steps) == ["Decode", "Clip", "Ask", "StageRows", "Write"]
     assert [s.name for s in steps["Ask"].stages] == ["ask", "filter"] and col.PIXELS in steps["Ask"].drop
     assert plan.output_schema == plan_of(tmp_path, tiny_clip_dir).output_schema  # null columns when off
     assert {col.ANSWER, col.ANSWER_YES_PROB} <= set(plan.output_schema.names)
@@ -447,10 +452,13 @@ def test_decode_tasks_read_their_own_files_in_batches_of_their_size_and_lose_no_
     assert set(decoded.column(col.SOURCE_SHARD).to_pylist()) == {str(p) for p in paths[:2]}
 
 
-def test_a_resumable_run_stages_the_models_output_before_the_write(tmp_path, tiny_clip_dir):
+def test_a_resumable_run_stages_the_models_output_on_its_way_to_the_write(tmp_path, tiny_clip_dir):
     staged, direct = plan_of(tmp_path, tiny_clip_dir), plan_of(tmp_path, tiny_clip_dir, resume=False)
-    assert [[step.name for step in p.steps] for p in staged.passes] == [["Decode", "Clip"], ["Write"]]
-    assert staged.passes[0].aggregate is None and staged.passes[0].spill_rows == 1024
+    assert [[step.name for step in p.steps] for p in staged.passes] == [["Decode", "Clip", "StageRows", "Write"]]
+    stage_rows = staged.passes[0].steps[2]
+    assert stage_rows.kind == "io" and stage_rows.resources.batch_size == 1024 and not stage_rows.resources.num_cpus
     assert [[step.name for step in p.steps] for p in direct.passes] == [["Decode", "Clip", "Write"]]
     # The place of each row in its shard goes through to the staging files.
     assert col.SOURCE_ROW not in {c for p in staged.passes for step in p.steps for c in step.drop}
+    deduped = plan_of(tmp_path, tiny_clip_dir, dedup={"exact": True})  # its first pass is staged anyway
+    assert "stage_rows" not in [s.name for s in deduped.stages]
