@@ -213,6 +213,26 @@ def test_the_progress_of_a_run_that_committed_is_removed_not_resumed(local_shard
     assert len(table_rows(out)) == len(local_shards[3])  # the first run's files are all still there
 
 
+def test_a_run_whose_commit_failed_resumes_with_every_row_staged(local_shards, demo_models, tmp_path):
+    out = tmp_path / "out"
+    config = config_of(local_shards[0], demo_models, out)
+
+    def commit_fails(point: str) -> None:
+        if point == "commit":
+            raise OSError("the object store is down")
+
+    hooks.install(commit_fails)
+    try:
+        with pytest.raises(OSError, match="the object store is down"):
+            run_pipeline(config)
+    finally:
+        hooks.install(None)
+    assert list((out / "run_date=2026-11-01").glob("*.parquet"))  # written, never committed
+    record = run_pipeline(config)
+    assert record.rows_resumed == record.rows_in == len(local_shards[3]) and record.table_version == 0
+    assert len(DeltaTable(str(out)).file_uris()) == len(list((out / "run_date=2026-11-01").glob("*.parquet")))
+
+
 def test_staged_files_cut_short_or_written_twice_are_done_again(tmp_path):
     rows = tmp_path / "rows"
     rows.mkdir()
