@@ -376,8 +376,9 @@ def _runs(args: argparse.Namespace) -> int:
     uri = args.runs_uri or default_run_records_uri(args.output)
     print(format_runs(read_run_records(uri, StorageOptions()), limit=args.limit))
     for run in resumable(Location.resolve(args.output, StorageOptions())):
+        state = "stopped" if run["state"] == "stopped" else "running, or killed"
         print(
-            f"resumable: run {run['run_id']} ({run['run_date']}, {run['shards']} shard(s)): "
+            f"resumable: run {run['run_id']} ({run['run_date']}, {run['shards']} shard(s), {state}): "
             f"{run['rows']:,} rows done; the next run of its config resumes it (--fresh starts over)"
         )
     return 0

@@ -274,6 +274,7 @@ def _leave_progress(run: Run) -> None:
     if run.progress is None:
         return
     if run.config.resume:
+        run.progress.stop()
         log.info(
             "the staged rows stay in %s: the next run of this config and input resumes there "
             "(vlpipe run --fresh starts over)",

@@ -30,11 +30,13 @@ import pyarrow.parquet as pq
 
 from operators import schema as col
 from operators.storage import Location
+from pipelines.execute.owner import Heartbeat, Owner, still_running
 from pipelines.execute.staging import STAGING_DIR, remove_staging, staged_partial
 
 log = logging.getLogger(__name__)
 
 HEADER = "run.json"
+RUNNING, STOPPED = "running", "stopped"
 Ranges = tuple[tuple[int, int], ...]
 
 
@@ -50,17 +52,18 @@ class RunKey:
     def of(cls, run_date: dt.date, config_hash: str, shards: list[dict]) -> RunKey:
         return cls(run_date, config_hash, tuple(sorted((s["uri"], s["size"], str(s["mtime"])) for s in shards)))
 
-    def to_json(self, run_id: str) -> str:
+    def to_json(self, run_id: str, state: str = STOPPED) -> str:
+        """The run's ``run.json``: its id and key, and whether it runs (with this process as its owner)."""
         return json.dumps(
             {"run_id": run_id, "run_date": self.run_date.isoformat(), "config_hash": self.config_hash,
-             "shards": [list(s) for s in self.shards]}
+             "shards": [list(s) for s in self.shards], "state": state,
+             "owner": Owner.this_process().to_dict()}
         )  # fmt: skip
 
     @classmethod
-    def from_json(cls, text: str) -> tuple[str, RunKey]:
-        data = json.loads(text)
+    def from_json(cls, data: dict) -> RunKey:
         shards = tuple((uri, int(size), mtime) for uri, size, mtime in data["shards"])
-        return data["run_id"], cls(dt.date.fromisoformat(data["run_date"]), data["config_hash"], shards)
+        return cls(dt.date.fromisoformat(data["run_date"]), data["config_hash"], shards)
 
 
 @dataclass
@@ -71,6 +74,8 @@ class Progress:
     run_id: str
     staged: list[dict] = field(default_factory=list)  # the earlier attempt's spill rows: path, partial, rows
     done: dict[str, Ranges] = field(default_factory=dict)  # input shard URI -> the row ranges staged
+    key: RunKey | None = None
+    heartbeat: Heartbeat | None = None
 
     @property
     def rows(self) -> Location:
@@ -85,16 +90,29 @@ class Progress:
         return sum(r["rows"] for r in self.staged)
 
     def start(self, key: RunKey) -> None:
-        """Write the key (a fresh run) and clear the work of the attempt before (a resumed one)."""
+        """Claim the staging area as running (a fresh run's, or the attempt before's), clearing that attempt's work."""
         fs = self.staging.filesystem
         remove_staging(self.work)
         fs.create_dir(self.rows.path, recursive=True)
         fs.create_dir(self.work.path, recursive=True)
-        with fs.open_output_stream(f"{self.staging.path}/{HEADER}") as out:
-            out.write(key.to_json(self.run_id).encode())
+        self.key = key
+        self._write_header(RUNNING)
+        self.heartbeat = Heartbeat(self.staging)
+
+    def stop(self) -> None:
+        """The run stopped without its commit: its progress is the next attempt's to take over at once."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self._write_header(STOPPED)
 
     def remove(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         remove_staging(self.staging)
+
+    def _write_header(self, state: str) -> None:
+        with self.staging.filesystem.open_output_stream(f"{self.staging.path}/{HEADER}") as out:
+            out.write(self.key.to_json(self.run_id, state).encode())
 
 
 def staging_of(table: Location, run_id: str) -> Location:
@@ -109,8 +127,12 @@ def find_progress(table: Location, key: RunKey, committed: Callable[[str], bool]
     ``fresh``, any progress of the date. Other dates' progress is left to their runs.
     """
     found = None
-    for run_id, other, staging in _staged_runs(table):
+    for run_id, header, staging in _staged_runs(table):
+        other = RunKey.from_json(header)
         if other.run_date != key.run_date:
+            continue
+        if still_running(header, staging):
+            log.info("run %s of this date is still running: its progress is left to it", run_id)
             continue
         if other != key:
             log.info("not resuming run %s: %s changed since; its progress is removed", run_id, _changed(other, key))
@@ -133,8 +155,8 @@ def _changed(old: RunKey, new: RunKey) -> str:
     return f"the input shards ({len(changed)}: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
 
 
-def _staged_runs(table: Location) -> Iterator[tuple[str, RunKey, Location]]:
-    """Every run with progress below ``table``: its id, key and staging area; unreadable ones are skipped."""
+def _staged_runs(table: Location) -> Iterator[tuple[str, dict, Location]]:
+    """Every run with progress below ``table``: its id, ``run.json`` and staging area; unreadable ones are skipped."""
     fs, root = table.filesystem, f"{table.path}/{STAGING_DIR}"
     try:
         entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
@@ -146,10 +168,11 @@ def _staged_runs(table: Location) -> Iterator[tuple[str, RunKey, Location]]:
             continue
         try:
             with fs.open_input_stream(f"{entry.path}/{HEADER}") as source:
-                run_id, key = RunKey.from_json(source.read().decode())
-        except (OSError, ValueError, KeyError):
+                header = json.loads(source.read().decode())
+            RunKey.from_json(header)
+        except (OSError, ValueError, KeyError, TypeError):
             continue  # a whole-run stage's staging from before resumable runs, or one cut short at its start
-        yield run_id, key, table.child(f"{STAGING_DIR}/{entry.base_name}")
+        yield header["run_id"], header, table.child(f"{STAGING_DIR}/{entry.base_name}")
 
 
 def read_staged(rows: Location) -> tuple[list[dict], dict[str, Ranges]]:
@@ -215,9 +238,18 @@ def _delete(fs: pafs.FileSystem, path: str) -> None:
 def resumable(table: Location) -> list[dict]:
     """The runs below ``table`` that a run would resume (``vlpipe runs``): id, date and rows staged."""
     found = []
-    for run_id, key, staging in _staged_runs(table):
+    for run_id, header, staging in _staged_runs(table):
         staged, _ = staged_counts(staging.child("rows"))
-        found.append({"run_id": run_id, "run_date": key.run_date, "rows": staged, "shards": len(key.shards)})
+        key = RunKey.from_json(header)
+        found.append(
+            {
+                "run_id": run_id,
+                "run_date": key.run_date,
+                "rows": staged,
+                "shards": len(key.shards),
+                "state": header["state"],
+            }
+        )
     return found
 
 

@@ -191,7 +191,7 @@ def test_fresh_discards_the_progress_and_runs_shows_a_resumable_run(local_shards
     (run_id,) = staging(out)
     assert main(["runs", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert f"resumable: run {run_id} (2026-11-01, 3 shard(s)): {2 * STAGED:,} rows done" in shown
+    assert f"resumable: run {run_id} (2026-11-01, 3 shard(s), stopped): {2 * STAGED:,} rows done" in shown
 
     record = run_pipeline(config, fresh=True)
     assert record.rows_resumed == 0 and record.run_id != run_id and staging(out) == []
