@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,27 @@ from deltalake import DeltaTable
 
 from jobs.cli import main
 from operators import schema as col
+from pipelines import hooks
 from pipelines.table.records import read_run_records
-from tests.reliability.test_run_endings import start_vlpipe
+from tests.reliability.faults import HOOK
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 BATCH = STAGED = 4  # rows per CLIP batch and per staged file: a 36-row run stages 9 files
+
+
+def start_vlpipe(tmp_path: Path, config: str, faults: Path, ray_address: str) -> subprocess.Popen:
+    """``vlpipe run config`` as its own process, with the fault hook (and the Ray at ``ray_address``)."""
+    env = {
+        **os.environ,
+        hooks.ENV: HOOK,
+        "VLPIPE_FAULTS": str(faults),
+        "PYTHONPATH": str(ROOT),
+        "RAY_ADDRESS": ray_address,
+    }
+    command = [sys.executable, "-m", "jobs.cli", "run", config]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def write_config(path: Path, shards: Path, clip: Path, out: Path, **sections) -> str:
