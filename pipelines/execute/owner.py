@@ -96,4 +96,6 @@ class Heartbeat:
             self._stop.wait(HEARTBEAT_S)
 
     def stop(self) -> None:
+        """Stop beating, and wait out a beat being written (a staging area removed next stays removed)."""
         self._stop.set()
+        self._thread.join(timeout=2 * HEARTBEAT_S)
