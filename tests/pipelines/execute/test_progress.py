@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from pyarrow.fs import FileSelector
 
 from jobs.cli import main
 from operators import schema as col
@@ -28,6 +29,7 @@ from pipelines.execute.source import parquet_source
 from pipelines.run import run_pipeline
 from pipelines.table.records import read_run_records
 from tests.images import encode, noise
+from tests.pipelines.conftest import s3_config
 from tests.tars import write_tar
 
 STAGED = 4  # rows per staged file
@@ -261,3 +263,24 @@ def test_a_source_without_done_rows_reads_the_others_with_their_places(tmp_path)
     assert table.column(col.SOURCE_ROW).to_pylist() == [3, 4, 9]
     assert list(source.without({}, {str(path)}).all_tables()) == []
     assert _ranges(pa.array([7, 1, 2, 3, 5, 6, 9]).to_numpy()) == ((1, 4), (5, 8), (9, 10))
+
+
+def test_a_stopped_run_on_s3_resumes_and_leaves_no_staging_object(s3, s3_input, tiny_clip_dir):
+    s3.create_bucket("resume")
+    sections = {
+        "output": {"uri": "s3://resume/enriched", "rows_per_file": 10},
+        "executor": "in_process",
+        "staging_rows": STAGED,
+        "clip": {"model": {"source": str(tiny_clip_dir)}, "resources": {"batch_size": 3}},
+        "report": {"enabled": False},
+    }
+    stop(s3_config(s3, tiny_clip_dir, **sections), 3)
+    fs = s3.filesystem()
+    staged = [i.path for i in fs.get_file_info(FileSelector("resume/enriched/_vlpipe_staging", recursive=True))]
+    assert any(p.endswith("/run.json") for p in staged) and sum(p.endswith(".parquet") for p in staged) == 3
+    record = run_pipeline(s3_config(s3, tiny_clip_dir, **sections))
+    assert record.status == "succeeded" and record.rows_resumed == 3 * STAGED and record.rows_in == 36
+    table = DeltaTable("s3://resume/enriched", storage_options=s3.delta_storage_options()).to_pyarrow_table()
+    assert table.num_rows == 36 and len(set(table.column(col.KEY).to_pylist())) == 36
+    left = fs.get_file_info(FileSelector("resume/enriched/_vlpipe_staging", recursive=True, allow_not_found=True))
+    assert [i.path for i in left if i.is_file] == []
