@@ -604,6 +604,8 @@ def format_summary(record: RunRecord, report: str | None = None) -> str:
         lines.append(
             f"  superseded   {record.rows_superseded:>8}  (earlier rows of these shards, removed from other dates)"
         )
+    if record.rows_resumed:
+        lines.append(f"  resumed      {record.rows_resumed:>8}  (staged by the attempt this run took over)")
     lines += [
         f"  output       {record.output_uri} "
         f"(Delta version {record.table_version}, partition run_date={record.run_date})",

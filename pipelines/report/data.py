@@ -149,7 +149,8 @@ def _run_index(records: list[dict], run_id: str | None, runs_uri: str) -> int:
         raise LookupError(f"no runs recorded at {runs_uri}")
     if run_id is None:
         return len(records) - 1
-    index = next((i for i, r in enumerate(records) if r["run_id"] == run_id), None)
+    # The latest record of the run: a resumed run's id also has the record of the attempt it took over.
+    index = next((i for i in reversed(range(len(records))) if records[i]["run_id"] == run_id), None)
     if index is None:
         raise LookupError(f"run {run_id} is not in the run records at {runs_uri}")
     return index

@@ -96,6 +96,11 @@ def _summary(data: ReportData) -> str:
         ("started", _time(run["started_at"])),
         ("input shards", f"{len(run['input_shards'] or [])} ({len(run['failed_shards'] or [])} failed)"),
         ("table version", "-" if run["table_version"] is None else str(run["table_version"])),
+        *(
+            (("resumed", f"{run['rows_resumed']} rows staged by an earlier attempt"),)
+            if run.get("rows_resumed")
+            else ()
+        ),
         ("config hash", run["config_hash"]),
         *((f"{stage} model", _model(m)) for stage, m in models.items()),
     ]

@@ -89,9 +89,10 @@ def test_a_run_killed_at_30_60_and_90_percent_resumes_to_an_uninterrupted_runs_t
         (faults / "stall-spill").unlink()
         done.append(resumed(err))
     process = start_vlpipe(tmp_path, config, faults, address)
-    _, err = process.communicate(timeout=240)
+    out_text, err = process.communicate(timeout=240)
     assert process.returncode == 0, err[-3000:]
     done.append(resumed(err))
+    assert f"  resumed      {done[-1]:>8}  (staged by the attempt this run took over)" in out_text
 
     assert done[0] == 0 and all(resumed >= at for resumed, at in zip(done[1:], kills)), done
     (record,) = read_run_records(str(out / "_vlpipe_runs")).to_pylist()  # a killed run records nothing

@@ -26,7 +26,7 @@ from pipelines import hooks
 from pipelines.config import validate_config
 from pipelines.execute.progress import RunKey, _ranges, read_staged
 from pipelines.execute.source import parquet_source
-from pipelines.run import run_pipeline
+from pipelines.run import run_nightly, run_pipeline
 from pipelines.table.records import read_run_records
 from tests.images import encode, noise
 from tests.pipelines.conftest import s3_config
@@ -217,7 +217,7 @@ def test_the_progress_of_a_run_that_committed_is_removed_not_resumed(local_shard
 
 def test_a_run_whose_commit_failed_resumes_with_every_row_staged(local_shards, demo_models, tmp_path):
     out = tmp_path / "out"
-    config = config_of(local_shards[0], demo_models, out)
+    config = config_of(local_shards[0], demo_models, out, report={"enabled": True})
 
     def commit_fails(point: str) -> None:
         if point == "commit":
@@ -233,6 +233,21 @@ def test_a_run_whose_commit_failed_resumes_with_every_row_staged(local_shards, d
     record = run_pipeline(config)
     assert record.rows_resumed == record.rows_in == len(local_shards[3]) and record.table_version == 0
     assert len(DeltaTable(str(out)).file_uris()) == len(list((out / "run_date=2026-11-01").glob("*.parquet")))
+    report = (out / "_vlpipe_reports" / f"{record.run_id}.html").read_text()
+    assert f"<th>resumed</th><td>{record.rows_in} rows staged by an earlier attempt</td>" in report
+    assert '"status": "succeeded"' in report  # the resumed run's record, not the failed attempt's
+
+
+def test_a_stopped_nightly_run_resumes_on_the_next_nightly(local_shards, demo_models, tmp_path):
+    config = config_of(local_shards[0], demo_models, tmp_path / "out")
+    hooks.install(fail_after_staging(2))
+    try:
+        with pytest.raises(RuntimeError, match="the run stops here"):
+            run_nightly(config)
+    finally:
+        hooks.install(None)
+    plan, record = run_nightly(config)  # the stopped night left no succeeded record: its shards are still new
+    assert len(plan.shards) == 3 and record.rows_resumed == 2 * STAGED and record.rows_in == len(local_shards[3])
 
 
 def test_staged_files_cut_short_or_written_twice_are_done_again(tmp_path):
