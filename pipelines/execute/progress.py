@@ -124,11 +124,11 @@ def find_progress(table: Location, key: RunKey, committed: Callable[[str], bool]
 
     Progress of the same date under another key is removed (the config or the inputs changed),
     as is progress of a run that ``committed`` (it stopped before cleaning up) and, when
-    ``fresh``, any progress of the date. Other dates' progress is left to their runs.
+    ``fresh``, any progress of the date. A run still running keeps its progress
+    (``pipelines.execute.owner``), and other dates' progress is left to their runs.
     """
     found = None
-    for run_id, header, staging in _staged_runs(table):
-        other = RunKey.from_json(header)
+    for run_id, header, other, staging in _staged_runs(table):
         if other.run_date != key.run_date:
             continue
         if still_running(header, staging):
@@ -155,8 +155,8 @@ def _changed(old: RunKey, new: RunKey) -> str:
     return f"the input shards ({len(changed)}: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
 
 
-def _staged_runs(table: Location) -> Iterator[tuple[str, dict, Location]]:
-    """Every run with progress below ``table``: its id, ``run.json`` and staging area; unreadable ones are skipped."""
+def _staged_runs(table: Location) -> Iterator[tuple[str, dict, RunKey, Location]]:
+    """Every run with progress below ``table``: id, ``run.json``, key, staging area (unreadable ones skipped)."""
     fs, root = table.filesystem, f"{table.path}/{STAGING_DIR}"
     try:
         entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
@@ -169,10 +169,10 @@ def _staged_runs(table: Location) -> Iterator[tuple[str, dict, Location]]:
         try:
             with fs.open_input_stream(f"{entry.path}/{HEADER}") as source:
                 header = json.loads(source.read().decode())
-            RunKey.from_json(header)
+            key = RunKey.from_json(header)
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a whole-run stage's staging from before resumable runs, or one cut short at its start
-        yield header["run_id"], header, table.child(f"{STAGING_DIR}/{entry.base_name}")
+        yield header["run_id"], header, key, table.child(f"{STAGING_DIR}/{entry.base_name}")
 
 
 def read_staged(rows: Location) -> tuple[list[dict], dict[str, Ranges]]:
@@ -238,9 +238,8 @@ def _delete(fs: pafs.FileSystem, path: str) -> None:
 def resumable(table: Location) -> list[dict]:
     """The runs below ``table`` that a run would resume (``vlpipe runs``): id, date and rows staged."""
     found = []
-    for run_id, header, staging in _staged_runs(table):
-        staged, _ = staged_counts(staging.child("rows"))
-        key = RunKey.from_json(header)
+    for run_id, header, key, staging in _staged_runs(table):
+        staged = staged_rows(staging.child("rows"))
         found.append(
             {
                 "run_id": run_id,
@@ -253,17 +252,16 @@ def resumable(table: Location) -> list[dict]:
     return found
 
 
-def staged_counts(rows: Location) -> tuple[int, int]:
-    """Rows and files staged below ``rows``, from the footers alone."""
+def staged_rows(rows: Location) -> int:
+    """Rows staged below ``rows``, from the whole files' footers alone."""
     fs = rows.filesystem
-    total = files = 0
+    total = 0
     for entry in fs.get_file_info(pafs.FileSelector(rows.path, allow_not_found=True)):
         if not entry.is_file:
             continue
         try:
             with fs.open_input_file(entry.path) as source:
                 total += pq.ParquetFile(source).metadata.num_rows
-            files += 1
         except (OSError, ValueError):
             continue
-    return total, files
+    return total
