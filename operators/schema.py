@@ -64,6 +64,13 @@ CLASSIFIER_SCORES = "classifier_scores"
 ANSWER = "answer"
 ANSWER_YES_PROB = "answer_yes_prob"
 
+# What a served VLM's requests cost (caption.endpoint, ask.endpoint): one struct per row and stage.
+CAPTION_USAGE = "caption_usage"
+ANSWER_USAGE = "answer_usage"
+PROMPT_TOKENS = "prompt_tokens"
+COMPLETION_TOKENS = "completion_tokens"
+ATTEMPTS = "attempts"
+
 # Deduplication.
 SEMANTIC_CLUSTER = "semantic_cluster"
 DUPLICATE_OF = "duplicate_of"
@@ -96,6 +103,7 @@ DOWNLOAD_FAILED = "download_failed"  # the downloader (img2dataset's `status`) c
 FETCH_ERROR = "fetch_error"  # input.columns.image_uri could not be fetched (404, 403, timeout, ...)
 INVALID_SAMPLE = "invalid_sample"  # a tar sample vlpipe cannot read as one row (e.g. two image members)
 MODEL_ERROR = "model_error"  # a model stage raised on this row alone (its stage and exception are in error)
+ENDPOINT_ERROR = "endpoint_error"  # a served VLM's request for this row failed for good (HTTP status and message in error)
 # Statuses of rows whose input has no image bytes at all (nothing to read back for an export).
 NO_IMAGE_STATUSES = (MISSING_IMAGE, DOWNLOAD_FAILED, FETCH_ERROR, INVALID_SAMPLE)
 IMAGE_STATUSES = (
@@ -108,6 +116,7 @@ IMAGE_STATUSES = (
     FETCH_ERROR,
     INVALID_SAMPLE,
     MODEL_ERROR,
+    ENDPOINT_ERROR,
 )
 
 # Reject reasons that come from the filter rather than from decoding, in the order the
@@ -160,6 +169,9 @@ EMBEDDING_TYPE = pa.list_(pa.float32())
 # A map, not a struct: the configured tags change from run to run, the table's schema must not.
 TAG_SCORES_TYPE = pa.map_(pa.string(), pa.float32())
 CLASSIFIER_SCORES_TYPE = TAG_SCORES_TYPE  # likewise: the configured score names are keys, not columns
+USAGE_TYPE = pa.struct(
+    [pa.field(PROMPT_TOKENS, pa.int32()), pa.field(COMPLETION_TOKENS, pa.int32()), pa.field(ATTEMPTS, pa.int16())]
+)
 DUPLICATE_OF_TYPE = pa.struct([pa.field(KEY, pa.string()), pa.field(RUN_DATE, pa.date32())])
 
 _HEAD = [
@@ -192,6 +204,8 @@ _TAIL = [
     pa.field(CLASSIFIER_SCORES, CLASSIFIER_SCORES_TYPE),
     pa.field(ANSWER, pa.string()),
     pa.field(ANSWER_YES_PROB, pa.float32()),
+    pa.field(CAPTION_USAGE, USAGE_TYPE),
+    pa.field(ANSWER_USAGE, USAGE_TYPE),
     pa.field(SEMANTIC_CLUSTER, pa.int32()),
     pa.field(DUPLICATE_OF, DUPLICATE_OF_TYPE),
     pa.field(KEEP, pa.bool_(), nullable=False),
@@ -204,10 +218,12 @@ COLUMN_DOCS = {
     KEY: "Row id from the input (img2dataset `key`), as a string.",
     CAPTION: "Original caption text from the input (null if missing).",
     SOURCE_SHARD: "URI of the input shard the row came from.",
-    STATUS: "Image outcome, or model_error where a model stage raised on this row alone: "
+    STATUS: "Image outcome, or model_error where a model stage raised on this row alone, or endpoint_error where "
+    "a served VLM's request for it failed for good: "
     + ", ".join(IMAGE_STATUSES)
     + ".",
-    ERROR: "Why the image failed, or the model stage and its exception (null when status is ok).",
+    ERROR: "Why the image failed, the model stage and its exception, or the endpoint's HTTP status and message "
+    "(null when status is ok).",
     IMAGE_WIDTH: "Width of the decoded image, upright (after EXIF orientation).",
     IMAGE_HEIGHT: "Height of the decoded image, upright.",
     IMAGE_BYTES: "Original encoded image (only with output.include_image_bytes).",
@@ -239,6 +255,9 @@ COLUMN_DOCS = {
     'question could not be formed); "yes"/"no" with ask.yes_no and no generation.',
     ANSWER_YES_PROB: 'P(yes) from the first answer token: softmax over the logits of the first tokens of "Yes" '
     'and "No" (null unless ask.yes_no, or like answer).',
+    CAPTION_USAGE: "What caption.endpoint's request for the row cost: prompt_tokens and completion_tokens from the "
+    "answer's usage, and attempts (tries sent); null without an endpoint or where no request was sent.",
+    ANSWER_USAGE: "Likewise for ask.endpoint.",
     SEMANTIC_CLUSTER: "Nearest k-means centroid of image_embedding under the table's centroids when the row was "
     "written (null unless dedup.semantic is on).",
     DUPLICATE_OF: "For a duplicate: the key and run_date of the row it duplicates (null otherwise).",

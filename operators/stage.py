@@ -34,6 +34,13 @@ StageKind = Literal["source", "task", "actor", "io", "fused", "aggregate"]
 """
 
 
+class StageFailed(Exception):
+    """An operator's verdict that the stage itself has failed, whatever its rows (a server that is down).
+
+    Rows are not isolated from it (``pipelines.execute.batches.run_model``): the run fails with this message.
+    """
+
+
 class Operator(Protocol):
     def __call__(self, batch: pa.Table) -> pa.Table: ...
 

@@ -39,6 +39,20 @@ from pipelines.errors import ConfigError
 
 # The config sections that each name a model (``<section>.model``).
 MODEL_SECTIONS = ("clip", "caption", "itm", "classifier", "ask")
+# A served model's settings that change how fast its answers come, not what they are: not in the config hash.
+ENDPOINT_TUNING = (
+    "api_key_env",
+    "concurrency",
+    "requests_per_second",
+    "tokens_per_minute",
+    "timeout_s",
+    "max_retries",
+    "max_backoff_s",
+    "unreachable_s",
+    "prices",
+    "workers",
+    "batch_size",
+)
 # Below this many rows a run goes faster without Ray than Ray takes to start (docs/guide/running.md#in-process).
 IN_PROCESS_MAX_ROWS = 10_000
 
@@ -211,18 +225,23 @@ class PipelineConfig(_Strict):
         return self.language is not None or bool(self.filter.caption_languages)
 
     def models(self) -> dict[str, dict[str, str | None]]:
-        """Each stage's model id and revision, as recorded with every commit."""
-        stages = {name: getattr(self, name) for name in MODEL_SECTIONS}
-        models = {name: {"source": s.model.source, "revision": s.model.revision} for name, s in stages.items() if s}
+        """Each stage's model id and revision (a served model's endpoint), as recorded with every commit."""
+        models = {}
+        for name in MODEL_SECTIONS:
+            stage = getattr(self, name)
+            served = getattr(stage, "endpoint", None)
+            if served is not None:  # a served model: its name and where it was served from
+                models[name] = {"source": served.model, "revision": None, "endpoint": served.base_url}
+            elif stage is not None:
+                models[name] = {"source": stage.model.source, "revision": stage.model.revision}
         for name, head in self.heads.configured().items():
             models[f"heads.{name}"] = {"source": head.source, "revision": head.revision}
         return models
 
     def hash(self) -> str:
         """Identifies what the run computes: storage credentials and the date are not part of it."""
-        payload = self.model_dump(
-            mode="json",
-            exclude={
+        exclude: dict[str, Any] = dict.fromkeys(
+            (
                 "storage",
                 "run_date",
                 "ray_address",
@@ -233,8 +252,13 @@ class PipelineConfig(_Strict):
                 "resume",
                 "staging_rows",
                 "report",
-            },
+            ),
+            True,
         )
+        for name in ("caption", "ask"):  # how hard a served model is driven changes no answer
+            if getattr(getattr(self, name), "endpoint", None) is not None:
+                exclude[name] = {"endpoint": dict.fromkeys(ENDPOINT_TUNING, True)}
+        payload = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_absolute_paths(self) -> PipelineConfig:
@@ -254,7 +278,7 @@ class PipelineConfig(_Strict):
         }
         for name in MODEL_SECTIONS:
             stage = getattr(self, name)
-            source = stage and stage.model.source
+            source = stage and stage.model and stage.model.source
             if source and not is_remote(source) and Path(source).expanduser().is_dir():
                 model = stage.model.model_copy(update={"source": str(Path(source).expanduser().resolve())})
                 update[name] = stage.model_copy(update={"model": model})
@@ -281,7 +305,7 @@ def check_models(config: PipelineConfig) -> None:
     """
     for name in MODEL_SECTIONS:
         stage = getattr(config, name)
-        ref = stage.model if stage else None
+        ref = stage.model if stage else None  # None too for a served model (caption.endpoint, ask.endpoint)
         if ref is None or is_remote(ref.source):
             continue
         path = Path(ref.source.removeprefix("file://")).expanduser()

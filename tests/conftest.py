@@ -19,6 +19,7 @@ from jobs.demo import (
     write_sample_shards,
 )
 from tests.s3_server import S3Server, seaweedfs
+from tests.vlm_server import VlmServer
 
 # Model caches of the tests stay inside the test session, never in ~/.cache.
 os.environ.setdefault("VLPIPE_CACHE", "/tmp/vlpipe-test-cache")
@@ -116,6 +117,13 @@ def tiny_git_dir(tmp_path_factory) -> Path:
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """A tiny chat-style VLM (LLaVA) with a chat template."""
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def vlm_server(tiny_llava_dir, tmp_path_factory):
+    """transformers' OpenAI-compatible server serving the tiny LLaVA on loopback, once per session (~15 s)."""
+    with VlmServer(tiny_llava_dir, tmp_path_factory.mktemp("vlm-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ token the model learnt to write first (``▁Yes`` after ``ASSISTANT:`` with a Se
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators import schema as col
+from operators.endpoint.config import EndpointConfig, check_one_form
 from operators.models.caption import caption_geometry, chat_inputs, chat_prompt
 from operators.models.load import ModelOperator, Precision
 from operators.refs import ModelRef
@@ -31,6 +33,8 @@ from operators.tensors import pixel_rows
 
 YES, NO = "yes", "no"  # the answer to a yes/no question decided without generating
 QUESTION_SOURCES = ("question", "template", "question_column")
+# What only a model vlpipe loads has: an ask.endpoint leaves them to the server.
+_IN_PROCESS_ONLY = ("num_beams", "image_size", "precision", "resources")
 
 
 class AskConfig(BaseModel):
@@ -39,11 +43,13 @@ class AskConfig(BaseModel):
     Exactly one of ``question`` (the same for every row), ``template`` (``str.format`` over the row's
     columns) and ``question_column``. ``yes_no`` adds ``answer_yes_prob``; the answer is then "yes" or
     "no" from one forward pass, unless ``generate`` asks for the generated text as well.
+    The model is loaded by vlpipe (``model``) or served (``endpoint``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelRef
+    model: ModelRef | None = None
+    endpoint: EndpointConfig | None = None
     question: str | None = Field(None, min_length=1)
     template: str | None = Field(None, min_length=1)
     question_column: str | None = Field(None, min_length=1)
@@ -59,6 +65,7 @@ class AskConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_question_and_a_way_to_answer(self) -> AskConfig:
+        check_one_form(self, "ask", _IN_PROCESS_ONLY)
         given = [name for name in QUESTION_SOURCES if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"set exactly one of {', '.join(QUESTION_SOURCES)} (got {', '.join(given) or 'none'})")
@@ -132,7 +139,7 @@ def ask_stage(config: AskConfig, storage: StorageOptions, *, pixels_column: str,
         build=partial(VisualQuestions, config, storage, pixels_column),
         details=(
             f"input {geometry}",
-            f"asks {_describe_question(config)}",
+            f"asks {describe_question(config)}",
             decoding,
             *yes_no,
             f"precision {config.precision}",
@@ -140,12 +147,34 @@ def ask_stage(config: AskConfig, storage: StorageOptions, *, pixels_column: str,
     )
 
 
-def _describe_question(config: AskConfig) -> str:
+def describe_question(config: AskConfig) -> str:
     if config.question is not None:
         return f"{config.question!r}"
     if config.template is not None:
         return f"{config.template!r} per row"
     return f"the question in column {config.question_column}"
+
+
+def row_questions(config: AskConfig, batch: pa.Table, cut: Callable[[list[str]], list[str]]) -> list[str | None]:
+    """Each row's question; None where a column it is made from is null or blank.
+
+    ``cut`` shortens the column values put into questions (the model's tokenizer, or a served model's
+    character budget).
+    """
+    if config.question is not None:
+        return [config.question] * batch.num_rows
+    values = {name: _values(batch.column(name), cut) for name in config.columns}
+    rows = [dict(zip(values, row)) for row in zip(*values.values())]
+    if config.template is None:
+        return [row[config.question_column] for row in rows]
+    return [None if None in row.values() else config.template.format_map(row) for row in rows]
+
+
+def _values(column: pa.ChunkedArray, cut: Callable[[list[str]], list[str]]) -> list[str | None]:
+    """A column as the text put into questions: None for null or blank, the rest through ``cut``."""
+    texts = [None if v is None or not str(v).strip() else str(v) for v in column.to_pylist()]
+    present = iter(cut([t for t in texts if t is not None]) if any(t is not None for t in texts) else [])
+    return [None if t is None else next(present) for t in texts]
 
 
 class VisualQuestions(ModelOperator):
@@ -193,28 +222,14 @@ class VisualQuestions(ModelOperator):
 
     def questions(self, batch: pa.Table) -> list[str | None]:
         """Each row's question; None where a column it is made from is null or blank."""
-        c = self.config
-        if c.question is not None:
-            return [c.question] * batch.num_rows
-        values = {name: self._values(batch.column(name)) for name in c.columns}
-        rows = [dict(zip(values, row)) for row in zip(*values.values())]
-        if c.template is None:
-            return [row[c.question_column] for row in rows]
-        return [None if None in row.values() else c.template.format_map(row) for row in rows]
+        return row_questions(self.config, batch, self._cut_values)
 
-    def _values(self, column: pa.ChunkedArray) -> list[str | None]:
-        """A column as the text put into questions: None for null or blank, cut to ``max_value_tokens`` tokens.
-
-        The cut keeps a long caption from pushing the prompt past the model's context.
-        """
-        texts = [None if v is None or not str(v).strip() else str(v) for v in column.to_pylist()]
-        present = [t for t in texts if t is not None]
-        if not present:
-            return texts
+    def _cut_values(self, texts: list[str]) -> list[str]:
+        """Each text cut to ``max_value_tokens`` tokens, so a long caption cannot push the prompt past the context."""
         limit = self.config.max_value_tokens
         # One token past the limit is enough to know a text is too long.
-        ids = iter(self.tokenizer(present, add_special_tokens=False, truncation=True, max_length=limit + 1).input_ids)
-        return [t if t is None else _cut(self.tokenizer, t, next(ids), limit) for t in texts]
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=limit + 1).input_ids
+        return [_cut(self.tokenizer, text, row, limit) for text, row in zip(texts, ids)]
 
     def answer(self, rows: np.ndarray, questions: list[str]) -> tuple[list[str], np.ndarray | None]:
         """Answers, and P(yes) with ``yes_no``, for (n, H, W, 3) uint8 images and one question each."""

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators import schema as col
+from operators.endpoint.config import EndpointConfig, check_one_form
 from operators.image.decode import PixelSpec
 from operators.models.load import ModelOperator, Precision
 from operators.refs import ModelRef
@@ -26,12 +27,21 @@ from operators.tensors import pixel_rows
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
 
 
+# What only a model vlpipe loads has: a caption.endpoint leaves them to the server.
+_IN_PROCESS_ONLY = ("chat", "num_beams", "do_sample", "temperature", "top_p", "seed", "image_size", "precision", "resources")
+
+
 class CaptionConfig(BaseModel):
-    """Which image-to-text model writes ``caption_generated``, and how it decodes."""
+    """Which image-to-text model writes ``caption_generated``, and how it decodes.
+
+    The model is either loaded by vlpipe (``model``) or served (``endpoint``: an OpenAI-compatible
+    server, asked with ``prompt`` and the image, answering up to ``max_new_tokens`` tokens).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelRef
+    model: ModelRef | None = None
+    endpoint: EndpointConfig | None = None
     prompt: str | None = None
     chat: bool | None = None
     max_new_tokens: int = Field(30, ge=1, le=4096)
@@ -46,6 +56,7 @@ class CaptionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sampling_settings_need_sampling(self) -> CaptionConfig:
+        check_one_form(self, "caption", _IN_PROCESS_ONLY)
         if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
             raise ValueError("temperature and top_p only apply with do_sample: true")
         return self

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from operators import schema as col
 from operators.models.load import ModelLoadError
-from operators.stage import Stage
+from operators.stage import Stage, StageFailed
 from pipelines import hooks
 from pipelines.errors import Interrupted, PlanError
 from pipelines.execute.steps import Step
@@ -64,7 +64,7 @@ def run_model(stage: Stage, call: Call, batch: pa.Table) -> pa.Table:
     """``call`` (a model stage's operator) over ``batch``; the rows that make it raise become ``model_error`` rows."""
     try:
         return call(batch)
-    except Interrupted:
+    except (Interrupted, StageFailed):
         raise
     except Exception as err:
         first = err
@@ -92,7 +92,7 @@ def _halves(call: Call, batch: pa.Table) -> list:
     for half in (batch.slice(0, batch.num_rows // 2), batch.slice(batch.num_rows // 2)):
         try:
             parts.append(call(half))
-        except Interrupted:
+        except (Interrupted, StageFailed):
             raise
         except Exception as err:
             parts += [_Failed(half, err)] if half.num_rows == 1 else _halves(call, half)

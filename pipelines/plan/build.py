@@ -22,7 +22,7 @@ from operators.decisions.filter import filter_stage, top_fraction_stage
 from operators.image.decode import PixelSpec, decode_stage
 from operators.input.fetch import fetch_stage
 from operators.input.prepare import SHARD_PATH, ColumnMapping, prepare_stage
-from operators.models.ask import ask_stage
+from operators.models.ask import ask_stage, describe_question
 from operators.models.caption import caption_geometry, caption_stage
 from operators.models.classify import check_classifier_labels, classifier_stage
 from operators.models.clip import clip_stage
@@ -31,6 +31,7 @@ from operators.models.itm import itm_stage
 from operators.models.language import LanguageConfig, language_stage
 from operators.models.load import resolve_model_dir
 from operators.models.select import select_caption_stage
+from operators.models.served import served_ask_stage, served_caption_stage
 from operators.refs import ModelRef
 from operators.stage import Stage
 from operators.storage import Location, StorageOptions
@@ -171,7 +172,9 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
     clip_geometry = geometry(config.clip.model, storage, None)
     pixels = _Pixels(geometry, storage, {col.PIXELS: clip_geometry})
     stages = []
-    if config.caption:
+    if config.caption and config.caption.endpoint:
+        stages.append(served_caption_stage(config.caption, col.IMAGE_BYTES))
+    elif config.caption:
         caption = partial(caption_stage, config.caption, storage)
         stages.append(pixels.stage(config.caption.model, config.caption.image_size, col.CAPTION_PIXELS, caption))
     stages.append(
@@ -200,7 +203,9 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
             _planned(check_classifier_labels, config.classifier, storage)
         make = partial(classifier_stage, config.classifier, storage)
         stages.append(pixels.stage(config.classifier.model, None, col.CLASSIFIER_PIXELS, make))
-    if config.ask:  # last, so its questions can name any column the other models add
+    if config.ask and config.ask.endpoint:  # last, so its questions can name any column the other models add
+        stages.append(served_ask_stage(config.ask, col.IMAGE_BYTES, describe_question(config.ask)))
+    elif config.ask:
         make = partial(ask_stage, config.ask, storage)
         stages.append(pixels.stage(config.ask.model, config.ask.image_size, col.ASK_PIXELS, make))
     return stages, pixels.columns
@@ -273,12 +278,18 @@ def _read_stage(config: PipelineConfig, columns: ColumnMapping, shard_count: int
 
 
 def _decode_stage(config: PipelineConfig, pixels: dict[str, PixelSpec | None]) -> Stage:
-    keep_bytes = config.decode.keep_image_bytes or config.output.include_image_bytes
+    keep_bytes = config.decode.keep_image_bytes or config.output.include_image_bytes or _sends_images(config)
     phash = config.decode.perceptual_hash or config.dedup.near is not None
     decode = config.decode.model_copy(update={"keep_image_bytes": keep_bytes, "perceptual_hash": phash})
     extra = {name: spec for name, spec in pixels.items() if name != col.PIXELS}
     described = {name: _describe_geometry(spec) for name, spec in pixels.items()}
     return decode_stage(decode, pixels[col.PIXELS], extra, described)
+
+
+def _sends_images(config: PipelineConfig) -> bool:
+    """Whether a served model gets the images themselves (data URLs), so the bytes outlive decoding."""
+    served = [section.endpoint for section in (config.caption, config.ask) if section and section.endpoint]
+    return any(endpoint.image_url_column is None for endpoint in served)
 
 
 def _describe_geometry(spec: PixelSpec | None) -> str:

@@ -177,3 +177,19 @@ def test_built_in_architectures_are_known_without_importing_transformers():
 
     assert _built_in("clip") and _built_in("siglip") and _built_in("blip") and _built_in("llava")
     assert not _built_in("my-own-vlm") and not _built_in(None)
+
+
+def test_a_key_pasted_where_its_variable_name_goes_is_refused_without_being_echoed():
+    served = {"endpoint": {"base_url": "http://vllm:8000/v1", "model": "m", "api_key_env": "sk-live-123/456"}}
+    with pytest.raises(ConfigError, match="ask.endpoint.api_key_env: api_key_env is the name of an environment") as err:
+        validate_config({**BASE, "ask": {**served, "question": "Is it a cat?"}})
+    assert "sk-live-123" not in str(err.value)
+
+
+def test_how_hard_a_served_model_is_driven_is_not_part_of_the_config_hash():
+    served = {"base_url": "http://vllm:8000/v1", "model": "m"}
+    first = validate_config({**BASE, "caption": {"endpoint": served}})
+    faster = validate_config({**BASE, "caption": {"endpoint": {**served, "concurrency": 128, "workers": 4}}})
+    other = validate_config({**BASE, "caption": {"endpoint": {**served, "temperature": 0.7}}})
+    assert first.hash() == faster.hash() != other.hash()
+    assert first.models()["caption"] == {"source": "m", "revision": None, "endpoint": "http://vllm:8000/v1"}
