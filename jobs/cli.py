@@ -13,6 +13,7 @@ import signal
 import sys
 import traceback
 
+from operators.endpoint.usage import describe_account
 from pipelines import logs
 from pipelines.config import ConfigError, default_run_records_uri, load_config
 from pipelines.errors import PARTIAL_EXIT, Interrupted, UnreachableError, VlpipeError, exit_code_for
@@ -606,6 +607,7 @@ def format_summary(record: RunRecord, report: str | None = None) -> str:
         )
     if record.rows_resumed:
         lines.append(f"  resumed      {record.rows_resumed:>8}  (staged by the attempt this run took over)")
+    lines += [f"  served       {describe_account(section, line)}" for section, line in record.endpoints.items()]
     lines += [
         f"  output       {record.output_uri} "
         f"(Delta version {record.table_version}, partition run_date={record.run_date})",

@@ -103,7 +103,8 @@ DOWNLOAD_FAILED = "download_failed"  # the downloader (img2dataset's `status`) c
 FETCH_ERROR = "fetch_error"  # input.columns.image_uri could not be fetched (404, 403, timeout, ...)
 INVALID_SAMPLE = "invalid_sample"  # a tar sample vlpipe cannot read as one row (e.g. two image members)
 MODEL_ERROR = "model_error"  # a model stage raised on this row alone (its stage and exception are in error)
-ENDPOINT_ERROR = "endpoint_error"  # a served VLM's request for this row failed for good (HTTP status and message in error)
+# A served VLM's request for this row failed for good (the HTTP status and the server's message are in error).
+ENDPOINT_ERROR = "endpoint_error"
 # Statuses of rows whose input has no image bytes at all (nothing to read back for an export).
 NO_IMAGE_STATUSES = (MISSING_IMAGE, DOWNLOAD_FAILED, FETCH_ERROR, INVALID_SAMPLE)
 IMAGE_STATUSES = (
@@ -219,9 +220,7 @@ COLUMN_DOCS = {
     CAPTION: "Original caption text from the input (null if missing).",
     SOURCE_SHARD: "URI of the input shard the row came from.",
     STATUS: "Image outcome, or model_error where a model stage raised on this row alone, or endpoint_error where "
-    "a served VLM's request for it failed for good: "
-    + ", ".join(IMAGE_STATUSES)
-    + ".",
+    "a served VLM's request for it failed for good: " + ", ".join(IMAGE_STATUSES) + ".",
     ERROR: "Why the image failed, the model stage and its exception, or the endpoint's HTTP status and message "
     "(null when status is ok).",
     IMAGE_WIDTH: "Width of the decoded image, upright (after EXIF orientation).",

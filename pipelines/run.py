@@ -23,6 +23,7 @@ from functools import partial
 from importlib import metadata
 
 from operators import schema as col
+from operators.endpoint.usage import account
 from operators.storage import Location
 from pipelines import hooks, logs
 from pipelines.config import PipelineConfig, check_models
@@ -348,7 +349,7 @@ def _commit(
         },
     )
     outcomes = dict(summary.outcomes)
-    return run.record(
+    record = run.record(
         PARTIAL if run.failed_shards else SUCCEEDED,
         table_version=commit.version,
         rows_in=summary.rows_in,
@@ -359,6 +360,19 @@ def _commit(
         models=models,
         versions=versions,
     )
+    record.endpoints = _endpoints(config, summary, record.duration_s)
+    return record
+
+
+def _endpoints(config: PipelineConfig, summary: WriteSummary, seconds: float) -> dict[str, dict]:
+    """Each served stage's requests, retries, tokens, requests per second over the run, and cost."""
+    accounts = {}
+    for section, counts in summary.usage.items():
+        served = getattr(getattr(config, section), "endpoint", None)
+        if served is None:
+            continue
+        accounts[section] = account(counts, served.model, seconds, served.prices)
+    return accounts
 
 
 def _executor(run: Run, plan: Plan) -> Executor:

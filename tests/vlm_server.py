@@ -46,7 +46,7 @@ class VlmServer:
         env.setdefault("OMP_NUM_THREADS", "1")  # a server thread per core would fight the suite for two cores
         command = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
         args = [command, "serve", str(self.model_dir), "--device", "cpu", "--host", "127.0.0.1"]
-        log = open(self.workdir / "serve.log", "wb")  # noqa: SIM115 (kept open for the server's lifetime)
+        log = open(self.workdir / "serve.log", "wb")  # open for the server's lifetime
         self._process = subprocess.Popen([*args, "--port", str(self.port)], env=env, stdout=log, stderr=log)
         self._wait_ready()
         return self

@@ -22,6 +22,7 @@ import json
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import aiohttp
@@ -60,6 +61,24 @@ class _Retry:
     connected: bool = True  # False: no answer at all (refused, dropped, timed out)
 
 
+class _Loop:
+    """The worker's event loop, in a thread of its own, and the HTTP session that lives on it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.session: aiohttp.ClientSession | None = None
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vlpipe-endpoint", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        try:
+            if self.session is not None:
+                asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result(timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+
+
 class Client:
     """Sends chat-completion bodies to ``config.chat_url``; ``where`` (``caption.endpoint``) names it in errors."""
 
@@ -70,16 +89,15 @@ class Client:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._last_answer = 0.0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vlpipe-endpoint", daemon=True)
-        self._thread.start()
-        self._session: aiohttp.ClientSession | None = None
+        self._loop = _Loop()
+        # Closed with the worker's operator, or at exit: no unclosed session or connections left behind.
+        self._finalizer = weakref.finalize(self, self._loop.close)
         self._limits: RateLimits | None = None
         self._slots: asyncio.Semaphore | None = None
 
     def send(self, bodies: list[dict]) -> list[Reply]:
         """Each body's ``Reply``, in order; ``EndpointDown`` when the server is down."""
-        future = asyncio.run_coroutine_threadsafe(self._send_all(bodies), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._send_all(bodies), self._loop.loop)
         try:
             return future.result()
         except BaseException:
@@ -87,16 +105,14 @@ class Client:
             raise
 
     def close(self) -> None:
-        if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        self._finalizer()
 
     async def _send_all(self, bodies: list[dict]) -> list[Reply]:
-        if self._session is None:
+        if self._loop.session is None:
             c = self.config
             connector = aiohttp.TCPConnector(limit=c.concurrency, limit_per_host=c.concurrency)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=c.timeout_s))
+            timeout = aiohttp.ClientTimeout(total=c.timeout_s)
+            self._loop.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
             self._limits = RateLimits(c.requests_per_second, c.tokens_per_minute, first_estimate=1024)
             self._slots = asyncio.Semaphore(c.concurrency)
         tasks = [asyncio.ensure_future(self._one(body)) for body in bodies]
@@ -127,7 +143,7 @@ class Client:
 
     async def _try(self, data: bytes) -> Reply | _Retry:
         try:
-            async with self._session.post(self.config.chat_url, data=data, headers=self._headers) as response:
+            async with self._loop.session.post(self.config.chat_url, data=data, headers=self._headers) as response:
                 payload = await response.read()
                 status, retry_after = response.status, _retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:

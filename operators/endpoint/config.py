@@ -91,14 +91,14 @@ class EndpointConfig(BaseModel):
 
 def check_one_form(section: BaseModel, name: str, in_process_only: tuple[str, ...]) -> None:
     """``model`` or ``endpoint``, exactly one; with ``endpoint``, none of the settings only a loaded model has."""
-    model, endpoint = getattr(section, "model"), getattr(section, "endpoint")
+    model, endpoint = section.model, section.endpoint
     if (model is None) == (endpoint is None):
-        raise ValueError(
-            f"set exactly one of {name}.model (a model vlpipe loads) and {name}.endpoint (a served model)"
-        )
+        raise ValueError(f"set exactly one of {name}.model (a model vlpipe loads) and {name}.endpoint (a served model)")
     if endpoint is None:
         return
-    misplaced = [field for field in in_process_only if field in section.model_fields_set]
+    # Compared with the defaults, not by which keys were given: a recorded config (the report's) holds every key.
+    defaults = type(section).model_fields
+    misplaced = [field for field in in_process_only if getattr(section, field) != defaults[field].get_default()]
     if misplaced:
         verb = "applies" if len(misplaced) == 1 else "apply"
         raise ValueError(

@@ -28,7 +28,17 @@ DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
 
 
 # What only a model vlpipe loads has: a caption.endpoint leaves them to the server.
-_IN_PROCESS_ONLY = ("chat", "num_beams", "do_sample", "temperature", "top_p", "seed", "image_size", "precision", "resources")
+_IN_PROCESS_ONLY = (
+    "chat",
+    "num_beams",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "seed",
+    "image_size",
+    "precision",
+    "resources",
+)
 
 
 class CaptionConfig(BaseModel):

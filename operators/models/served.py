@@ -46,7 +46,8 @@ def served_caption_stage(config: CaptionConfig, image_column: str) -> Stage:
         build=partial(ServedCaptioner, config, image_column),
         details=(
             *_describe(endpoint, image_column),
-            f"asks {config.prompt or DEFAULT_CHAT_PROMPT!r}, up to {config.max_new_tokens} tokens, {_decoding(endpoint)}",
+            f"asks {config.prompt or DEFAULT_CHAT_PROMPT!r}, up to {config.max_new_tokens} tokens, "
+            + _decoding(endpoint),
         ),
     )
 

@@ -11,6 +11,7 @@ import json
 from html import escape
 
 from operators import schema as col
+from operators.endpoint.usage import describe_account
 from pipelines.config import PipelineConfig
 from pipelines.report.data import Histogram, ReportData
 from pipelines.report.duplicates import DuplicatePair
@@ -103,6 +104,7 @@ def _summary(data: ReportData) -> str:
         ),
         ("config hash", run["config_hash"]),
         *((f"{stage} model", _model(m)) for stage, m in models.items()),
+        *((f"{section} endpoint", describe_account(section, line)) for section, line in _endpoints(run).items()),
     ]
     if data.caption_sources:
         facts.append(("caption_best from", ", ".join(f"{k} {v}" for k, v in sorted(data.caption_sources.items()))))
@@ -360,9 +362,15 @@ def _details(data: ReportData) -> str:
     )
 
 
+def _endpoints(run: dict) -> dict[str, dict]:
+    """The served stages' accounts (a record from before they existed has none)."""
+    return json.loads(run.get("endpoints_json") or "{}")
+
+
 def _summary_json(data: ReportData) -> dict:
     run = data.run
     return {
+        "endpoints": _endpoints(run),
         "run_id": run["run_id"],
         "status": run["status"],
         "rows_in": run["rows_in"],
@@ -397,7 +405,8 @@ def _text(value: str | None) -> str:
 
 
 def _model(model: dict) -> str:
-    return model["source"] + (f" @ {model['revision']}" if model.get("revision") else "")
+    served = f" served at {model['endpoint']}" if model.get("endpoint") else ""
+    return model["source"] + (f" @ {model['revision']}" if model.get("revision") else "") + served
 
 
 def _time(value) -> str:

@@ -38,6 +38,7 @@ RUN_RECORD_SCHEMA = pa.schema(
         ("rejected_by_reason", pa.string()),
         ("rows_per_second", pa.float64()),
         ("models_json", pa.string()),
+        ("endpoints_json", pa.string()),
         ("versions_json", pa.string()),
         ("error", pa.string()),
     ]
@@ -66,6 +67,8 @@ class RunRecord:
     rows_superseded: int = 0  # earlier rows of the run's shards its commit removed from other dates
     rows_resumed: int = 0  # rows an earlier attempt of the run had staged, which this one took over
     models: dict[str, dict] = field(default_factory=dict)
+    # Per served stage (caption, ask): requests, retries, tokens, requests/s, cost (operators.endpoint.usage).
+    endpoints: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
@@ -86,6 +89,7 @@ class RunRecord:
             rejected_by_reason=json.dumps(self.rejected_by_reason, sort_keys=True),
             rows_per_second=self.rows_in / self.duration_s if self.duration_s > 0 else None,
             models_json=json.dumps(row.pop("models"), sort_keys=True),
+            endpoints_json=json.dumps(row.pop("endpoints"), sort_keys=True),
             versions_json=json.dumps(row.pop("versions"), sort_keys=True),
         )
         return row

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators import schema as col
+from operators.endpoint.usage import add_totals, usage_totals
 from operators.resources import Resources
 from operators.stage import Stage
 from operators.storage import Location
@@ -27,6 +28,7 @@ _SUMMARY_SCHEMA = pa.schema(
         ("rows_written", pa.int64()),
         ("stats", pa.string()),
         ("outcomes", pa.string()),
+        ("usage", pa.string()),
     ]
 )
 
@@ -45,7 +47,7 @@ def write_stage(
         kind="io",
         reads=tuple(n for n in schema.names if n in _REQUIRED),
         optional=optional,
-        adds=("path", "size", "rows_written", "stats", "outcomes"),
+        adds=("path", "size", "rows_written", "stats", "outcomes", "usage"),
         resources=Resources(num_cpus=WRITER_NUM_CPUS, num_gpus=0, batch_size=rows_per_file),
         build=partial(WriteDataFiles, table, schema, run_id, run_date, kept_only),
         details=(
@@ -63,7 +65,8 @@ class WriteDataFiles:
     """The writer: write one batch as one Parquet data file and return a one-row summary.
 
     The summary counts every row by outcome (``kept`` or its reject reason), also
-    the rows that ``kept_only`` leaves out of the file.
+    the rows that ``kept_only`` leaves out of the file, and adds up what their requests to served
+    models cost.
     """
 
     def __init__(self, table: Location, schema: pa.Schema, run_id: str, run_date: dt.date, kept_only: bool):
@@ -78,6 +81,7 @@ class WriteDataFiles:
             col.KEPT if keep else reason
             for keep, reason in zip(batch.column(col.KEEP).to_pylist(), batch.column(col.REJECT_REASON).to_pylist())
         )
+        usage = usage_totals(batch)
         if self.kept_only:
             batch = batch.filter(pc.field(col.KEEP))
         n = batch.num_rows
@@ -100,6 +104,7 @@ class WriteDataFiles:
             "rows_written": n,
             "stats": json.dumps(file_stats(data)) if n else None,
             "outcomes": json.dumps(dict(outcomes)),
+            "usage": json.dumps(usage),
         }
         return pa.Table.from_pylist([summary], schema=_SUMMARY_SCHEMA)
 
@@ -110,10 +115,12 @@ class WriteSummary:
 
     files: list[dict] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)  # per served stage (``usage_totals``)
 
     def add(self, row: dict) -> None:
         """Fold in one task's summary row."""
         self.outcomes.update(json.loads(row["outcomes"]))
+        add_totals(self.usage, json.loads(row["usage"]))
         if row["path"]:
             self.files.append(row)
 

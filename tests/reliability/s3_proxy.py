@@ -1,6 +1,6 @@
-"""A fault-injecting HTTP proxy to put in front of the test S3 server (SeaweedFS).
+"""A fault-injecting HTTP proxy to put in front of the test S3 server (SeaweedFS) or a served VLM.
 
-Clients use the proxy's address as their S3 endpoint. Requests are forwarded
+Clients use the proxy's address as their S3 endpoint (or the VLM's ``base_url``). Requests are forwarded
 unchanged (the Host header too, so SigV4 signatures still verify), except the
 ones a ``Fault`` rule claims. A rule fires on matching requests number
 ``start``, ``start + every``, ... until it has fired ``count`` times (spacing
@@ -12,7 +12,14 @@ long), so a test's outcome does not depend on timing or luck:
   client never learns that its write landed (the nastiest case for commits);
 - ``slowdown``: S3's ``503 SlowDown`` throttling answer;
 - ``slow``: the answer comes ``delay`` seconds late;
-- ``forbidden``: ``403 AccessDenied``, as for an object the credentials may not read.
+- ``forbidden``: ``403 AccessDenied``, as for an object the credentials may not read;
+- ``too_many``: ``429`` with ``Retry-After: delay`` (a rate-limited API);
+- ``unavailable``: ``503`` with an OpenAI-style JSON error (an overloaded server);
+- ``bad_request``: ``400`` with an OpenAI-style JSON error (a request the server refuses).
+
+``body_contains`` picks requests by their body (one row's chat request). The proxy also counts
+``resent``: requests whose body it had already answered with a 2xx (a client that sent a request again
+after it succeeded), and ``auth``: each request's ``Authorization`` header by its SHA-256.
 
 The proxy runs in its own process: deltalake's Rust calls hold the GIL while they
 wait on the network, so a proxy thread in the test's process could not answer them.
@@ -26,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import socket
@@ -51,25 +59,45 @@ _DENIED = (
 _WRITES = ("PUT", "POST", "DELETE")
 
 
+def _json_error(message: str, kind: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind}}).encode()
+
+
+# The faults answered by the proxy itself: (status, content type, body).
+_ANSWERS = {
+    "slowdown": (503, "application/xml", _SLOWDOWN),
+    "forbidden": (403, "application/xml", _DENIED),
+    "too_many": (429, "application/json", _json_error("Rate limit reached, retry after a while", "rate_limit")),
+    "unavailable": (503, "application/json", _json_error("The server is overloaded", "server_error")),
+    "bad_request": (400, "application/json", _json_error("This request's image is too large", "invalid_request")),
+}
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class Fault:
     """Inject ``kind`` into ``count`` requests with this method (``WRITE``: PUT/POST/DELETE) and path part."""
 
     method: str
-    kind: Literal["reset", "reset_after", "slowdown", "slow", "forbidden"]
+    kind: Literal["reset", "reset_after", "slowdown", "slow", "forbidden", "too_many", "unavailable", "bad_request"]
     count: int = 1
     path_contains: str = ""
     delay: float = 1.0
     start: int = 1
     every: int = 1
+    body_contains: str = ""
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
         wanted = _WRITES if self.method == "WRITE" else (self.method,)
-        return method in wanted and self.path_contains in path
+        return method in wanted and self.path_contains in path and self.body_contains.encode() in body
 
     @property
     def name(self) -> str:
-        return f"{self.method} {self.kind}" + (f" {self.path_contains}" if self.path_contains else "")
+        parts = (self.method, self.kind, self.path_contains, self.body_contains)
+        return " ".join(part for part in parts if part)
 
 
 _STATS_PATH = "/__faults__"  # not a valid bucket name, so never an S3 request
@@ -83,6 +111,8 @@ class FaultProxy:
         self.faults = faults
         self.fired: Counter = Counter()
         self.requests: Counter = Counter()
+        self.resent = 0
+        self.auth: Counter = Counter()
         self._process: subprocess.Popen | None = None
         self.endpoint_url = ""
 
@@ -105,6 +135,7 @@ class FaultProxy:
         finally:
             conn.close()
         self.fired, self.requests = Counter(data["fired"]), Counter(data["requests"])
+        self.resent, self.auth = data["resent"], Counter(data["auth"])
 
     def __exit__(self, *exc) -> None:
         try:
@@ -122,6 +153,9 @@ class ProxyServer:
         self.faults = faults
         self.fired: Counter = Counter()
         self.requests: Counter = Counter()
+        self.resent = 0
+        self.auth: Counter = Counter()
+        self._answered: set[str] = set()  # bodies (SHA-256) already answered with a 2xx
         self._matched: Counter = Counter()
         self._lock = threading.Lock()
         proxy = self
@@ -136,13 +170,15 @@ class ProxyServer:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def claim(self, method: str, path: str) -> Fault | None:
+    def claim(self, method: str, path: str, body: bytes, authorization: str) -> Fault | None:
         """The fault this request gets, if any."""
         with self._lock:
             self.requests[method] += 1
+            self.resent += _digest(body) in self._answered
+            self.auth[_digest(authorization.encode())] += 1
             claimed = None
             for fault in self.faults:
-                if not fault.matches(method, path):
+                if not fault.matches(method, path, body):
                     continue
                 self._matched[fault.name] += 1
                 n = self._matched[fault.name] - fault.start
@@ -150,6 +186,10 @@ class ProxyServer:
                     self.fired[fault.name] += 1
                     claimed = fault
         return claimed
+
+    def answered(self, body: bytes) -> None:
+        with self._lock:
+            self._answered.add(_digest(body))
 
     def serve_forever(self) -> None:
         self._server.serve_forever()
@@ -165,21 +205,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._read_body()
         if self.path == _STATS_PATH:
-            stats = {"fired": self.owner.fired, "requests": self.owner.requests}
+            owner = self.owner
+            stats = {"fired": owner.fired, "requests": owner.requests, "resent": owner.resent, "auth": owner.auth}
             return self._reply(200, [("Content-Type", "application/json")], json.dumps(stats).encode())
-        fault = self.owner.claim(self.command, self.path)
-        if fault and fault.kind == "reset":
+        fault = self.owner.claim(self.command, self.path, body, self.headers.get("Authorization", ""))
+        kind = fault.kind if fault else None
+        if kind == "reset":
             return self._reset()
-        if fault and fault.kind == "slowdown":
-            return self._reply(503, [("Content-Type", "application/xml"), ("Retry-After", "0")], _SLOWDOWN)
-        if fault and fault.kind == "forbidden":
-            return self._reply(403, [("Content-Type", "application/xml")], _DENIED)
-        if fault and fault.kind == "slow":
+        if kind in _ANSWERS:
+            status, content_type, data = _ANSWERS[kind]
+            retry_after = {"slowdown": [("Retry-After", "0")], "too_many": [("Retry-After", f"{fault.delay:g}")]}
+            return self._reply(status, [("Content-Type", content_type), *retry_after.get(kind, [])], data)
+        if kind == "slow":
             time.sleep(fault.delay)
         status, headers, data = self._forward(body)
-        if fault and fault.kind == "reset_after":
+        if kind == "reset_after":
             return self._reset()
         self._reply(status, headers, data)
+        if 200 <= status < 300:
+            self.owner.answered(body)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _handle
 
