@@ -179,8 +179,8 @@ class Client:
         silent = time.monotonic() - max(self._last_answer, started)
         if silent >= self.config.unreachable_s:
             raise EndpointDown(
-                f"{self.where}: {self.config.base_url} answered nothing for {silent:.0f} s ({error}); "
-                f"is the server up? (the bound is {self.where}.unreachable_s)"
+                f"{self.where}: {self.config.base_url} answered nothing for {self.config.unreachable_s:g} s "
+                f"({error}); is the server up? (the bound is {self.where}.unreachable_s)"
             )
 
     def _scrub(self, text: str) -> str:

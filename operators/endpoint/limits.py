@@ -30,7 +30,14 @@ class RateLimits:
     ``Retry-After``) holds every request, not just the one that got it.
     """
 
-    def __init__(self, requests_per_second: float | None, tokens_per_minute: int | None, first_estimate: int):
+    def __init__(
+        self,
+        requests_per_second: float | None,
+        tokens_per_minute: int | None,
+        first_estimate: int,
+        window_s: float = WINDOW_S,
+    ):
+        self.window_s = window_s
         self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
         self.tokens_per_minute = tokens_per_minute
         self.next_start = 0.0
@@ -74,10 +81,10 @@ class RateLimits:
     def _token_wait(self, now: float) -> float:
         if not self.tokens_per_minute:
             return 0.0
-        while self.spent and self.spent[0].at <= now - WINDOW_S:
+        while self.spent and self.spent[0].at <= now - self.window_s:
             self.spent.popleft()
         used = sum(s.tokens for s in self.spent)
         # An empty window always lets one request through, however large its estimate.
         if not self.spent or used + self._estimate() <= self.tokens_per_minute:
             return 0.0
-        return self.spent[0].at + WINDOW_S - now + 0.001
+        return self.spent[0].at + self.window_s - now + 0.001

@@ -462,3 +462,40 @@ def test_a_resumable_run_stages_the_models_output_on_its_way_to_the_write(tmp_pa
     assert col.SOURCE_ROW not in {c for p in staged.passes for step in p.steps for c in step.drop}
     deduped = plan_of(tmp_path, tiny_clip_dir, dedup={"exact": True})  # its first pass is staged anyway
     assert "stage_rows" not in [s.name for s in deduped.stages]
+
+
+def test_served_models_are_light_steps_that_get_the_image_bytes_and_vlpipe_plan_shows_them(
+    tmp_path, tiny_clip_dir, local_shards, capsys
+):
+    served = {"base_url": "http://vllm:8000/v1", "model": "Qwen/Qwen2.5-VL-7B-Instruct", "api_key_env": "VLLM_KEY"}
+    caption = {"endpoint": {**served, "requests_per_second": 20}, "prompt": "Describe the image."}
+    ask = {"endpoint": served, "template": "Does it show {caption_best}?", "yes_no": True}
+    plan = plan_of(tmp_path, tiny_clip_dir, caption=caption, ask=ask)
+    stages = {s.name: s for s in plan.stages}
+    assert stages["caption"].reads == (col.IMAGE_BYTES, col.STATUS, col.ERROR)
+    assert stages["ask"].reads == (col.IMAGE_BYTES, col.STATUS, col.ERROR, col.CAPTION_BEST)
+    assert col.IMAGE_BYTES in stages["decode"].adds and stages["caption"].model is None
+    assert stages["decode"].adds == plan_of(tmp_path, tiny_clip_dir, decode={"keep_image_bytes": True}).stages[2].adds
+    for stage in (stages["caption"], stages["ask"]):  # no GPU, no model, a quarter of a CPU
+        assert stage.kind == "actor" and (stage.resources.num_gpus, stage.resources.num_cpus) == (0, 0.25)
+    assert not {col.CAPTION_PIXELS, col.ASK_PIXELS} & {c for s in plan.stages for c in s.adds}
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"input: {{uri: {local_shards[0]}}}\nclip: {{model: {{source: {tiny_clip_dir}}}}}\n"
+        f"output: {{uri: {tmp_path / 'out'}}}\ncaption: {{endpoint: {{base_url: 'http://vllm:8000/v1', model: m}}}}\n"
+    )
+    assert main(["plan", str(config)]) == 0
+    shown = capsys.readouterr().out
+    assert "caption [actor]" in shown and "served model 'm' at http://vllm:8000/v1" in shown
+    assert "images as data URLs, longest side at most 1024 px" in shown
+
+
+def test_a_served_model_given_urls_reads_that_column_and_a_missing_one_is_named(tmp_path, tiny_clip_dir):
+    served = {"base_url": "http://vllm:8000/v1", "model": "m", "image_url_column": "url"}
+    extra = {"uri": str(tmp_path / "in"), "extra_columns": ["url"]}
+    plan = plan_of(tmp_path, tiny_clip_dir, caption={"endpoint": served}, input=extra)
+    assert next(s for s in plan.stages if s.name == "caption").reads[0] == "url"
+    assert col.IMAGE_BYTES not in next(s for s in plan.stages if s.name == "decode").adds
+    with pytest.raises(PlanError, match=r"stage 'caption' reads column\(s\) url, which no earlier stage adds"):
+        plan_of(tmp_path, tiny_clip_dir, caption={"endpoint": served})
