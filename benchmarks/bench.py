@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from benchmarks import dedup as dedup_bench
-from benchmarks import inputs, models, naive_clip, resume, retrieval, signals, whole
+from benchmarks import endpoint, inputs, models, naive_clip, resume, retrieval, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
@@ -123,6 +123,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         metavar="ROWS",
         help="runs of ROWS rows (tiny CLIP, on Ray) with and without progress, killed and resumed (0: skip)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="ROWS rows captioned by a served tiny LLaVA (transformers serve): vlpipe's caption.endpoint "
+        "stage against a plain asyncio client at the same concurrency (0: skip)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument(
@@ -512,6 +520,9 @@ def run(args: argparse.Namespace) -> dict:
             ray.shutdown()  # each run starts its own Ray, as a user's does
             report["resume"] = resume.resume(args.work_dir, models.clip_dir(args.work_dir, tiny=True), args.resume)
             log.info("resume: %s", report["resume"])
+        if args.endpoint:
+            report["endpoint"] = endpoint.endpoint(args.work_dir, args.endpoint)
+            log.info("endpoint: %s", report["endpoint"])
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -799,6 +810,7 @@ def format_report(report: dict) -> str:
     lines += dedup_bench.format_dedup(report.get("dedup"))
     lines += retrieval.format_retrieval(report.get("retrieval"))
     lines += resume.format_resume(report.get("resume"))
+    lines += endpoint.format_endpoint(report.get("endpoint"))
     lines += inputs.format_inputs(report.get("inputs"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)

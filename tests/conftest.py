@@ -19,7 +19,7 @@ from jobs.demo import (
     write_sample_shards,
 )
 from tests.s3_server import S3Server, seaweedfs
-from tests.vlm_server import VlmServer
+from jobs.demo.vlm_server import VlmServer
 
 # Model caches of the tests stay inside the test session, never in ~/.cache.
 os.environ.setdefault("VLPIPE_CACHE", "/tmp/vlpipe-test-cache")

@@ -1,4 +1,4 @@
-"""A real OpenAI-compatible VLM server on loopback: transformers' own ``transformers serve`` on the CPU.
+"""A real OpenAI-compatible VLM server on loopback: `transformers serve` on the CPU, for the tests and the bench.
 
 It serves one model directory (the suite's tiny LLaVA), preloaded, under the directory's path as its
 model name. ``HF_HUB_CACHE`` points at an empty folder of its own: the server scans the hub cache for
