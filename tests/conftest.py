@@ -18,8 +18,8 @@ from jobs.demo import (
     build_tiny_llava,
     write_sample_shards,
 )
-from tests.s3_server import S3Server, seaweedfs
 from jobs.demo.vlm_server import VlmServer
+from tests.s3_server import S3Server, seaweedfs
 
 # Model caches of the tests stay inside the test session, never in ~/.cache.
 os.environ.setdefault("VLPIPE_CACHE", "/tmp/vlpipe-test-cache")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import math
 import re
 import shlex
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -26,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DAG_FILE = DEPLOY / "airflow" / "vlpipe_nightly_dag.py"
 SECRET_EXAMPLE = DEPLOY / "kubernetes" / "secret.example.yaml"
+VLLM_MANIFEST = DEPLOY / "kubernetes" / "vllm.yaml"
+VLM_ENDPOINT_CONFIG = ROOT / "configs" / "vlm_endpoint.yaml"
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in {".yaml", ".yml"})
 
 IMAGE_PLACEHOLDER = "ghcr.io/your-org/vlpipe:2026.11"
@@ -169,6 +173,8 @@ K8S_KINDS = {
     ("v1", "Secret"): "V1Secret",
     ("v1", "ServiceAccount"): "V1ServiceAccount",
     ("batch/v1", "CronJob"): "V1CronJob",
+    ("apps/v1", "Deployment"): "V1Deployment",  # the vLLM server, deploy/kubernetes/vllm.yaml
+    ("v1", "Service"): "V1Service",
 }
 
 
@@ -424,6 +430,7 @@ def test_one_image_and_one_ray_version_everywhere():
         for _, pod in _pod_specs(doc) if doc["kind"] in KUBERAY_KINDS | {"CronJob"} else ():
             images.update(c["image"] for c in pod["containers"])
     # One image everywhere, so pinning it (tag -> digest, see deploy/README.md) is one replacement.
+    # The vLLM server (a Deployment, not in _pod_specs) runs vllm/vllm-openai: see the vLLM tests.
     assert len(images) == 1, images
     (image,) = images
     assert image == IMAGE_PLACEHOLDER or re.fullmatch(r"[\w.-]+(/[\w.-]+)+@sha256:[0-9a-f]{64}", image), image
@@ -442,6 +449,98 @@ def test_submit_targets_the_long_running_cluster():
     address = argv[argv.index("--address") + 1]
     assert re.fullmatch(rf"http://{head_svc}(\.[a-z0-9.-]+)?:8265", address), address
     assert re.search(rf'RAY_ADDRESS = "http://{head_svc}\.[a-z0-9.-]+:8265"', DAG_FILE.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# The vLLM server for caption.endpoint / ask.endpoint (deploy/kubernetes/vllm.yaml). It is the only
+# manifest not running the vlpipe image or a vlpipe command, so it is checked here on its own.
+# --------------------------------------------------------------------------------------------
+def _vllm() -> tuple[dict, dict, dict]:
+    """(Deployment, Service, the server container) of deploy/kubernetes/vllm.yaml."""
+    where = str(VLLM_MANIFEST.relative_to(ROOT))
+    # _pod_specs skips Deployments: any other one would escape the image and command checks above.
+    ((deployment_at, deployment),) = _of_kind("Deployment")
+    assert deployment_at.startswith(f"{where}["), deployment_at
+    ((_, service),) = [(w, d) for w, d in _of_kind("Service") if w.startswith(f"{where}[")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, service, container
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    """`--flag value` / `--flag=value` pairs of a `vllm serve` command line."""
+    flags, rest = {}, iter(args)
+    for arg in rest:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            flags[name] = value if eq else next(rest)
+    return flags
+
+
+def test_vllm_server_serves_what_the_run_config_asks_for():
+    deployment, service, container = _vllm()
+    assert re.fullmatch(r"vllm/vllm-openai(:v\d+\.\d+\.\d+|@sha256:[0-9a-f]{64})", container["image"]), "pin vLLM"
+    assert container["command"] == ["vllm", "serve"]
+    model, flags = container["args"][0], _flags(container["args"][1:])
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert json.loads(flags["--limit-mm-per-prompt"])["image"] >= 1  # the JSON form; vlpipe sends one image
+
+    # The run config names the served model and reaches the Service: same name, same port.
+    config = yaml.safe_load(VLM_ENDPOINT_CONFIG.read_text())
+    for stage in ("caption", "ask"):
+        endpoint = config[stage]["endpoint"]
+        assert endpoint["model"] == flags["--served-model-name"] == model, stage
+        url = urlsplit(endpoint["base_url"])
+        assert url.hostname.split(".")[0] == service["metadata"]["name"] == "vllm", url
+        assert url.hostname == "vllm" or re.fullmatch(r"vllm\.[a-z0-9-]+\.svc(\.[a-z0-9.-]+)?", url.hostname)
+        assert url.port == service["spec"]["ports"][0]["port"] and url.path == "/v1", endpoint["base_url"]
+
+    # Service -> container port -> --port -> the probes: one port.
+    (port,) = service["spec"]["ports"]
+    (container_port,) = container["ports"]
+    target = port["targetPort"]
+    assert target in (container_port["containerPort"], container_port["name"]), target
+    assert container_port["containerPort"] == int(flags["--port"]) == port["port"] == 8000
+    for probe in ("startupProbe", "readinessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/health" and check["port"] in (8000, container_port["name"]), probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60, "weights download: be generous"
+
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["selector"].items() <= pod_labels.items()
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_vllm_api_key_and_hf_token_come_only_from_the_secret():
+    _, _, container = _vllm()
+    args = container["command"] + container["args"]
+    # Not as flags: older vLLM releases print every non-default flag, values included, at startup.
+    # vLLM reads VLLM_API_KEY and huggingface_hub reads HF_TOKEN from the environment instead.
+    assert not [a for a in args if a.split("=")[0] in {"--api-key", "--hf-token"}], args
+    secrets = {d["metadata"]["name"]: d["stringData"] for _, d in _of_kind("Secret")}
+    env = {e["name"]: e for e in container["env"]}
+    for name, optional in (("VLLM_API_KEY", False), ("HF_TOKEN", True)):
+        assert "value" not in env[name], name
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]], f"{name}: not in {SECRET_EXAMPLE.name}"
+        assert bool(ref.get("optional")) is optional, f"{name}: optional must be {optional}"
+    server_ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+
+    # The Ray workers (RayCluster, RayJob, RayCronJob) send the same key, under the name the run config gives (optional: clusters
+    # without the Secret still start).
+    config = yaml.safe_load(VLM_ENDPOINT_CONFIG.read_text())
+    (key_env,) = {config[stage]["endpoint"]["api_key_env"] for stage in ("caption", "ask")}
+    for where, doc in _of_kind("RayCluster") + _of_kind("RayJob") + _of_kind("RayCronJob"):
+        for role, pod in _pod_specs(doc):
+            if role.startswith("ray-worker"):
+                found = [e for c in pod["containers"] for e in c.get("env", []) if e["name"] == key_env]
+                assert len(found) == 1, f"{where} {role}: no {key_env}"
+                ref = found[0]["valueFrom"]["secretKeyRef"]
+                expected = (server_ref["name"], server_ref["key"], True)
+                assert (ref["name"], ref["key"], ref.get("optional")) == expected, f"{where} {role}"
 
 
 # --------------------------------------------------------------------------------------------

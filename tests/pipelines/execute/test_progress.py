@@ -299,3 +299,28 @@ def test_a_stopped_run_on_s3_resumes_and_leaves_no_staging_object(s3, s3_input, 
     assert table.num_rows == 36 and len(set(table.column(col.KEY).to_pylist())) == 36
     left = fs.get_file_info(FileSelector("resume/enriched/_vlpipe_staging", recursive=True, allow_not_found=True))
     assert [i.path for i in left if i.is_file] == []
+
+
+def test_a_resumed_run_does_not_ask_a_served_model_again_for_the_rows_it_took_over(
+    local_shards, demo_models, vlm_server, tmp_path
+):
+    from tests.reliability.s3_proxy import FaultProxy
+
+    _, _, manifest, rows = local_shards
+    asked = {k for k in rows if k not in manifest["broken_keys"]}  # a fixed question: every decoded image
+    out = tmp_path / "out"
+    with FaultProxy(vlm_server.base_url.removesuffix("/v1"), []) as proxy:
+        served = {"base_url": proxy.endpoint_url + "/v1", "model": vlm_server.model, "batch_size": 4}
+        config = config_of(local_shards[0], demo_models, out, ask={"endpoint": served, "question": "What is it?"})
+        stop(config, 3)
+        staged = {
+            k for path in out.glob("_vlpipe_staging/*/rows/*.parquet") for k in pq.read_table(path)[col.KEY].to_pylist()
+        }
+        proxy.stats()
+        before = proxy.requests["POST"]
+        record = run_pipeline(config)
+        proxy.stats()
+    assert len(staged) == record.rows_resumed == 3 * STAGED
+    assert proxy.requests["POST"] - before == len(asked - staged)  # only the rows not staged are asked
+    answered = {k for k, row in table_rows(out).items() if row[col.ANSWER_USAGE] is not None}
+    assert answered == asked and record.endpoints["ask"]["requests"] == len(asked)
