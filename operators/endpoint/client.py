@@ -23,6 +23,8 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
@@ -32,6 +34,7 @@ from operators.endpoint.limits import RateLimits
 from operators.stage import StageFailed
 
 RETRIED_STATUSES = (408, 409, 425, 429)  # and every 5xx
+ENCODERS = 4  # threads encoding request bodies per worker
 _MESSAGE_CHARS = 300
 
 
@@ -67,6 +70,8 @@ class _Loop:
     def __init__(self):
         self.loop = asyncio.new_event_loop()
         self.session: aiohttp.ClientSession | None = None
+        # Images are encoded here, beside the requests in flight (PIL releases the GIL while it works).
+        self.encoders = ThreadPoolExecutor(ENCODERS, thread_name_prefix="vlpipe-endpoint-encode")
         self.thread = threading.Thread(target=self.loop.run_forever, name="vlpipe-endpoint", daemon=True)
         self.thread.start()
 
@@ -77,6 +82,7 @@ class _Loop:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
+            self.encoders.shutdown(wait=False, cancel_futures=True)
 
 
 class Client:
@@ -95,9 +101,14 @@ class Client:
         self._limits: RateLimits | None = None
         self._slots: asyncio.Semaphore | None = None
 
-    def send(self, bodies: list[dict]) -> list[Reply]:
-        """Each body's ``Reply``, in order; ``EndpointDown`` when the server is down."""
-        future = asyncio.run_coroutine_threadsafe(self._send_all(bodies), self._loop.loop)
+    def send(self, requests: list[Callable[[], dict]]) -> list[Reply]:
+        """Each request's ``Reply``, in order; ``EndpointDown`` when the server is down.
+
+        A request is a function that makes its body (encoding its image): they run on a thread pool
+        while earlier requests are in flight. One that raises ``OSError`` or ``ValueError`` (an image
+        PIL cannot encode) is a ``Reply`` with that error and no attempt.
+        """
+        future = asyncio.run_coroutine_threadsafe(self._send_all(requests), self._loop.loop)
         try:
             return future.result()
         except BaseException:
@@ -107,7 +118,7 @@ class Client:
     def close(self) -> None:
         self._finalizer()
 
-    async def _send_all(self, bodies: list[dict]) -> list[Reply]:
+    async def _send_all(self, requests: list[Callable[[], dict]]) -> list[Reply]:
         if self._loop.session is None:
             c = self.config
             connector = aiohttp.TCPConnector(limit=c.concurrency, limit_per_host=c.concurrency)
@@ -115,7 +126,7 @@ class Client:
             self._loop.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
             self._limits = RateLimits(c.requests_per_second, c.tokens_per_minute, first_estimate=1024)
             self._slots = asyncio.Semaphore(c.concurrency)
-        tasks = [asyncio.ensure_future(self._one(body)) for body in bodies]
+        tasks = [asyncio.ensure_future(self._one(request)) for request in requests]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -123,8 +134,11 @@ class Client:
                 task.cancel()
             raise
 
-    async def _one(self, body: dict) -> Reply:
-        data = json.dumps(body).encode()
+    async def _one(self, request: Callable[[], dict]) -> Reply:
+        try:
+            data = await self._loop.loop.run_in_executor(self._loop.encoders, _encoded, request)
+        except (OSError, ValueError) as err:
+            return Reply(attempts=0, error=self._scrub(f"request: {type(err).__name__}: {err}"))
         async with self._slots:
             started, attempts = time.monotonic(), 0
             while True:
@@ -186,6 +200,10 @@ class Client:
     def _scrub(self, text: str) -> str:
         """``text`` without the API key, should a server or an exception ever echo it."""
         return text.replace(self._secret, "***") if self._secret else text
+
+
+def _encoded(request: Callable[[], dict]) -> bytes:
+    return json.dumps(request()).encode()
 
 
 def parse_answer(answer: dict) -> Reply:

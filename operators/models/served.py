@@ -121,20 +121,11 @@ class _Served:
         images = self._images(batch)
         ok = pc.equal(batch.column(col.STATUS), col.OK).to_numpy(zero_copy_only=False)
         replies: list[Reply | None] = [None] * batch.num_rows
-        bodies, rows = [], []
-        for i, (image, prompt) in enumerate(zip(images, prompts)):
-            if not ok[i] or image is None or prompt is None:
-                continue
-            try:
-                url = image if self.endpoint.image_url_column else self._data_url(image)
-            except (OSError, ValueError) as err:
-                replies[i] = Reply(attempts=0, error=f"image: {type(err).__name__}: {err}")
-                continue
-            bodies.append(self._body(url, prompt, max_tokens, logprobs))
-            rows.append(i)
-        for i, reply in zip(rows, self.client.send(bodies) if bodies else []):
+        rows = [i for i, (image, prompt) in enumerate(zip(images, prompts)) if ok[i] and image and prompt]
+        requests = [partial(self._body, images[i], prompts[i], max_tokens, logprobs) for i in rows]
+        for i, reply in zip(rows, self.client.send(requests) if requests else []):
             replies[i] = reply
-        self._check_some_answer([replies[i] for i in rows])
+        self._check_some_answer([replies[i] for i in rows if replies[i].attempts])
         return replies
 
     def outcomes(self, batch: pa.Table, replies: list) -> pa.Table:
@@ -158,7 +149,9 @@ class _Served:
         e = self.endpoint
         return image_data_url(image, e.image_longest_side, e.image_format, e.jpeg_quality)
 
-    def _body(self, url: str, prompt: str, max_tokens: int, logprobs: bool) -> dict:
+    def _body(self, image: bytes | str, prompt: str, max_tokens: int, logprobs: bool) -> dict:
+        """One row's request (on the client's encoding threads): the image as a data URL, or the row's URL."""
+        url = image if self.endpoint.image_url_column else self._data_url(image)
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
         body = {
             "model": self.endpoint.model,

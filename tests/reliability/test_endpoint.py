@@ -111,6 +111,9 @@ def test_every_row_is_answered_once_or_rejected_with_the_servers_reason_through_
     assert account["requests"] == len(asked) and account["failed"] == 1 and account["attempts"] == attempts
     assert account["prompt_tokens"] == sum(u[col.PROMPT_TOKENS] or 0 for u in usage) > 0
     assert json.loads(record["rejected_by_reason"])[col.ENDPOINT_ERROR] == 1
+    (report,) = (out / "_vlpipe_reports").glob("*.html")
+    retries = attempts - len(asked)
+    assert f"{len(asked)} requests (1 failed), {retries} retries" in report.read_text()
     assert_nowhere(SECRET, out, caplog.text + "".join(capfd.readouterr()), ray=executor == "ray")
 
 

@@ -105,8 +105,9 @@ def client(server: ChatServer, key: str | None = None, **settings) -> Client:
     return Client(config, key, "ask.endpoint")
 
 
-def body(text: str) -> dict:
-    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+def body(text: str) -> Callable[[], dict]:
+    """A request as the stage hands it to the client: a function that makes its body."""
+    return lambda: {"model": "m", "messages": [{"role": "user", "content": text}]}
 
 
 def test_a_429s_retry_after_is_waited_and_holds_the_other_requests_too(serve):
@@ -155,6 +156,16 @@ def test_the_key_goes_as_a_bearer_token_and_never_into_an_error(serve):
     reply = client(server, key=key).send([body("a")])[0]
     assert server.requests[0][2] == f"Bearer {key}"
     assert reply.error == "HTTP 401: bad key Bearer ***"
+
+
+def test_a_request_whose_body_cannot_be_made_fails_alone_without_being_sent(serve):
+    def broken() -> dict:
+        raise OSError("cannot identify image file")
+
+    server = serve(lambda n, b: ("ok", "fine"))
+    replies = client(server).send([broken, body("a")])
+    assert replies[0].error == "request: OSError: cannot identify image file" and replies[0].attempts == 0
+    assert replies[1].text == "fine" and len(server.requests) == 1
 
 
 def test_a_server_that_never_answers_is_down_after_unreachable_s():
