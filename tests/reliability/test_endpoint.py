@@ -104,7 +104,8 @@ def test_every_row_is_answered_once_or_rejected_with_the_servers_reason_through_
     attempts = sum(u[col.ATTEMPTS] for u in usage)
     assert attempts - len(asked) == sum(proxy.fired[f"POST {kind}"] for kind in RETRIED) >= 7
     assert proxy.requests["POST"] == attempts and proxy.resent == 0
-    print(f"{executor}: {len(asked)} rows asked in {attempts} requests; faults {dict(proxy.fired)}")
+    with capfd.disabled():
+        print(f"{executor}: {len(asked)} rows asked in {attempts} requests; faults {dict(proxy.fired)}")
     assert proxy.auth == {hashlib.sha256(f"Bearer {SECRET}".encode()).hexdigest(): attempts}
 
     record = read_run_records(str(out / "_vlpipe_runs")).to_pylist()[-1]
