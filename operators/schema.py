@@ -20,6 +20,8 @@ CAPTION_PIXELS = "_pixels_caption"  # at the captioner's, when it differs
 ITM_PIXELS = "_pixels_itm"  # at the ITM model's, when it differs
 CLASSIFIER_PIXELS = "_pixels_classifier"  # at the image classifier's, when it differs
 ASK_PIXELS = "_pixels_ask"  # at the visual-question model's, when it differs
+OCR_PIXELS = "_pixels_ocr"  # fitted into the OCR stage's square, padded: text keeps its shape
+IMAGE_NSFW_PIXELS = "_pixels_image_nsfw"  # at open_nsfw's 256x256
 ROW_ID = "_row_id"  # a staged row's place (file and row), between the passes of a whole-run stage
 SOURCE_ROW = "_source_row"  # the row's place in its input shard: what a resumed run skips
 IMAGE_URI = "_image_uri"  # where to fetch the image from, when the input holds references, not bytes
@@ -59,6 +61,12 @@ TAG_SCORES = "tag_scores"
 CAPTION_LANGUAGE = "caption_language"
 CAPTION_LANGUAGE_SCORE = "caption_language_score"
 CLASSIFIER_SCORES = "classifier_scores"
+IMAGE_NSFW_SCORE = "image_nsfw_score"  # open_nsfw on the image itself (no CLIP)
+
+# Text in the image (OCR).
+TEXT_AREA_FRACTION = "text_area_fraction"
+TEXT_BOXES = "text_boxes"
+OCR_TEXT = "ocr_text"
 
 # Visual questions (a chat VLM answers one question per row).
 ANSWER = "answer"
@@ -134,6 +142,8 @@ LOW_CLIP_SCORE = "low_clip_score"
 LOW_ITM_SCORE = "low_itm_score"
 LOW_AESTHETIC_SCORE = "low_aesthetic_score"
 HIGH_NSFW_SCORE = "high_nsfw_score"
+HIGH_IMAGE_NSFW_SCORE = "high_image_nsfw_score"
+TOO_MUCH_TEXT = "too_much_text"
 LOW_TAG_SCORE = "low_tag_score"
 HIGH_TAG_SCORE = "high_tag_score"
 LOW_CLASSIFIER_SCORE = "low_classifier_score"
@@ -156,6 +166,8 @@ FILTER_REASONS = (
     LOW_ITM_SCORE,
     LOW_AESTHETIC_SCORE,
     HIGH_NSFW_SCORE,
+    HIGH_IMAGE_NSFW_SCORE,
+    TOO_MUCH_TEXT,
     LOW_TAG_SCORE,
     HIGH_TAG_SCORE,
     LOW_CLASSIFIER_SCORE,
@@ -203,6 +215,10 @@ _TAIL = [
     pa.field(CAPTION_LANGUAGE, pa.string()),
     pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
     pa.field(CLASSIFIER_SCORES, CLASSIFIER_SCORES_TYPE),
+    pa.field(IMAGE_NSFW_SCORE, pa.float32()),
+    pa.field(TEXT_AREA_FRACTION, pa.float32()),
+    pa.field(TEXT_BOXES, pa.int32()),
+    pa.field(OCR_TEXT, pa.string()),
     pa.field(ANSWER, pa.string()),
     pa.field(ANSWER_YES_PROB, pa.float32()),
     pa.field(CAPTION_USAGE, USAGE_TYPE),
@@ -250,6 +266,13 @@ COLUMN_DOCS = {
     CAPTION_LANGUAGE_SCORE: "Confidence of caption_language, 0-1, relative to the candidate languages.",
     CLASSIFIER_SCORES: "Image classifier score name -> softmax probability of its label (null without a classifier "
     "or an image).",
+    IMAGE_NSFW_SCORE: "Yahoo's open_nsfw classifier on the image itself, P(NSFW) 0-1 (null without an image_nsfw: "
+    "section or an image).",
+    TEXT_AREA_FRACTION: "Share of the image covered by the text the OCR stage read (PP-OCRv4 boxes, their union), "
+    "0-1; 0 where it found none (null without an ocr: section or an image).",
+    TEXT_BOXES: "Number of text lines the OCR stage read (0 where none).",
+    OCR_TEXT: "The text read, lines joined by spaces in reading order, cut to ocr.max_text_chars "
+    "(empty where none; null like text_area_fraction).",
     ANSWER: "The chat VLM's answer to the row's ask: question (null if ask is off, the image failed or the "
     'question could not be formed); "yes"/"no" with ask.yes_no and no generation.',
     ANSWER_YES_PROB: 'P(yes) from the first answer token: softmax over the logits of the first tokens of "Yes" '

@@ -31,9 +31,11 @@ from operators.models.caption import CaptionConfig
 from operators.models.classify import ClassifierConfig
 from operators.models.clip import ClipConfig, TagConfig, check_tag_names
 from operators.models.heads import HeadsConfig
+from operators.models.image_nsfw import ImageNsfwConfig
 from operators.models.itm import ItmConfig
 from operators.models.language import LanguageConfig
 from operators.models.load import ModelLoadError, check_weights
+from operators.models.ocr import OcrConfig
 from operators.storage import StorageOptions, is_remote, local_path
 from pipelines.errors import ConfigError
 
@@ -163,6 +165,8 @@ class PipelineConfig(_Strict):
     storage: StorageOptions = StorageOptions()
     decode: DecodeConfig = DecodeConfig()
     heads: HeadsConfig = HeadsConfig()
+    image_nsfw: ImageNsfwConfig | None = None  # open_nsfw on the image (the nsfw extra)
+    ocr: OcrConfig | None = None  # text in the image (the ocr extra)
     tags: Mapping[str, TagConfig] = {}
     language: LanguageConfig | None = None
     filter: FilterConfig = FilterConfig()

@@ -51,6 +51,8 @@ class FilterConfig(BaseModel):
     min_itm_score: float | None = Field(None, ge=0.0, le=1.0)
     min_aesthetic_score: float | None = None
     max_nsfw_score: float | None = Field(None, ge=0.0, le=1.0)
+    max_image_nsfw_score: float | None = Field(None, ge=0.0, le=1.0)  # open_nsfw (image_nsfw:)
+    max_text_area_fraction: float | None = Field(None, ge=0.0, le=1.0)  # ocr:
     tags: Mapping[str, TagThreshold] = {}
     classifier_scores: Mapping[str, TagThreshold] = {}
     min_answer_yes_prob: float | None = Field(None, ge=0.0, le=1.0)
@@ -81,6 +83,8 @@ def filter_stage(config: FilterConfig) -> Stage:
         (f"{col.ITM_SCORE} >=", config.min_itm_score),
         (f"{col.AESTHETIC_SCORE} >=", config.min_aesthetic_score),
         (f"{col.NSFW_SCORE} <=", config.max_nsfw_score),
+        (f"{col.IMAGE_NSFW_SCORE} <=", config.max_image_nsfw_score),
+        (f"{col.TEXT_AREA_FRACTION} <=", config.max_text_area_fraction),
     ]
     thresholds = [f"{name} {value:g}" for name, value in checks if value is not None]
     if config.caption_languages:
@@ -125,7 +129,8 @@ class ScoreFilter:
 
     Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, empty
     caption, caption words, caption characters, caption language, a non-finite image
-    embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW, tags (min, then
+    embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW (the head's, then open_nsfw's),
+    the text area, tags (min, then
     max), classifier scores (min, then max), the answer's P(yes). The top-fraction cut-off comes after,
     from ``TopFraction``.
     """
@@ -142,6 +147,8 @@ class ScoreFilter:
             *((col.ITM_SCORE,) if c.min_itm_score is not None else ()),
             *((col.AESTHETIC_SCORE,) if c.min_aesthetic_score is not None else ()),
             *((col.NSFW_SCORE,) if c.max_nsfw_score is not None else ()),
+            *((col.IMAGE_NSFW_SCORE,) if c.max_image_nsfw_score is not None else ()),
+            *((col.TEXT_AREA_FRACTION,) if c.max_text_area_fraction is not None else ()),
             *((col.TAG_SCORES,) if c.tags else ()),
             *((col.CLASSIFIER_SCORES,) if c.classifier_scores else ()),
             *((col.ANSWER_YES_PROB,) if c.min_answer_yes_prob is not None else ()),
@@ -196,8 +203,13 @@ class ScoreFilter:
         ):
             if threshold is not None:
                 reject(~(_scores(batch, score_column) >= threshold), why)
-        if c.max_nsfw_score is not None:
-            reject(~(_scores(batch, col.NSFW_SCORE) <= c.max_nsfw_score), col.HIGH_NSFW_SCORE)
+        for ceiling, score_column, why in (
+            (c.max_nsfw_score, col.NSFW_SCORE, col.HIGH_NSFW_SCORE),
+            (c.max_image_nsfw_score, col.IMAGE_NSFW_SCORE, col.HIGH_IMAGE_NSFW_SCORE),
+            (c.max_text_area_fraction, col.TEXT_AREA_FRACTION, col.TOO_MUCH_TEXT),
+        ):
+            if ceiling is not None:
+                reject(~(_scores(batch, score_column) <= ceiling), why)
         for column, entries, low, high in (
             (col.TAG_SCORES, c.tags, col.LOW_TAG_SCORE, col.HIGH_TAG_SCORE),
             (col.CLASSIFIER_SCORES, c.classifier_scores, col.LOW_CLASSIFIER_SCORE, col.HIGH_CLASSIFIER_SCORE),

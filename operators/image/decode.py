@@ -43,13 +43,16 @@ _SNIFF = (
 class PixelSpec(BaseModel):
     """The geometry a model's image processor applies, reproduced on CPU.
 
-    ``shortest_edge`` resizes keeping aspect ratio (CLIP); otherwise ``resize``
-    is an exact (height, width) (SigLIP). ``crop`` is a centre crop (height, width).
+    ``shortest_edge`` resizes keeping aspect ratio (CLIP); ``longest_edge`` fits the image into
+    a square of that side keeping aspect ratio and pads the rest with black at the bottom and right
+    (OCR: text keeps its shape); otherwise ``resize`` is an exact (height, width) (SigLIP). ``crop``
+    is a centre crop (height, width).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shortest_edge: int | None = None
+    longest_edge: int | None = None
     resize: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
     resample: int = Image.Resampling.BICUBIC
@@ -59,6 +62,8 @@ class PixelSpec(BaseModel):
         """(height, width) of the emitted pixels."""
         if self.crop:
             return self.crop
+        if self.longest_edge:
+            return self.longest_edge, self.longest_edge
         if self.resize:
             return self.resize
         raise ValueError("a shortest-edge resize without a crop has no fixed output size")
@@ -269,6 +274,11 @@ class DecodeImages:
 
     def _resize_and_crop(self, image: Image.Image, spec: PixelSpec) -> np.ndarray:
         new_w, new_h = _target_size(spec, *image.size)
+        if spec.longest_edge:
+            resized = image.resize((new_w, new_h), resample=spec.resample, reducing_gap=self.config.reducing_gap)
+            square = np.zeros((spec.longest_edge, spec.longest_edge, 3), np.uint8)
+            square[:new_h, :new_w] = np.asarray(resized, dtype=np.uint8)
+            return square
         crop_h, crop_w = spec.crop or (new_h, new_w)
         if max(new_w, new_h) > 4 * max(crop_w, crop_h):
             # Extreme aspect ratios would build a huge intermediate; resize only the crop's source box.
@@ -285,11 +295,19 @@ def _row_bytes(spec: PixelSpec) -> int:
 
 def _target_size(spec: PixelSpec, width: int, height: int) -> tuple[int, int]:
     """(width, height) after the resize step, before cropping."""
+    if spec.longest_edge:
+        return fitted_size(width, height, spec.longest_edge)
     if spec.shortest_edge:
         short = min(width, height)
         new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * max(width, height) / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
     return spec.resize[1], spec.resize[0]
+
+
+def fitted_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) of an image fitted into a ``longest`` square, keeping its aspect ratio."""
+    scale = longest / max(width, height)
+    return max(1, min(longest, round(width * scale))), max(1, min(longest, round(height * scale)))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

