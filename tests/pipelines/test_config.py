@@ -193,3 +193,10 @@ def test_how_hard_a_served_model_is_driven_is_not_part_of_the_config_hash():
     other = validate_config({**BASE, "caption": {"endpoint": {**served, "temperature": 0.7}}})
     assert first.hash() == faster.hash() != other.hash()
     assert first.models()["caption"] == {"source": "m", "revision": None, "endpoint": "http://vllm:8000/v1"}
+
+
+def test_a_caption_language_is_checked_against_the_detector_the_run_uses():
+    fasttext = {"language": {"detector": "fasttext"}, "filter": {"caption_languages": ["ml", "en"]}}
+    assert validate_config({**BASE, **fasttext}).filter.caption_languages == ("ml", "en")
+    with pytest.raises(ConfigError, match="unknown ISO 639-1 language code"):
+        validate_config({**BASE, "filter": {"caption_languages": ["ml"]}})  # Lingua has no Malayalam

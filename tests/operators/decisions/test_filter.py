@@ -240,24 +240,25 @@ def test_a_low_or_missing_answer_yes_prob_is_rejected_after_the_classifier_bound
     ]
 
 
-def test_open_nsfw_and_the_text_area_have_ceilings_with_their_own_reasons_after_the_heads():
+def test_open_nsfw_follows_the_head_and_the_text_area_comes_with_the_image_checks():
     batch = pa.table(
         {
-            col.STATUS: [col.OK] * 5,
-            col.CAPTION: ["a photo of a cat"] * 5,
-            col.CLIP_SCORE: pa.array([0.3] * 5, pa.float32()),
-            col.NSFW_SCORE: pa.array([0.9, 0.1, 0.1, 0.1, 0.1], pa.float32()),
-            col.IMAGE_NSFW_SCORE: pa.array([0.9, 0.9, 0.1, 0.1, None], pa.float32()),
-            col.TEXT_AREA_FRACTION: pa.array([0.9, 0.9, 0.5, 0.1, 0.0], pa.float32()),
+            col.STATUS: [col.OK] * 6,
+            col.CAPTION: ["a photo of a cat"] * 6,
+            col.CLIP_SCORE: pa.array([0.3, 0.3, 0.3, 0.3, 0.0, 0.3], pa.float32()),
+            col.NSFW_SCORE: pa.array([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], pa.float32()),
+            col.IMAGE_NSFW_SCORE: pa.array([0.9, 0.9, 0.1, 0.1, 0.1, None], pa.float32()),
+            col.TEXT_AREA_FRACTION: pa.array([0.1, 0.1, 0.5, 0.1, 0.9, 0.0], pa.float32()),
         }
     )
-    config = FilterConfig(max_nsfw_score=0.5, max_image_nsfw_score=0.5, max_text_area_fraction=0.3)
+    config = FilterConfig(min_clip_score=0.2, max_nsfw_score=0.5, max_image_nsfw_score=0.5, max_text_area_fraction=0.3)
     reasons = ScoreFilter(config)(batch).column(col.REJECT_REASON).to_pylist()
-    # A null score fails its ceiling, as every threshold does.
+    # Text is judged with the image, before any score (row 5's CLIP score fails too); a null score fails.
     assert reasons == [
         col.HIGH_NSFW_SCORE,
         col.HIGH_IMAGE_NSFW_SCORE,
         col.TOO_MUCH_TEXT,
         None,
+        col.TOO_MUCH_TEXT,
         col.HIGH_IMAGE_NSFW_SCORE,
     ]

