@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from benchmarks import dedup as dedup_bench
-from benchmarks import endpoint, inputs, models, naive_clip, resume, retrieval, signals, whole
+from benchmarks import endpoint, inputs, models, naive_clip, real_signals, resume, retrieval, signals, whole
 from benchmarks.data import write_shards
 from benchmarks.decode_limit import decode_limit
 from benchmarks.measure import measured, spilled_mib
@@ -131,6 +131,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ROWS",
         help="ROWS rows captioned by a served tiny LLaVA (transformers serve): vlpipe's caption.endpoint "
         "stage against a plain asyncio client at the same concurrency (0: skip)",
+    )
+    parser.add_argument(
+        "--real-signals",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="the OCR and open_nsfw stages on ROWS rows: alone against each package's API, and inside a "
+        "tiny-CLIP run in process (0: skip)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument(
@@ -523,6 +531,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.endpoint:
             report["endpoint"] = endpoint.endpoint(args.work_dir, args.endpoint)
             log.info("endpoint: %s", report["endpoint"])
+        if args.real_signals:
+            report["real_signals"] = real_signals.real_signals(args.work_dir, args.real_signals)
+            log.info("real signals: %s", report["real_signals"])
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -811,6 +822,7 @@ def format_report(report: dict) -> str:
     lines += retrieval.format_retrieval(report.get("retrieval"))
     lines += resume.format_resume(report.get("resume"))
     lines += endpoint.format_endpoint(report.get("endpoint"))
+    lines += real_signals.format_real_signals(report.get("real_signals"))
     lines += inputs.format_inputs(report.get("inputs"))
     lines += _format_whole(report.get("whole"))
     return "\n".join(lines)
