@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         metavar="ROWS",
         help="the OCR and open_nsfw stages on ROWS rows: alone against each package's API, and inside a "
-        "tiny-CLIP run in process (0: skip)",
+        "ViT-B/32 CLIP run in process (0: skip)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=20, help="caption length (greedy)")
     parser.add_argument(
