@@ -34,7 +34,8 @@ class OcrConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # The square the image is fitted into: PP-OCRv4's detector works at 736 px on its shorter side.
+    # The square the image is fitted into, and the detector's working size (PP-OCRv4's default 736 px):
+    # its cost grows with the square of it.
     image_size: int = Field(736, ge=64, le=4096)
     min_text_score: float = Field(0.5, ge=0.0, le=1.0)  # lines read with less confidence are left out
     # Shorter lines are left out: in a photo a lone glyph is mostly a shape read as one (a cup's rim as "O").
@@ -77,8 +78,12 @@ class ReadText:
     def __init__(self, config: OcrConfig, pixels_column: str = col.OCR_PIXELS):
         rapidocr = require("rapidocr_onnxruntime", EXTRA, "ocr")
         threads = _threads(config.resources)
+        # The detector works at the stage's size (RapidOCR's default would scale every image to 736 px).
         self.engine = rapidocr.RapidOCR(
-            intra_op_num_threads=threads, inter_op_num_threads=1, text_score=config.min_text_score
+            intra_op_num_threads=threads,
+            inter_op_num_threads=1,
+            text_score=config.min_text_score,
+            det_limit_side_len=config.image_size,
         )
         self.config = config
         self.pixels_column = pixels_column
