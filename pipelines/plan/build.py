@@ -185,12 +185,7 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
         _check_extras(config)
     clip_geometry = geometry(config.clip.model, storage, None)
     pixels = _Pixels(geometry, storage, {col.PIXELS: clip_geometry})
-    stages = []
-    if config.caption and config.caption.endpoint:
-        stages.append(served_caption_stage(config.caption, col.IMAGE_BYTES))
-    elif config.caption:
-        caption = partial(caption_stage, config.caption, storage)
-        stages.append(pixels.stage(config.caption.model, config.caption.image_size, col.CAPTION_PIXELS, caption))
+    stages = _caption_stages(config, pixels)
     stages.append(
         clip_stage(
             config.clip,
@@ -222,12 +217,28 @@ def _model_stages(config: PipelineConfig, geometry: Geometry) -> tuple[list[Stag
             _planned(check_classifier_labels, config.classifier, storage)
         make = partial(classifier_stage, config.classifier, storage)
         stages.append(pixels.stage(config.classifier.model, None, col.CLASSIFIER_PIXELS, make))
-    if config.ask and config.ask.endpoint:  # last, so its questions can name any column the other models add
-        stages.append(served_ask_stage(config.ask, col.IMAGE_BYTES, describe_question(config.ask)))
-    elif config.ask:
-        make = partial(ask_stage, config.ask, storage)
-        stages.append(pixels.stage(config.ask.model, config.ask.image_size, col.ASK_PIXELS, make))
+    stages += _ask_stages(config, pixels)  # last, so its questions can name any column the other models add
     return stages, pixels.columns
+
+
+def _caption_stages(config: PipelineConfig, pixels: _Pixels) -> list[Stage]:
+    """The captioner, loaded or served (none without a caption: section)."""
+    if config.caption and config.caption.endpoint:
+        return [served_caption_stage(config.caption, col.IMAGE_BYTES)]
+    if config.caption:
+        caption = partial(caption_stage, config.caption, config.storage)
+        return [pixels.stage(config.caption.model, config.caption.image_size, col.CAPTION_PIXELS, caption)]
+    return []
+
+
+def _ask_stages(config: PipelineConfig, pixels: _Pixels) -> list[Stage]:
+    """The visual question, to a loaded or a served chat VLM (none without an ask: section)."""
+    if config.ask and config.ask.endpoint:
+        return [served_ask_stage(config.ask, col.IMAGE_BYTES, describe_question(config.ask))]
+    if config.ask:
+        make = partial(ask_stage, config.ask, config.storage)
+        return [pixels.stage(config.ask.model, config.ask.image_size, col.ASK_PIXELS, make)]
+    return []
 
 
 def _check_extras(config: PipelineConfig) -> None:
