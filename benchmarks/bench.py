@@ -25,7 +25,9 @@ import platform
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -518,22 +520,9 @@ def run(args: argparse.Namespace) -> dict:
             report["signals"] = _signals(args, clip_dir)
         if args.dedup:
             report["dedup"] = _dedup(args)
-        if args.inputs:
-            report["inputs"] = inputs.inputs(args.work_dir, args.inputs)
-            log.info("inputs: %s", report["inputs"])
-        if args.retrieval:
-            report["retrieval"] = retrieval.retrieval(args.work_dir, args.retrieval_rows)
-            log.info("retrieval: %s", report["retrieval"])
-        if args.resume:
-            ray.shutdown()  # each run starts its own Ray, as a user's does
-            report["resume"] = resume.resume(args.work_dir, models.clip_dir(args.work_dir, tiny=True), args.resume)
-            log.info("resume: %s", report["resume"])
-        if args.endpoint:
-            report["endpoint"] = endpoint.endpoint(args.work_dir, args.endpoint)
-            log.info("endpoint: %s", report["endpoint"])
-        if args.real_signals:
-            report["real_signals"] = real_signals.real_signals(args.work_dir, args.real_signals)
-            log.info("real signals: %s", report["real_signals"])
+        for name, part in _parts(args).items():
+            report[name] = part()
+            log.info("%s: %s", name, report[name])
         report["scale"] = _scale(args, s3, clip_dir, report.get("clip"), out_root)
         report["decode_limit"] = _decode_limit(args, _scale_dir(args, clip_dir), report["scale"])
         if args.whole_repeats:
@@ -570,6 +559,26 @@ def _with_ratios(result: dict) -> dict:
         result[f"{mode}_over_limit"] = _ratio(result[mode], result["limit"])
         result[f"{mode}_over_naive"] = _ratio(result[mode], result["naive"])
     return result
+
+
+def _parts(args) -> dict[str, Callable[[], dict]]:
+    """The comparisons that each need only their own flag and the work folder, by report key."""
+    work = args.work_dir
+    parts = {
+        "inputs": args.inputs and partial(inputs.inputs, work, args.inputs),
+        "retrieval": args.retrieval and partial(retrieval.retrieval, work, args.retrieval_rows),
+        "resume": args.resume and partial(_resume, args),
+        "endpoint": args.endpoint and partial(endpoint.endpoint, work, args.endpoint),
+        "real_signals": args.real_signals and partial(real_signals.real_signals, work, args.real_signals),
+    }
+    return {name: part for name, part in parts.items() if part}
+
+
+def _resume(args) -> dict:
+    import ray
+
+    ray.shutdown()  # each run starts its own Ray, as a user's does
+    return resume.resume(args.work_dir, models.clip_dir(args.work_dir, tiny=True), args.resume)
 
 
 def _signals(args, clip_dir: pathlib.Path) -> dict:

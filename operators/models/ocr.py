@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators import schema as col
 from operators.image.decode import PixelSpec, fitted_size
-from operators.models.extras import require
+from operators.models.extras import onnx_threads, require
 from operators.resources import Resources
 from operators.stage import Stage
 from operators.tensors import pixel_rows
@@ -49,7 +49,7 @@ class OcrConfig(BaseModel):
 
 
 def ocr_stage(config: OcrConfig, pixels_column: str, geometry: str) -> Stage:
-    threads = _threads(config.resources)
+    threads = onnx_threads(config.resources)
     return Stage(
         name="ocr",
         kind="actor",
@@ -68,16 +68,12 @@ def ocr_stage(config: OcrConfig, pixels_column: str, geometry: str) -> Stage:
     )
 
 
-def _threads(resources: Resources) -> int:
-    return max(1, int(resources.num_cpus))
-
-
 class ReadText:
     """Append ``text_area_fraction``, ``text_boxes`` and ``ocr_text``; nulls for rows without an image."""
 
     def __init__(self, config: OcrConfig, pixels_column: str = col.OCR_PIXELS):
         rapidocr = require("rapidocr_onnxruntime", EXTRA, "ocr")
-        threads = _threads(config.resources)
+        threads = onnx_threads(config.resources)
         # The detector works at the stage's size (RapidOCR's default would scale every image to 736 px).
         self.engine = rapidocr.RapidOCR(
             intra_op_num_threads=threads,

