@@ -61,6 +61,9 @@ EXTRAS_ON_DEVICE = {"ray": {"data"}}
 # On the image, but vlpipe's pins may need a newer one than an image built earlier has
 # (pydantic 2.14 needs typing-extensions >= 4.16); carrying it costs 0.1 MiB.
 CARRY_ANYWAY = {"typing-extensions"}
+# Runtime requirements that the GPU run never imports (vlpipe imports them lazily, inside the
+# stages that use them): Lingua is the language stage's detector, 92 MiB of wheel, two calls' worth.
+LEFT_BEHIND = {"lingua-language-detector": "language ID is not part of the GPU run"}
 # One device call carries at most 64 MiB in all; the rest is left for the working tree.
 PART_BYTES = 56 << 20
 # Wheels are deflate zips; re-zipped with LZMA the big ones shrink by a fifth to a third,
@@ -172,7 +175,7 @@ def resolve(dest: pathlib.Path) -> dict:
     on_device, pinned = device_packages(), pins()
     carried: dict[str, dict] = {}
     needs_from_image: list[dict] = []
-    todo = deque((req, "vlpipe") for req in runtime_requirements())
+    todo = deque((req, "vlpipe") for req in runtime_requirements() if canonicalize_name(req.name) not in LEFT_BEHIND)
     while todo:
         req, needed_by = todo.popleft()
         name = canonicalize_name(req.name)
@@ -186,7 +189,7 @@ def resolve(dest: pathlib.Path) -> dict:
         wheel = download(name, version, dest)
         carried[name] = {"version": version, "wheel": wheel.name, "extras": sorted(req.extras)}
         todo.extend((sub, f"{name}=={version}") for sub in wheel_requirements(wheel, set(req.extras)))
-    return {"carried": dict(sorted(carried.items())), "needs_from_image": needs_from_image}
+    return {"carried": dict(sorted(carried.items())), "needs_from_image": needs_from_image, "left_behind": LEFT_BEHIND}
 
 
 def recompress(path: pathlib.Path) -> None:
@@ -254,6 +257,8 @@ def fetch(args: argparse.Namespace) -> None:
     print(
         f"{len(manifest['needs_from_image'])} requirements left to the image's own packages (checked there by verify)"
     )
+    for name, why in manifest["left_behind"].items():
+        print(f"  left behind {name}: {why}")
 
 
 def verify(args: argparse.Namespace) -> None:

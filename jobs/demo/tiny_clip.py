@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from jobs.demo.shards import PALETTE, SHAPES, caption_for, make_sample_image
 from jobs.demo.tokenizers import CLIP_MAX_TEXT_LEN, train_tokenizer
@@ -73,7 +73,9 @@ def build_tiny_clip(out_dir: pathlib.Path, *, train_steps: int = 0, seed: int = 
     marker.unlink(missing_ok=True)
 
     tokenizer = train_tokenizer()
-    image_processor = CLIPImageProcessor(
+    # Pillow's resize, as vlpipe decodes: transformers would pick its torchvision backend where
+    # torchvision is installed, whose rounding trains a different model from the same seed.
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)

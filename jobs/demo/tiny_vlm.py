@@ -2,6 +2,8 @@
 
 Each factory saves an ordinary Hugging Face directory (safetensors weights, processor, tokenizer,
 image processor) that production code loads through the Auto classes, like `build_tiny_clip`.
+The image processors are transformers' Pillow ones, as in `build_tiny_clip`: the same pixels as
+vlpipe's decode, and the same trained weights whether or not torchvision is installed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from transformers import (
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
-    BlipImageProcessor,
+    BlipImageProcessorPil,
     BlipProcessor,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     GitConfig,
     GitForCausalLM,
     GitProcessor,
@@ -115,8 +117,8 @@ def _blip_config(tokenizer: BertTokenizerFast) -> BlipConfig:
 
 
 def _blip_processor() -> BlipProcessor:
-    """BlipProcessor with a 32 px BlipImageProcessor and the trained BERT tokenizer."""
-    image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    """BlipProcessor with a 32 px BlipImageProcessorPil and the trained BERT tokenizer."""
+    image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return BlipProcessor(image_processor=image_processor, tokenizer=bert_tokenizer())
 
 
@@ -284,9 +286,11 @@ def _build_blip(out_dir: pathlib.Path, model_class, train, name: str, train_step
     return _cached(out_dir, {"model": name, "seed": seed, "train_steps": train_steps}, build)
 
 
-def _clip_image_processor() -> CLIPImageProcessor:
+def _clip_image_processor() -> CLIPImageProcessorPil:
     """CLIP-style preprocessing to a 32 px centre crop."""
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
 
 
 def build_tiny_git(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:

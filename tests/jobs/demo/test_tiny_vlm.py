@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForImageTextToText,
-    AutoProcessor,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipProcessor,
@@ -28,6 +27,7 @@ from jobs.demo import (
     caption_for,
     make_sample_image,
 )
+from tests.processors import reference_processor
 
 
 def sample_images(n: int, seed: int) -> tuple[list[tuple[str, str]], list]:
@@ -38,7 +38,7 @@ def sample_images(n: int, seed: int) -> tuple[list[tuple[str, str]], list]:
 
 
 def load_generator(model_dir):
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = reference_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, use_safetensors=True).eval()
     return processor, model
 
@@ -84,7 +84,7 @@ def test_blip_captioner_generates_a_batch_from_its_dec_token(models):
 
 
 def test_blip_itm_scores_pairs_and_similarities(models):
-    processor = AutoProcessor.from_pretrained(models["itm"])
+    processor = reference_processor(models["itm"])
     model = BlipForImageTextRetrieval.from_pretrained(models["itm"], use_safetensors=True).eval()
     assert isinstance(processor, BlipProcessor)
     _, images = sample_images(3, seed=2)
@@ -173,7 +173,7 @@ def test_trained_blip_captioner_names_colour_and_shape(demo_models):
 @pytest.mark.slow
 def test_trained_blip_itm_separates_matched_from_mismatched(tmp_path):
     model_dir = build_tiny_blip_itm(tmp_path / "itm", train_steps=DEMO_ITM_TRAIN_STEPS)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = reference_processor(model_dir)
     model = BlipForImageTextRetrieval.from_pretrained(model_dir, use_safetensors=True).eval()
     truth, images = sample_images(60, seed=6)
     rng = np.random.default_rng(6)

@@ -41,10 +41,11 @@ def test_good_and_bad_rows_in_one_batch_each_get_their_own_status():
 
 
 def test_pixels_match_the_transformers_processor_geometry():
-    from transformers import CLIPImageProcessor
+    # The Pillow backend, as vlpipe: see tests/processors.py for the torchvision one.
+    from transformers import CLIPImageProcessorPil
 
     image = noise((90, 50))
-    processor = CLIPImageProcessor(
+    processor = CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_rescale=False, do_normalize=False
     )
     expected = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0]).transpose(1, 2, 0)

@@ -14,6 +14,7 @@ from operators.models.ask import AskConfig, VisualQuestions, first_reply_token
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
+from tests.processors import reference_processor
 
 IMAGES = [noise((70 + 13 * i, 50 + 7 * i), seed=i) for i in range(4)]
 # Different lengths, so the batch is left-padded; a null and a blank caption cannot make a question.
@@ -42,9 +43,9 @@ def ask(op: VisualQuestions, images, columns: dict[str, list] | None = None, ext
 
 
 def load(model_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = reference_processor(model_dir)
     processor.tokenizer.padding_side = "left"
     return processor, AutoModelForImageTextToText.from_pretrained(model_dir).eval()
 
@@ -133,9 +134,8 @@ def test_a_long_value_is_cut_to_max_value_tokens_before_it_makes_a_question(tiny
 
 
 def test_the_yes_token_is_the_first_token_of_the_reply_the_chat_template_writes(tiny_llava_dir):
-    from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    processor = reference_processor(tiny_llava_dir)
     assert processor.tokenizer.convert_ids_to_tokens(first_reply_token(processor, "Yes", "m")) == "yes"
     # A template whose reply does not start where its generation prompt ends has no well-defined first token.
     processor.chat_template = processor.chat_template.replace("{{ 'ASSISTANT:' }}", "{{ 'ANSWER:' }}")

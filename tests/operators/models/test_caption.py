@@ -13,6 +13,7 @@ from operators.models.caption import CaptionConfig, Captioner
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
+from tests.processors import reference_processor
 
 IMAGES = [noise((70 + 13 * i, 50 + 7 * i), seed=i) for i in range(4)]
 
@@ -33,9 +34,9 @@ def caption(op: Captioner, images, extra: list[bytes] = ()) -> list[str | None]:
 
 def reference(model_dir, images, prompt=None, **settings) -> list[str]:
     """Plain transformers: the model's own processor, then generate, fp32."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = reference_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     texts = [prompt] * len(images) if prompt else None
     inputs = processor(images=images, text=texts, return_tensors="pt")
@@ -74,10 +75,10 @@ def test_git_captions_equal_plain_transformers_generate(tiny_git_dir):
 
 
 def test_chat_vlm_captions_come_from_its_chat_template_without_the_prompt(tiny_llava_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     prompt = "Write a caption."
-    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    processor = reference_processor(tiny_llava_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

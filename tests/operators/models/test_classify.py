@@ -13,6 +13,7 @@ from operators.models.classify import ClassifierConfig, ImageClassifier
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
+from tests.processors import reference_processor
 
 
 def config(model_dir, **scores) -> ClassifierConfig:
@@ -38,7 +39,7 @@ def test_scores_match_a_plain_transformers_forward(tiny_vit_classifier_dir):
     assert rows.type == col.CLASSIFIER_SCORES_TYPE and rows.to_pylist()[5] is None
 
     model = AutoModelForImageClassification.from_pretrained(tiny_vit_classifier_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(tiny_vit_classifier_dir)
+    processor = reference_processor(tiny_vit_classifier_dir, AutoImageProcessor)
     with torch.inference_mode():
         probabilities = model(**processor(images=images, return_tensors="pt")).logits.softmax(-1).numpy()
     for name, index in (("watermark", 1), ("text", 2)):

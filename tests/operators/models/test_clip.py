@@ -13,6 +13,7 @@ from operators.models.clip import ClipConfig, ClipScorer
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
+from tests.processors import reference_processor
 
 CAPTIONS = ["a photo of a red circle", "a blue square on a grey background", "", None, "一只猫坐在垫子上"]
 
@@ -35,10 +36,10 @@ def run(scorer: ClipScorer, images, captions, decode_config=DecodeConfig(jpeg_dr
 
 def reference_scores(model_dir, images, captions) -> np.ndarray:
     """Plain transformers: the model's own processor and forward, fp32."""
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = reference_processor(model_dir)
     inputs = processor(images=images, text=captions, padding=True, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         out = model(**inputs)
@@ -130,7 +131,7 @@ def colour_tags():
 
 
 def test_tag_scores_match_a_softmax_over_plain_transformers_logits(tiny_clip_dir):
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import CLIPModel
 
     from operators.models.clip import TagConfig
 
@@ -144,7 +145,7 @@ def test_tag_scores_match_a_softmax_over_plain_transformers_logits(tiny_clip_dir
     got = out.column(col.TAG_SCORES)
     assert got.type == col.TAG_SCORES_TYPE and got.to_pylist()[4] is None
 
-    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), reference_processor(tiny_clip_dir)
     for name, tag in tags.items():
         prompts = [*tag.positives, *tag.negatives]
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from operators.models.itm import ItmConfig, ItmScorer
 from operators.refs import ModelRef
 from operators.storage import StorageOptions
 from tests.images import encode, noise
+from tests.processors import reference_processor
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def score(scorer: ItmScorer, images: list[bytes], captions) -> list[float | None
 
 
 def reference(model_dir, images, captions) -> np.ndarray:
-    from transformers import AutoProcessor, BlipForImageTextRetrieval
+    from transformers import BlipForImageTextRetrieval
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = reference_processor(model_dir)
     model = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()
     inputs = processor(images=images, text=captions, padding=True, return_tensors="pt")
     with torch.inference_mode():

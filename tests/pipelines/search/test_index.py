@@ -26,6 +26,7 @@ from pipelines.search.files import MANIFEST, read_manifest
 from pipelines.search.index import IndexRequest, build_index
 from pipelines.search.query import Searcher
 from tests.images import encode, noise, solid
+from tests.processors import reference_processor
 
 OCT31, NOV01 = dt.date(2026, 10, 31), dt.date(2026, 11, 1)
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -156,9 +157,9 @@ def _reference(model_dir, *, text: str | None = None, image: bytes | None = None
     import io
 
     from PIL import Image
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import CLIPModel
 
-    model, processor = CLIPModel.from_pretrained(model_dir).eval(), AutoProcessor.from_pretrained(model_dir)
+    model, processor = CLIPModel.from_pretrained(model_dir).eval(), reference_processor(model_dir)
     with torch.inference_mode():
         if text is not None:
             features = model.get_text_features(**processor(text=[text], return_tensors="pt", padding=True))
