@@ -64,6 +64,7 @@ CARRY_ANYWAY = {"typing-extensions"}
 # Runtime requirements that the GPU run never imports (vlpipe imports them lazily, inside the
 # stages that use them): Lingua is the language stage's detector, 92 MiB of wheel, two calls' worth.
 LEFT_BEHIND = {"lingua-language-detector": "language ID is not part of the GPU run"}
+LEFT_BEHIND_MODULES = ("lingua",)
 # One device call carries at most 64 MiB in all; the rest is left for the working tree.
 PART_BYTES = 56 << 20
 # Wheels are deflate zips; re-zipped with LZMA the big ones shrink by a fifth to a third,
@@ -72,12 +73,14 @@ RECOMPRESS_OVER = 4 << 20
 
 
 def runtime_requirements() -> list[Requirement]:
-    """vlpipe's own dependencies from pyproject.toml, with the extras the device needs."""
+    """vlpipe's own dependencies from pyproject.toml that the GPU run needs, with the extras it needs."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     out = []
     for line in project["dependencies"]:
         req = Requirement(line)
         name = canonicalize_name(req.name)
+        if name in LEFT_BEHIND:
+            continue
         if name in EXTRAS_ON_DEVICE:
             req.extras = EXTRAS_ON_DEVICE[name]
         out.append(req)
@@ -175,7 +178,7 @@ def resolve(dest: pathlib.Path) -> dict:
     on_device, pinned = device_packages(), pins()
     carried: dict[str, dict] = {}
     needs_from_image: list[dict] = []
-    todo = deque((req, "vlpipe") for req in runtime_requirements() if canonicalize_name(req.name) not in LEFT_BEHIND)
+    todo = deque((req, "vlpipe") for req in runtime_requirements())
     while todo:
         req, needed_by = todo.popleft()
         name = canonicalize_name(req.name)

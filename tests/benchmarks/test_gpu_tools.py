@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 
+from packaging.requirements import Requirement
+
 from benchmarks.gpu.driver import phase_windows, summarise
-from benchmarks.gpu.wheels import wheel_requirements
+from benchmarks.gpu.wheels import LEFT_BEHIND, LEFT_BEHIND_MODULES, ROOT, runtime_requirements, wheel_requirements
 
 
 def sample(t: float, util: int) -> dict:
@@ -59,3 +63,21 @@ def test_wheel_requirements_apply_the_device_markers_and_the_requested_extras(tm
     names = lambda extras: sorted(r.name for r in wheel_requirements(wheel, extras))  # noqa: E731
     assert names(set()) == ["click", "py-spy"]  # the device's python is 3.12 on Linux, whatever runs this
     assert names({"data"}) == ["click", "pandas", "py-spy"]
+
+
+def test_the_wheels_left_behind_are_never_imported_by_what_the_gpu_run_imports():
+    import tomllib
+
+    declared = {
+        Requirement(line).name
+        for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    carried = {req.name for req in runtime_requirements()}
+    assert carried == declared - LEFT_BEHIND.keys() and LEFT_BEHIND.keys() <= declared
+    # The run's entry points: the benchmark, the pipeline, the GPU tests (imported, not run).
+    code = (
+        "import sys, benchmarks.bench, benchmarks.gpu.driver, pipelines.run, tests.operators.models.test_gpu; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {LEFT_BEHIND_MODULES!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
