@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 class Resources(BaseModel):
     """What one worker of an operator needs, and how many workers run.
 
-    ``num_gpus=None`` means "one GPU per actor if the cluster has GPUs, else none";
+    ``num_gpus=None`` means "a GPU's share if the cluster has GPUs, else none": the model stages
+    left at None split each GPU evenly, one actor per GPU each (``pipelines.execute.ray``);
     ``concurrency=None`` lets the pipeline size the pool from the cluster.
     """
 

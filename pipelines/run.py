@@ -196,9 +196,9 @@ def _planned_executor(config: PipelineConfig, plan: Plan) -> tuple[Executor, str
     in_process = in_process_reason(config, plan.input_rows)
     if in_process:
         return LocalExecutor(), in_process
-    from pipelines.execute.ray import RayExecutor
+    from pipelines.execute.ray import RayExecutor, default_gpu_share
 
-    return RayExecutor({"CPU": float(os.cpu_count() or 1)}, plan.input_rows), None
+    return RayExecutor({"CPU": float(os.cpu_count() or 1)}, plan.input_rows, default_gpu_share(plan.passes)), None
 
 
 def _run(run: Run, only: list[Shard] | None, fresh: bool) -> RunRecord:

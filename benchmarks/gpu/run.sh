@@ -119,7 +119,9 @@ mapfile -t GPU_TESTS < <(grep -rl --include='test_*.py' 'mark.gpu' tests | sort)
 step pytest "${LIMITS[0]}" "$PY" -m pytest -m gpu -p no:cacheprovider -q -rA -o timeout=120 \
   --junitxml "$OUT/pytest.xml" "${GPU_TESTS[@]}"
 step prepare "${LIMITS[1]}" "$PY" -m benchmarks.gpu.driver prepare --work-dir "$WORK/bench" "${PREP[@]}"
-COMMON=(--device "$DEVICE" "${RAY[@]}" --work-dir "$WORK/bench")
+# Not measured here: the heads/tags cost (--signals-images) and the whole-process timings
+# (--whole-repeats), which the benchmark runs by default and which would take the limits above.
+COMMON=(--device "$DEVICE" "${RAY[@]}" --work-dir "$WORK/bench" --signals-images 0 --whole-repeats 0)
 step clip-vit-b32 "${LIMITS[2]}" "$PY" -m benchmarks.gpu.driver bench --out "$OUT/clip-vit-b32.json" \
   --label clip-vit-b32 -- "${COMMON[@]}" "${B32[@]}"
 step clip-vit-l14 "${LIMITS[3]}" "$PY" -m benchmarks.gpu.driver bench --out "$OUT/clip-vit-l14.json" \

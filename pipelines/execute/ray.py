@@ -16,6 +16,7 @@ gone in 2.64, so none are passed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -56,8 +57,8 @@ class RayExecutor:
     once or twice stays a task).
     """
 
-    def __init__(self, cluster: dict[str, float], rows: int | None = None):
-        self.cluster, self.input_rows = cluster, rows
+    def __init__(self, cluster: dict[str, float], rows: int | None = None, gpu_share: float = 1.0):
+        self.cluster, self.input_rows, self.gpu_share = cluster, rows, gpu_share
         # Task pools are sized as a ceiling (see task_concurrency); a small run has fewer blocks than
         # that, which Ray reports as a warning on every run although nothing is wrong.
         warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
@@ -130,16 +131,19 @@ class RayExecutor:
                 "a file each) x 0 CPU"
             )
         for index, step in enumerate(run_pass.steps):
-            args = map_batches_args(step, self.cluster.get("GPU", 0.0), self.cpus, self.input_rows)
+            args = self._args(step)
             lines.append(f"  ray step {step.name}: {_how(step, args, reads=run_pass.reads_inside and index == 0)}")
         return lines
 
     def close(self) -> None:
         pass
 
+    def _args(self, step: Step) -> dict[str, Any]:
+        return map_batches_args(step, self.cluster.get("GPU", 0.0), self.cpus, self.input_rows, self.gpu_share)
+
     def _apply(self, ds, step: Step, head: Head, source: Source | None):
         """``ds`` with one step applied; with a ``source``, ``ds`` is its listing and each task reads its file."""
-        args = map_batches_args(step, self.cluster.get("GPU", 0.0), self.cpus, self.input_rows)
+        args = self._args(step)
         if isinstance(args["compute"], ray.data.ActorPoolStrategy):
             actor = type(step.name, (StepActor,), {})  # named only for Ray's progress bars and stats
             return ds.map_batches(actor, fn_constructor_args=(step, head), **args)
@@ -182,21 +186,33 @@ def start_ray(
             raise PlanError(short + waited)
         log.info("waiting for the cluster: %s", short)
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-    return RayExecutor(_resources(), rows)
+    return RayExecutor(_resources(), rows, default_gpu_share(run_passes))
 
 
 def _resources() -> dict[str, float]:
     return {name: float(value) for name, value in ray.cluster_resources().items()}
 
 
+def default_gpu_share(run_passes: list[Pass]) -> float:
+    """The share of each GPU that a model step left at ``num_gpus: None`` takes.
+
+    A run's model actors are all up at once (see ``resource_shortfall``), so k such steps each
+    holding whole GPUs would need k times the cluster. Instead they split every GPU: one actor per
+    GPU each, of 1/k of it, rounded down to Ray's resource precision (1e-4) so k of them fit.
+    """
+    shared = sum(1 for p in run_passes for s in p.steps if s.kind == "actor" and s.resources.num_gpus is None)
+    return math.floor(10_000 / max(1, shared)) / 10_000
+
+
 def map_batches_args(
-    step: Step, cluster_gpus: float, cluster_cpus: float = 2.0, rows: int | None = None
+    step: Step, cluster_gpus: float, cluster_cpus: float = 2.0, rows: int | None = None, gpu_share: float = 1.0
 ) -> dict[str, Any]:
-    """A step's declared resources as ``map_batches`` arguments; ``rows``: the run's input rows, if known."""
+    """A step's declared resources as ``map_batches`` arguments; ``rows``: the run's input rows, if known;
+    ``gpu_share``: what ``num_gpus: None`` means on a cluster with GPUs (``default_gpu_share``)."""
     resources, actor = step.resources, step.kind == "actor"
-    num_gpus = resources.num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if actor and cluster_gpus >= 1 else 0.0
+    num_gpus, shared = resources.num_gpus, resources.num_gpus is None
+    if shared:
+        num_gpus = gpu_share if actor and cluster_gpus >= 1 else 0.0
     args: dict[str, Any] = {
         "batch_size": resources.batch_size,
         "batch_format": "pyarrow",
@@ -206,8 +222,10 @@ def map_batches_args(
     if num_gpus:
         args["num_gpus"] = num_gpus
     if actor:
-        # One actor per GPU by default; on CPU one actor, leaving cores for decoding.
-        size = resources.concurrency or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
+        # One actor per GPU by default (of a share of it, see default_gpu_share); on CPU one actor,
+        # leaving cores for decoding.
+        per_gpu = max(1, int(cluster_gpus)) if shared else max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1
+        size = resources.concurrency or per_gpu
         args["compute"] = ray.data.ActorPoolStrategy(size=size)
     elif step.kind == "io":
         args["compute"] = storage_pool(resources, cluster_cpus, rows)
@@ -252,17 +270,18 @@ def resource_shortfall(run_passes: list[Pass], cluster: dict[str, float]) -> str
     """Why the cluster cannot run these steps, naming the config key; None when it can."""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     steps = [step for run_pass in run_passes for step in run_pass.steps]
-    actors = [(step, map_batches_args(step, gpus, cpus)) for step in steps if step.kind == "actor"]
+    share = default_gpu_share(run_passes)
+    actors = [(step, map_batches_args(step, gpus, cpus, gpu_share=share)) for step in steps if step.kind == "actor"]
     for step, args in actors:
         need = args.get("num_gpus", 0) * args["compute"].min_size
-        if need > gpus:
+        if need > gpus + 1e-9:
             return (
                 f"{_key(step)}.resources asks for {need:g} GPU(s) ({args['compute'].min_size} actor(s) x "
                 f"{args['num_gpus']:g}), but the Ray cluster has {gpus:g}"
             )
     gpu_actors = [(step, args) for step, args in actors if args.get("num_gpus")]
     together = sum(args["num_gpus"] * args["compute"].min_size for _, args in gpu_actors)
-    if together > gpus:  # each fits alone, but all model actors run at once: else some would wait forever
+    if together > gpus + 1e-9:  # each fits alone, but all model actors run at once: else some would wait forever
         asks = ", ".join(f"{_key(step)} {args['compute'].min_size} x {args['num_gpus']:g}" for step, args in gpu_actors)
         return (
             f"the model actors together ask for {together:g} GPU(s) ({asks}), but the Ray cluster has "

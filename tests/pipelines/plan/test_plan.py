@@ -15,7 +15,7 @@ from operators import schema as col
 from operators.storage import Location, StorageOptions
 from pipelines.config import validate_config
 from pipelines.errors import PlanError
-from pipelines.execute.ray import map_batches_args, resource_shortfall
+from pipelines.execute.ray import default_gpu_share, map_batches_args, resource_shortfall
 from pipelines.execute.source import parquet_source
 from pipelines.execute.steps import Pass
 from pipelines.plan.build import build_plan
@@ -114,6 +114,31 @@ def test_model_stages_that_fit_a_gpu_alone_but_not_together_are_refused(
     one_each = {**half, "concurrency": 1}
     sections = {name: {**section, "resources": one_each} for name, section in sections.items()}
     assert resource_shortfall(plan_of(tmp_path, tiny_clip_dir, **sections).passes, {"CPU": 4.0, "GPU": 1.0}) is None
+
+
+@pytest.mark.parametrize("gpus", [1.0, 4.0])
+def test_model_stages_left_at_the_default_split_every_gpu(
+    tmp_path, tiny_clip_dir, tiny_blip_captioner_dir, tiny_blip_itm_dir, gpus
+):
+    # Each taking whole GPUs, captioning and CLIP asked for twice the cluster on any GPU machine.
+    sections = {"caption": {"model": {"source": str(tiny_blip_captioner_dir)}}}
+    plan = plan_of(tmp_path, tiny_clip_dir, **sections)
+    assert default_gpu_share(plan.passes) == 0.5
+    assert resource_shortfall(plan.passes, {"CPU": 16.0, "GPU": gpus}) is None
+    actors = [step for run_pass in plan.passes for step in run_pass.steps if step.kind == "actor"]
+    for step in actors:
+        args = map_batches_args(step, cluster_gpus=gpus, cluster_cpus=16.0, gpu_share=0.5)
+        assert (args["num_gpus"], args["compute"].min_size) == (0.5, gpus)  # one actor per GPU, half of it
+    assert map_batches_args(actors[0], cluster_gpus=0, gpu_share=0.5).get("num_gpus") is None  # no GPU: none
+    # A stage given its num_gpus keeps it, and is not counted among those that split.
+    sections["caption"]["resources"] = {"num_gpus": 1, "concurrency": 1}
+    assert default_gpu_share(plan_of(tmp_path, tiny_clip_dir, **sections).passes) == 1.0
+    # Three stages: thirds rounded down to Ray's 1e-4, so that three fit on one GPU.
+    sections = {
+        "caption": {"model": {"source": str(tiny_blip_captioner_dir)}},
+        "itm": {"model": {"source": str(tiny_blip_itm_dir)}},
+    }
+    assert default_gpu_share(plan_of(tmp_path, tiny_clip_dir, **sections).passes) == 0.3333
 
 
 @pytest.mark.parametrize("cpus", [2.0, 16.0])
