@@ -31,6 +31,10 @@ PHOTOS_SHARD = "photos.parquet"
 
 def prepare_demo_assets(root: Path = DEMO_DIR) -> None:
     """Generate the sample shards and the tiny model once; later runs reuse them."""
+    from transformers.utils import logging as transformers_logging
+
+    # save_pretrained draws a "Writing model shards" bar per model between the demo's log lines.
+    transformers_logging.disable_progress_bar()
     shards = root / "shards"
     if not (shards / "manifest.json").exists():
         log.info("writing sample shards to %s", shards)
