@@ -222,10 +222,10 @@ def map_batches_args(
     if num_gpus:
         args["num_gpus"] = num_gpus
     if actor:
-        # One actor per GPU by default (of a share of it, see default_gpu_share); on CPU one actor,
-        # leaving cores for decoding.
-        per_gpu = max(1, int(cluster_gpus)) if shared else max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1
-        size = resources.concurrency or per_gpu
+        # By default as many actors as fit the GPUs: one per GPU for a shared step (each holds its
+        # share, see default_gpu_share). On CPU one actor, leaving cores for decoding.
+        fit = cluster_gpus if shared else cluster_gpus / num_gpus if num_gpus else 1
+        size = resources.concurrency or max(1, int(fit))
         args["compute"] = ray.data.ActorPoolStrategy(size=size)
     elif step.kind == "io":
         args["compute"] = storage_pool(resources, cluster_cpus, rows)
